@@ -1,0 +1,79 @@
+# nnserve: one command to run, one to test. Both set everything up first, idempotently:
+# the wasm32-wasip2 target, a venv with the PyPI torch that matches tch, the plugins,
+# the example models and the release build of the server.
+#
+#   make run [LISTEN=127.0.0.1:8080]   serve examples/repository
+#   make test                          every test (unit, plugin, end to end)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+LISTEN ?= 127.0.0.1:8080
+
+VENV   := .venv
+PY     := $(CURDIR)/$(VENV)/bin/python
+STAMPS := .stamps
+# Build against the venv's libtorch (../shared/FACTS.md).
+export LIBTORCH_USE_PYTORCH := 1
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+
+WASM_DIR   := target/wasm32-wasip2/release
+# Plugins carry no debug info: smaller components, faster loads.
+WASM_FLAGS := --release --target wasm32-wasip2 --config profile.release.debug=false --config profile.release.strip=true
+NNSERVE    := target/release/nnserve
+REPO       := examples/repository
+
+RUST_SRC   := $(shell find host/src sdk/src plugins tests/plugins wit -type f \( -name '*.rs' -o -name '*.wit' -o -name 'Cargo.toml' \) 2>/dev/null) Cargo.toml host/build.rs host/Cargo.toml
+DIGITS_WASM := $(REPO)/digits/1/plugins/handler.wasm
+MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/digits/1/model/model.pt
+
+.PHONY: help setup run test test-unit test-e2e build plugins models clean
+
+help:
+	@echo "make run [LISTEN=host:port]  set up and serve $(REPO) (default $(LISTEN))"
+	@echo "make test                    set up and run every test"
+	@echo "make setup                   only set up (venv, wasm target, plugins, models, release build)"
+
+setup: $(STAMPS)/wasm-target $(STAMPS)/venv plugins models build
+
+$(STAMPS)/wasm-target:
+	@mkdir -p $(STAMPS)
+	rustup target add wasm32-wasip2
+	@touch $@
+
+$(STAMPS)/venv: scripts/requirements.txt
+	@mkdir -p $(STAMPS)
+	@echo "== Python venv in $(VENV) (torch is a large download the first time)"
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --progress-bar on -q --upgrade pip
+	$(PY) -m pip install --progress-bar on -r scripts/requirements.txt
+	@touch $@
+
+build: $(STAMPS)/venv
+	@echo "== Release build of the server (cold: several minutes on 2 cores)"
+	cargo build --release -p nnserve
+
+plugins: $(STAMPS)/wasm-target $(DIGITS_WASM)
+
+$(DIGITS_WASM): $(RUST_SRC) | $(STAMPS)/wasm-target
+	@echo "== Plugins for wasm32-wasip2"
+	cargo build $(WASM_FLAGS) -p image-classifier -p misbehave -p forbidden-import
+	@mkdir -p $(dir $@)
+	cp $(WASM_DIR)/image_classifier.wasm $@
+
+models: $(MODELS)
+
+$(MODELS) &: examples/make_models.py examples/digits_data.py $(STAMPS)/venv
+	@echo "== Example models (seeded; digits is trained here)"
+	$(PY) examples/make_models.py --repository $(REPO)
+
+run: setup
+	$(NNSERVE) serve --repository $(REPO) --listen $(LISTEN)
+
+test: setup
+	@echo "== Unit tests (same release profile as the server: no second build of the deps)"
+	cargo test --release -p nnserve -p image-classifier
+	@echo "== End-to-end tests over HTTP"
+	$(PY) -m pytest -q tests/e2e
+
+clean:
+	rm -rf $(STAMPS) $(DIGITS_WASM) $(REPO)/*/*/model

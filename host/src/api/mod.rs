@@ -1,0 +1,222 @@
+//! The HTTP API (axum): TF Serving REST (`/v1`), KServe v2 / Open Inference Protocol
+//! (`/v2`) and the plugin endpoint (`:infer`). Routes are built in [`router`]; every
+//! failure becomes a status and `{"error": message}` in [`ApiError`].
+//!
+//! `api` resolves the target in the `lifecycle` registry, then calls `plugin` or
+//! `nn`; it never touches a backend directly.
+
+mod codec;
+mod v1;
+mod v2;
+
+use crate::lifecycle::{Registry, ResolveError};
+use crate::nn::InferError;
+use crate::plugin::PluginError;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub registry: Arc<Registry>,
+    /// The request's wall-clock deadline unless the client asks for less.
+    pub request_timeout: Duration,
+}
+
+/// Header with which a client lowers its request's deadline, in milliseconds.
+pub const TIMEOUT_HEADER: &str = "x-nnserve-timeout-ms";
+
+impl AppState {
+    /// The deadline for this request: the server's, or the client's if lower.
+    fn deadline(&self, headers: &HeaderMap) -> Duration {
+        headers
+            .get(TIMEOUT_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|ms| Duration::from_millis(ms).min(self.request_timeout))
+            .unwrap_or(self.request_timeout)
+    }
+}
+
+/// Builds the whole HTTP surface.
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route(
+            "/v1/models/{*rest}",
+            get(v1::get_model).post(v1::post_model),
+        )
+        .route("/v2", get(v2::server_metadata))
+        .route("/v2/health/live", get(v2::live))
+        .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/models/{model}", get(v2::model_metadata))
+        .route("/v2/models/{model}/ready", get(v2::model_ready))
+        .route("/v2/models/{model}/infer", post(v2::infer))
+        .route(
+            "/v2/models/{model}/versions/{version}",
+            get(v2::model_metadata_version),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/ready",
+            get(v2::model_ready_version),
+        )
+        .route(
+            "/v2/models/{model}/versions/{version}/infer",
+            post(v2::infer_version),
+        )
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route for {} {}; see docs/http-api.md for the routes",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// One line per request at debug level.
+async fn log_request(req: Request, next: Next) -> Response {
+    if !tracing::enabled!(tracing::Level::DEBUG) {
+        return next.run(req).await;
+    }
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let started = Instant::now();
+    let resp = next.run(req).await;
+    tracing::debug!(%method, %path, status = resp.status().as_u16(), took = ?started.elapsed(), "request");
+    resp
+}
+
+/// Every failure of the API, as a status and a message.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    NotFound(String),
+    UnsupportedMediaType(String),
+    Internal(String),
+    /// 503 with `Retry-After`.
+    Unavailable(String),
+    /// 504: a budget or deadline ran out.
+    Timeout(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+        }
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            ApiError::BadRequest(m)
+            | ApiError::NotFound(m)
+            | ApiError::UnsupportedMediaType(m)
+            | ApiError::Internal(m)
+            | ApiError::Unavailable(m)
+            | ApiError::Timeout(m) => m,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), "{}", self.message());
+        }
+        let body = serde_json::json!({ "error": self.message() });
+        let mut resp = (status, axum::Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            resp.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        resp
+    }
+}
+
+impl From<ResolveError> for ApiError {
+    fn from(e: ResolveError) -> Self {
+        match e {
+            ResolveError::NotAvailable(..) => ApiError::Unavailable(e.to_string()),
+            _ => ApiError::NotFound(e.to_string()),
+        }
+    }
+}
+
+impl From<InferError> for ApiError {
+    fn from(e: InferError) -> Self {
+        match e {
+            InferError::BadInput(m) => ApiError::BadRequest(m),
+            InferError::Model(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl From<PluginError> for ApiError {
+    fn from(e: PluginError) -> Self {
+        use crate::wit::ErrorCode;
+        let msg = e.to_string();
+        match e {
+            PluginError::Guest(g) => match g.code {
+                ErrorCode::BadRequest => ApiError::BadRequest(msg),
+                ErrorCode::UnsupportedMediaType => ApiError::UnsupportedMediaType(msg),
+                ErrorCode::NotFound => ApiError::NotFound(msg),
+                ErrorCode::Internal => ApiError::Internal(msg),
+                ErrorCode::Unavailable => ApiError::Unavailable(msg),
+            },
+            PluginError::Trap { .. } => ApiError::Internal(msg),
+            PluginError::CpuBudget { .. } | PluginError::Deadline { .. } => ApiError::Timeout(msg),
+            PluginError::Busy { .. } => ApiError::Unavailable(msg),
+        }
+    }
+}
+
+/// Runs a tensor-API inference within the request's deadline.
+async fn infer_within(
+    state: &AppState,
+    headers: &HeaderMap,
+    runner: &crate::nn::Runner,
+    inputs: Vec<(String, crate::tensor::Tensor)>,
+) -> Result<Vec<(String, crate::tensor::Tensor)>, ApiError> {
+    let deadline = state.deadline(headers);
+    match tokio::time::timeout(deadline, runner.infer(inputs)).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(ApiError::Timeout(format!(
+            "request deadline of {} ms passed while the request waited for or ran the model",
+            deadline.as_millis()
+        ))),
+    }
+}
+
+/// Serves the API on `listener` until ctrl-c or SIGTERM.
+pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> anyhow::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down: finishing requests in flight");
+}

@@ -1,0 +1,472 @@
+//! TF Serving REST (`/v1/models/...`): status, metadata, `:predict`, and the plugin
+//! endpoint `:infer`. TF Serving puts the verb after a colon in the last segment, which
+//! a router cannot match, so the path is parsed here.
+
+use super::codec::{tensor_from_json, write_json};
+use super::{infer_within, ApiError, AppState};
+use crate::lifecycle::Servable;
+use crate::tensor::Tensor;
+use crate::wit;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// A parsed `/v1/models/{rest}` path.
+#[derive(Debug, PartialEq)]
+struct Target {
+    model: String,
+    version: Option<u64>,
+    label: Option<String>,
+    /// `metadata` as a trailing segment.
+    metadata: bool,
+    /// The verb after `:` (`predict`, `infer`, ...).
+    verb: Option<String>,
+}
+
+fn parse_target(rest: &str) -> Result<Target, ApiError> {
+    let (path, verb) = match rest.rsplit_once(':') {
+        Some((p, v)) if !v.contains('/') => (p, Some(v.to_string())),
+        _ => (rest, None),
+    };
+    let segs: Vec<&str> = path.split('/').collect();
+    let bad = || {
+        ApiError::NotFound(format!(
+            "no route for /v1/models/{rest}; expected /v1/models/{{name}}[/versions/{{n}}|/labels/{{label}}][:predict|:infer|/metadata]"
+        ))
+    };
+    let mut t = Target {
+        model: segs[0].to_string(),
+        version: None,
+        label: None,
+        metadata: false,
+        verb,
+    };
+    if t.model.is_empty() {
+        return Err(bad());
+    }
+    let mut i = 1;
+    match segs.get(i) {
+        Some(&"versions") => {
+            let v = segs.get(i + 1).ok_or_else(bad)?;
+            t.version = Some(
+                v.parse()
+                    .map_err(|_| ApiError::BadRequest(format!("version '{v}' is not a number")))?,
+            );
+            i += 2;
+        }
+        Some(&"labels") => {
+            t.label = Some(segs.get(i + 1).ok_or_else(bad)?.to_string());
+            i += 2;
+        }
+        _ => {}
+    }
+    if segs.get(i) == Some(&"metadata") {
+        t.metadata = true;
+        i += 1;
+    }
+    if i != segs.len() || (t.metadata && t.verb.is_some()) {
+        return Err(bad());
+    }
+    Ok(t)
+}
+
+fn resolve(state: &AppState, t: &Target) -> Result<Arc<Servable>, ApiError> {
+    if let Some(label) = &t.label {
+        return Err(ApiError::NotFound(format!(
+            "label '{label}' is not assigned for model '{}' (labels are not configurable in this version yet; use /versions/{{n}} or no version)",
+            t.model
+        )));
+    }
+    Ok(state.registry.resolve(&t.model, t.version)?)
+}
+
+/// `GET /v1/models/{m}[/versions/{v}]` (status) and `.../metadata`.
+pub async fn get_model(
+    State(state): State<AppState>,
+    Path(rest): Path<String>,
+) -> Result<Response, ApiError> {
+    let t = parse_target(&rest)?;
+    if t.verb.is_some() {
+        return Err(ApiError::NotFound(format!(
+            "GET /v1/models/{rest}: the :{} verb needs POST",
+            t.verb.unwrap()
+        )));
+    }
+    if t.metadata {
+        let s = resolve(&state, &t)?;
+        return Ok(axum::Json(tf_metadata(&s)).into_response());
+    }
+    let statuses = state
+        .registry
+        .status(&t.model)
+        .ok_or_else(|| ApiError::NotFound(format!("model '{}' is not found", t.model)))?;
+    let list: Vec<Value> = statuses
+        .iter()
+        .filter(|s| t.version.is_none_or(|v| v == s.version))
+        .map(|s| {
+            json!({
+                "version": s.version.to_string(),
+                "state": s.state.as_str(),
+                "status": {
+                    "error_code": if s.error.is_some() { "UNKNOWN" } else { "OK" },
+                    "error_message": s.error.clone().unwrap_or_default(),
+                }
+            })
+        })
+        .collect();
+    if list.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "version {} of model '{}' is not found",
+            t.version.unwrap_or(0),
+            t.model
+        )));
+    }
+    Ok(axum::Json(json!({ "model_version_status": list })).into_response())
+}
+
+fn tf_metadata(s: &Servable) -> Value {
+    let spec = s.model_spec();
+    let sig = |list: &[crate::bundle::TensorSpec]| -> Value {
+        let mut m = Map::new();
+        for t in list {
+            let dims: Vec<Value> = t
+                .shape
+                .iter()
+                .map(|d| json!({ "size": d.to_string(), "name": "" }))
+                .collect();
+            m.insert(
+                t.name.clone(),
+                json!({ "dtype": t.dtype.tf_name(), "tensor_shape": { "dim": dims, "unknown_rank": false }, "name": t.name }),
+            );
+        }
+        Value::Object(m)
+    };
+    json!({
+        "model_spec": { "name": s.name(), "signature_name": "", "version": s.version().to_string() },
+        "metadata": { "signature_def": { "signature_def": { "serving_default": {
+            "inputs": sig(&spec.inputs),
+            "outputs": sig(&spec.outputs),
+            "method_name": "tensorflow/serving/predict",
+        }}}}
+    })
+}
+
+/// `POST /v1/models/{m}[/versions/{v}]:predict|:infer`.
+pub async fn post_model(
+    State(state): State<AppState>,
+    Path(rest): Path<String>,
+    method: Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let t = parse_target(&rest)?;
+    match t.verb.as_deref() {
+        Some("predict") => predict(&state, &t, &headers, &body).await,
+        Some("infer") => plugin_infer(&state, &t, method, &rest, headers, body).await,
+        Some(other) => Err(ApiError::NotFound(format!(
+            "unknown verb ':{other}'; nnserve serves :predict (tensors as JSON) and :infer (the bundle's handler plugin)"
+        ))),
+        None => Err(ApiError::NotFound(format!(
+            "POST /v1/models/{rest} needs a verb: :predict or :infer"
+        ))),
+    }
+}
+
+async fn plugin_infer(
+    state: &AppState,
+    t: &Target,
+    method: Method,
+    rest: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let servable = resolve(state, t)?;
+    let plugin = servable.handler.as_ref().ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "model '{}' has no handler plugin; send tensors to /v1/models/{}:predict or /v2/models/{}/infer",
+            t.model, t.model, t.model
+        ))
+    })?;
+    let deadline = state.deadline(&headers);
+    let request = wit::Request {
+        method: method.to_string(),
+        path: format!("/v1/models/{rest}"),
+        content_type: headers
+            .get(axum::http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+        body: body.to_vec(),
+    };
+    let r = plugin.handle(request, deadline).await?;
+    let status = if r.status == 0 { 200 } else { r.status };
+    let status = StatusCode::from_u16(status).map_err(|_| {
+        ApiError::Internal(format!(
+            "plugin {} answered with an invalid status {status}",
+            plugin.name()
+        ))
+    })?;
+    let mut resp = (status, r.body).into_response();
+    let h = resp.headers_mut();
+    for (k, v) in r.headers {
+        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            h.append(k, v);
+        }
+    }
+    if let Some(ct) = r.content_type.and_then(|c| HeaderValue::try_from(c).ok()) {
+        h.insert(axum::http::header::CONTENT_TYPE, ct);
+    }
+    Ok(resp)
+}
+
+async fn predict(
+    state: &AppState,
+    t: &Target,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let servable = resolve(state, t)?;
+    let spec = servable.model_spec();
+    let req: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;
+    let Value::Object(mut req) = req else {
+        return Err(ApiError::BadRequest(
+            "the body must be a JSON object with \"instances\" or \"inputs\"".into(),
+        ));
+    };
+    let (inputs, row_format) = match (req.remove("instances"), req.remove("inputs")) {
+        (Some(instances), None) => (rows_to_tensors(spec, instances)?, true),
+        (None, Some(inputs)) => (columns_to_tensors(spec, inputs)?, false),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "send either \"instances\" (rows) or \"inputs\" (columns), not both".into(),
+            ))
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(
+                "the body has neither \"instances\" (rows) nor \"inputs\" (columns)".into(),
+            ))
+        }
+    };
+    let outputs = infer_within(state, headers, &servable.runner, inputs).await?;
+    let mut out = Vec::with_capacity(256);
+    if row_format {
+        write_predictions(&mut out, &outputs)?;
+    } else {
+        write_outputs(&mut out, &outputs);
+    }
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        out,
+    )
+        .into_response())
+}
+
+/// `instances`: a list of rows; each row is the value of the only input, or an object
+/// of named inputs. Rows are stacked along a new dim 0.
+fn rows_to_tensors(
+    spec: &crate::bundle::ModelSpec,
+    instances: Value,
+) -> Result<Vec<(String, Tensor)>, ApiError> {
+    let Value::Array(rows) = instances else {
+        return Err(ApiError::BadRequest(
+            "\"instances\" must be a list of rows".into(),
+        ));
+    };
+    if rows.is_empty() {
+        return Err(ApiError::BadRequest("\"instances\" is empty".into()));
+    }
+    let mut result = Vec::new();
+    if !rows[0].is_object() {
+        let input = only_input(spec)?;
+        let t = tensor_from_json(&input.name, &Value::Array(rows), input.dtype)
+            .map_err(ApiError::BadRequest)?;
+        result.push((input.name.clone(), t));
+        return Ok(result);
+    }
+    for input in &spec.inputs {
+        let column: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                r.get(&input.name).cloned().ok_or_else(|| {
+                    ApiError::BadRequest(format!("an instance lacks input '{}'", input.name))
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let t = tensor_from_json(&input.name, &Value::Array(column), input.dtype)
+            .map_err(ApiError::BadRequest)?;
+        result.push((input.name.clone(), t));
+    }
+    if let Some(Value::Object(first)) = rows.first() {
+        if let Some(unknown) = first
+            .keys()
+            .find(|k| !spec.inputs.iter().any(|i| &i.name == *k))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "unknown input '{unknown}'; the model's inputs are {:?}",
+                spec.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
+            )));
+        }
+    }
+    Ok(result)
+}
+
+/// `inputs`: the value of the only input, or an object of named inputs.
+fn columns_to_tensors(
+    spec: &crate::bundle::ModelSpec,
+    inputs: Value,
+) -> Result<Vec<(String, Tensor)>, ApiError> {
+    match inputs {
+        Value::Object(map) => map
+            .into_iter()
+            .map(|(name, v)| {
+                let dtype = spec
+                    .inputs
+                    .iter()
+                    .find(|i| i.name == name)
+                    .map(|i| i.dtype)
+                    .ok_or_else(|| {
+                        ApiError::BadRequest(format!(
+                            "unknown input '{name}'; the model's inputs are {:?}",
+                            spec.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
+                        ))
+                    })?;
+                let t = tensor_from_json(&name, &v, dtype).map_err(ApiError::BadRequest)?;
+                Ok((name, t))
+            })
+            .collect(),
+        other => {
+            let input = only_input(spec)?;
+            let t =
+                tensor_from_json(&input.name, &other, input.dtype).map_err(ApiError::BadRequest)?;
+            Ok(vec![(input.name.clone(), t)])
+        }
+    }
+}
+
+fn only_input(spec: &crate::bundle::ModelSpec) -> Result<&crate::bundle::TensorSpec, ApiError> {
+    match spec.inputs.as_slice() {
+        [one] => Ok(one),
+        many => Err(ApiError::BadRequest(format!(
+            "the model has {} inputs {:?}: give each row (or \"inputs\") as an object of named values",
+            many.len(),
+            many.iter().map(|i| &i.name).collect::<Vec<_>>()
+        ))),
+    }
+}
+
+/// `{"predictions": [...]}`: a row per instance, the bare value when the model has one
+/// output, else an object of named outputs.
+fn write_predictions(out: &mut Vec<u8>, outputs: &[(String, Tensor)]) -> Result<(), ApiError> {
+    let rows = outputs
+        .first()
+        .and_then(|(_, t)| t.shape.first().copied())
+        .unwrap_or(0) as usize;
+    if outputs
+        .iter()
+        .any(|(_, t)| t.shape.first().copied() != Some(rows as i64))
+    {
+        return Err(ApiError::Internal(
+            "the model's outputs do not share a batch dimension, so they cannot be returned as rows; use \"inputs\" (columns)".into(),
+        ));
+    }
+    out.extend_from_slice(b"{\"predictions\":[");
+    for r in 0..rows {
+        if r > 0 {
+            out.push(b',');
+        }
+        if let [(_, t)] = outputs {
+            write_json(out, t, Some(r));
+        } else {
+            out.push(b'{');
+            for (i, (name, t)) in outputs.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                out.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
+                out.push(b':');
+                write_json(out, t, Some(r));
+            }
+            out.push(b'}');
+        }
+    }
+    out.extend_from_slice(b"]}");
+    Ok(())
+}
+
+/// `{"outputs": value}` for one output, `{"outputs": {name: value}}` for several.
+fn write_outputs(out: &mut Vec<u8>, outputs: &[(String, Tensor)]) {
+    out.extend_from_slice(b"{\"outputs\":");
+    if let [(_, t)] = outputs {
+        write_json(out, t, None);
+    } else {
+        out.push(b'{');
+        for (i, (name, t)) in outputs.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
+            out.push(b':');
+            write_json(out, t, None);
+        }
+        out.push(b'}');
+    }
+    out.push(b'}');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_tf_serving_paths() {
+        let t = parse_target("mlp:predict").unwrap();
+        assert_eq!(
+            (t.model.as_str(), t.version, t.verb.as_deref()),
+            ("mlp", None, Some("predict"))
+        );
+        let t = parse_target("mlp/versions/3:infer").unwrap();
+        assert_eq!((t.version, t.verb.as_deref()), (Some(3), Some("infer")));
+        let t = parse_target("mlp/labels/stable:predict").unwrap();
+        assert_eq!(t.label.as_deref(), Some("stable"));
+        let t = parse_target("mlp/versions/2/metadata").unwrap();
+        assert!(t.metadata && t.version == Some(2));
+        assert!(parse_target("mlp").unwrap().verb.is_none());
+        assert!(matches!(
+            parse_target("mlp/versions/x"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_target("mlp/bogus"),
+            Err(ApiError::NotFound(_))
+        ));
+    }
+
+    #[test]
+    fn predictions_are_rows() {
+        let t = Tensor::from_f32(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
+        let mut out = Vec::new();
+        write_predictions(&mut out, &[("y".into(), t.clone())]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"predictions":[[1.0,2.0],[3.0,4.0]]}"#
+        );
+        let mut out = Vec::new();
+        write_predictions(&mut out, &[("a".into(), t.clone()), ("b".into(), t)]).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{"predictions":[{"a":[1.0,2.0],"b":[1.0,2.0]},{"a":[3.0,4.0],"b":[3.0,4.0]}]}"#
+        );
+    }
+}

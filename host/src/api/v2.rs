@@ -1,0 +1,342 @@
+//! KServe v2 / Open Inference Protocol (`/v2/...`), with Triton's binary tensor
+//! extension both ways (`Inference-Header-Content-Length`, `binary_data_size`,
+//! `binary_data` / `binary_data_output`), since `tritonclient[http]` uses it by default.
+
+use super::codec::{self, write_flat_json};
+use super::{infer_within, ApiError, AppState};
+use crate::lifecycle::Servable;
+use crate::tensor::{numel, DType, Tensor};
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+const HEADER_LENGTH: &str = "inference-header-content-length";
+
+pub async fn server_metadata() -> Response {
+    axum::Json(json!({
+        "name": "nnserve",
+        "version": env!("CARGO_PKG_VERSION"),
+        "extensions": ["binary_tensor_data"],
+    }))
+    .into_response()
+}
+
+pub async fn live() -> Response {
+    axum::Json(json!({ "live": true })).into_response()
+}
+
+/// Ready once the start-up load is done, which is before the server listens.
+pub async fn ready() -> Response {
+    axum::Json(json!({ "ready": true })).into_response()
+}
+
+fn parse_version(v: &str) -> Result<u64, ApiError> {
+    v.parse()
+        .map_err(|_| ApiError::BadRequest(format!("version '{v}' is not a number")))
+}
+
+fn metadata(state: &AppState, model: &str, version: Option<u64>) -> Result<Response, ApiError> {
+    let s = state.registry.resolve(model, version)?;
+    let spec = s.model_spec();
+    let list = |l: &[crate::bundle::TensorSpec]| -> Vec<Value> {
+        l.iter()
+            .map(|t| json!({ "name": t.name, "datatype": t.dtype.v2_name(), "shape": t.shape }))
+            .collect()
+    };
+    let versions: Vec<String> = state
+        .registry
+        .status(model)
+        .unwrap_or_default()
+        .iter()
+        .filter(|v| v.state == crate::lifecycle::State::Available)
+        .map(|v| v.version.to_string())
+        .rev()
+        .collect();
+    Ok(axum::Json(json!({
+        "name": s.name(),
+        "versions": versions,
+        "platform": "pytorch_libtorch",
+        "inputs": list(&spec.inputs),
+        "outputs": list(&spec.outputs),
+    }))
+    .into_response())
+}
+
+pub async fn model_metadata(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    metadata(&state, &model, None)
+}
+
+pub async fn model_metadata_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    metadata(&state, &model, Some(parse_version(&version)?))
+}
+
+fn model_ready_impl(
+    state: &AppState,
+    model: &str,
+    version: Option<u64>,
+) -> Result<Response, ApiError> {
+    match state.registry.resolve(model, version) {
+        Ok(_) => Ok(axum::Json(json!({ "name": model, "ready": true })).into_response()),
+        Err(e @ crate::lifecycle::ResolveError::NotAvailable(..)) => Ok((
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({ "name": model, "ready": false, "error": e.to_string() })),
+        )
+            .into_response()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub async fn model_ready(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+) -> Result<Response, ApiError> {
+    model_ready_impl(&state, &model, None)
+}
+
+pub async fn model_ready_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    model_ready_impl(&state, &model, Some(parse_version(&version)?))
+}
+
+#[derive(Deserialize)]
+struct InferRequest {
+    #[serde(default)]
+    id: Option<Value>,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    inputs: Vec<InputTensor>,
+    #[serde(default)]
+    outputs: Vec<RequestedOutput>,
+}
+
+#[derive(Deserialize)]
+struct InputTensor {
+    name: String,
+    shape: Vec<i64>,
+    datatype: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+    #[serde(default)]
+    data: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct RequestedOutput {
+    name: String,
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+pub async fn infer(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let s = state.registry.resolve(&model, None)?;
+    infer_impl(&state, s, &headers, &body).await
+}
+
+pub async fn infer_version(
+    State(state): State<AppState>,
+    Path((model, version)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let s = state
+        .registry
+        .resolve(&model, Some(parse_version(&version)?))?;
+    infer_impl(&state, s, &headers, &body).await
+}
+
+async fn infer_impl(
+    state: &AppState,
+    s: Arc<Servable>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let (json_part, mut tail) = match headers.get(HEADER_LENGTH) {
+        Some(v) => {
+            let n: usize = v
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .ok_or_else(|| {
+                    ApiError::BadRequest("Inference-Header-Content-Length is not a number".into())
+                })?;
+            codec::split_binary(body, n).map_err(ApiError::BadRequest)?
+        }
+        None => (body, &[][..]),
+    };
+    let req: InferRequest = serde_json::from_slice(json_part)
+        .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
+
+    let mut inputs = Vec::with_capacity(req.inputs.len());
+    for input in &req.inputs {
+        inputs.push((input.name.clone(), decode_input(input, &mut tail)?));
+    }
+    if !tail.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} bytes of binary data are left over after the inputs' binary_data_size",
+            tail.len()
+        )));
+    }
+
+    let outputs = infer_within(state, headers, &s.runner, inputs).await?;
+
+    // Which outputs, and which of them as binary.
+    let default_binary = req
+        .parameters
+        .get("binary_data_output")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let selected: Vec<(&String, &Tensor, bool)> = if req.outputs.is_empty() {
+        outputs
+            .iter()
+            .map(|(n, t)| (n, t, default_binary))
+            .collect()
+    } else {
+        req.outputs
+            .iter()
+            .map(|o| {
+                let (n, t) = outputs.iter().find(|(n, _)| *n == o.name).ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "requested output '{}' does not exist; the model's outputs are {:?}",
+                        o.name,
+                        outputs.iter().map(|(n, _)| n).collect::<Vec<_>>()
+                    ))
+                })?;
+                let binary = o
+                    .parameters
+                    .get("binary_data")
+                    .and_then(Value::as_bool)
+                    .unwrap_or(default_binary);
+                Ok((n, t, binary))
+            })
+            .collect::<Result<_, ApiError>>()?
+    };
+
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"{\"model_name\":");
+    out.extend_from_slice(serde_json::to_string(s.name()).unwrap().as_bytes());
+    out.extend_from_slice(format!(",\"model_version\":\"{}\"", s.version()).as_bytes());
+    if let Some(id) = &req.id {
+        out.extend_from_slice(b",\"id\":");
+        out.extend_from_slice(serde_json::to_string(id).unwrap().as_bytes());
+    }
+    out.extend_from_slice(b",\"outputs\":[");
+    let mut any_binary = false;
+    for (i, (name, t, binary)) in selected.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"name\":");
+        out.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
+        out.extend_from_slice(
+            format!(
+                ",\"datatype\":\"{}\",\"shape\":{}",
+                t.dtype.v2_name(),
+                json!(t.shape)
+            )
+            .as_bytes(),
+        );
+        if *binary {
+            any_binary = true;
+            out.extend_from_slice(
+                format!(
+                    ",\"parameters\":{{\"binary_data_size\":{}}}}}",
+                    t.data.len()
+                )
+                .as_bytes(),
+            );
+        } else {
+            out.extend_from_slice(b",\"data\":");
+            write_flat_json(&mut out, t);
+            out.push(b'}');
+        }
+    }
+    out.extend_from_slice(b"]}");
+    if !any_binary {
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            out,
+        )
+            .into_response());
+    }
+    let header_len = out.len();
+    for (_, t, binary) in &selected {
+        if *binary {
+            out.extend_from_slice(&t.data);
+        }
+    }
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (
+                axum::http::HeaderName::from_static(HEADER_LENGTH),
+                header_len.to_string(),
+            ),
+        ],
+        out,
+    )
+        .into_response())
+}
+
+fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiError> {
+    let name = &input.name;
+    let dtype = DType::from_v2_name(&input.datatype).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "input '{name}' has datatype {:?}, which nnserve does not support (use one of {})",
+            input.datatype,
+            DType::ALL.map(|d| d.v2_name()).join(", ")
+        ))
+    })?;
+    if input.shape.iter().any(|&d| d < 0) {
+        return Err(ApiError::BadRequest(format!(
+            "input '{name}' has a negative size in shape {:?}",
+            input.shape
+        )));
+    }
+    let want = numel(&input.shape);
+    if let Some(size) = input.parameters.get("binary_data_size") {
+        let size = size.as_u64().ok_or_else(|| {
+            ApiError::BadRequest(format!("input '{name}': binary_data_size must be a number"))
+        })? as usize;
+        let bytes = codec::take_binary(tail, size, name).map_err(ApiError::BadRequest)?;
+        return Tensor::new(dtype, input.shape.clone(), bytes.to_vec())
+            .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")));
+    }
+    let data = input.data.as_ref().ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "input '{name}' has neither \"data\" nor a binary_data_size parameter"
+        ))
+    })?;
+    let flat = codec::tensor_from_json(name, data, dtype).map_err(ApiError::BadRequest)?;
+    if flat.numel() != want {
+        return Err(ApiError::BadRequest(format!(
+            "input '{name}' has {} values but its shape {:?} needs {want}",
+            flat.numel(),
+            input.shape
+        )));
+    }
+    Ok(Tensor {
+        dtype,
+        shape: input.shape.clone(),
+        data: flat.data,
+    })
+}

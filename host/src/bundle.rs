@@ -1,0 +1,481 @@
+//! The bundle: its manifest (`bundle.toml`), the rules it must follow, and opening an
+//! unpacked bundle directory. The schema is documented in `docs/bundle.md`.
+//!
+//! This module only reads and checks; loading models and compiling plugins belong to
+//! `backend` and `plugin`. Every check reports all its reasons, not only the first.
+
+use crate::tensor::DType;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+
+/// The parsed `bundle.toml`. Unknown fields are errors that name them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub bundle: BundleInfo,
+    pub model: Option<ModelSpec>,
+    pub batching: Option<BatchingSpec>,
+    pub handler: Option<PluginSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleInfo {
+    /// `[a-z0-9][a-z0-9._-]*`, at most 128 characters.
+    pub name: String,
+    /// A positive integer, monotonic per name.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Torchscript,
+    Tensorflow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub backend: BackendKind,
+    /// Relative to the bundle root, e.g. `model/model.pt`.
+    pub path: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub inputs: Vec<TensorSpec>,
+    #[serde(default)]
+    pub outputs: Vec<TensorSpec>,
+}
+
+fn default_device() -> String {
+    "auto".to_string()
+}
+
+/// A named tensor of the model's signature; `-1` in `shape` is any size (dim 0 is the
+/// batch dimension).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+}
+
+/// TF Serving's batching parameters. Parsed and validated now; the dynamic batcher
+/// that uses them is the next piece of work (see `docs/bundle.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingSpec {
+    pub max_batch_size: u32,
+    #[serde(default)]
+    pub batch_timeout_micros: u64,
+    #[serde(default)]
+    pub allowed_batch_sizes: Vec<u32>,
+    #[serde(default = "default_max_enqueued")]
+    pub max_enqueued_batches: u32,
+    #[serde(default = "default_one")]
+    pub num_batch_threads: u32,
+}
+
+fn default_max_enqueued() -> u32 {
+    64
+}
+fn default_one() -> u32 {
+    1
+}
+
+/// A plugin section (`[handler]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// Relative to the bundle root, e.g. `plugins/handler.wasm`.
+    pub path: String,
+    /// Values handed to the plugin through `host.config`; scalars are turned into strings.
+    #[serde(default, deserialize_with = "scalar_map")]
+    pub config: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: PluginLimits,
+}
+
+/// The plugin's own budget per request.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Linear memory cap, MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Guest CPU time, ms: counted only while plugin code runs (not during `compute`).
+    #[serde(default = "default_cpu_ms")]
+    pub cpu_ms: u64,
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory_mib: default_memory_mib(),
+            cpu_ms: default_cpu_ms(),
+        }
+    }
+}
+
+fn default_memory_mib() -> u64 {
+    64
+}
+fn default_cpu_ms() -> u64 {
+    100
+}
+
+fn scalar_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: BTreeMap<String, toml::Value> = BTreeMap::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "config value `{k}` must be a string, number or boolean, got {}",
+                        other.type_str()
+                    )))
+                }
+            };
+            Ok((k, s))
+        })
+        .collect()
+}
+
+/// Where a model runs, from the manifest's `device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when available, else CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("device {s:?} is not one of auto, cpu, cuda, cuda:N")),
+        }
+    }
+}
+
+/// A bundle that failed its checks: where, and every reason.
+#[derive(Debug, Clone)]
+pub struct BundleError {
+    pub path: PathBuf,
+    pub reasons: Vec<String>,
+}
+
+impl fmt::Display for BundleError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid bundle {}: {}",
+            self.path.display(),
+            self.reasons.join("; ")
+        )
+    }
+}
+
+impl std::error::Error for BundleError {}
+
+/// An unpacked bundle whose manifest passed its checks.
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Bundle {
+    /// Reads and checks `dir/bundle.toml` and the files it names.
+    pub fn open(dir: &Path) -> Result<Bundle, BundleError> {
+        let fail = |reasons: Vec<String>| BundleError {
+            path: dir.to_path_buf(),
+            reasons,
+        };
+        let text = std::fs::read_to_string(dir.join("bundle.toml"))
+            .map_err(|e| fail(vec![format!("cannot read bundle.toml: {e}")]))?;
+        let manifest = parse_manifest(&text).map_err(|r| fail(vec![r]))?;
+        let mut reasons = manifest.check();
+        let mut check_file = |what: &str, rel: &str| match resolve_inside(dir, rel) {
+            Ok(p) if p.is_file() => {}
+            Ok(_) => reasons.push(format!("{what} `{rel}` does not exist in the bundle")),
+            Err(e) => reasons.push(format!("{what} `{rel}`: {e}")),
+        };
+        if let Some(m) = &manifest.model {
+            let path_ok = resolve_inside(dir, &m.path);
+            match (m.backend, path_ok) {
+                // A SavedModel is a directory.
+                (BackendKind::Tensorflow, Ok(p)) if p.is_dir() => {}
+                _ => check_file("model.path", &m.path),
+            }
+        }
+        if let Some(h) = &manifest.handler {
+            check_file("handler.path", &h.path);
+        }
+        if reasons.is_empty() {
+            Ok(Bundle {
+                dir: dir.to_path_buf(),
+                manifest,
+            })
+        } else {
+            Err(fail(reasons))
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.manifest.bundle.name
+    }
+
+    pub fn version(&self) -> u64 {
+        self.manifest.bundle.version
+    }
+
+    /// A path the manifest names, resolved inside the bundle (checked at open).
+    pub fn file(&self, rel: &str) -> PathBuf {
+        self.dir.join(rel)
+    }
+}
+
+/// Parses a manifest; the error names the field and line, as the TOML parser reports.
+pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
+    toml::from_str(text).map_err(|e| format!("bundle.toml: {}", e.to_string().trim_end()))
+}
+
+/// Does `name` follow the naming rule for bundles and tensors?
+pub fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
+        && name.len() <= 128
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
+}
+
+impl Manifest {
+    /// Checks that do not touch the file system. Returns every reason found.
+    pub fn check(&self) -> Vec<String> {
+        let mut r = Vec::new();
+        if !valid_name(&self.bundle.name) {
+            r.push(format!(
+                "bundle.name {:?} must match [a-z0-9][a-z0-9._-]* (at most 128 characters)",
+                self.bundle.name
+            ));
+        }
+        if self.bundle.version == 0 {
+            r.push("bundle.version must be a positive integer".to_string());
+        }
+        match &self.model {
+            None => r.push("a [model] section is required".to_string()),
+            Some(m) => {
+                if let Err(e) = DeviceSpec::parse(&m.device) {
+                    r.push(format!("model.device: {e}"));
+                }
+                if m.backend == BackendKind::Tensorflow {
+                    r.push(
+                        "model.backend \"tensorflow\" is not available in this build yet; use \"torchscript\""
+                            .to_string(),
+                    );
+                }
+                for (kind, list) in [("inputs", &m.inputs), ("outputs", &m.outputs)] {
+                    let mut seen = std::collections::HashSet::new();
+                    for t in list.iter() {
+                        if t.name.is_empty() {
+                            r.push(format!("model.{kind}: a tensor name is empty"));
+                        }
+                        if !seen.insert(&t.name) {
+                            r.push(format!("model.{kind}: the name '{}' appears twice", t.name));
+                        }
+                        if t.shape.iter().any(|&d| d < -1 || d == 0) {
+                            r.push(format!(
+                                "model.{kind} '{}': shape {:?} may hold only positive sizes and -1",
+                                t.name, t.shape
+                            ));
+                        }
+                    }
+                }
+                if m.inputs.is_empty() && self.handler.is_none() {
+                    r.push(
+                        "model.inputs is empty: the tensor APIs need the model's inputs (name, dtype, shape)"
+                            .to_string(),
+                    );
+                }
+            }
+        }
+        if let Some(b) = &self.batching {
+            if b.max_batch_size == 0 {
+                r.push("batching.max_batch_size must be at least 1".to_string());
+            }
+            if let Some(&last) = b.allowed_batch_sizes.last() {
+                if !b.allowed_batch_sizes.windows(2).all(|w| w[0] < w[1]) {
+                    r.push("batching.allowed_batch_sizes must be increasing".to_string());
+                }
+                if last != b.max_batch_size {
+                    r.push(format!(
+                        "batching.allowed_batch_sizes must end with max_batch_size ({}), as in TF Serving",
+                        b.max_batch_size
+                    ));
+                }
+            }
+            if b.num_batch_threads == 0 {
+                r.push("batching.num_batch_threads must be at least 1".to_string());
+            }
+        }
+        if let Some(h) = &self.handler {
+            if h.limits.memory_mib == 0 || h.limits.cpu_ms == 0 {
+                r.push("handler.limits: memory_mib and cpu_ms must be positive".to_string());
+            }
+        }
+        for (what, p) in self.paths() {
+            if let Err(e) = relative_path(p) {
+                r.push(format!("{what} `{p}`: {e}"));
+            }
+        }
+        r
+    }
+
+    fn paths(&self) -> Vec<(&'static str, &str)> {
+        let mut v = Vec::new();
+        if let Some(m) = &self.model {
+            v.push(("model.path", m.path.as_str()));
+        }
+        if let Some(h) = &self.handler {
+            v.push(("handler.path", h.path.as_str()));
+        }
+        v
+    }
+}
+
+/// Checks that a manifest path is relative and never climbs out (`..`).
+pub fn relative_path(p: &str) -> Result<&Path, String> {
+    let path = Path::new(p);
+    if p.is_empty() {
+        return Err("the path is empty".into());
+    }
+    for c in path.components() {
+        match c {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                return Err("`..` is not allowed: paths stay inside the bundle".into())
+            }
+            Component::RootDir | Component::Prefix(_) => {
+                return Err("must be relative to the bundle root".into())
+            }
+        }
+    }
+    Ok(path)
+}
+
+/// Resolves a manifest path and makes sure that, symlinks followed, it stays in `root`.
+pub fn resolve_inside(root: &Path, rel: &str) -> Result<PathBuf, String> {
+    let rel = relative_path(rel)?;
+    let root = root
+        .canonicalize()
+        .map_err(|e| format!("cannot resolve the bundle directory: {e}"))?;
+    let full = root.join(rel);
+    match full.canonicalize() {
+        Ok(real) if real.starts_with(&root) => Ok(real),
+        Ok(_) => Err("resolves outside the bundle (a symlink out is not allowed)".into()),
+        // Missing files are reported by the caller, which knows what it expected.
+        Err(_) => Ok(full),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MLP: &str = r#"
+[bundle]
+name = "mlp"
+version = 1
+
+[model]
+backend = "torchscript"
+path = "model/model.pt"
+device = "cpu"
+inputs = [{ name = "input", dtype = "fp32", shape = [-1, 4] }]
+outputs = [{ name = "output", dtype = "fp32", shape = [-1, 3] }]
+"#;
+
+    #[test]
+    fn parses_a_model_manifest() {
+        let m = parse_manifest(MLP).unwrap();
+        assert_eq!(m.bundle.name, "mlp");
+        let model = m.model.as_ref().unwrap();
+        assert_eq!(model.inputs[0].dtype, DType::Fp32);
+        assert_eq!(model.inputs[0].shape, vec![-1, 4]);
+        assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = parse_manifest(&MLP.replace("device = \"cpu\"", "devise = \"cpu\"")).unwrap_err();
+        assert!(err.contains("devise"), "{err}");
+    }
+
+    #[test]
+    fn handler_config_accepts_scalars() {
+        let text = format!(
+            "{MLP}\n[handler]\npath = \"plugins/handler.wasm\"\nconfig = {{ top_k = 5, labels = \"assets/l.txt\", on = true }}\n"
+        );
+        let m = parse_manifest(&text).unwrap();
+        let h = m.handler.unwrap();
+        assert_eq!(h.config["top_k"], "5");
+        assert_eq!(h.config["on"], "true");
+        assert_eq!(h.limits.memory_mib, 64);
+        assert_eq!(h.limits.cpu_ms, 100);
+    }
+
+    #[test]
+    fn every_reason_is_reported() {
+        let text = MLP
+            .replace("name = \"mlp\"", "name = \"Bad Name\"")
+            .replace("version = 1", "version = 0")
+            .replace("device = \"cpu\"", "device = \"tpu\"")
+            .replace("model/model.pt", "../escape.pt");
+        let reasons = parse_manifest(&text).unwrap().check();
+        assert_eq!(reasons.len(), 4, "{reasons:?}");
+        assert!(reasons[0].contains("bundle.name"));
+        assert!(reasons.iter().any(|r| r.contains("`..` is not allowed")));
+        assert!(reasons.iter().any(|r| r.contains("model.device")));
+    }
+
+    #[test]
+    fn names_and_devices() {
+        assert!(valid_name("resnet18"));
+        assert!(valid_name("a.b-c_d"));
+        assert!(!valid_name("-a"));
+        assert!(!valid_name("Upper"));
+        assert!(!valid_name(""));
+        assert_eq!(DeviceSpec::parse("cuda:1"), Ok(DeviceSpec::Cuda(1)));
+        assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert!(DeviceSpec::parse("gpu").is_err());
+    }
+
+    #[test]
+    fn paths_stay_inside() {
+        assert!(relative_path("/etc/passwd").is_err());
+        assert!(relative_path("a/../../b").is_err());
+        assert!(relative_path("model/model.pt").is_ok());
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("link")).unwrap();
+        assert!(resolve_inside(dir.path(), "link")
+            .unwrap_err()
+            .contains("outside"));
+    }
+}

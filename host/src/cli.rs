@@ -1,0 +1,110 @@
+//! The command line: `nnserve serve` and its flags. `--help` is the reference; keep it
+//! true to the code.
+
+use crate::config::ServerConfig;
+use clap::{Args, Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "nnserve",
+    version,
+    about = "A model server: TorchScript models behind sandboxed WebAssembly handlers, over TF Serving REST and KServe v2 HTTP",
+    long_about = None,
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Serve every model version in a repository directory over HTTP.
+    ///
+    /// The repository holds one directory per model and one per version inside it:
+    /// <repository>/<model>/<version>/bundle.toml (see docs/bundle.md). A version that
+    /// fails to load is reported and the others are served.
+    Serve(ServeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Model repository directory [default: repository, or the config file's value]
+    #[arg(long, short = 'r', env = "NNSERVE_REPOSITORY")]
+    pub repository: Option<PathBuf>,
+
+    /// Address to listen on; port 0 picks a free port (printed at start) [default: 127.0.0.1:8080]
+    #[arg(long, short = 'l', env = "NNSERVE_LISTEN")]
+    pub listen: Option<SocketAddr>,
+
+    /// Server config file (TOML, keys in docs/configuration.md); flags override it
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+
+    /// Wall-clock deadline per request in ms (clients may lower it with the x-nnserve-timeout-ms header) [default: 30000]
+    #[arg(long)]
+    pub request_timeout_ms: Option<u64>,
+
+    /// libtorch threads inside one forward (0: one per core) [default: 0]
+    #[arg(long)]
+    pub torch_threads: Option<usize>,
+
+    /// libtorch inter-op threads [default: 1]
+    #[arg(long)]
+    pub torch_interop_threads: Option<usize>,
+
+    /// Log filter, as RUST_LOG (e.g. info, debug, nnserve=debug) [default: info]
+    #[arg(long, env = "RUST_LOG", default_value = "info")]
+    pub log: String,
+}
+
+impl ServeArgs {
+    /// The config file (if any) with the flags applied over it.
+    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+        let mut c = match &self.config {
+            Some(path) => ServerConfig::from_file(path)?,
+            None => ServerConfig::default(),
+        };
+        if let Some(r) = &self.repository {
+            c.repository = r.clone();
+        }
+        if let Some(l) = self.listen {
+            c.listen = l;
+        }
+        if let Some(t) = self.request_timeout_ms {
+            c.request_timeout_ms = t;
+        }
+        if let Some(t) = self.torch_threads {
+            c.torch_intra_op_threads = t;
+        }
+        if let Some(t) = self.torch_interop_threads {
+            c.torch_inter_op_threads = t;
+        }
+        Ok(c)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent_and_flags_override() {
+        Cli::command().debug_assert();
+        let cli = Cli::parse_from([
+            "nnserve",
+            "serve",
+            "--repository",
+            "r",
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        let Command::Serve(args) = cli.command;
+        let c = args.to_config().unwrap();
+        assert_eq!(c.repository, PathBuf::from("r"));
+        assert_eq!(c.listen.port(), 0);
+        assert_eq!(c.request_timeout_ms, 30_000);
+    }
+}

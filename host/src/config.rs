@@ -1,0 +1,97 @@
+//! Server configuration: one typed struct, defaults in one place, read from an optional
+//! TOML file (`--config nnserve.toml`) and overridden by command-line flags.
+//! Documented in `docs/configuration.md`.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// The model repository: `<repository>/<model>/<version>/bundle.toml`.
+    pub repository: PathBuf,
+    /// Address to listen on.
+    pub listen: SocketAddr,
+    /// Wall-clock deadline of a request (queueing, plugin, forward), ms. Clients may
+    /// lower it per request with the `x-nnserve-timeout-ms` header.
+    pub request_timeout_ms: u64,
+    /// Largest request body accepted, bytes.
+    pub max_request_bytes: usize,
+    /// libtorch intra-op threads (parallelism inside one forward). 0: one per core.
+    pub torch_intra_op_threads: usize,
+    /// libtorch inter-op threads. Set once per process.
+    pub torch_inter_op_threads: usize,
+    /// Plugin instances that may run at once, over all plugins; beyond it requests get
+    /// 503 with Retry-After.
+    pub plugin_instance_slots: u32,
+    /// The largest memory cap a bundle's plugin may ask for, MiB.
+    pub plugin_max_memory_mib: u64,
+    /// Tokio worker threads for HTTP and plugins. 0: one per core.
+    pub http_threads: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            repository: PathBuf::from("repository"),
+            listen: "127.0.0.1:8080".parse().unwrap(),
+            request_timeout_ms: 30_000,
+            max_request_bytes: 64 << 20,
+            torch_intra_op_threads: 0,
+            torch_inter_op_threads: 1,
+            plugin_instance_slots: 256,
+            plugin_max_memory_mib: 512,
+            http_threads: 0,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Reads a config file; unknown keys are errors that name them.
+    pub fn from_file(path: &Path) -> anyhow::Result<ServerConfig> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+    }
+
+    pub fn cores() -> usize {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    }
+
+    pub fn intra_op_threads(&self) -> usize {
+        if self.torch_intra_op_threads == 0 {
+            Self::cores()
+        } else {
+            self.torch_intra_op_threads
+        }
+    }
+
+    pub fn worker_threads(&self) -> usize {
+        if self.http_threads == 0 {
+            Self::cores()
+        } else {
+            self.http_threads
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_rejects_unknown_keys() {
+        let c: ServerConfig =
+            toml::from_str("listen = \"127.0.0.1:9000\"\nrequest_timeout_ms = 5").unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.request_timeout_ms, 5);
+        assert_eq!(c.max_request_bytes, 64 << 20);
+        let err = toml::from_str::<ServerConfig>("lisen = \"x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("lisen"), "{err}");
+    }
+}

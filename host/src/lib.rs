@@ -1,0 +1,30 @@
+//! nnserve: a model server. libtorch runs the models behind the standard `wasi:nn`
+//! interface; sandboxed WebAssembly components do per-model pre- and post-processing;
+//! clients speak TF Serving REST or KServe v2 over HTTP.
+//!
+//! The modules follow a request's journey and a model's life (ARCHITECTURE.md):
+//! `api` → `plugin` → `nn` → `backend`, and `repository` → `lifecycle`, which keeps the
+//! registry of loaded versions that `api` reads. `bundle` and `tensor` are shared
+//! vocabulary; `wit` holds the generated bindings.
+//!
+//! The smallest use is the binary: `nnserve serve --repository DIR`. As a library:
+//!
+//! ```no_run
+//! # async fn run() -> anyhow::Result<()> {
+//! let config = nnserve::config::ServerConfig::default();
+//! nnserve::server::run(config).await
+//! # }
+//! ```
+
+pub mod api;
+pub mod backend;
+pub mod bundle;
+pub mod cli;
+pub mod config;
+pub mod lifecycle;
+pub mod nn;
+pub mod plugin;
+pub mod repository;
+pub mod server;
+pub mod tensor;
+pub mod wit;

@@ -1,0 +1,308 @@
+//! The model's life: loading the versions that the repository holds, the registry of
+//! loaded versions that `api` reads, and each version's state (TF Serving's START,
+//! LOADING, AVAILABLE, UNLOADING, END, with an error).
+//!
+//! For now every version found at start-up is loaded once; version policies, labels,
+//! uploads and hot swap come next and will live here. A request holds an
+//! `Arc<Servable>` for its whole life, so a later unload can never pull a model from
+//! under a request in flight.
+
+use crate::bundle::Bundle;
+use crate::nn::Runner;
+use crate::plugin::{Plugin, PluginRuntime};
+use crate::repository;
+use crate::tensor::Tensor;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+/// TF Serving's version states.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Start,
+    Loading,
+    Available,
+    Unloading,
+    End,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Start => "START",
+            State::Loading => "LOADING",
+            State::Available => "AVAILABLE",
+            State::Unloading => "UNLOADING",
+            State::End => "END",
+        }
+    }
+}
+
+/// A loaded, servable model version.
+pub struct Servable {
+    pub bundle: Bundle,
+    pub runner: Arc<Runner>,
+    pub handler: Option<Plugin>,
+}
+
+impl Servable {
+    pub fn name(&self) -> &str {
+        self.bundle.name()
+    }
+    pub fn version(&self) -> u64 {
+        self.bundle.version()
+    }
+    pub fn model_spec(&self) -> &crate::bundle::ModelSpec {
+        self.bundle
+            .manifest
+            .model
+            .as_ref()
+            .expect("a servable has a model")
+    }
+}
+
+/// What the server reports about one version.
+#[derive(Debug, Clone)]
+pub struct VersionStatus {
+    pub version: u64,
+    pub state: State,
+    pub error: Option<String>,
+}
+
+#[derive(Default)]
+struct ModelEntry {
+    available: BTreeMap<u64, Arc<Servable>>,
+    status: BTreeMap<u64, VersionStatus>,
+}
+
+/// Why a name and version did not resolve to a servable.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ResolveError {
+    UnknownModel(String),
+    UnknownVersion(String, u64),
+    /// Known but not AVAILABLE: the state and its error, if any.
+    NotAvailable(String, u64, String),
+}
+
+impl std::fmt::Display for ResolveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ResolveError::UnknownModel(m) => write!(
+                f,
+                "model '{m}' is not found (GET /v1/models/{{name}} shows a model's versions)"
+            ),
+            ResolveError::UnknownVersion(m, v) => {
+                write!(f, "version {v} of model '{m}' is not found")
+            }
+            ResolveError::NotAvailable(m, v, why) => {
+                write!(f, "version {v} of model '{m}' is not available: {why}")
+            }
+        }
+    }
+}
+
+/// The loaded versions of every model, shared by all requests.
+#[derive(Default)]
+pub struct Registry {
+    models: RwLock<HashMap<String, ModelEntry>>,
+}
+
+impl Registry {
+    /// The servable for `name` at `version`, or the highest available version.
+    pub fn resolve(&self, name: &str, version: Option<u64>) -> Result<Arc<Servable>, ResolveError> {
+        let models = self.models.read().unwrap();
+        let entry = models
+            .get(name)
+            .ok_or_else(|| ResolveError::UnknownModel(name.to_string()))?;
+        match version {
+            None => entry
+                .available
+                .values()
+                .next_back()
+                .cloned()
+                .ok_or_else(|| {
+                    let why = entry
+                        .status
+                        .values()
+                        .next_back()
+                        .and_then(|s| s.error.clone())
+                        .unwrap_or_else(|| "no version is AVAILABLE".into());
+                    let v = entry.status.keys().next_back().copied().unwrap_or(0);
+                    ResolveError::NotAvailable(name.to_string(), v, why)
+                }),
+            Some(v) => entry
+                .available
+                .get(&v)
+                .cloned()
+                .ok_or_else(|| match entry.status.get(&v) {
+                    None => ResolveError::UnknownVersion(name.to_string(), v),
+                    Some(s) => ResolveError::NotAvailable(
+                        name.to_string(),
+                        v,
+                        s.error
+                            .clone()
+                            .unwrap_or_else(|| format!("it is {}", s.state.as_str())),
+                    ),
+                }),
+        }
+    }
+
+    /// Every version's status, highest first, or `None` for an unknown model.
+    pub fn status(&self, name: &str) -> Option<Vec<VersionStatus>> {
+        let models = self.models.read().unwrap();
+        models
+            .get(name)
+            .map(|e| e.status.values().rev().cloned().collect())
+    }
+
+    /// The names of all models, sorted.
+    pub fn model_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.models.read().unwrap().keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    fn set_status(&self, model: &str, version: u64, state: State, error: Option<String>) {
+        let mut models = self.models.write().unwrap();
+        let entry = models.entry(model.to_string()).or_default();
+        entry.status.insert(
+            version,
+            VersionStatus {
+                version,
+                state,
+                error,
+            },
+        );
+    }
+
+    fn publish(&self, servable: Arc<Servable>) {
+        let mut models = self.models.write().unwrap();
+        let entry = models.entry(servable.name().to_string()).or_default();
+        let v = servable.version();
+        entry.status.insert(
+            v,
+            VersionStatus {
+                version: v,
+                state: State::Available,
+                error: None,
+            },
+        );
+        entry.available.insert(v, servable);
+    }
+}
+
+/// What a repository load did, for the start-up summary.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub loaded: Vec<String>,
+    pub failed: Vec<String>,
+}
+
+/// Loads every version in the repository. A version that fails is recorded with its
+/// error (visible in the status API) and does not stop the others.
+pub async fn load_repository(
+    root: &Path,
+    runtime: Arc<PluginRuntime>,
+    registry: &Registry,
+) -> anyhow::Result<LoadReport> {
+    let (entries, problems) = repository::scan(root)?;
+    let mut report = LoadReport::default();
+    for p in problems {
+        tracing::warn!(path = %p.path.display(), "skipped: {}", p.reason);
+        report
+            .failed
+            .push(format!("{}: {}", p.path.display(), p.reason));
+    }
+    for entry in entries {
+        let (model, version) = (entry.model.clone(), entry.version);
+        registry.set_status(&model, version, State::Loading, None);
+        let started = Instant::now();
+        let rt = runtime.clone();
+        let result = tokio::task::spawn_blocking(move || load_version(&entry, &rt))
+            .await
+            .map_err(|e| anyhow::anyhow!("the loader panicked: {e}"))
+            .and_then(|r| r);
+        match result {
+            Ok(servable) => {
+                tracing::info!(
+                    model = %model, version, device = %servable.runner.device(),
+                    plugin = servable.handler.as_ref().map(|p| p.name()).unwrap_or("-"),
+                    took = ?started.elapsed(), "version AVAILABLE"
+                );
+                report.loaded.push(format!("{model}@{version}"));
+                registry.publish(Arc::new(servable));
+            }
+            Err(e) => {
+                let msg = format!("{e:#}");
+                tracing::warn!(model = %model, version, "version failed to load: {msg}");
+                report.failed.push(format!("{model}@{version}: {msg}"));
+                registry.set_status(&model, version, State::End, Some(msg));
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// Opens, checks, loads and warms up one version. Blocking.
+fn load_version(entry: &repository::Entry, runtime: &PluginRuntime) -> anyhow::Result<Servable> {
+    let bundle = Bundle::open(&entry.dir)?;
+    if bundle.name() != entry.model || bundle.version() != entry.version {
+        anyhow::bail!(
+            "bundle.toml says {}@{} but the directory is {}/{}: the directory must be <name>/<version>",
+            bundle.name(),
+            bundle.version(),
+            entry.model,
+            entry.version
+        );
+    }
+    let spec = bundle
+        .manifest
+        .model
+        .clone()
+        .expect("checked by Bundle::open");
+    let model = crate::backend::load(&bundle)?;
+    warm_up(model.as_ref(), &spec)?;
+    let runner = Arc::new(Runner::new(model, spec.inputs.clone()));
+    let handler = match &bundle.manifest.handler {
+        Some(_) => Some(runtime.load_handler(&bundle, runner.clone())?),
+        None => None,
+    };
+    Ok(Servable {
+        bundle,
+        runner,
+        handler,
+    })
+}
+
+/// Runs the model twice on zeros of its declared input shapes (batch 1), so that a model
+/// that cannot run fails here and TorchScript's profiling executor has optimised before
+/// the first request. Skipped when the inputs are not declared.
+fn warm_up(
+    model: &dyn crate::backend::Model,
+    spec: &crate::bundle::ModelSpec,
+) -> anyhow::Result<()> {
+    if spec.inputs.is_empty()
+        || spec
+            .inputs
+            .iter()
+            .any(|i| i.shape.iter().skip(1).any(|&d| d < 0))
+    {
+        return Ok(());
+    }
+    for _ in 0..2 {
+        let inputs = spec
+            .inputs
+            .iter()
+            .map(|i| {
+                let shape: Vec<i64> = i.shape.iter().map(|&d| d.max(1)).collect();
+                let bytes = crate::tensor::numel(&shape) * i.dtype.size();
+                Tensor::new(i.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        model.forward(inputs).map_err(|e| {
+            anyhow::anyhow!("warm-up forward on zeros of the declared input shapes failed: {e}")
+        })?;
+    }
+    Ok(())
+}

@@ -1,0 +1,36 @@
+use clap::Parser;
+use nnserve::cli::{Cli, Command};
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("nnserve: error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => {
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
+                .with_writer(std::io::stderr)
+                .init();
+            let config = args.to_config()?;
+            // OpenMP threads that busy-wait between forwards steal the cores that HTTP
+            // and plugins need; let them sleep unless the user chose otherwise. Must be
+            // set before libtorch starts its pool.
+            if std::env::var_os("OMP_WAIT_POLICY").is_none() {
+                std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
+            }
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.worker_threads())
+                .enable_all()
+                .build()?
+                .block_on(nnserve::server::run(config))
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! Model execution for requests: the per-version [`Runner`] (the execution path that the
+//! tensor APIs and wasi-nn share) and the host side of the standard `wasi:nn` interface.
+//!
+//! `nn` knows the model's signature and the backend; it knows nothing of HTTP or of
+//! which plugin calls it. The batcher will sit inside [`Runner::infer`].
+//!
+//! ## The execution path and its hand-off
+//! A version's forwards are serialised by a gate (one at a time per version: the
+//! device is the scarce resource; parallelism inside a forward is libtorch's intra-op
+//! pool). The caller that gets the gate runs the forward itself, without handing it to
+//! another thread: a cross-thread hand-off costs more than a tiny model's forward
+//! (../shared/FACTS.md). Forwards that have been slow (moving average over
+//! [`INLINE_LIMIT`]) run inside `tokio::task::block_in_place`, so the worker's other
+//! tasks move to another thread while libtorch works; quick ones run inline, as a JSON
+//! parse would.
+
+use crate::backend::Model;
+use crate::bundle::TensorSpec;
+use crate::tensor::{check_shape, DType, Tensor};
+use crate::wit::wasi::nn as gen;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{HasData, Resource, ResourceTable};
+
+/// Forwards whose moving average is above this run in `block_in_place`.
+pub const INLINE_LIMIT: Duration = Duration::from_micros(200);
+
+/// Why an inference failed: the caller's input, or the model.
+#[derive(Debug, Clone, PartialEq)]
+pub enum InferError {
+    /// The inputs do not match the model's signature (a 400).
+    BadInput(String),
+    /// The forward failed (a 500).
+    Model(String),
+}
+
+impl std::fmt::Display for InferError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            InferError::BadInput(m) | InferError::Model(m) => f.write_str(m),
+        }
+    }
+}
+
+/// The execution path of one loaded model version.
+pub struct Runner {
+    model: Arc<dyn Model>,
+    inputs: Vec<TensorSpec>,
+    gate: tokio::sync::Semaphore,
+    /// Exponential moving average of the forward time, nanoseconds.
+    avg_forward_ns: AtomicU64,
+}
+
+impl Runner {
+    pub fn new(model: Arc<dyn Model>, inputs: Vec<TensorSpec>) -> Runner {
+        Runner {
+            model,
+            inputs,
+            gate: tokio::sync::Semaphore::new(1),
+            avg_forward_ns: AtomicU64::new(0),
+        }
+    }
+
+    pub fn device(&self) -> String {
+        self.model.device()
+    }
+
+    /// Orders named inputs as the model takes them and checks names, dtypes and shapes.
+    /// A model without declared inputs takes them in the order given.
+    pub fn arrange(&self, mut named: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, InferError> {
+        if self.inputs.is_empty() {
+            return Ok(named.into_iter().map(|(_, t)| t).collect());
+        }
+        let expected: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
+        if let Some((unknown, _)) = named.iter().find(|(n, _)| !expected.contains(&n.as_str())) {
+            return Err(InferError::BadInput(format!(
+                "unknown input '{unknown}'; the model's inputs are {expected:?}"
+            )));
+        }
+        let mut ordered = Vec::with_capacity(self.inputs.len());
+        for spec in &self.inputs {
+            let pos = named
+                .iter()
+                .position(|(n, _)| *n == spec.name)
+                .ok_or_else(|| {
+                    InferError::BadInput(format!(
+                        "missing input '{}'; the model's inputs are {expected:?}",
+                        spec.name
+                    ))
+                })?;
+            let (_, t) = named.swap_remove(pos);
+            if t.dtype != spec.dtype {
+                return Err(InferError::BadInput(format!(
+                    "input '{}' has dtype {} but the model expects {}",
+                    spec.name, t.dtype, spec.dtype
+                )));
+            }
+            check_shape(&spec.name, &spec.shape, &t.shape).map_err(InferError::BadInput)?;
+            ordered.push(t);
+        }
+        Ok(ordered)
+    }
+
+    /// Checks and runs one inference with named inputs.
+    pub async fn infer(
+        &self,
+        named: Vec<(String, Tensor)>,
+    ) -> Result<Vec<(String, Tensor)>, InferError> {
+        let inputs = self.arrange(named)?;
+        self.forward(inputs).await
+    }
+
+    /// Runs one forward on positional inputs that already passed [`Runner::arrange`].
+    pub async fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, InferError> {
+        let _turn = self
+            .gate
+            .acquire()
+            .await
+            .map_err(|_| InferError::Model("the model is being unloaded".into()))?;
+        let slow = self.avg_forward_ns.load(Ordering::Relaxed) > INLINE_LIMIT.as_nanos() as u64;
+        let started = Instant::now();
+        let result = if slow {
+            tokio::task::block_in_place(|| self.model.forward(inputs))
+        } else {
+            self.model.forward(inputs)
+        };
+        let took = started.elapsed().as_nanos() as u64;
+        let avg = self.avg_forward_ns.load(Ordering::Relaxed);
+        let next = if avg == 0 { took } else { (avg * 7 + took) / 8 };
+        self.avg_forward_ns.store(next, Ordering::Relaxed);
+        result.map_err(InferError::Model)
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// wasi:nn host
+
+/// A graph as the guest holds it: the runner of the version being served.
+pub struct Graph {
+    runner: Arc<Runner>,
+}
+
+/// An execution context: a graph bound for `compute`.
+pub struct ExecContext {
+    runner: Arc<Runner>,
+}
+
+/// A tensor as wasi-nn describes it.
+pub struct HostTensor {
+    dims: Vec<u32>,
+    ty: gen::tensor::TensorType,
+    data: Vec<u8>,
+}
+
+/// A wasi-nn error resource.
+#[derive(Debug)]
+pub struct NnError {
+    code: gen::errors::ErrorCode,
+    data: String,
+}
+
+/// Per-request wasi-nn state: which graphs `load-by-name` may return, and the time
+/// spent in host calls (which the plugin's CPU budget does not count).
+pub struct NnCtx {
+    names: Vec<String>,
+    runner: Arc<Runner>,
+    pub host_time: Duration,
+}
+
+impl NnCtx {
+    /// `load-by-name` answers `model_name` and `default` with `runner`, nothing else.
+    pub fn new(model_name: &str, runner: Arc<Runner>) -> NnCtx {
+        NnCtx {
+            names: vec![model_name.to_string(), "default".to_string()],
+            runner,
+            host_time: Duration::ZERO,
+        }
+    }
+}
+
+/// The view of the store that the wasi-nn host functions work on.
+pub struct NnView<'a> {
+    pub table: &'a mut ResourceTable,
+    pub ctx: &'a mut NnCtx,
+}
+
+struct HasNn;
+
+impl HasData for HasNn {
+    type Data<'a> = NnView<'a>;
+}
+
+/// Adds the four `wasi:nn` interfaces to a linker.
+pub fn add_to_linker<T: Send + 'static>(
+    linker: &mut wasmtime::component::Linker<T>,
+    f: fn(&mut T) -> NnView<'_>,
+) -> wasmtime::Result<()> {
+    gen::graph::add_to_linker::<T, HasNn>(linker, f)?;
+    gen::tensor::add_to_linker::<T, HasNn>(linker, f)?;
+    gen::inference::add_to_linker::<T, HasNn>(linker, f)?;
+    gen::errors::add_to_linker::<T, HasNn>(linker, f)?;
+    Ok(())
+}
+
+type NnResult<T> = wasmtime::Result<Result<T, Resource<NnError>>>;
+
+impl NnView<'_> {
+    fn fail<T>(&mut self, code: gen::errors::ErrorCode, data: String) -> NnResult<T> {
+        let e = self.table.push(NnError { code, data })?;
+        Ok(Err(e))
+    }
+}
+
+fn wasi_type(d: DType) -> Option<gen::tensor::TensorType> {
+    use gen::tensor::TensorType as T;
+    Some(match d {
+        DType::Fp16 => T::Fp16,
+        DType::Fp32 => T::Fp32,
+        DType::Fp64 => T::Fp64,
+        DType::Bf16 => T::Bf16,
+        DType::Uint8 => T::U8,
+        DType::Int32 => T::I32,
+        DType::Int64 => T::I64,
+        _ => return None,
+    })
+}
+
+fn host_dtype(t: gen::tensor::TensorType) -> DType {
+    use gen::tensor::TensorType as T;
+    match t {
+        T::Fp16 => DType::Fp16,
+        T::Fp32 => DType::Fp32,
+        T::Fp64 => DType::Fp64,
+        T::Bf16 => DType::Bf16,
+        T::U8 => DType::Uint8,
+        T::I32 => DType::Int32,
+        T::I64 => DType::Int64,
+    }
+}
+
+/// Outputs whose dtype wasi-nn cannot name are widened: bool and int8 to u8/i32,
+/// int16 to i32. Documented in docs/plugins.md.
+fn to_wasi_tensor(t: Tensor) -> HostTensor {
+    let dims = t.shape.iter().map(|&d| d as u32).collect();
+    if let Some(ty) = wasi_type(t.dtype) {
+        return HostTensor {
+            dims,
+            ty,
+            data: t.data,
+        };
+    }
+    let (ty, data) = match t.dtype {
+        DType::Bool => (gen::tensor::TensorType::U8, t.data),
+        _ => (
+            gen::tensor::TensorType::I32,
+            t.to_f64_vec()
+                .into_iter()
+                .flat_map(|v| (v as i32).to_le_bytes())
+                .collect(),
+        ),
+    };
+    HostTensor { dims, ty, data }
+}
+
+impl gen::graph::Host for NnView<'_> {
+    fn load(
+        &mut self,
+        _builder: Vec<Vec<u8>>,
+        _encoding: gen::graph::GraphEncoding,
+        _target: gen::graph::ExecutionTarget,
+    ) -> NnResult<Resource<Graph>> {
+        self.fail(
+            gen::errors::ErrorCode::Security,
+            "loading a model from bytes is not allowed in nnserve; use load-by-name with the bundle's model name (or \"default\")".into(),
+        )
+    }
+
+    fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
+        if self.ctx.names.contains(&name) {
+            let g = self.table.push(Graph {
+                runner: self.ctx.runner.clone(),
+            })?;
+            Ok(Ok(g))
+        } else {
+            let known = self.ctx.names.join("\", \"");
+            self.fail(
+                gen::errors::ErrorCode::NotFound,
+                format!("no graph named \"{name}\" is available to this plugin (try \"{known}\")"),
+            )
+        }
+    }
+}
+
+impl gen::graph::HostGraph for NnView<'_> {
+    fn init_execution_context(
+        &mut self,
+        graph: Resource<Graph>,
+    ) -> NnResult<Resource<ExecContext>> {
+        let runner = self.table.get(&graph)?.runner.clone();
+        Ok(Ok(self.table.push(ExecContext { runner })?))
+    }
+
+    fn drop(&mut self, graph: Resource<Graph>) -> wasmtime::Result<()> {
+        self.table.delete(graph)?;
+        Ok(())
+    }
+}
+
+impl gen::tensor::Host for NnView<'_> {}
+
+impl gen::tensor::HostTensor for NnView<'_> {
+    fn new(
+        &mut self,
+        dims: Vec<u32>,
+        ty: gen::tensor::TensorType,
+        data: Vec<u8>,
+    ) -> wasmtime::Result<Resource<HostTensor>> {
+        Ok(self.table.push(HostTensor { dims, ty, data })?)
+    }
+
+    fn dimensions(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<Vec<u32>> {
+        Ok(self.table.get(&t)?.dims.clone())
+    }
+
+    fn ty(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<gen::tensor::TensorType> {
+        Ok(self.table.get(&t)?.ty)
+    }
+
+    fn data(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<Vec<u8>> {
+        Ok(self.table.get(&t)?.data.clone())
+    }
+
+    fn drop(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<()> {
+        self.table.delete(t)?;
+        Ok(())
+    }
+}
+
+impl gen::inference::Host for NnView<'_> {}
+
+impl gen::inference::HostGraphExecutionContext for NnView<'_> {
+    async fn compute(
+        &mut self,
+        ctx: Resource<ExecContext>,
+        inputs: Vec<(String, Resource<HostTensor>)>,
+    ) -> NnResult<Vec<(String, Resource<HostTensor>)>> {
+        let runner = self.table.get(&ctx)?.runner.clone();
+        let mut named = Vec::with_capacity(inputs.len());
+        for (name, res) in inputs {
+            let t = self.table.delete(res)?;
+            let shape = t.dims.iter().map(|&d| d as i64).collect();
+            match Tensor::new(host_dtype(t.ty), shape, t.data) {
+                Ok(tensor) => named.push((name, tensor)),
+                Err(e) => {
+                    return self.fail(
+                        gen::errors::ErrorCode::InvalidArgument,
+                        format!("input '{name}': {e}"),
+                    )
+                }
+            }
+        }
+        let started = Instant::now();
+        let result = runner.infer(named).await;
+        self.ctx.host_time += started.elapsed();
+        match result {
+            Ok(outputs) => {
+                let mut out = Vec::with_capacity(outputs.len());
+                for (name, t) in outputs {
+                    out.push((name, self.table.push(to_wasi_tensor(t))?));
+                }
+                Ok(Ok(out))
+            }
+            Err(InferError::BadInput(m)) => self.fail(gen::errors::ErrorCode::InvalidArgument, m),
+            Err(InferError::Model(m)) => self.fail(gen::errors::ErrorCode::RuntimeError, m),
+        }
+    }
+
+    fn drop(&mut self, ctx: Resource<ExecContext>) -> wasmtime::Result<()> {
+        self.table.delete(ctx)?;
+        Ok(())
+    }
+}
+
+impl gen::errors::Host for NnView<'_> {}
+
+impl gen::errors::HostError for NnView<'_> {
+    fn code(&mut self, e: Resource<NnError>) -> wasmtime::Result<gen::errors::ErrorCode> {
+        Ok(self.table.get(&e)?.code)
+    }
+
+    fn data(&mut self, e: Resource<NnError>) -> wasmtime::Result<String> {
+        Ok(self.table.get(&e)?.data.clone())
+    }
+
+    fn drop(&mut self, e: Resource<NnError>) -> wasmtime::Result<()> {
+        self.table.delete(e)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Echo;
+    impl Model for Echo {
+        fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+            Ok(inputs.into_iter().map(|t| ("out".to_string(), t)).collect())
+        }
+        fn device(&self) -> String {
+            "cpu".into()
+        }
+    }
+
+    fn spec(name: &str, dtype: DType, shape: &[i64]) -> TensorSpec {
+        TensorSpec {
+            name: name.into(),
+            dtype,
+            shape: shape.to_vec(),
+        }
+    }
+
+    #[test]
+    fn arrange_orders_by_signature_and_names_problems() {
+        let r = Runner::new(
+            Arc::new(Echo),
+            vec![
+                spec("a", DType::Fp32, &[-1, 2]),
+                spec("b", DType::Int64, &[-1]),
+            ],
+        );
+        let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]);
+        let b = Tensor::new(DType::Int64, vec![1], vec![0; 8]).unwrap();
+        let got = r
+            .arrange(vec![("b".into(), b.clone()), ("a".into(), a.clone())])
+            .unwrap();
+        assert_eq!(got, vec![a.clone(), b.clone()]);
+
+        let err = r.arrange(vec![("a".into(), a.clone())]).unwrap_err();
+        assert_eq!(
+            err,
+            InferError::BadInput("missing input 'b'; the model's inputs are [\"a\", \"b\"]".into())
+        );
+        let err = r.arrange(vec![("c".into(), a.clone())]).unwrap_err();
+        assert!(err.to_string().contains("unknown input 'c'"));
+        let err = r
+            .arrange(vec![("a".into(), b.clone()), ("b".into(), b.clone())])
+            .unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("input 'a' has dtype int64 but the model expects fp32"));
+        let wide = Tensor::from_f32(vec![1, 3], &[1.0, 2.0, 3.0]);
+        let err = r
+            .arrange(vec![("a".into(), wide), ("b".into(), b)])
+            .unwrap_err();
+        assert!(err.to_string().contains("has shape [1, 3]"), "{err}");
+    }
+
+    #[test]
+    fn outputs_wasi_cannot_name_are_widened() {
+        let t = Tensor::new(
+            DType::Int16,
+            vec![2],
+            [(-7i16).to_le_bytes(), 9i16.to_le_bytes()].concat(),
+        )
+        .unwrap();
+        let w = to_wasi_tensor(t);
+        assert_eq!(w.ty, gen::tensor::TensorType::I32);
+        assert_eq!(w.data, [(-7i32).to_le_bytes(), 9i32.to_le_bytes()].concat());
+    }
+}

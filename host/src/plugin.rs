@@ -1,0 +1,433 @@
+//! Plugins: WebAssembly components run by wasmtime in a sandbox.
+//!
+//! One [`PluginRuntime`] per process owns the `Engine` (pooling allocator, epoch
+//! interruption) and the `Linker` that grants exactly the interfaces of
+//! ARCHITECTURE.md, interface by interface. A [`Plugin`] is one compiled component,
+//! checked and pre-instantiated at load; every request gets a fresh `Store` with the
+//! bundle's memory cap and two budgets:
+//!
+//! - the plugin's own CPU time (`limits.cpu_ms`), counted only while guest code runs:
+//!   the epoch ticks every millisecond and the deadline callback subtracts the time
+//!   spent in host calls such as `compute`;
+//! - the request's wall-clock deadline, over everything (queueing and forward too).
+//!
+//! This module must not reach into HTTP; `api` maps [`PluginError`] to statuses.
+
+use crate::bundle::{Bundle, PluginLimits};
+use crate::nn::{NnCtx, NnView, Runner};
+use crate::wit::{self, nnserve::plugin::host as host_api};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
+    StoreLimitsBuilder, UpdateDeadline,
+};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// One epoch tick.
+const TICK: Duration = Duration::from_millis(1);
+
+/// Interfaces a handler may import (by prefix of the import name).
+const GRANTED: &[&str] = &[
+    "wasi:io/",
+    "wasi:cli/",
+    "wasi:clocks/",
+    "wasi:random/",
+    "wasi:filesystem/",
+    "wasi:nn/",
+    "nnserve:plugin/host",
+    "nnserve:plugin/types",
+];
+
+/// Settings of the plugin sandbox (from the server config).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// Plugin instances that may run at once, over all plugins; more get a 503.
+    pub instance_slots: u32,
+    /// The largest memory cap a bundle may ask for, MiB.
+    pub max_memory_mib: u64,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            instance_slots: 256,
+            max_memory_mib: 512,
+        }
+    }
+}
+
+/// The process-wide Wasm engine and linker.
+pub struct PluginRuntime {
+    engine: Engine,
+    linker: Linker<PluginState>,
+    config: RuntimeConfig,
+}
+
+/// Why a plugin call failed, with the plugin's name for the message.
+#[derive(Debug)]
+pub enum PluginError {
+    /// The plugin answered with an error of its own.
+    Guest(wit::Error),
+    /// The plugin trapped (panic, out-of-bounds, memory cap, ...).
+    Trap { plugin: String, message: String },
+    /// The plugin's own CPU budget ran out.
+    CpuBudget { plugin: String, budget_ms: u64 },
+    /// The request's wall-clock deadline passed.
+    Deadline { plugin: String, deadline_ms: u64 },
+    /// Every pooled instance slot is busy.
+    Busy { plugin: String },
+}
+
+impl std::fmt::Display for PluginError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PluginError::Guest(e) => write!(f, "{}", e.message),
+            PluginError::Trap { plugin, message } => write!(f, "plugin {plugin} trapped: {message}"),
+            PluginError::CpuBudget { plugin, budget_ms } => write!(
+                f,
+                "plugin {plugin} ran out of its CPU budget of {budget_ms} ms (handler.limits.cpu_ms in bundle.toml)"
+            ),
+            PluginError::Deadline { plugin, deadline_ms } => write!(
+                f,
+                "request deadline of {deadline_ms} ms passed while plugin {plugin} was serving it (server --request-timeout-ms, or lower per request with the x-nnserve-timeout-ms header)"
+            ),
+            PluginError::Busy { plugin } => write!(
+                f,
+                "all plugin instance slots are busy (plugin {plugin}); retry shortly"
+            ),
+        }
+    }
+}
+
+/// What a store holds while one request runs.
+pub struct PluginState {
+    table: ResourceTable,
+    wasi: WasiCtx,
+    limits: StoreLimits,
+    nn: NnCtx,
+    host: Arc<HostInfo>,
+    started: Instant,
+    cpu_budget: Duration,
+    cpu_exhausted: bool,
+}
+
+/// What the `host` interface serves: config and assets of one bundle.
+struct HostInfo {
+    plugin: String,
+    config: BTreeMap<String, String>,
+    bundle_dir: PathBuf,
+}
+
+impl WasiView for PluginState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl wasmtime_wasi_io::IoView for PluginState {
+    fn table(&mut self) -> &mut ResourceTable {
+        &mut self.table
+    }
+}
+
+impl host_api::Host for PluginState {
+    fn log(&mut self, level: host_api::LogLevel, message: String) -> wasmtime::Result<()> {
+        let plugin = &self.host.plugin;
+        match level {
+            host_api::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
+            host_api::LogLevel::Debug => tracing::debug!(plugin, "{message}"),
+            host_api::LogLevel::Info => tracing::info!(plugin, "{message}"),
+            host_api::LogLevel::Warn => tracing::warn!(plugin, "{message}"),
+            host_api::LogLevel::Error => tracing::error!(plugin, "{message}"),
+        }
+        Ok(())
+    }
+
+    fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {
+        Ok(self.host.config.get(&key).cloned())
+    }
+
+    fn config_entries(&mut self) -> wasmtime::Result<Vec<(String, String)>> {
+        Ok(self
+            .host
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn read_asset(&mut self, path: String) -> wasmtime::Result<Result<Vec<u8>, String>> {
+        if !path.starts_with("assets/") {
+            return Ok(Err(format!(
+                "`{path}`: only files under assets/ can be read"
+            )));
+        }
+        let full = match crate::bundle::resolve_inside(&self.host.bundle_dir, &path) {
+            Ok(p) => p,
+            Err(e) => return Ok(Err(format!("`{path}`: {e}"))),
+        };
+        Ok(std::fs::read(&full).map_err(|e| format!("`{path}`: {e}")))
+    }
+}
+
+impl PluginRuntime {
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<PluginRuntime> {
+        let mut pool = PoolingAllocationConfig::default();
+        let slots = config.instance_slots.max(1);
+        pool.total_component_instances(slots)
+            .total_core_instances(slots * 8)
+            .total_memories(slots * 2)
+            .total_tables(slots * 4)
+            .total_stacks(slots)
+            .max_core_instances_per_component(16)
+            .max_memories_per_component(2)
+            .max_tables_per_component(8)
+            .max_memory_size((config.max_memory_mib as usize) << 20);
+        let mut c = Config::new();
+        c.wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&c)?;
+
+        // The epoch ticker: guest CPU budgets are counted in these ticks.
+        let weak = engine.weak();
+        std::thread::Builder::new()
+            .name("nnserve-epoch".into())
+            .spawn(move || loop {
+                std::thread::sleep(TICK);
+                match weak.upgrade() {
+                    Some(e) => e.increment_epoch(),
+                    None => return,
+                }
+            })?;
+
+        let mut linker = Linker::<PluginState>::new(&engine);
+        add_granted_wasi(&mut linker)?;
+        crate::nn::add_to_linker(&mut linker, |s: &mut PluginState| NnView {
+            table: &mut s.table,
+            ctx: &mut s.nn,
+        })?;
+        host_api::add_to_linker::<PluginState, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        Ok(PluginRuntime {
+            engine,
+            linker,
+            config,
+        })
+    }
+
+    /// Compiles and checks a bundle's handler plugin. Blocking (compilation takes
+    /// a while): call it off the async runtime.
+    pub fn load_handler(&self, bundle: &Bundle, runner: Arc<Runner>) -> anyhow::Result<Plugin> {
+        let spec = bundle
+            .manifest
+            .handler
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the bundle has no [handler]"))?;
+        let name = format!("{}@{} ({})", bundle.name(), bundle.version(), spec.path);
+        if spec.limits.memory_mib > self.config.max_memory_mib {
+            anyhow::bail!(
+                "handler.limits.memory_mib = {} is above the server's maximum of {} MiB",
+                spec.limits.memory_mib,
+                self.config.max_memory_mib
+            );
+        }
+        let path = bundle.file(&spec.path);
+        let component = Component::from_file(&self.engine, &path).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin {} is not a valid WebAssembly component: {e:#} (build it with `cargo build --target wasm32-wasip2`)",
+                spec.path
+            )
+        })?;
+        check_imports(&self.engine, &component)
+            .map_err(|e| anyhow::anyhow!("plugin {} is refused: {e}", spec.path))?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("plugin {} cannot be linked: {e:#}", spec.path))?;
+        let pre = wit::HandlerPre::new(pre).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin {} does not export the nnserve:plugin/handler world: {e:#}",
+                spec.path
+            )
+        })?;
+        Ok(Plugin {
+            name: name.clone(),
+            pre,
+            limits: spec.limits,
+            host: Arc::new(HostInfo {
+                plugin: name,
+                config: spec.config.clone(),
+                bundle_dir: bundle.dir.clone(),
+            }),
+            model_name: bundle.name().to_string(),
+            runner,
+        })
+    }
+}
+
+/// Refuses a component that imports anything not granted, naming every such import.
+fn check_imports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
+    let refused: Vec<String> = component
+        .component_type()
+        .imports(engine)
+        .map(|(name, _)| name.to_string())
+        .filter(|name| !GRANTED.iter().any(|g| name.starts_with(g)))
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!(
+            "it imports {}, which nnserve does not grant (plugins may import wasi:nn, nnserve:plugin/host, and wasi:io, wasi:cli, wasi:clocks, wasi:random, wasi:filesystem without directories)",
+            refused.join(", ")
+        )
+    }
+}
+
+/// Links the WASI that a Rust std guest needs, and nothing more: no sockets, no HTTP.
+/// Files: the interfaces exist but there is no preopened directory.
+fn add_granted_wasi(l: &mut Linker<PluginState>) -> anyhow::Result<()> {
+    use wasmtime_wasi::cli::{WasiCli, WasiCliView};
+    use wasmtime_wasi::clocks::{WasiClocks, WasiClocksView};
+    use wasmtime_wasi::filesystem::{WasiFilesystem, WasiFilesystemView};
+    use wasmtime_wasi::p2::bindings::{cli, clocks, filesystem, random};
+    use wasmtime_wasi::random::WasiRandom;
+    type S = PluginState;
+    wasmtime_wasi_io::add_to_linker_async(l)?;
+    clocks::wall_clock::add_to_linker::<S, WasiClocks>(l, S::clocks)?;
+    clocks::monotonic_clock::add_to_linker::<S, WasiClocks>(l, S::clocks)?;
+    random::random::add_to_linker::<S, WasiRandom>(l, |s| s.wasi.random())?;
+    random::insecure::add_to_linker::<S, WasiRandom>(l, |s| s.wasi.random())?;
+    random::insecure_seed::add_to_linker::<S, WasiRandom>(l, |s| s.wasi.random())?;
+    cli::exit::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::environment::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::stdin::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::stdout::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::stderr::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::terminal_input::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::terminal_output::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::terminal_stdin::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::terminal_stdout::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    cli::terminal_stderr::add_to_linker::<S, WasiCli>(l, S::cli)?;
+    filesystem::preopens::add_to_linker::<S, WasiFilesystem>(l, S::filesystem)?;
+    filesystem::types::add_to_linker::<S, WasiFilesystem>(l, S::filesystem)?;
+    Ok(())
+}
+
+/// A compiled, checked handler plugin of one bundle version.
+pub struct Plugin {
+    name: String,
+    pre: wit::HandlerPre<PluginState>,
+    limits: PluginLimits,
+    host: Arc<HostInfo>,
+    model_name: String,
+    runner: Arc<Runner>,
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Serves one request in a fresh instance, within the plugin's CPU budget and the
+    /// request's `deadline`.
+    pub async fn handle(
+        &self,
+        request: wit::Request,
+        deadline: Duration,
+    ) -> Result<wit::Response, PluginError> {
+        let started = Instant::now();
+        match tokio::time::timeout(deadline, self.run(request)).await {
+            Ok(result) => result,
+            Err(_) => Err(PluginError::Deadline {
+                plugin: self.name.clone(),
+                deadline_ms: deadline.as_millis() as u64,
+            }),
+        }
+        .inspect_err(|e| tracing::debug!(plugin = %self.name, elapsed = ?started.elapsed(), "plugin call failed: {e}"))
+    }
+
+    async fn run(&self, request: wit::Request) -> Result<wit::Response, PluginError> {
+        let engine = self.pre.engine();
+        let cpu_budget = Duration::from_millis(self.limits.cpu_ms);
+        let state = PluginState {
+            table: ResourceTable::new(),
+            // No preopens, no environment, no arguments; stdio goes nowhere.
+            wasi: WasiCtx::builder().build(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size((self.limits.memory_mib as usize) << 20)
+                .trap_on_grow_failure(true)
+                .instances(32)
+                .build(),
+            nn: NnCtx::new(&self.model_name, self.runner.clone()),
+            host: self.host.clone(),
+            started: Instant::now(),
+            cpu_budget,
+            cpu_exhausted: false,
+        };
+        let mut store = Store::new(engine, state);
+        store.limiter(|s| &mut s.limits);
+        store.set_epoch_deadline(ticks(cpu_budget));
+        store.epoch_deadline_callback(|mut ctx| {
+            let s = ctx.data_mut();
+            let guest = s.started.elapsed().saturating_sub(s.nn.host_time);
+            if guest >= s.cpu_budget {
+                s.cpu_exhausted = true;
+                return Ok(UpdateDeadline::Interrupt);
+            }
+            // Yield to tokio at each re-check so a long guest cannot hog a worker and the
+            // wall-clock deadline can fire.
+            Ok(UpdateDeadline::Yield(ticks(s.cpu_budget - guest)))
+        });
+
+        let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
+            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                .is_some()
+            {
+                PluginError::Busy {
+                    plugin: self.name.clone(),
+                }
+            } else {
+                self.trap(&store, e)
+            }
+        })?;
+        match instance.call_handle(&mut store, &request).await {
+            Ok(Ok(response)) => Ok(response),
+            Ok(Err(guest_error)) => Err(PluginError::Guest(guest_error)),
+            Err(e) => Err(self.trap(&store, e)),
+        }
+    }
+
+    fn trap(&self, store: &Store<PluginState>, e: wasmtime::Error) -> PluginError {
+        if store.data().cpu_exhausted {
+            return PluginError::CpuBudget {
+                plugin: self.name.clone(),
+                budget_ms: self.limits.cpu_ms,
+            };
+        }
+        let mut message = format!("{e}");
+        if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
+            message = format!("{trap}");
+        }
+        if format!("{e:?}").contains("forcing trap when growing memory") {
+            message = format!(
+                "it needed more than its memory cap of {} MiB (handler.limits.memory_mib in bundle.toml)",
+                self.limits.memory_mib
+            );
+        }
+        PluginError::Trap {
+            plugin: self.name.clone(),
+            message,
+        }
+    }
+}
+
+fn ticks(d: Duration) -> u64 {
+    (d.as_micros() / TICK.as_micros()).max(1) as u64
+}

@@ -1,0 +1,106 @@
+//! Where bundles live: a local directory `<repo>/<model>/<version>/bundle.toml`.
+//!
+//! This module lists what the repository holds; it does not load anything. Entries
+//! whose directory names are not a model name and a positive version are reported,
+//! not skipped silently.
+
+use std::path::{Path, PathBuf};
+
+/// A version directory found in the repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub model: String,
+    pub version: u64,
+    pub dir: PathBuf,
+}
+
+/// Something in the repository that is not a loadable version directory.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub path: PathBuf,
+    pub reason: String,
+}
+
+/// Lists every `<model>/<version>/` under `root`, sorted by model then version.
+pub fn scan(root: &Path) -> anyhow::Result<(Vec<Entry>, Vec<Problem>)> {
+    let mut entries = Vec::new();
+    let mut problems = Vec::new();
+    let models = std::fs::read_dir(root).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the repository {}: {e} (create it, or pass --repository DIR)",
+            root.display()
+        )
+    })?;
+    for model in models {
+        let model = model?;
+        if !model.file_type()?.is_dir() || model.file_name().to_string_lossy().starts_with('.') {
+            continue;
+        }
+        let name = model.file_name().to_string_lossy().into_owned();
+        if !crate::bundle::valid_name(&name) {
+            problems.push(Problem {
+                path: model.path(),
+                reason: format!("{name:?} is not a valid model name ([a-z0-9][a-z0-9._-]*)"),
+            });
+            continue;
+        }
+        for version in std::fs::read_dir(model.path())? {
+            let version = version?;
+            let vname = version.file_name().to_string_lossy().into_owned();
+            if !version.file_type()?.is_dir() || vname.starts_with('.') {
+                continue;
+            }
+            match vname.parse::<u64>() {
+                Ok(v) if v > 0 && !vname.starts_with('0') => entries.push(Entry {
+                    model: name.clone(),
+                    version: v,
+                    dir: version.path(),
+                }),
+                _ => problems.push(Problem {
+                    path: version.path(),
+                    reason: format!("{vname:?} is not a version number (a positive integer)"),
+                }),
+            }
+        }
+    }
+    entries.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
+    Ok((entries, problems))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scans_models_and_versions_and_reports_strays() {
+        let dir = tempfile::tempdir().unwrap();
+        for p in [
+            "mlp/1",
+            "mlp/2",
+            "digits/1",
+            "mlp/latest",
+            "Bad/1",
+            ".hidden/1",
+        ] {
+            std::fs::create_dir_all(dir.path().join(p)).unwrap();
+        }
+        let (entries, problems) = scan(dir.path()).unwrap();
+        let got: Vec<(String, u64)> = entries
+            .iter()
+            .map(|e| (e.model.clone(), e.version))
+            .collect();
+        assert_eq!(
+            got,
+            vec![("digits".into(), 1), ("mlp".into(), 1), ("mlp".into(), 2)]
+        );
+        assert_eq!(problems.len(), 2, "{problems:?}");
+    }
+
+    #[test]
+    fn a_missing_repository_says_what_to_do() {
+        let err = scan(Path::new("/nonexistent/repo"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--repository"), "{err}");
+    }
+}

@@ -1,0 +1,45 @@
+//! Start-up: thread pools, the plugin runtime, the repository load, then the listener.
+
+use crate::api::{self, AppState};
+use crate::config::ServerConfig;
+use crate::lifecycle::{self, Registry};
+use crate::plugin::{PluginRuntime, RuntimeConfig};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Loads the repository and serves until ctrl-c or SIGTERM.
+pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    let started = Instant::now();
+    crate::backend::init_threads(config.intra_op_threads(), config.torch_inter_op_threads);
+    let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {
+        instance_slots: config.plugin_instance_slots,
+        max_memory_mib: config.plugin_max_memory_mib,
+    })?);
+    let registry = Arc::new(Registry::default());
+    tracing::info!(repository = %config.repository.display(), "loading the repository");
+    let report = lifecycle::load_repository(&config.repository, runtime, &registry).await?;
+    tracing::info!(
+        loaded = report.loaded.len(),
+        failed = report.failed.len(),
+        "repository loaded: {}",
+        report.loaded.join(", ")
+    );
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot listen on {}: {e} (pick another with --listen)",
+                config.listen
+            )
+        })?;
+    let addr = listener.local_addr()?;
+    let state = AppState {
+        registry,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+    };
+    let app = api::router(state, config.max_request_bytes);
+    tracing::info!(took = ?started.elapsed(), "ready");
+    // Tests and scripts wait for this line on stdout; keep its shape.
+    println!("nnserve listening on http://{addr}");
+    api::serve(listener, app).await
+}

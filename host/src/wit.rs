@@ -1,0 +1,24 @@
+//! Host bindings generated from `wit/` (world `nnserve:plugin/handler`, which imports the
+//! standard `wasi:nn@0.2.0-rc-2024-10-28`). The rest of the crate talks to these types
+//! only through `nn` (wasi-nn resources) and `plugin` (the handler export and `host`).
+
+wasmtime::component::bindgen!({
+    world: "nnserve:plugin/handler",
+    path: "../wit",
+    imports: {
+        // Compute awaits the model's execution path; everything else is quick.
+        "wasi:nn/inference.[method]graph-execution-context.compute": async | trappable,
+        default: trappable,
+    },
+    exports: { default: async },
+    with: {
+        "wasi:nn/graph.graph": crate::nn::Graph,
+        "wasi:nn/tensor.tensor": crate::nn::HostTensor,
+        "wasi:nn/inference.graph-execution-context": crate::nn::ExecContext,
+        "wasi:nn/errors.error": crate::nn::NnError,
+    },
+});
+
+// The world's `use types.{request, response, error}` puts those types at this module's
+// root; the error code enum is re-exported beside them.
+pub use nnserve::plugin::types::ErrorCode;
