@@ -29,6 +29,9 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 /// One epoch tick.
 const TICK: Duration = Duration::from_millis(1);
+/// A running guest yields to tokio at least this often (in ticks), so that the
+/// request's wall-clock deadline can fire and other tasks on the worker get a turn.
+const YIELD_TICKS: u64 = 5;
 
 /// Interfaces a handler may import (by prefix of the import name).
 const GRANTED: &[&str] = &[
@@ -373,7 +376,7 @@ impl Plugin {
         };
         let mut store = Store::new(engine, state);
         store.limiter(|s| &mut s.limits);
-        store.set_epoch_deadline(ticks(cpu_budget));
+        store.set_epoch_deadline(ticks(cpu_budget).min(YIELD_TICKS));
         store.epoch_deadline_callback(|mut ctx| {
             let s = ctx.data_mut();
             let guest = s.started.elapsed().saturating_sub(s.nn.host_time);
@@ -381,9 +384,11 @@ impl Plugin {
                 s.cpu_exhausted = true;
                 return Ok(UpdateDeadline::Interrupt);
             }
-            // Yield to tokio at each re-check so a long guest cannot hog a worker and the
-            // wall-clock deadline can fire.
-            Ok(UpdateDeadline::Yield(ticks(s.cpu_budget - guest)))
+            // Yield to tokio at each check so a long guest cannot hog a worker and the
+            // wall-clock deadline can fire; the budget is re-checked a few ticks later.
+            Ok(UpdateDeadline::Yield(
+                ticks(s.cpu_budget - guest).min(YIELD_TICKS),
+            ))
         });
 
         let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {

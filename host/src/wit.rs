@@ -21,4 +21,4 @@ wasmtime::component::bindgen!({
 
 // The world's `use types.{request, response, error}` puts those types at this module's
 // root; the error code enum is re-exported beside them.
-pub use nnserve::plugin::types::ErrorCode;
+pub use self::nnserve::plugin::types::ErrorCode;

@@ -1,0 +1,119 @@
+"""Bad input of every kind gets a clear error with the right status, and the server
+keeps serving: each case is followed by a request that succeeds."""
+import pytest
+
+GOOD_PREDICT = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
+
+
+def still_serving(server, http):
+    r = http.post(f"{server.url}/v1/models/mlp:predict", json=GOOD_PREDICT)
+    assert r.status_code == 200, r.text
+    r = http.post(f"{server.url}/v1/models/echo:infer", data=b"ping")
+    assert r.status_code == 200 and r.content == b"ping"
+
+
+def check(r, status, *fragments):
+    assert r.status_code == status, (r.status_code, r.text)
+    msg = r.json()["error"]
+    for f in fragments:
+        assert f in msg, f"{f!r} not in {msg!r}"
+    return msg
+
+
+def v2_body(name="input", shape=(1, 4), datatype="FP32", data=(1, 2, 3, 4)):
+    return {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": list(data)}]}
+
+
+CASES = {
+    "unknown model (v1)": ("post", "/v1/models/nope:predict", GOOD_PREDICT, 404, ["model 'nope' is not found"]),
+    "unknown model (v2)": ("post", "/v2/models/nope/infer", v2_body(), 404, ["model 'nope' is not found"]),
+    "unknown model status": ("get", "/v1/models/nope", None, 404, ["'nope'"]),
+    "unknown version (v1)": ("post", "/v1/models/mlp/versions/7:predict", GOOD_PREDICT, 404, ["version 7 of model 'mlp'"]),
+    "unknown version (v2)": ("post", "/v2/models/mlp/versions/7/infer", v2_body(), 404, ["version 7"]),
+    "malformed JSON (v1)": ("post", "/v1/models/mlp:predict", b"{not json", 400, ["malformed JSON"]),
+    "malformed JSON (v2)": ("post", "/v2/models/mlp/infer", b"{not json", 400, ["malformed inference request"]),
+    "neither instances nor inputs": ("post", "/v1/models/mlp:predict", {"rows": []}, 400, ["\"instances\"", "\"inputs\""]),
+    "wrong input name (v1)": ("post", "/v1/models/mlp:predict", {"inputs": {"x": [[1, 2, 3, 4]]}}, 400, ["unknown input 'x'", "input"]),
+    "wrong input name (v2)": ("post", "/v2/models/mlp/infer", v2_body(name="x"), 400, ["unknown input 'x'"]),
+    "wrong shape (v1)": ("post", "/v1/models/mlp:predict", {"instances": [[1, 2, 3]]}, 400, ["input 'input' has shape [1, 3]", "[-1, 4]"]),
+    "wrong shape (v2)": ("post", "/v2/models/mlp/infer", v2_body(shape=(2, 2)), 400, ["input 'input' has shape [2, 2]"]),
+    "data does not fit shape (v2)": ("post", "/v2/models/mlp/infer", v2_body(shape=(2, 4)), 400, ["has 4 values but its shape [2, 4] needs 8"]),
+    "ragged rows": ("post", "/v1/models/mlp:predict", {"instances": [[1, 2, 3, 4], [1, 2]]}, 400, ["ragged"]),
+    "wrong dtype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="INT64"), 400, ["dtype int64", "expects fp32"]),
+    "unsupported datatype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="BYTES"), 400, ["BYTES"]),
+    "non-numbers": ("post", "/v1/models/mlp:predict", {"instances": [["a", 2, 3, 4]]}, 400, ["\"a\""]),
+    "not an image": ("post", "/v1/models/digits:infer", b"this is text", 400, ["not a PNG or JPEG"]),
+    "truncated image": ("post", "/v1/models/digits:infer", b"\x89PNG\r\n\x1a\n\x00\x00", 400, ["image"]),
+    "empty body to the plugin": ("post", "/v1/models/digits:infer", b"", 400, ["empty body"]),
+    ":infer without a plugin": ("post", "/v1/models/mlp:infer", b"x", 400, ["no handler plugin"]),
+    "unknown verb": ("post", "/v1/models/mlp:classify", GOOD_PREDICT, 404, [":classify"]),
+    "unknown route": ("get", "/v3/whatever", None, 404, ["no route"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_refused_clearly_and_the_server_keeps_serving(server, http, case):
+    method, path, body, status, fragments = CASES[case]
+    kwargs = {}
+    if isinstance(body, bytes):
+        kwargs["data"] = body
+    elif body is not None:
+        kwargs["json"] = body
+    r = getattr(http, method)(server.url + path, **kwargs)
+    check(r, status, *fragments)
+    still_serving(server, http)
+
+
+def test_binary_tensor_framing_errors(server, http):
+    r = http.post(f"{server.url}/v2/models/mlp/infer", data=b'{"inputs":[]}',
+                  headers={"Inference-Header-Content-Length": "999"})
+    check(r, 400, "Inference-Header-Content-Length is 999")
+    head = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","parameters":{"binary_data_size":16}}]}'
+    r = http.post(f"{server.url}/v2/models/mlp/infer", data=head + b"\0" * 8,
+                  headers={"Inference-Header-Content-Length": str(len(head))})
+    check(r, 400, "binary_data_size 16 but only 8 bytes")
+    still_serving(server, http)
+
+
+def test_a_plugin_that_traps_gives_500_naming_it(server, http):
+    r = http.post(f"{server.url}/v1/models/trap:infer", data=b"x")
+    check(r, 500, "plugin trap@1 (plugins/handler.wasm) trapped")
+    still_serving(server, http)
+
+
+def test_a_plugin_that_loops_runs_out_of_its_cpu_budget(server, http):
+    r = http.post(f"{server.url}/v1/models/spin:infer", data=b"x")
+    check(r, 504, "plugin spin@1", "CPU budget of 50 ms")
+    still_serving(server, http)
+
+
+def test_the_request_deadline_gives_504_naming_the_budget(server, http):
+    r = http.post(f"{server.url}/v1/models/slow:infer", data=b"x", headers={"x-nnserve-timeout-ms": "300"})
+    check(r, 504, "request deadline of 300 ms", "plugin slow@1")
+    still_serving(server, http)
+
+
+def test_a_plugin_over_its_memory_cap_is_stopped(server, http):
+    r = http.post(f"{server.url}/v1/models/hog:infer", data=b"x")
+    check(r, 500, "plugin hog@1", "memory cap of 16 MiB")
+    still_serving(server, http)
+
+
+def test_a_plugin_importing_sockets_is_refused_at_load_naming_the_import(server, http):
+    r = http.get(f"{server.url}/v1/models/forbidden")
+    (status,) = r.json()["model_version_status"]
+    assert status["state"] == "END"
+    assert "wasi:sockets/" in status["status"]["error_message"], status
+    assert "does not grant" in status["status"]["error_message"]
+    r = http.post(f"{server.url}/v1/models/forbidden:infer", data=b"x")
+    check(r, 503, "not available", "wasi:sockets/")
+    assert "wasi:sockets" in server.log()
+    still_serving(server, http)
+
+
+def test_an_invalid_bundle_is_reported_with_its_path_and_reason(server, http):
+    r = http.get(f"{server.url}/v1/models/broken")
+    (status,) = r.json()["model_version_status"]
+    assert status["state"] == "END" and "flavour" in status["status"]["error_message"]
+    assert "broken/1" in server.log()
+    still_serving(server, http)
