@@ -245,7 +245,10 @@ pub async fn load_repository(
 }
 
 /// Opens, checks, loads and warms up one version. Blocking.
-fn load_version(entry: &repository::Entry, runtime: &PluginRuntime) -> anyhow::Result<Servable> {
+pub fn load_version(
+    entry: &repository::Entry,
+    runtime: &PluginRuntime,
+) -> anyhow::Result<Servable> {
     let bundle = Bundle::open(&entry.dir)?;
     if bundle.name() != entry.model || bundle.version() != entry.version {
         anyhow::bail!(

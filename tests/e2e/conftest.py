@@ -48,6 +48,30 @@ limits = {{ {limits} }}
 """)
 
 
+def multi_io_bundles(repo):
+    """Two models with inputs `a` (fp32 [-1, 2]) and `b` (int64 [-1]): one returns a dict,
+    one a tuple."""
+    paths = []
+    for name, outputs in (("dicty", ""), ("tuply", '{ name = "plus", dtype = "fp32", shape = [-1, 2] }, { name = "twice", dtype = "int64", shape = [-1] }')):
+        d = os.path.join(repo, name, "1")
+        os.makedirs(os.path.join(d, "model"))
+        paths.append(os.path.join(d, "model", "model.pt"))
+        with open(os.path.join(d, "bundle.toml"), "w") as f:
+            f.write(f"""
+[bundle]
+name = "{name}"
+version = 1
+
+[model]
+backend = "torchscript"
+path = "model/model.pt"
+device = "cpu"
+inputs = [{{ name = "a", dtype = "fp32", shape = [-1, 2] }}, {{ name = "b", dtype = "int64", shape = [-1] }}]
+outputs = [{outputs}]
+""")
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_multi_io.py"), *paths], check=True)
+
+
 class Server:
     def __init__(self, proc, url, log_path):
         self.proc, self.url, self.log_path = proc, url, log_path
@@ -103,6 +127,7 @@ def server(tmp_path_factory):
     plugin_bundle(repo, "slow", "misbehave.wasm", 'mode = "loop"', "memory_mib = 64, cpu_ms = 60000")
     plugin_bundle(repo, "hog", "misbehave.wasm", 'mode = "alloc"', "memory_mib = 16, cpu_ms = 5000")
     plugin_bundle(repo, "forbidden", "forbidden_import.wasm")
+    multi_io_bundles(repo)
     # A bundle whose manifest is wrong must not stop the others.
     os.makedirs(os.path.join(repo, "broken", "1"))
     with open(os.path.join(repo, "broken", "1", "bundle.toml"), "w") as f:

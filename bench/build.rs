@@ -1,0 +1,2 @@
+// The same rpath fix as the server's (see host/build.rs).
+include!("../host/build.rs");

@@ -1,0 +1,253 @@
+//! nnserve's benchmark harness: measures and prints, asserts nothing.
+//!
+//! ```text
+//! nnserve-bench inproc REPOSITORY          costs inside the process: the forward, the
+//!                                          execution path around it, the plugin call
+//! nnserve-bench http URL PATH BODYFILE N   a keep-alive loop of N POSTs on one connection
+//! ```
+//! `bench/run.sh` builds what it needs and runs both on the example repository.
+
+use nnserve::lifecycle::{load_version, Servable};
+use nnserve::plugin::{PluginRuntime, RuntimeConfig};
+use nnserve::repository::Entry;
+use nnserve::tensor::Tensor;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    match args.get(1).map(String::as_str) {
+        Some("inproc") => inproc(Path::new(
+            args.get(2)
+                .map(String::as_str)
+                .unwrap_or("examples/repository"),
+        )),
+        Some("http") if args.len() == 6 => http(
+            &args[2],
+            &args[3],
+            &std::fs::read(&args[4])?,
+            args[5].parse()?,
+        ),
+        _ => {
+            eprintln!("usage: nnserve-bench inproc REPOSITORY | http URL PATH BODYFILE N");
+            std::process::exit(2)
+        }
+    }
+}
+
+/// Percentiles of a sample, in microseconds.
+fn summary(name: &str, mut d: Vec<Duration>) {
+    d.sort();
+    let us = |q: f64| d[((d.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    println!(
+        "{name:<58} p50 {:>9.1} us   p90 {:>9.1} us   p99 {:>9.1} us   (n={})",
+        us(0.5),
+        us(0.9),
+        us(0.99),
+        d.len()
+    );
+}
+
+fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
+    for _ in 0..n / 10 {
+        f();
+    }
+    (0..n)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed()
+        })
+        .collect()
+}
+
+fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Servable> {
+    let entry = Entry {
+        model: model.into(),
+        version: 1,
+        dir: repo.join(model).join("1"),
+    };
+    load_version(&entry, rt)
+}
+
+fn inproc(repo: &Path) -> anyhow::Result<()> {
+    nnserve::backend::init_threads(1, 1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let rt = PluginRuntime::new(RuntimeConfig::default())?;
+    let mlp = load(repo, "mlp", &rt)?;
+    let digits = load(repo, "digits", &rt)?;
+    let row = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
+    let n = 20_000;
+
+    println!("== in-process costs (libtorch intra-op threads: 1)");
+    let runner = mlp.runner.clone();
+    summary(
+        "mlp: Runner::forward, batch 1 (inline on the caller)",
+        runtime.block_on(async {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                let t = Instant::now();
+                runner.forward(vec![row.clone()]).await.unwrap();
+                v.push(t.elapsed());
+            }
+            v
+        }),
+    );
+    let bundle = nnserve::bundle::Bundle::open(&repo.join("mlp").join("1"))?;
+    let model = nnserve::backend::load(&bundle)?;
+    summary(
+        "mlp: raw libtorch forward, batch 1 (the limit)",
+        time(n, || {
+            model.forward(vec![row.clone()]).unwrap();
+        }),
+    );
+    // For comparison, two hand-offs the execution path does not use for tiny models.
+    let m2 = model.clone();
+    let x2 = row.clone();
+    summary(
+        "mlp: same forward via spawn_blocking per call (not used)",
+        runtime.block_on(async move {
+            let mut v = Vec::with_capacity(n / 4);
+            for _ in 0..n / 4 {
+                let (m, x) = (m2.clone(), x2.clone());
+                let t = Instant::now();
+                tokio::task::spawn_blocking(move || m.forward(vec![x]).unwrap())
+                    .await
+                    .unwrap();
+                v.push(t.elapsed());
+            }
+            v
+        }),
+    );
+    let m3 = model.clone();
+    let x3 = row.clone();
+    summary(
+        "mlp: same forward inside block_in_place (for slow models)",
+        runtime.block_on(async move {
+            tokio::spawn(async move {
+                let mut v = Vec::with_capacity(n / 4);
+                for _ in 0..n / 4 {
+                    let t = Instant::now();
+                    tokio::task::block_in_place(|| m3.forward(vec![x3.clone()]).unwrap());
+                    v.push(t.elapsed());
+                }
+                v
+            })
+            .await
+            .unwrap()
+        }),
+    );
+
+    let png = std::fs::read(PathBuf::from("/tmp/nnserve-bench-digit.png")).ok();
+    if let (Some(plugin), Some(png)) = (digits.handler.as_ref(), png) {
+        let req = || nnserve::wit::Request {
+            method: "POST".into(),
+            path: "/v1/models/digits:infer".into(),
+            headers: vec![],
+            content_type: Some("image/png".into()),
+            body: png.clone(),
+        };
+        summary(
+            "digits: plugin call (instantiate + decode + forward + top-k)",
+            runtime.block_on(async {
+                let mut v = Vec::with_capacity(2000);
+                for _ in 0..2000 {
+                    let t = Instant::now();
+                    plugin.handle(req(), Duration::from_secs(5)).await.unwrap();
+                    v.push(t.elapsed());
+                }
+                v
+            }),
+        );
+        let input = Tensor::from_f32(vec![1, 1, 8, 8], &[0.0; 64]);
+        let dr = digits.runner.clone();
+        summary(
+            "digits: Runner::forward alone, batch 1",
+            runtime.block_on(async {
+                let mut v = Vec::with_capacity(5000);
+                for _ in 0..5000 {
+                    let t = Instant::now();
+                    dr.forward(vec![input.clone()]).await.unwrap();
+                    v.push(t.elapsed());
+                }
+                v
+            }),
+        );
+        let bad = nnserve::wit::Request {
+            body: b"not an image".to_vec(),
+            ..req()
+        };
+        summary(
+            "digits: plugin call that returns early (instantiate + handle)",
+            runtime.block_on(async {
+                let mut v = Vec::with_capacity(5000);
+                for _ in 0..5000 {
+                    let t = Instant::now();
+                    let _ = plugin.handle(bad.clone(), Duration::from_secs(5)).await;
+                    v.push(t.elapsed());
+                }
+                v
+            }),
+        );
+    } else {
+        println!("(write a PNG to /tmp/nnserve-bench-digit.png to time the digits plugin)");
+    }
+    Ok(())
+}
+
+/// A bare keep-alive HTTP/1.1 loop on one connection: the client costs next to nothing.
+fn http(url: &str, path: &str, body: &[u8], n: usize) -> anyhow::Result<()> {
+    let addr = url.trim_start_matches("http://").trim_end_matches('/');
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_nodelay(true)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request = format!(
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    let mut one = || -> anyhow::Result<()> {
+        stream.write_all(&request)?;
+        let mut status = String::new();
+        reader.read_line(&mut status)?;
+        anyhow::ensure!(status.contains(" 200 "), "status line: {status}");
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            reader.read_line(&mut line)?;
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse()?;
+            }
+        }
+        let mut buf = vec![0u8; len];
+        reader.read_exact(&mut buf)?;
+        Ok(())
+    };
+    for _ in 0..n / 10 {
+        one()?;
+    }
+    let mut d = Vec::with_capacity(n);
+    let started = Instant::now();
+    for _ in 0..n {
+        let t = Instant::now();
+        one()?;
+        d.push(t.elapsed());
+    }
+    let total = started.elapsed();
+    summary(&format!("http POST {path}"), d);
+    println!(
+        "{:<58} {:.0} req/s on one connection",
+        "",
+        n as f64 / total.as_secs_f64()
+    );
+    Ok(())
+}
