@@ -19,11 +19,14 @@ use std::time::{Duration, Instant};
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
-        Some("inproc") => inproc(Path::new(
-            args.get(2)
-                .map(String::as_str)
-                .unwrap_or("examples/repository"),
-        )),
+        Some("inproc") => inproc(
+            Path::new(
+                args.get(2)
+                    .map(String::as_str)
+                    .unwrap_or("examples/repository"),
+            ),
+            args.get(3).map(String::as_str) == Some("plugin"),
+        ),
         Some("http") if args.len() == 6 => http(
             &args[2],
             &args[3],
@@ -72,7 +75,7 @@ fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Servable
     load_version(&entry, rt)
 }
 
-fn inproc(repo: &Path) -> anyhow::Result<()> {
+fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
     nnserve::backend::init_threads(1, 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -85,6 +88,19 @@ fn inproc(repo: &Path) -> anyhow::Result<()> {
     let n = 20_000;
 
     println!("== in-process costs (libtorch intra-op threads: 1)");
+    if !plugin_only {
+        mlp_costs(&runtime, &mlp, repo, &row, n)?;
+    }
+    plugin_costs(&runtime, &digits)
+}
+
+fn mlp_costs(
+    runtime: &tokio::runtime::Runtime,
+    mlp: &Servable,
+    repo: &Path,
+    row: &Tensor,
+    n: usize,
+) -> anyhow::Result<()> {
     let runner = mlp.runner.clone();
     summary(
         "mlp: Runner::forward, batch 1 (inline on the caller)",
@@ -143,6 +159,10 @@ fn inproc(repo: &Path) -> anyhow::Result<()> {
         }),
     );
 
+    Ok(())
+}
+
+fn plugin_costs(runtime: &tokio::runtime::Runtime, digits: &Servable) -> anyhow::Result<()> {
     let png = std::fs::read(PathBuf::from("/tmp/nnserve-bench-digit.png")).ok();
     if let (Some(plugin), Some(png)) = (digits.handler.as_ref(), png) {
         let req = || nnserve::wit::Request {

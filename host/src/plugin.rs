@@ -17,7 +17,7 @@ use crate::bundle::{Bundle, PluginLimits};
 use crate::nn::{NnCtx, NnView, Runner};
 use crate::wit::{self, nnserve::plugin::host as host_api};
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -32,6 +32,9 @@ const TICK: Duration = Duration::from_millis(1);
 /// A running guest yields to tokio at least this often (in ticks), so that the
 /// request's wall-clock deadline can fire and other tasks on the worker get a turn.
 const YIELD_TICKS: u64 = 5;
+
+/// Bytes of each plugin memory kept resident between requests (see `PluginRuntime::new`).
+const KEEP_RESIDENT: usize = 4 << 20;
 
 /// Interfaces a handler may import (by prefix of the import name).
 const GRANTED: &[&str] = &[
@@ -118,11 +121,52 @@ pub struct PluginState {
     cpu_exhausted: bool,
 }
 
-/// What the `host` interface serves: config and assets of one bundle.
+/// What the `host` interface serves: config and assets of one bundle. Assets are read
+/// once at load, so requests never touch the file system.
 struct HostInfo {
     plugin: String,
     config: BTreeMap<String, String>,
-    bundle_dir: PathBuf,
+    assets: BTreeMap<String, Vec<u8>>,
+}
+
+/// The most asset bytes a bundle may hold (they are kept in memory).
+const MAX_ASSET_BYTES: u64 = 256 << 20;
+
+/// Reads every file under `<bundle>/assets/`, keyed by its path from the bundle root.
+fn read_assets(bundle_dir: &Path) -> anyhow::Result<BTreeMap<String, Vec<u8>>> {
+    let mut out = BTreeMap::new();
+    let root = bundle_dir.join("assets");
+    if !root.is_dir() {
+        return Ok(out);
+    }
+    let mut total = 0u64;
+    let mut stack = vec![root];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(bundle_dir)?
+                .to_string_lossy()
+                .into_owned();
+            // Follows symlinks only when they stay inside the bundle.
+            let real = crate::bundle::resolve_inside(bundle_dir, &rel)
+                .map_err(|e| anyhow::anyhow!("asset `{rel}`: {e}"))?;
+            if real.is_dir() {
+                stack.push(path);
+            } else if real.is_file() {
+                let bytes = std::fs::read(&real)?;
+                total += bytes.len() as u64;
+                anyhow::ensure!(
+                    total <= MAX_ASSET_BYTES,
+                    "the bundle's assets exceed {} MiB",
+                    MAX_ASSET_BYTES >> 20
+                );
+                out.insert(rel, bytes);
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl WasiView for PluginState {
@@ -167,16 +211,14 @@ impl host_api::Host for PluginState {
     }
 
     fn read_asset(&mut self, path: String) -> wasmtime::Result<Result<Vec<u8>, String>> {
-        if !path.starts_with("assets/") {
-            return Ok(Err(format!(
-                "`{path}`: only files under assets/ can be read"
-            )));
-        }
-        let full = match crate::bundle::resolve_inside(&self.host.bundle_dir, &path) {
-            Ok(p) => p,
-            Err(e) => return Ok(Err(format!("`{path}`: {e}"))),
-        };
-        Ok(std::fs::read(&full).map_err(|e| format!("`{path}`: {e}")))
+        let key = path.trim_start_matches("./");
+        Ok(match self.host.assets.get(key) {
+            Some(bytes) => Ok(bytes.clone()),
+            None if !key.starts_with("assets/") => {
+                Err(format!("`{path}`: only files under assets/ can be read"))
+            }
+            None => Err(format!("`{path}` is not a file in the bundle's assets/")),
+        })
     }
 }
 
@@ -193,6 +235,15 @@ impl PluginRuntime {
             .max_memories_per_component(2)
             .max_tables_per_component(8)
             .max_memory_size((config.max_memory_mib as usize) << 20);
+        // A fresh instance per request would otherwise page-fault in every page it
+        // touches, since a freed slot is reset with madvise. Keeping the low pages
+        // resident and resetting only the dirty ones (PAGEMAP_SCAN, Linux 6.7+; a
+        // plain memset of the low pages elsewhere) cut the digits plugin call from
+        // about 410 to 290 us and an instantiate + trivial call from 36 to 13 us
+        // (docs/design.md).
+        pool.linear_memory_keep_resident(KEEP_RESIDENT)
+            .table_keep_resident(64 << 10)
+            .pagemap_scan(wasmtime::Enabled::Auto);
         let mut c = Config::new();
         c.wasm_component_model(true)
             .epoch_interruption(true)
@@ -267,7 +318,7 @@ impl PluginRuntime {
             host: Arc::new(HostInfo {
                 plugin: name,
                 config: spec.config.clone(),
-                bundle_dir: bundle.dir.clone(),
+                assets: read_assets(&bundle.dir)?,
             }),
             model_name: bundle.name().to_string(),
             runner,
@@ -435,4 +486,45 @@ impl Plugin {
 
 fn ticks(d: Duration) -> u64 {
     (d.as_micros() / TICK.as_micros()).max(1) as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn assets_are_read_once_keyed_from_the_bundle_root() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("assets/sub")).unwrap();
+        std::fs::write(dir.path().join("assets/labels.txt"), "a\nb").unwrap();
+        std::fs::write(dir.path().join("assets/sub/vocab.txt"), "x").unwrap();
+        std::fs::write(dir.path().join("bundle.toml"), "not an asset").unwrap();
+        let assets = read_assets(dir.path()).unwrap();
+        let keys: Vec<&str> = assets.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["assets/labels.txt", "assets/sub/vocab.txt"]);
+        assert_eq!(assets["assets/labels.txt"], b"a\nb");
+    }
+
+    #[test]
+    fn an_asset_symlink_out_of_the_bundle_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("assets")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", dir.path().join("assets/evil")).unwrap();
+        let err = read_assets(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("asset `assets/evil`") && err.contains("outside"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn only_granted_interfaces_pass_the_import_check() {
+        let granted = |n: &str| GRANTED.iter().any(|g| n.starts_with(g));
+        assert!(granted("wasi:io/streams@0.2.6"));
+        assert!(granted("wasi:nn/inference@0.2.0-rc-2024-10-28"));
+        assert!(granted("nnserve:plugin/host@0.1.0"));
+        assert!(!granted("wasi:sockets/tcp@0.2.6"));
+        assert!(!granted("wasi:http/outgoing-handler@0.2.6"));
+        assert!(!granted("nnserve:plugin/other@0.1.0"));
+    }
 }
