@@ -18,7 +18,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
 WASM_DIR   := target/wasm32-wasip2/release
 # Plugins carry no debug info: smaller components, faster loads.
-WASM_FLAGS := --release --target wasm32-wasip2 --config profile.release.debug=false --config profile.release.strip=true
+WASM_FLAGS := --release --target wasm32-wasip2 --config profile.release.strip=true
 NNSERVE    := target/release/nnserve
 REPO       := examples/repository
 

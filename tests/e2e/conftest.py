@@ -13,7 +13,8 @@ import pytest
 import requests
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-NNSERVE = os.path.join(ROOT, "target", "release", "nnserve")
+# NNSERVE_BIN runs the suite against another build (e.g. one linked to a GPU machine's libtorch).
+NNSERVE = os.environ.get("NNSERVE_BIN") or os.path.join(ROOT, "target", "release", "nnserve")
 EXAMPLES = os.path.join(ROOT, "examples", "repository")
 WASM = os.path.join(ROOT, "target", "wasm32-wasip2", "release")
 sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -21,13 +22,14 @@ sys.path.insert(0, os.path.join(ROOT, "examples"))
 MLP_MODEL = os.path.join(EXAMPLES, "mlp", "1", "model", "model.pt")
 
 
-def plugin_bundle(repo, name, wasm, config="", limits="memory_mib = 64, cpu_ms = 100"):
-    """A bundle with the mlp model and a test plugin."""
+MLP_IO = ('{ name = "input", dtype = "fp32", shape = [-1, 4] }',
+          '{ name = "output", dtype = "fp32", shape = [-1, 3] }')
+
+
+def write_bundle(repo, name, inputs, outputs, handler=""):
+    """Creates `repo/name/1/` with a manifest for model/model.pt on CPU; returns the dir."""
     d = os.path.join(repo, name, "1")
     os.makedirs(os.path.join(d, "model"))
-    os.makedirs(os.path.join(d, "plugins"))
-    shutil.copy(MLP_MODEL, os.path.join(d, "model", "model.pt"))
-    shutil.copy(os.path.join(WASM, wasm), os.path.join(d, "plugins", "handler.wasm"))
     with open(os.path.join(d, "bundle.toml"), "w") as f:
         f.write(f"""
 [bundle]
@@ -38,38 +40,47 @@ version = 1
 backend = "torchscript"
 path = "model/model.pt"
 device = "cpu"
-inputs = [{{ name = "input", dtype = "fp32", shape = [-1, 4] }}]
-outputs = [{{ name = "output", dtype = "fp32", shape = [-1, 3] }}]
+inputs = [{inputs}]
+outputs = [{outputs}]
+{handler}""")
+    return d
 
+
+def plugin_bundle(repo, name, wasm, config="", limits="memory_mib = 64, cpu_ms = 100"):
+    """A bundle with the mlp model and a test plugin."""
+    d = write_bundle(repo, name, *MLP_IO, handler=f"""
 [handler]
 path = "plugins/handler.wasm"
 config = {{ {config} }}
 limits = {{ {limits} }}
 """)
+    os.makedirs(os.path.join(d, "plugins"))
+    shutil.copy(MLP_MODEL, os.path.join(d, "model", "model.pt"))
+    shutil.copy(os.path.join(WASM, wasm), os.path.join(d, "plugins", "handler.wasm"))
 
 
 def multi_io_bundles(repo):
     """Two models with inputs `a` (fp32 [-1, 2]) and `b` (int64 [-1]): one returns a dict,
     one a tuple."""
-    paths = []
-    for name, outputs in (("dicty", ""), ("tuply", '{ name = "plus", dtype = "fp32", shape = [-1, 2] }, { name = "twice", dtype = "int64", shape = [-1] }')):
-        d = os.path.join(repo, name, "1")
-        os.makedirs(os.path.join(d, "model"))
-        paths.append(os.path.join(d, "model", "model.pt"))
-        with open(os.path.join(d, "bundle.toml"), "w") as f:
-            f.write(f"""
-[bundle]
-name = "{name}"
-version = 1
-
-[model]
-backend = "torchscript"
-path = "model/model.pt"
-device = "cpu"
-inputs = [{{ name = "a", dtype = "fp32", shape = [-1, 2] }}, {{ name = "b", dtype = "int64", shape = [-1] }}]
-outputs = [{outputs}]
-""")
+    inputs = '{ name = "a", dtype = "fp32", shape = [-1, 2] }, { name = "b", dtype = "int64", shape = [-1] }'
+    tuple_outputs = '{ name = "plus", dtype = "fp32", shape = [-1, 2] }, { name = "twice", dtype = "int64", shape = [-1] }'
+    paths = [os.path.join(write_bundle(repo, name, inputs, outputs), "model", "model.pt")
+             for name, outputs in (("dicty", ""), ("tuply", tuple_outputs))]
     subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_multi_io.py"), *paths], check=True)
+
+
+def heavy_bundle(repo):
+    """The image-classifier plugin over a model whose forward takes milliseconds."""
+    d = os.path.join(repo, "heavy", "1")
+    shutil.copytree(os.path.join(EXAMPLES, "digits", "1"), d,
+                    ignore=shutil.ignore_patterns("model.pt"))
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_heavy.py"),
+                    os.path.join(d, "model", "model.pt")], check=True)
+    toml = os.path.join(d, "bundle.toml")
+    with open(toml) as f:
+        text = f.read().replace('name = "digits"', 'name = "heavy"').replace('device = "auto"', 'device = "cpu"')
+    with open(toml, "w") as f:
+        f.write(text)
 
 
 class Server:
@@ -128,6 +139,7 @@ def server(tmp_path_factory):
     plugin_bundle(repo, "hog", "misbehave.wasm", 'mode = "alloc"', "memory_mib = 16, cpu_ms = 5000")
     plugin_bundle(repo, "forbidden", "forbidden_import.wasm")
     multi_io_bundles(repo)
+    heavy_bundle(repo)
     # A bundle whose manifest is wrong must not stop the others.
     os.makedirs(os.path.join(repo, "broken", "1"))
     with open(os.path.join(repo, "broken", "1", "bundle.toml"), "w") as f:

@@ -81,3 +81,20 @@ def test_top_k_follows_the_bundle_config(server, http, held_out):
     assert len(got) == 3
     assert got[0][1] >= got[1][1] >= got[2][1]
     assert all(label in [str(d) for d in range(10)] for label, _ in got)
+
+
+def test_a_slow_model_behind_a_plugin_and_over_predict_keeps_serving(server, http, held_out):
+    """Forwards that take milliseconds run in block_in_place, also from inside a plugin's
+    wasi-nn compute; answers stay well-formed and other models keep answering."""
+    x, _ = held_out
+    body = encode(render(x[0], 0), "PNG")
+    for _ in range(5):
+        r = http.post(f"{server.url}/v1/models/heavy:infer", data=body)
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 3
+        r = http.post(f"{server.url}/v1/models/heavy:predict",
+                      json={"instances": [x[0].reshape(1, 8, 8).tolist()]})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"][0]) == 10
+        assert http.post(f"{server.url}/v1/models/mlp:predict",
+                         json={"instances": [[1, 2, 3, 4]]}).status_code == 200

@@ -1,11 +1,10 @@
-"""A user sends tensors to the `mlp` model over TF Serving REST and KServe v2 (JSON,
-binary, and through tritonclient) and gets what torch.jit.load gives in-process."""
+"""A user sends tensors to the `mlp` model over TF Serving REST and KServe v2 (JSON and
+binary) and gets what torch.jit.load gives in-process."""
 import os
 
 import numpy as np
 import pytest
 import torch
-import tritonclient.http as triton
 
 from conftest import EXAMPLES
 
@@ -61,26 +60,6 @@ def test_v2_requested_outputs_are_honoured(server, http):
             "outputs": [{"name": "nope"}]}
     r = http.post(f"{server.url}/v2/models/mlp/versions/1/infer", json=body)
     assert r.status_code == 400 and "requested output 'nope'" in r.json()["error"]
-
-
-@pytest.mark.parametrize("binary", [True, False])
-@pytest.mark.parametrize("n", [1, 9])
-def test_tritonclient_with_its_defaults_and_with_json(server, torch_mlp, binary, n):
-    client = triton.InferenceServerClient(server.url.removeprefix("http://"))
-    assert client.is_server_live() and client.is_server_ready()
-    assert client.is_model_ready("mlp")
-    meta = client.get_model_metadata("mlp")
-    assert meta["inputs"][0]["name"] == "input" and meta["outputs"][0]["datatype"] == "FP32"
-    x = rows(n, seed=3)
-    inp = triton.InferInput("input", list(x.shape), "FP32")
-    inp.set_data_from_numpy(x, binary_data=binary)
-    out = triton.InferRequestedOutput("output", binary_data=binary)
-    result = client.infer("mlp", [inp], outputs=[out], request_id="abc")
-    np.testing.assert_allclose(result.as_numpy("output"), torch_mlp(x), atol=1e-5)
-    assert result.get_response()["id"] == "abc"
-    # No outputs named: tritonclient asks for all, as binary.
-    result = client.infer("mlp", [inp])
-    np.testing.assert_allclose(result.as_numpy("output"), torch_mlp(x), atol=1e-5)
 
 
 def test_status_and_metadata(server, http):
