@@ -72,11 +72,16 @@ fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Servable
         version: 1,
         dir: repo.join(model).join("1"),
     };
-    load_version(&entry, rt)
+    load_version(&entry, rt, Default::default())
 }
 
 fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
-    nnserve::backend::init_threads(1, 1);
+    // libtorch intra-op threads for this run (NNSERVE_BENCH_THREADS, default 1).
+    let threads: usize = std::env::var("NNSERVE_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    nnserve::backend::init_threads(threads, 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -87,7 +92,7 @@ fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
     let row = Tensor::from_f32(vec![1, 4], &[1.0, 2.0, 3.0, 4.0]);
     let n = 20_000;
 
-    println!("== in-process costs (libtorch intra-op threads: 1)");
+    println!("== in-process costs (libtorch intra-op threads: {threads})");
     if !plugin_only {
         mlp_costs(&runtime, &mlp, repo, &row, n)?;
     }

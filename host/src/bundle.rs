@@ -334,6 +334,14 @@ impl Manifest {
             if b.num_batch_threads == 0 {
                 r.push("batching.num_batch_threads must be at least 1".to_string());
             }
+            if let Some(m) = &self.model {
+                for t in m.inputs.iter().filter(|t| t.shape.first() != Some(&-1)) {
+                    r.push(format!(
+                        "batching needs a batch dimension: input '{}' has shape {:?}, whose first size must be -1",
+                        t.name, t.shape
+                    ));
+                }
+            }
         }
         if let Some(h) = &self.handler {
             if h.limits.memory_mib == 0 || h.limits.cpu_ms == 0 {
@@ -453,6 +461,31 @@ outputs = [{ name = "output", dtype = "fp32", shape = [-1, 3] }]
         assert!(reasons[0].contains("bundle.name"));
         assert!(reasons.iter().any(|r| r.contains("`..` is not allowed")));
         assert!(reasons.iter().any(|r| r.contains("model.device")));
+    }
+
+    #[test]
+    fn batching_is_checked() {
+        let ok = format!("{MLP}\n[batching]\nmax_batch_size = 8\nallowed_batch_sizes = [2, 8]\n");
+        let m = parse_manifest(&ok).unwrap();
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert_eq!(m.batching.as_ref().unwrap().max_enqueued_batches, 64);
+        let bad = format!("{MLP}\n[batching]\nmax_batch_size = 8\nallowed_batch_sizes = [4, 2]\n")
+            .replace("shape = [-1, 4]", "shape = [1, 4]");
+        let reasons = parse_manifest(&bad).unwrap().check();
+        assert!(
+            reasons.iter().any(|r| r.contains("must be increasing")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("end with max_batch_size")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("first size must be -1")),
+            "{reasons:?}"
+        );
     }
 
     #[test]

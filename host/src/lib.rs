@@ -18,10 +18,12 @@
 
 pub mod api;
 pub mod backend;
+pub mod batching;
 pub mod bundle;
 pub mod cli;
 pub mod config;
 pub mod lifecycle;
+pub mod metrics;
 pub mod nn;
 pub mod plugin;
 pub mod repository;

@@ -8,6 +8,7 @@
 //! under a request in flight.
 
 use crate::bundle::Bundle;
+use crate::metrics::{Metrics, VersionMetrics};
 use crate::nn::Runner;
 use crate::plugin::{Plugin, PluginRuntime};
 use crate::repository;
@@ -103,12 +104,23 @@ impl std::fmt::Display for ResolveError {
 }
 
 /// The loaded versions of every model, shared by all requests.
-#[derive(Default)]
 pub struct Registry {
     models: RwLock<HashMap<String, ModelEntry>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Registry {
+    pub fn new(metrics: Arc<Metrics>) -> Registry {
+        Registry {
+            models: RwLock::new(HashMap::new()),
+            metrics,
+        }
+    }
+
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     /// The servable for `name` at `version`, or the highest available version.
     pub fn resolve(&self, name: &str, version: Option<u64>) -> Result<Arc<Servable>, ResolveError> {
         let models = self.models.read().unwrap();
@@ -166,6 +178,9 @@ impl Registry {
     fn set_status(&self, model: &str, version: u64, state: State, error: Option<String>) {
         let mut models = self.models.write().unwrap();
         let entry = models.entry(model.to_string()).or_default();
+        let old = entry.status.get(&version).map(|s| s.state.as_str());
+        self.metrics
+            .version_state(model, version, old, state.as_str());
         entry.status.insert(
             version,
             VersionStatus {
@@ -180,6 +195,9 @@ impl Registry {
         let mut models = self.models.write().unwrap();
         let entry = models.entry(servable.name().to_string()).or_default();
         let v = servable.version();
+        let old = entry.status.get(&v).map(|s| s.state.as_str());
+        self.metrics
+            .version_state(servable.name(), v, old, State::Available.as_str());
         entry.status.insert(
             v,
             VersionStatus {
@@ -219,7 +237,8 @@ pub async fn load_repository(
         registry.set_status(&model, version, State::Loading, None);
         let started = Instant::now();
         let rt = runtime.clone();
-        let result = tokio::task::spawn_blocking(move || load_version(&entry, &rt))
+        let metrics = registry.metrics.version(&model, version);
+        let result = tokio::task::spawn_blocking(move || load_version(&entry, &rt, metrics))
             .await
             .map_err(|e| anyhow::anyhow!("the loader panicked: {e}"))
             .and_then(|r| r);
@@ -248,6 +267,7 @@ pub async fn load_repository(
 pub fn load_version(
     entry: &repository::Entry,
     runtime: &PluginRuntime,
+    metrics: VersionMetrics,
 ) -> anyhow::Result<Servable> {
     let bundle = Bundle::open(&entry.dir)?;
     if bundle.name() != entry.model || bundle.version() != entry.version {
@@ -265,8 +285,9 @@ pub fn load_version(
         .clone()
         .expect("checked by Bundle::open");
     let model = crate::backend::load(&bundle)?;
-    warm_up(model.as_ref(), &spec)?;
-    let runner = Arc::new(Runner::new(model, spec.inputs.clone()));
+    warm_up(model.as_ref(), &spec, bundle.manifest.batching.as_ref())?;
+    let batching = bundle.manifest.batching.as_ref();
+    let runner = Arc::new(Runner::new(model, spec.inputs.clone(), batching, metrics));
     let handler = match &bundle.manifest.handler {
         Some(_) => Some(runtime.load_handler(&bundle, runner.clone())?),
         None => None,
@@ -278,33 +299,40 @@ pub fn load_version(
     })
 }
 
-/// Runs the model twice on zeros of its declared input shapes (batch 1), so that a model
-/// that cannot run fails here and TorchScript's profiling executor has optimised before
-/// the first request. Skipped when the inputs are not declared.
+/// Runs the model on zeros of its declared input shapes: twice with batch 1, then once
+/// per allowed batch size, so that a model that cannot run fails here and TorchScript's
+/// profiling executor has optimised for every batch shape before the first request.
+/// Skipped when the inputs are not declared.
 fn warm_up(
     model: &dyn crate::backend::Model,
     spec: &crate::bundle::ModelSpec,
+    batching: Option<&crate::bundle::BatchingSpec>,
 ) -> anyhow::Result<()> {
-    if spec.inputs.is_empty()
-        || spec
-            .inputs
-            .iter()
-            .any(|i| i.shape.iter().skip(1).any(|&d| d < 0))
-    {
+    let declared = |i: &crate::bundle::TensorSpec| i.shape.iter().skip(1).all(|&d| d > 0);
+    if spec.inputs.is_empty() || !spec.inputs.iter().all(declared) {
         return Ok(());
     }
-    for _ in 0..2 {
+    let mut sizes = vec![1, 1];
+    if let Some(b) = batching {
+        sizes.extend(b.allowed_batch_sizes.iter().map(|&s| s as i64));
+    }
+    for batch in sizes {
         let inputs = spec
             .inputs
             .iter()
             .map(|i| {
-                let shape: Vec<i64> = i.shape.iter().map(|&d| d.max(1)).collect();
+                let mut shape: Vec<i64> = i.shape.iter().map(|&d| d.max(1)).collect();
+                if let Some(first) = shape.first_mut() {
+                    *first = batch;
+                }
                 let bytes = crate::tensor::numel(&shape) * i.dtype.size();
                 Tensor::new(i.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         model.forward(inputs).map_err(|e| {
-            anyhow::anyhow!("warm-up forward on zeros of the declared input shapes failed: {e}")
+            anyhow::anyhow!(
+                "warm-up forward on zeros of the declared input shapes (batch {batch}) failed: {e}"
+            )
         })?;
     }
     Ok(())

@@ -15,7 +15,9 @@
 //! parse would.
 
 use crate::backend::Model;
-use crate::bundle::TensorSpec;
+use crate::batching::{BatchError, Batcher, Policy};
+use crate::bundle::{BatchingSpec, TensorSpec};
+use crate::metrics::VersionMetrics;
 use crate::tensor::{check_shape, DType, Tensor};
 use crate::wit::wasi::nn as gen;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,12 +35,16 @@ pub enum InferError {
     BadInput(String),
     /// The forward failed (a 500).
     Model(String),
+    /// The version's queue is full (a 429 with Retry-After).
+    Overloaded(String),
 }
 
 impl std::fmt::Display for InferError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            InferError::BadInput(m) | InferError::Model(m) => f.write_str(m),
+            InferError::BadInput(m) | InferError::Model(m) | InferError::Overloaded(m) => {
+                f.write_str(m)
+            }
         }
     }
 }
@@ -47,19 +53,35 @@ impl std::fmt::Display for InferError {
 pub struct Runner {
     model: Arc<dyn Model>,
     inputs: Vec<TensorSpec>,
+    /// Without batching: one forward at a time per version.
     gate: tokio::sync::Semaphore,
+    /// With `[batching]`: the dynamic batcher.
+    batcher: Option<Batcher>,
     /// Exponential moving average of the forward time, nanoseconds.
     avg_forward_ns: AtomicU64,
+    metrics: VersionMetrics,
 }
 
 impl Runner {
-    pub fn new(model: Arc<dyn Model>, inputs: Vec<TensorSpec>) -> Runner {
+    pub fn new(
+        model: Arc<dyn Model>,
+        inputs: Vec<TensorSpec>,
+        batching: Option<&BatchingSpec>,
+        metrics: VersionMetrics,
+    ) -> Runner {
         Runner {
             model,
             inputs,
             gate: tokio::sync::Semaphore::new(1),
+            batcher: batching.map(|b| Batcher::new(Policy::from(b), metrics.clone())),
             avg_forward_ns: AtomicU64::new(0),
+            metrics,
         }
+    }
+
+    /// The batcher's statistics, when the version batches.
+    pub fn batch_stats(&self) -> Option<crate::batching::Stats> {
+        self.batcher.as_ref().map(Batcher::stats)
     }
 
     pub fn device(&self) -> String {
@@ -111,13 +133,30 @@ impl Runner {
         self.forward(inputs).await
     }
 
-    /// Runs one forward on positional inputs that already passed [`Runner::arrange`].
+    /// Runs one forward on positional inputs that already passed [`Runner::arrange`]:
+    /// through the batcher when the version batches, else alone behind the gate.
     pub async fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, InferError> {
+        if let Some(batcher) = &self.batcher {
+            return batcher
+                .infer(inputs, &|batch: Vec<Tensor>| self.run_model(batch))
+                .await
+                .map_err(|e| match e {
+                    BatchError::QueueFull(m) => InferError::Overloaded(m),
+                    BatchError::BadInput(m) => InferError::BadInput(m),
+                    BatchError::Model(m) => InferError::Model(m),
+                });
+        }
         let _turn = self
             .gate
             .acquire()
             .await
             .map_err(|_| InferError::Model("the model is being unloaded".into()))?;
+        self.run_model(inputs).map_err(InferError::Model)
+    }
+
+    /// The forward itself, on the calling thread: inline when forwards have been quick,
+    /// inside `block_in_place` when they have been slow (module doc).
+    fn run_model(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
         let slow = self.avg_forward_ns.load(Ordering::Relaxed) > INLINE_LIMIT.as_nanos() as u64;
         let started = Instant::now();
         let result = if slow {
@@ -125,11 +164,13 @@ impl Runner {
         } else {
             self.model.forward(inputs)
         };
-        let took = started.elapsed().as_nanos() as u64;
+        let elapsed = started.elapsed();
+        self.metrics.observe_compute(elapsed);
+        let took = elapsed.as_nanos() as u64;
         let avg = self.avg_forward_ns.load(Ordering::Relaxed);
         let next = if avg == 0 { took } else { (avg * 7 + took) / 8 };
         self.avg_forward_ns.store(next, Ordering::Relaxed);
-        result.map_err(InferError::Model)
+        result
     }
 }
 
@@ -373,6 +414,8 @@ impl gen::inference::HostGraphExecutionContext for NnView<'_> {
             }
             Err(InferError::BadInput(m)) => self.fail(gen::errors::ErrorCode::InvalidArgument, m),
             Err(InferError::Model(m)) => self.fail(gen::errors::ErrorCode::RuntimeError, m),
+            // wasi-nn has no "busy" code; the SDK turns `timeout` into a 503.
+            Err(InferError::Overloaded(m)) => self.fail(gen::errors::ErrorCode::Timeout, m),
         }
     }
 
@@ -429,6 +472,8 @@ mod tests {
                 spec("a", DType::Fp32, &[-1, 2]),
                 spec("b", DType::Int64, &[-1]),
             ],
+            None,
+            VersionMetrics::default(),
         );
         let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]);
         let b = Tensor::new(DType::Int64, vec![1], vec![0; 8]).unwrap();

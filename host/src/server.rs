@@ -15,7 +15,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         instance_slots: config.plugin_instance_slots,
         max_memory_mib: config.plugin_max_memory_mib,
     })?);
-    let registry = Arc::new(Registry::default());
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let registry = Arc::new(Registry::new(metrics.clone()));
     tracing::info!(repository = %config.repository.display(), "loading the repository");
     let report = lifecycle::load_repository(&config.repository, runtime, &registry).await?;
     tracing::info!(
@@ -34,6 +35,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         })?;
     let addr = listener.local_addr()?;
     let state = AppState {
+        metrics,
         registry,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
     };

@@ -25,6 +25,7 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// The request's wall-clock deadline unless the client asks for less.
     pub request_timeout: Duration,
 }
@@ -51,6 +52,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             "/v1/models/{*rest}",
             get(v1::get_model).post(v1::post_model),
         )
+        .route("/metrics", get(metrics))
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
         .route("/v2/health/ready", get(v2::ready))
@@ -73,6 +75,17 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(axum::middleware::from_fn(log_request))
         .with_state(state)
+}
+
+async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.encode(),
+    )
+        .into_response()
 }
 
 async fn not_found(req: Request) -> ApiError {
@@ -102,6 +115,8 @@ pub enum ApiError {
     NotFound(String),
     UnsupportedMediaType(String),
     Internal(String),
+    /// 429 with `Retry-After`: a model's queue is full.
+    TooManyRequests(String),
     /// 503 with `Retry-After`.
     Unavailable(String),
     /// 504: a budget or deadline ran out.
@@ -109,12 +124,25 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The `outcome` label of the requests metric.
+    fn outcome(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) | ApiError::NotFound(_) | ApiError::UnsupportedMediaType(_) => {
+                "client_error"
+            }
+            ApiError::Internal(_) => "server_error",
+            ApiError::TooManyRequests(_) | ApiError::Unavailable(_) => "overload",
+            ApiError::Timeout(_) => "timeout",
+        }
+    }
+
     fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -126,6 +154,7 @@ impl ApiError {
             | ApiError::NotFound(m)
             | ApiError::UnsupportedMediaType(m)
             | ApiError::Internal(m)
+            | ApiError::TooManyRequests(m)
             | ApiError::Unavailable(m)
             | ApiError::Timeout(m) => m,
         }
@@ -140,7 +169,7 @@ impl IntoResponse for ApiError {
         }
         let body = serde_json::json!({ "error": self.message() });
         let mut resp = (status, axum::Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             resp.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));
         }
@@ -162,6 +191,7 @@ impl From<InferError> for ApiError {
         match e {
             InferError::BadInput(m) => ApiError::BadRequest(m),
             InferError::Model(m) => ApiError::Internal(m),
+            InferError::Overloaded(m) => ApiError::TooManyRequests(m),
         }
     }
 }
@@ -183,6 +213,22 @@ impl From<PluginError> for ApiError {
             PluginError::Busy { .. } => ApiError::Unavailable(msg),
         }
     }
+}
+
+/// Counts a finished request to a resolved version in the metrics.
+fn record<T>(
+    state: &AppState,
+    s: &crate::lifecycle::Servable,
+    started: Instant,
+    result: &Result<T, ApiError>,
+) {
+    let outcome = match result {
+        Ok(_) => "ok",
+        Err(e) => e.outcome(),
+    };
+    state
+        .metrics
+        .request(s.name(), s.version(), outcome, started.elapsed());
 }
 
 /// Runs a tensor-API inference within the request's deadline.

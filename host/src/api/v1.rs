@@ -3,7 +3,7 @@
 //! a router cannot match, so the path is parsed here.
 
 use super::codec::{tensor_from_json, write_json};
-use super::{infer_within, ApiError, AppState};
+use super::{infer_within, record, ApiError, AppState};
 use crate::lifecycle::Servable;
 use crate::tensor::Tensor;
 use crate::wit;
@@ -163,9 +163,19 @@ pub async fn post_model(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let t = parse_target(&rest)?;
-    match t.verb.as_deref() {
-        Some("predict") => predict(&state, &t, &headers, &body).await,
-        Some("infer") => plugin_infer(&state, &t, method, &rest, headers, body).await,
+    let verb = t.verb.as_deref();
+    if matches!(verb, Some("predict") | Some("infer")) {
+        let servable = resolve(&state, &t)?;
+        let started = std::time::Instant::now();
+        let result = if verb == Some("predict") {
+            predict(&state, &servable, &headers, &body).await
+        } else {
+            plugin_infer(&state, &servable, method, &rest, headers, body).await
+        };
+        record(&state, &servable, started, &result);
+        return result;
+    }
+    match verb {
         Some(other) => Err(ApiError::NotFound(format!(
             "unknown verb ':{other}'; nnserve serves :predict (tensors as JSON) and :infer (the bundle's handler plugin)"
         ))),
@@ -177,17 +187,16 @@ pub async fn post_model(
 
 async fn plugin_infer(
     state: &AppState,
-    t: &Target,
+    servable: &Servable,
     method: Method,
     rest: &str,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let servable = resolve(state, t)?;
     let plugin = servable.handler.as_ref().ok_or_else(|| {
+        let m = servable.name();
         ApiError::BadRequest(format!(
-            "model '{}' has no handler plugin; send tensors to /v1/models/{}:predict or /v2/models/{}/infer",
-            t.model, t.model, t.model
+            "model '{m}' has no handler plugin; send tensors to /v1/models/{m}:predict or /v2/models/{m}/infer"
         ))
     })?;
     let deadline = state.deadline(&headers);
@@ -232,11 +241,10 @@ async fn plugin_infer(
 
 async fn predict(
     state: &AppState,
-    t: &Target,
+    servable: &Servable,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
-    let servable = resolve(state, t)?;
     let spec = servable.model_spec();
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;

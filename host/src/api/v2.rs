@@ -3,7 +3,7 @@
 //! `binary_data` / `binary_data_output`), since `tritonclient[http]` uses it by default.
 
 use super::codec::{self, write_flat_json};
-use super::{infer_within, ApiError, AppState};
+use super::{infer_within, record, ApiError, AppState};
 use crate::lifecycle::Servable;
 use crate::tensor::{numel, DType, Tensor};
 use axum::body::Bytes;
@@ -164,6 +164,18 @@ pub async fn infer_version(
 async fn infer_impl(
     state: &AppState,
     s: Arc<Servable>,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    let started = std::time::Instant::now();
+    let result = infer_resolved(state, &s, headers, body).await;
+    record(state, &s, started, &result);
+    result
+}
+
+async fn infer_resolved(
+    state: &AppState,
+    s: &Servable,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {

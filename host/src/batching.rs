@@ -1,0 +1,662 @@
+//! Dynamic batching for one loaded version: requests queue, and whenever the device is
+//! free whatever is queued runs as one forward; what arrives meanwhile forms the next
+//! batch. A lone request therefore runs at once, and batches grow with load.
+//!
+//! There is no batching thread. The caller that finds the device free becomes the
+//! *leader*: it takes a batch from the queue (its own request first), runs the forward on
+//! its own thread, hands every caller its rows, and then passes the lead to the oldest
+//! request still queued (or frees the device when none is). A cross-thread hand-off would
+//! cost more than a small model's forward (docs/design.md).
+//!
+//! Rows are copied once into the batch buffer at their offset and once out of the
+//! outputs. Requests with more rows than `max_batch_size` are split and rejoined;
+//! requests whose non-batch dimensions or dtypes differ from the batch being formed wait
+//! for a later batch. This module knows tensors and a forward function, nothing of HTTP,
+//! Wasm or libtorch.
+
+use crate::bundle::BatchingSpec;
+use crate::metrics::VersionMetrics;
+use crate::tensor::Tensor;
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
+
+/// Named outputs of one forward, or what went wrong.
+pub type Outputs = Result<Vec<(String, Tensor)>, BatchError>;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchError {
+    /// The queue holds `max_enqueued_batches` batches already (a 429).
+    QueueFull(String),
+    /// The input cannot be batched (no batch dimension) (a 400).
+    BadInput(String),
+    /// The forward failed; every caller of that batch gets the message (a 500).
+    Model(String),
+}
+
+impl std::fmt::Display for BatchError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BatchError::QueueFull(m) | BatchError::BadInput(m) | BatchError::Model(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
+/// The batching parameters in effect (TF Serving's names).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub max_batch_size: usize,
+    pub batch_timeout: Duration,
+    /// Increasing; empty means any size. A batch is padded up to the next one.
+    pub allowed_batch_sizes: Vec<usize>,
+    pub max_enqueued_batches: usize,
+    pub num_batch_threads: usize,
+}
+
+impl From<&BatchingSpec> for Policy {
+    fn from(s: &BatchingSpec) -> Policy {
+        Policy {
+            max_batch_size: s.max_batch_size.max(1) as usize,
+            batch_timeout: Duration::from_micros(s.batch_timeout_micros),
+            allowed_batch_sizes: s.allowed_batch_sizes.iter().map(|&b| b as usize).collect(),
+            max_enqueued_batches: s.max_enqueued_batches.max(1) as usize,
+            num_batch_threads: s.num_batch_threads.max(1) as usize,
+        }
+    }
+}
+
+impl Policy {
+    /// The size a batch of `rows` is padded to.
+    pub fn padded(&self, rows: usize) -> usize {
+        self.allowed_batch_sizes
+            .iter()
+            .copied()
+            .find(|&b| b >= rows)
+            .unwrap_or(rows)
+    }
+}
+
+/// What a queued request is told: its outputs, or that it now leads (with its own
+/// inputs handed back, since it left the queue).
+enum Msg {
+    Done(Outputs),
+    Lead(Vec<Tensor>, usize, Instant),
+}
+
+struct Task {
+    inputs: Vec<Tensor>,
+    rows: usize,
+    queued_at: Instant,
+    tx: oneshot::Sender<Msg>,
+}
+
+struct State {
+    queue: VecDeque<Task>,
+    queued_rows: usize,
+    /// Leaders running now (at most `num_batch_threads`).
+    leaders: usize,
+}
+
+/// Statistics of formed batches, for metrics and benchmarks.
+#[derive(Debug, Default, Clone)]
+pub struct Stats {
+    pub batches: u64,
+    pub rows: u64,
+    pub padded_rows: u64,
+}
+
+pub struct Batcher {
+    policy: Policy,
+    state: Mutex<State>,
+    stats: Mutex<Stats>,
+    metrics: VersionMetrics,
+}
+
+/// A forward over positional batch inputs.
+pub trait Forward: Sync {
+    fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String>;
+}
+
+impl<F: Fn(Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> + Sync> Forward for F {
+    fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+        self(inputs)
+    }
+}
+
+impl Batcher {
+    pub fn new(policy: Policy, metrics: VersionMetrics) -> Batcher {
+        Batcher {
+            policy,
+            metrics,
+            state: Mutex::new(State {
+                queue: VecDeque::new(),
+                queued_rows: 0,
+                leaders: 0,
+            }),
+            stats: Mutex::new(Stats::default()),
+        }
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().unwrap().clone()
+    }
+
+    /// Runs one request's rows through the batcher and returns its own outputs.
+    pub async fn infer<F: Forward>(&self, inputs: Vec<Tensor>, forward: &F) -> Outputs {
+        let rows = batch_rows(&inputs)?;
+        let max = self.policy.max_batch_size;
+        if rows <= max {
+            return self.submit(inputs, rows, forward).await;
+        }
+        // Too many rows for one batch: split, run in turn, rejoin.
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let n = max.min(rows - start);
+            let chunk: Vec<Tensor> = inputs.iter().map(|t| slice_rows(t, start, n)).collect();
+            parts.push(self.submit(chunk, n, forward).await?);
+            start += n;
+        }
+        join_rows(parts)
+    }
+
+    async fn submit<F: Forward>(&self, inputs: Vec<Tensor>, rows: usize, forward: &F) -> Outputs {
+        let queued = {
+            let mut st = self.state.lock().unwrap();
+            if st.leaders < self.policy.num_batch_threads {
+                // The device is free: lead at once, no queueing, no hand-off.
+                st.leaders += 1;
+                Ok(inputs)
+            } else {
+                let limit = self.policy.max_enqueued_batches * self.policy.max_batch_size;
+                if st.queued_rows + rows > limit {
+                    return Err(BatchError::QueueFull(format!(
+                        "the model's queue is full ({} rows waiting, max_enqueued_batches = {}); retry shortly",
+                        st.queued_rows, self.policy.max_enqueued_batches
+                    )));
+                }
+                let (tx, rx) = oneshot::channel();
+                st.queue.push_back(Task {
+                    inputs,
+                    rows,
+                    queued_at: Instant::now(),
+                    tx,
+                });
+                st.queued_rows += rows;
+                self.metrics.set_queue_depth(st.queue.len());
+                Err(rx)
+            }
+        };
+        match queued {
+            Ok(inputs) => self.lead(inputs, rows, Instant::now(), forward).await,
+            // Dropping this future (the client went away) drops `rx`: leaders then skip
+            // the task and never pass the lead to it.
+            Err(rx) => match rx.await {
+                Ok(Msg::Done(out)) => out,
+                Ok(Msg::Lead(inputs, rows, queued_at)) => {
+                    self.lead(inputs, rows, queued_at, forward).await
+                }
+                Err(_) => Err(BatchError::Model("the batcher dropped the request".into())),
+            },
+        }
+    }
+
+    /// Runs one batch as the leader: this caller's rows first, then the oldest queued
+    /// requests that fit; answers the others, passes the lead on, returns its own rows.
+    async fn lead<F: Forward>(
+        &self,
+        inputs: Vec<Tensor>,
+        rows: usize,
+        queued_at: Instant,
+        forward: &F,
+    ) -> Outputs {
+        // Whatever happens below, the lead must move on, or the queue would wedge.
+        struct PassOnDrop<'a>(&'a Batcher);
+        impl Drop for PassOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.pass_lead();
+            }
+        }
+        let _pass = PassOnDrop(self);
+        if !self.policy.batch_timeout.is_zero() && rows < self.policy.max_batch_size {
+            self.wait_to_fill().await;
+        }
+        let followers = self.take_batch(&inputs, self.policy.max_batch_size - rows);
+        let now = Instant::now();
+        self.metrics.observe_queue(now - queued_at);
+        for t in &followers {
+            self.metrics.observe_queue(now - t.queued_at);
+        }
+        let mut counts = vec![rows];
+        counts.extend(followers.iter().map(|t| t.rows));
+        let total: usize = counts.iter().sum();
+        let padded = self.policy.padded(total);
+        let batch = if followers.is_empty() && padded == rows {
+            inputs // a batch of one: no copy at all
+        } else {
+            let mut parts: Vec<&[Tensor]> = vec![&inputs];
+            parts.extend(followers.iter().map(|t| &t.inputs[..]));
+            concat_rows(&parts, padded)
+        };
+        let mut results = self.run_batch(batch, &counts, padded, forward).into_iter();
+        let own = results.next().expect("the leader's own result");
+        for (task, result) in followers.into_iter().zip(results) {
+            let _ = task.tx.send(Msg::Done(result));
+        }
+        own
+    }
+
+    /// With `batch_timeout_micros`, an idle device waits up to that long for a fuller
+    /// batch (tokio's timer is too coarse for microseconds, so this yields in a loop).
+    async fn wait_to_fill(&self) {
+        let until = Instant::now() + self.policy.batch_timeout;
+        while Instant::now() < until {
+            if self.state.lock().unwrap().queued_rows >= self.policy.max_batch_size {
+                return;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Takes the oldest queued tasks that fit beside `first`: at most `room` rows, with
+    /// `first`'s dtypes and non-batch dimensions. Tasks whose caller is gone are dropped.
+    fn take_batch(&self, first: &[Tensor], room: usize) -> Vec<Task> {
+        let mut st = self.state.lock().unwrap();
+        let mut batch: Vec<Task> = Vec::new();
+        let mut rows = 0;
+        while let Some(front) = st.queue.front() {
+            if front.tx.is_closed() {
+                let t = st.queue.pop_front().unwrap();
+                st.queued_rows -= t.rows;
+                continue;
+            }
+            if rows + front.rows > room || !compatible(first, &front.inputs) {
+                break;
+            }
+            let t = st.queue.pop_front().unwrap();
+            st.queued_rows -= t.rows;
+            rows += t.rows;
+            batch.push(t);
+        }
+        self.metrics.set_queue_depth(st.queue.len());
+        batch
+    }
+
+    /// Hands the lead, with its inputs, to the oldest queued request whose caller is still
+    /// there; with none, frees the device.
+    fn pass_lead(&self) {
+        let mut st = self.state.lock().unwrap();
+        while let Some(t) = st.queue.pop_front() {
+            st.queued_rows -= t.rows;
+            self.metrics.set_queue_depth(st.queue.len());
+            match t.tx.send(Msg::Lead(t.inputs, t.rows, t.queued_at)) {
+                Ok(()) => return,
+                Err(_) => continue, // its caller went away
+            }
+        }
+        st.leaders -= 1;
+    }
+
+    /// One forward over a batch of `padded` rows made of requests of `counts` rows;
+    /// every request gets its own rows of every output, or the error.
+    fn run_batch<F: Forward>(
+        &self,
+        batch: Vec<Tensor>,
+        counts: &[usize],
+        padded: usize,
+        forward: &F,
+    ) -> Vec<Outputs> {
+        {
+            let mut s = self.stats.lock().unwrap();
+            s.batches += 1;
+            s.rows += counts.iter().sum::<usize>() as u64;
+            s.padded_rows += padded as u64;
+        }
+        self.metrics.observe_batch(counts.iter().sum());
+        let fail = |msg: String| {
+            counts
+                .iter()
+                .map(|_| Err(BatchError::Model(msg.clone())))
+                .collect()
+        };
+        let outputs = match forward.forward(batch) {
+            Ok(o) => o,
+            Err(e) => return fail(e),
+        };
+        if let Some((name, t)) = outputs
+            .iter()
+            .find(|(_, t)| t.shape.first().copied() != Some(padded as i64))
+        {
+            return fail(format!(
+                "output '{name}' has shape {:?}, not {padded} rows: the model's outputs must keep the batch dimension to be batched",
+                t.shape
+            ));
+        }
+        if counts.len() == 1 && counts[0] == padded {
+            return vec![Ok(outputs)];
+        }
+        let mut start = 0;
+        counts
+            .iter()
+            .map(|&rows| {
+                let out = outputs
+                    .iter()
+                    .map(|(n, t)| (n.clone(), slice_rows(t, start, rows)))
+                    .collect();
+                start += rows;
+                Ok(out)
+            })
+            .collect()
+    }
+}
+
+/// Rows of a request: dim 0, the same for every input.
+fn batch_rows(inputs: &[Tensor]) -> Result<usize, BatchError> {
+    let mut rows = None;
+    for t in inputs {
+        let r = *t.shape.first().ok_or_else(|| {
+            BatchError::BadInput(
+                "a scalar input cannot be batched: inputs need a batch dimension".into(),
+            )
+        })? as usize;
+        if rows.is_some_and(|n| n != r) {
+            return Err(BatchError::BadInput(format!(
+                "inputs disagree on the batch dimension ({} and {r} rows)",
+                rows.unwrap()
+            )));
+        }
+        rows = Some(r);
+    }
+    rows.filter(|&r| r > 0)
+        .ok_or_else(|| BatchError::BadInput("a request needs at least one row".into()))
+}
+
+/// Same dtypes and non-batch dimensions, input by input.
+fn compatible(a: &[Tensor], b: &[Tensor]) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| x.dtype == y.dtype && x.shape[1..] == y.shape[1..])
+}
+
+/// Bytes of one row.
+fn row_bytes(t: &Tensor) -> usize {
+    crate::tensor::numel(&t.shape[1..]) * t.dtype.size()
+}
+
+/// `n` rows of `t` from row `start`.
+fn slice_rows(t: &Tensor, start: usize, n: usize) -> Tensor {
+    let rb = row_bytes(t);
+    let mut shape = t.shape.clone();
+    shape[0] = n as i64;
+    Tensor {
+        dtype: t.dtype,
+        shape,
+        data: t.data[start * rb..(start + n) * rb].to_vec(),
+    }
+}
+
+/// Stacks the requests' inputs along dim 0 and pads with zero rows to `padded`: each
+/// request's rows are copied once, to their offset.
+fn concat_rows(requests: &[&[Tensor]], padded: usize) -> Vec<Tensor> {
+    let first = requests[0];
+    (0..first.len())
+        .map(|i| {
+            let rb = row_bytes(&first[i]);
+            let mut data = Vec::with_capacity(padded * rb);
+            for req in requests {
+                data.extend_from_slice(&req[i].data);
+            }
+            data.resize(padded * rb, 0);
+            let mut shape = first[i].shape.clone();
+            shape[0] = padded as i64;
+            Tensor {
+                dtype: first[i].dtype,
+                shape,
+                data,
+            }
+        })
+        .collect()
+}
+
+/// Rejoins the outputs of a split request along dim 0.
+fn join_rows(parts: Vec<Vec<(String, Tensor)>>) -> Outputs {
+    let mut iter = parts.into_iter();
+    let mut joined = iter.next().unwrap_or_default();
+    for part in iter {
+        for ((_, acc), (_, t)) in joined.iter_mut().zip(part) {
+            acc.shape[0] += t.shape[0];
+            acc.data.extend_from_slice(&t.data);
+        }
+    }
+    Ok(joined)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn policy(max: usize, allowed: &[usize], enqueued: usize) -> Policy {
+        Policy {
+            max_batch_size: max,
+            batch_timeout: Duration::ZERO,
+            allowed_batch_sizes: allowed.to_vec(),
+            max_enqueued_batches: enqueued,
+            num_batch_threads: 1,
+        }
+    }
+
+    fn rows(values: &[[f32; 2]]) -> Vec<Tensor> {
+        let flat: Vec<f32> = values.iter().flatten().copied().collect();
+        vec![Tensor::from_f32(vec![values.len() as i64, 2], &flat)]
+    }
+
+    /// y = 2x + (batch size), so a test can see both the rows and the batch they ran in.
+    struct Doubler {
+        sizes: Mutex<Vec<usize>>,
+        delay: Duration,
+        calls: AtomicUsize,
+    }
+
+    impl Doubler {
+        fn new(delay_ms: u64) -> Arc<Doubler> {
+            Arc::new(Doubler {
+                sizes: Mutex::new(Vec::new()),
+                delay: Duration::from_millis(delay_ms),
+                calls: AtomicUsize::new(0),
+            })
+        }
+    }
+
+    impl Forward for Arc<Doubler> {
+        fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            std::thread::sleep(self.delay);
+            let x = &inputs[0];
+            self.sizes.lock().unwrap().push(x.shape[0] as usize);
+            let y: Vec<f32> = x.to_f64_vec().iter().map(|v| (v * 2.0) as f32).collect();
+            Ok(vec![("y".into(), Tensor::from_f32(x.shape.clone(), &y))])
+        }
+    }
+
+    fn values(out: &Outputs) -> Vec<f64> {
+        out.as_ref().unwrap()[0].1.to_f64_vec()
+    }
+
+    #[tokio::test]
+    async fn a_lone_request_runs_at_once_as_a_batch_of_one() {
+        let b = Batcher::new(policy(8, &[], 4), VersionMetrics::default());
+        let f = Doubler::new(0);
+        let out = b.infer(rows(&[[1.0, 2.0]]), &f).await;
+        assert_eq!(values(&out), vec![2.0, 4.0]);
+        assert_eq!(*f.sizes.lock().unwrap(), vec![1]);
+    }
+
+    #[tokio::test]
+    async fn batches_are_padded_to_an_allowed_size_and_trimmed_back() {
+        let b = Batcher::new(policy(8, &[4, 8], 4), VersionMetrics::default());
+        let f = Doubler::new(0);
+        let out = b
+            .infer(rows(&[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), &f)
+            .await;
+        assert_eq!(values(&out), vec![2.0, 2.0, 4.0, 4.0, 6.0, 6.0]);
+        assert_eq!(out.unwrap()[0].1.shape, vec![3, 2]);
+        assert_eq!(*f.sizes.lock().unwrap(), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn a_request_larger_than_a_batch_is_split_and_rejoined() {
+        let b = Batcher::new(policy(4, &[], 4), VersionMetrics::default());
+        let f = Doubler::new(0);
+        let input: Vec<[f32; 2]> = (0..10).map(|i| [i as f32, -(i as f32)]).collect();
+        let out = b.infer(rows(&input), &f).await;
+        let want: Vec<f64> = input.iter().flatten().map(|&v| v as f64 * 2.0).collect();
+        assert_eq!(values(&out), want);
+        assert_eq!(*f.sizes.lock().unwrap(), vec![4, 4, 2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_requests_form_batches_and_each_gets_its_own_rows() {
+        let b = Arc::new(Batcher::new(policy(16, &[], 64), VersionMetrics::default()));
+        let f = Doubler::new(2);
+        let mut handles = Vec::new();
+        for i in 0..60 {
+            let (b, f) = (b.clone(), f.clone());
+            handles.push(tokio::spawn(async move {
+                let n = 1 + i % 3;
+                let input: Vec<[f32; 2]> = (0..n).map(|r| [i as f32, r as f32]).collect();
+                let out = b.infer(rows(&input), &f).await;
+                let want: Vec<f64> = input.iter().flatten().map(|&v| v as f64 * 2.0).collect();
+                assert_eq!(values(&out), want, "request {i}");
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+        let sizes = f.sizes.lock().unwrap().clone();
+        assert_eq!(
+            sizes.iter().sum::<usize>(),
+            (0..60).map(|i| 1 + i % 3).sum::<usize>()
+        );
+        assert!(
+            sizes.iter().any(|&s| s > 3),
+            "no batch grew past one request: {sizes:?}"
+        );
+        assert!(sizes.iter().all(|&s| s <= 16));
+        assert_eq!(
+            b.state.lock().unwrap().leaders,
+            0,
+            "the device must be free again"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn shapes_that_differ_run_in_separate_batches() {
+        let b = Arc::new(Batcher::new(policy(16, &[], 64), VersionMetrics::default()));
+        let f = Doubler::new(2);
+        let mut handles = Vec::new();
+        for i in 0..20 {
+            let (b, f) = (b.clone(), f.clone());
+            handles.push(tokio::spawn(async move {
+                let width = 2 + i % 2;
+                let x = Tensor::from_f32(vec![1, width], &vec![i as f32; width as usize]);
+                let out = b.infer(vec![x], &f).await.unwrap();
+                assert_eq!(out[0].1.shape, vec![1, width]);
+                assert!(out[0].1.to_f64_vec().iter().all(|&v| v == 2.0 * i as f64));
+            }));
+        }
+        for h in handles {
+            h.await.unwrap();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_full_queue_refuses_with_queue_full() {
+        let b = Arc::new(Batcher::new(policy(1, &[], 2), VersionMetrics::default()));
+        let f = Doubler::new(50);
+        let mut handles = Vec::new();
+        for _ in 0..8 {
+            let (b, f) = (b.clone(), f.clone());
+            handles.push(tokio::spawn(async move {
+                b.infer(rows(&[[1.0, 1.0]]), &f).await
+            }));
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let mut full = 0;
+        for h in handles {
+            match h.await.unwrap() {
+                Err(BatchError::QueueFull(m)) => {
+                    assert!(m.contains("queue is full"), "{m}");
+                    full += 1;
+                }
+                other => assert!(other.is_ok(), "{other:?}"),
+            }
+        }
+        assert!(
+            full >= 1,
+            "8 requests into 1 running + 2 queued must overflow"
+        );
+        assert!(
+            b.infer(rows(&[[1.0, 1.0]]), &f).await.is_ok(),
+            "it serves again once drained"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_cancelled_request_does_not_wedge_the_batcher() {
+        let b = Arc::new(Batcher::new(policy(1, &[], 8), VersionMetrics::default()));
+        let f = Doubler::new(30);
+        let (b1, f1) = (b.clone(), f.clone());
+        let running = tokio::spawn(async move { b1.infer(rows(&[[1.0, 1.0]]), &f1).await });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let (b2, f2) = (b.clone(), f.clone());
+        let queued = tokio::spawn(async move { b2.infer(rows(&[[2.0, 2.0]]), &f2).await });
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        queued.abort(); // its client went away while it waited
+        assert!(running.await.unwrap().is_ok());
+        let out = b.infer(rows(&[[3.0, 3.0]]), &f).await;
+        assert_eq!(values(&out), vec![6.0, 6.0]);
+        assert_eq!(
+            f.calls.load(Ordering::SeqCst),
+            2,
+            "the cancelled request never ran"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failing_forward_fails_only_its_batch() {
+        struct FailOnNegative;
+        impl Forward for FailOnNegative {
+            fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+                std::thread::sleep(Duration::from_millis(5));
+                if inputs[0].to_f64_vec().iter().any(|&v| v < 0.0) {
+                    return Err("negative input".into());
+                }
+                Ok(vec![("y".into(), inputs[0].clone())])
+            }
+        }
+        let b = Batcher::new(policy(1, &[], 8), VersionMetrics::default());
+        let bad = b.infer(rows(&[[-1.0, 0.0]]), &FailOnNegative).await;
+        assert_eq!(bad.unwrap_err(), BatchError::Model("negative input".into()));
+        assert!(b.infer(rows(&[[1.0, 0.0]]), &FailOnNegative).await.is_ok());
+    }
+
+    #[test]
+    fn requests_need_a_batch_dimension_that_agrees() {
+        let scalar = vec![Tensor::from_f32(vec![], &[1.0])];
+        assert!(matches!(batch_rows(&scalar), Err(BatchError::BadInput(_))));
+        let a = Tensor::from_f32(vec![2, 1], &[1.0, 2.0]);
+        let b = Tensor::from_f32(vec![3, 1], &[1.0, 2.0, 3.0]);
+        let err = batch_rows(&[a, b]).unwrap_err().to_string();
+        assert!(err.contains("2 and 3 rows"), "{err}");
+    }
+}

@@ -1,0 +1,237 @@
+//! Prometheus metrics (crate `prometheus-client`), served at `GET /metrics` in the
+//! OpenMetrics text format that Prometheus scrapes.
+//!
+//! Per model and version: requests by outcome, request latency, time queued before the
+//! forward, forward time, the formed batch size (`nnserve_batch_size`), queue depth; and
+//! the number of versions in each state. Other modules get small handles
+//! ([`VersionMetrics`]) and never see the registry.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::Mutex;
+use std::time::Duration;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabels {
+    pub model: String,
+    pub version: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub model: String,
+    pub version: String,
+    /// `ok`, `client_error`, `server_error`, `overload` or `timeout`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub model: String,
+    pub version: String,
+    pub state: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn seconds() -> Histogram {
+    // 10 us .. about 84 s.
+    Histogram::new(exponential_buckets(1e-5, 2.0, 24))
+}
+
+fn batch_sizes() -> Histogram {
+    Histogram::new(exponential_buckets(1.0, 2.0, 12))
+}
+
+/// The process's metrics.
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    requests: Family<OutcomeLabels, Counter>,
+    latency: HistogramFamily<VersionLabels>,
+    queue_time: HistogramFamily<VersionLabels>,
+    compute_time: HistogramFamily<VersionLabels>,
+    batch_size: HistogramFamily<VersionLabels>,
+    queue_depth: Family<VersionLabels, Gauge>,
+    versions: Family<StateLabels, Gauge>,
+}
+
+/// The handles one loaded version records into.
+#[derive(Clone, Default)]
+pub struct VersionMetrics {
+    /// Rows per formed batch, before padding.
+    pub batch_size: Option<Histogram>,
+    /// Seconds from entering the queue to the start of the forward.
+    pub queue_time: Option<Histogram>,
+    /// Seconds of the forward.
+    pub compute_time: Option<Histogram>,
+    /// Requests waiting in the batcher's queue.
+    pub queue_depth: Option<Gauge>,
+}
+
+impl VersionMetrics {
+    pub fn observe_batch(&self, rows: usize) {
+        if let Some(h) = &self.batch_size {
+            h.observe(rows as f64);
+        }
+    }
+    pub fn observe_queue(&self, waited: Duration) {
+        if let Some(h) = &self.queue_time {
+            h.observe(waited.as_secs_f64());
+        }
+    }
+    pub fn observe_compute(&self, took: Duration) {
+        if let Some(h) = &self.compute_time {
+            h.observe(took.as_secs_f64());
+        }
+    }
+    pub fn set_queue_depth(&self, depth: usize) {
+        if let Some(g) = &self.queue_depth {
+            g.set(depth as i64);
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let m = Metrics {
+            registry: Mutex::new(Registry::with_prefix("nnserve")),
+            requests: Family::default(),
+            latency: Family::new_with_constructor(seconds),
+            queue_time: Family::new_with_constructor(seconds),
+            compute_time: Family::new_with_constructor(seconds),
+            batch_size: Family::new_with_constructor(batch_sizes),
+            queue_depth: Family::default(),
+            versions: Family::default(),
+        };
+        {
+            let mut r = m.registry.lock().unwrap();
+            r.register(
+                "requests",
+                "Inference requests by outcome",
+                m.requests.clone(),
+            );
+            r.register(
+                "request_duration_seconds",
+                "Inference request latency, from routing to the answer",
+                m.latency.clone(),
+            );
+            r.register(
+                "queue_duration_seconds",
+                "Time a request waited for its batch's forward",
+                m.queue_time.clone(),
+            );
+            r.register(
+                "compute_duration_seconds",
+                "Forward time per batch",
+                m.compute_time.clone(),
+            );
+            r.register(
+                "batch_size",
+                "Rows per formed batch, before padding",
+                m.batch_size.clone(),
+            );
+            r.register(
+                "queue_depth",
+                "Requests waiting in a version's batcher",
+                m.queue_depth.clone(),
+            );
+            r.register("versions", "Model versions by state", m.versions.clone());
+        }
+        m
+    }
+
+    /// Handles for one version's execution path.
+    pub fn version(&self, model: &str, version: u64) -> VersionMetrics {
+        let l = labels(model, version);
+        VersionMetrics {
+            batch_size: Some(self.batch_size.get_or_create(&l).clone()),
+            queue_time: Some(self.queue_time.get_or_create(&l).clone()),
+            compute_time: Some(self.compute_time.get_or_create(&l).clone()),
+            queue_depth: Some(self.queue_depth.get_or_create(&l).clone()),
+        }
+    }
+
+    /// Records one finished request.
+    pub fn request(&self, model: &str, version: u64, outcome: &str, took: Duration) {
+        let l = labels(model, version);
+        self.requests
+            .get_or_create(&OutcomeLabels {
+                model: l.model.clone(),
+                version: l.version.clone(),
+                outcome: outcome.to_string(),
+            })
+            .inc();
+        self.latency.get_or_create(&l).observe(took.as_secs_f64());
+    }
+
+    /// Moves a version from one state to another in the `versions` gauge.
+    pub fn version_state(&self, model: &str, version: u64, from: Option<&str>, to: &str) {
+        let key = |state: &str| StateLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+            state: state.to_string(),
+        };
+        if let Some(from) = from {
+            self.versions.get_or_create(&key(from)).dec();
+        }
+        self.versions.get_or_create(&key(to)).inc();
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap())
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+fn labels(model: &str, version: u64) -> VersionLabels {
+    VersionLabels {
+        model: model.to_string(),
+        version: version.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_encode_with_their_labels() {
+        let m = Metrics::new();
+        let v = m.version("mlp", 1);
+        v.observe_batch(3);
+        v.observe_batch(5);
+        m.request("mlp", 1, "ok", Duration::from_micros(50));
+        m.version_state("mlp", 1, None, "AVAILABLE");
+        let text = m.encode();
+        assert!(
+            text.contains("nnserve_batch_size_count{model=\"mlp\",version=\"1\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nnserve_batch_size_sum{model=\"mlp\",version=\"1\"} 8.0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nnserve_requests_total{model=\"mlp\",version=\"1\",outcome=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nnserve_versions{model=\"mlp\",version=\"1\",state=\"AVAILABLE\"} 1"),
+            "{text}"
+        );
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
