@@ -46,7 +46,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
 
-    /// libtorch threads inside one forward (0: one per core) [default: 0]
+    /// libtorch threads inside one forward (0: one per core) [default: 1]
     #[arg(long)]
     pub torch_threads: Option<usize>,
 

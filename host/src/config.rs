@@ -19,6 +19,8 @@ pub struct ServerConfig {
     /// Largest request body accepted, bytes.
     pub max_request_bytes: usize,
     /// libtorch intra-op threads (parallelism inside one forward). 0: one per core.
+    /// Default 1: measured on 2 cores, a second thread made the digits request slower
+    /// (p50 609 vs 443 us over HTTP) and did not help mlp; see docs/configuration.md.
     pub torch_intra_op_threads: usize,
     /// libtorch inter-op threads. Set once per process.
     pub torch_inter_op_threads: usize,
@@ -38,7 +40,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".parse().unwrap(),
             request_timeout_ms: 30_000,
             max_request_bytes: 64 << 20,
-            torch_intra_op_threads: 0,
+            torch_intra_op_threads: 1,
             torch_inter_op_threads: 1,
             plugin_instance_slots: 256,
             plugin_max_memory_mib: 512,
