@@ -26,6 +26,30 @@ pub enum Command {
     /// <repository>/<model>/<version>/bundle.toml (see docs/bundle.md). A version that
     /// fails to load is reported and the others are served.
     Serve(ServeArgs),
+
+    /// Make and examine bundles (the deployable unit: model, plugins, assets, manifest).
+    #[command(subcommand)]
+    Bundle(BundleCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BundleCommand {
+    /// Check a bundle directory and write a deterministic .tar.gz of it.
+    ///
+    /// The same content always gives the same archive bytes (sorted entries, fixed
+    /// times and owners). Prints the archive's size and the bundle's digest.
+    Pack {
+        /// The bundle directory (holding bundle.toml)
+        dir: PathBuf,
+        /// Where to write the archive [default: <name>-<version>.tar.gz]
+        #[arg(long, short = 'o')]
+        output: Option<PathBuf>,
+    },
+    /// Show a bundle's manifest, model signature, plugin imports, files and digest.
+    Inspect {
+        /// A bundle directory or a .tar.gz archive
+        path: PathBuf,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -101,7 +125,9 @@ mod tests {
             "--listen",
             "127.0.0.1:0",
         ]);
-        let Command::Serve(args) = cli.command;
+        let Command::Serve(args) = cli.command else {
+            panic!("parsed as serve")
+        };
         let c = args.to_config().unwrap();
         assert_eq!(c.repository, PathBuf::from("r"));
         assert_eq!(c.listen.port(), 0);

@@ -17,9 +17,11 @@
 //! ```
 
 pub mod api;
+pub mod archive;
 pub mod backend;
 pub mod batching;
 pub mod bundle;
+pub mod bundle_tool;
 pub mod cli;
 pub mod config;
 pub mod lifecycle;

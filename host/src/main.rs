@@ -1,5 +1,5 @@
 use clap::Parser;
-use nnserve::cli::{Cli, Command};
+use nnserve::cli::{BundleCommand, Cli, Command};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
@@ -14,6 +14,14 @@ fn main() -> std::process::ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bundle(BundleCommand::Pack { dir, output }) => {
+            println!("{}", nnserve::bundle_tool::pack(&dir, output.as_deref())?);
+            Ok(())
+        }
+        Command::Bundle(BundleCommand::Inspect { path }) => {
+            print!("{}", nnserve::bundle_tool::inspect(&path)?);
+            Ok(())
+        }
         Command::Serve(args) => {
             tracing_subscriber::fmt()
                 .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)

@@ -326,14 +326,55 @@ impl PluginRuntime {
     }
 }
 
-/// Refuses a component that imports anything not granted, naming every such import.
-fn check_imports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
-    let refused: Vec<String> = component
+/// The imports of `names` that nnserve does not grant.
+fn refused_imports(names: &[String]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|name| !GRANTED.iter().any(|g| name.starts_with(g)))
+        .cloned()
+        .collect()
+}
+
+fn import_names(engine: &Engine, component: &Component) -> Vec<String> {
+    component
         .component_type()
         .imports(engine)
         .map(|(name, _)| name.to_string())
-        .filter(|name| !GRANTED.iter().any(|g| name.starts_with(g)))
+        .collect()
+}
+
+/// What a component file imports and exports, for `nnserve bundle inspect` and `pack`.
+pub struct ComponentInfo {
+    pub imports: Vec<String>,
+    pub exports: Vec<String>,
+    /// The imports nnserve would refuse.
+    pub refused: Vec<String>,
+}
+
+/// Compiles a component (without running it) and lists its imports and exports.
+pub fn describe(path: &Path) -> anyhow::Result<ComponentInfo> {
+    let mut config = Config::new();
+    config.wasm_component_model(true);
+    let engine = Engine::new(&config)?;
+    let component = Component::from_file(&engine, path).map_err(|e| {
+        anyhow::anyhow!("not a WebAssembly component: {e:#} (build it with `cargo build --target wasm32-wasip2`)")
+    })?;
+    let imports = import_names(&engine, &component);
+    let exports = component
+        .component_type()
+        .exports(&engine)
+        .map(|(name, _)| name.to_string())
         .collect();
+    Ok(ComponentInfo {
+        refused: refused_imports(&imports),
+        imports,
+        exports,
+    })
+}
+
+/// Refuses a component that imports anything not granted, naming every such import.
+fn check_imports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
+    let refused = refused_imports(&import_names(engine, component));
     if refused.is_empty() {
         Ok(())
     } else {

@@ -1,0 +1,612 @@
+//! Bundle archives: the digest of a bundle's content, deterministic packing into a
+//! `.tar.gz`, and unpacking an untrusted archive safely.
+//!
+//! Unpacking never writes outside its destination: paths that climb out (`..`), absolute
+//! paths, symlinks or hard links that point out, and device files are refused; sizes are
+//! capped (archive, each file, unpacked total, file count) while streaming, so a gzip
+//! bomb stops at the limit with bounded memory. Every problem found is reported.
+//!
+//! The digest is sha256 over the sorted list of (path, sha256 of the file's bytes), one
+//! line `path NUL hex-sha256 LF` each (a symlink contributes `path NUL "->" target LF`),
+//! so the same content has the same digest however it was packed.
+
+use flate2::read::GzDecoder;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::path::{Component, Path, PathBuf};
+
+/// Size limits for unpacking an untrusted archive.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Compressed bytes read.
+    pub max_archive_bytes: u64,
+    /// Bytes of any one file.
+    pub max_file_bytes: u64,
+    /// Bytes of all files together.
+    pub max_total_bytes: u64,
+    /// Entries of any kind.
+    pub max_entries: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_archive_bytes: 4 << 30,
+            max_file_bytes: 4 << 30,
+            max_total_bytes: 8 << 30,
+            max_entries: 10_000,
+        }
+    }
+}
+
+/// What an unpack wrote.
+#[derive(Debug, Default)]
+pub struct Unpacked {
+    pub files: usize,
+    pub bytes: u64,
+}
+
+/// Unpacks a `.tar.gz` into `dest` (which must exist and be empty). On error, `dest` may
+/// hold part of the archive: callers unpack into a temporary directory and discard it.
+/// A single top-level directory around `bundle.toml` is lifted into `dest`.
+pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpacked, Vec<String>> {
+    let mut reasons = Vec::new();
+    let mut done = Unpacked::default();
+    let counted = LimitedReader {
+        inner: archive,
+        left: limits.max_archive_bytes,
+    };
+    let mut tar = tar::Archive::new(GzDecoder::new(counted));
+    let entries = tar
+        .entries()
+        .map_err(|e| vec![format!("not a .tar.gz archive: {e}")])?;
+    let mut count = 0usize;
+    for entry in entries {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => {
+                reasons.push(read_error(e, limits));
+                break;
+            }
+        };
+        count += 1;
+        if count > limits.max_entries {
+            reasons.push(format!(
+                "the archive has more than {} entries",
+                limits.max_entries
+            ));
+            break;
+        }
+        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let rel = match safe_relative(&raw) {
+            Ok(Some(p)) => p,
+            Ok(None) => continue, // "." or "./"
+            Err(why) => {
+                reasons.push(format!("`{raw}`: {why}"));
+                continue;
+            }
+        };
+        let target = dest.join(&rel);
+        let kind = entry.header().entry_type();
+        let size = entry.header().size().unwrap_or(u64::MAX);
+        let result = match kind {
+            tar::EntryType::Directory => fs::create_dir_all(&target).map_err(|e| e.to_string()),
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if size > limits.max_file_bytes {
+                    reasons.push(format!(
+                        "`{raw}` is {size} bytes, over the limit of {} bytes per file",
+                        limits.max_file_bytes
+                    ));
+                    continue;
+                }
+                if done.bytes + size > limits.max_total_bytes {
+                    reasons.push(format!(
+                        "the unpacked bundle exceeds the limit of {} bytes",
+                        limits.max_total_bytes
+                    ));
+                    break;
+                }
+                write_file(&mut entry, &target, size).map(|n| {
+                    done.files += 1;
+                    done.bytes += n;
+                })
+            }
+            tar::EntryType::Symlink => match entry.link_name_bytes() {
+                Some(link) => {
+                    let link = String::from_utf8_lossy(&link).into_owned();
+                    link_inside(&rel, &link)
+                        .map_err(|why| format!("symlink to `{link}` {why}"))
+                        .and_then(|_| {
+                            ensure_parent(&target)?;
+                            std::os::unix::fs::symlink(&link, &target).map_err(|e| e.to_string())
+                        })
+                }
+                None => Err("a symlink without a target".into()),
+            },
+            tar::EntryType::Link => match entry.link_name_bytes() {
+                // A hard link names another entry of the archive; we copy that file.
+                Some(link) => {
+                    let link = String::from_utf8_lossy(&link).into_owned();
+                    match safe_relative(&link) {
+                        Ok(Some(src)) if dest.join(&src).is_file() => ensure_parent(&target)
+                            .and_then(|_| {
+                                fs::copy(dest.join(&src), &target)
+                                    .map(|n| {
+                                        done.files += 1;
+                                        done.bytes += n;
+                                    })
+                                    .map_err(|e| e.to_string())
+                            }),
+                        Ok(_) => Err(format!(
+                            "hard link to `{link}`, which is not a file earlier in the archive"
+                        )),
+                        Err(why) => Err(format!("hard link to `{link}`: {why}")),
+                    }
+                }
+                None => Err("a hard link without a target".into()),
+            },
+            tar::EntryType::XGlobalHeader
+            | tar::EntryType::XHeader
+            | tar::EntryType::GNULongName => Ok(()),
+            other => Err(format!(
+                "is a {other:?} entry; bundles hold only files, directories and links inside them"
+            )),
+        };
+        if let Err(why) = result {
+            reasons.push(format!("`{raw}`: {why}"));
+        }
+    }
+    if reasons.is_empty() {
+        lift_single_directory(dest)
+            .map_err(|e| vec![format!("cannot arrange the unpacked bundle: {e}")])?;
+        Ok(done)
+    } else {
+        Err(reasons)
+    }
+}
+
+fn read_error(e: io::Error, limits: &Limits) -> String {
+    if e.kind() == io::ErrorKind::FileTooLarge {
+        format!(
+            "the archive is larger than the limit of {} bytes",
+            limits.max_archive_bytes
+        )
+    } else {
+        format!("the archive is corrupt or not a .tar.gz: {e}")
+    }
+}
+
+/// A path inside the bundle, or why not. `None` for the root itself.
+fn safe_relative(raw: &str) -> Result<Option<PathBuf>, String> {
+    let path = Path::new(raw);
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("climbs out of the bundle (`..`)".into()),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err("is an absolute path; bundle paths are relative".into())
+            }
+        }
+    }
+    Ok((!out.as_os_str().is_empty()).then_some(out))
+}
+
+/// Does a symlink at `at` (relative) pointing to `link` stay inside the bundle?
+fn link_inside(at: &Path, link: &str) -> Result<(), String> {
+    if Path::new(link).is_absolute() {
+        return Err("is absolute: links must stay inside the bundle".into());
+    }
+    let mut depth: i64 = at.components().count() as i64 - 1;
+    for c in Path::new(link).components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return Err("points outside the bundle".into());
+        }
+    }
+    Ok(())
+}
+
+fn ensure_parent(target: &Path) -> Result<(), String> {
+    match target.parent() {
+        Some(p) => fs::create_dir_all(p).map_err(|e| e.to_string()),
+        None => Ok(()),
+    }
+}
+
+fn write_file(entry: &mut impl Read, target: &Path, size: u64) -> Result<u64, String> {
+    ensure_parent(target)?;
+    // `create_new`: a second entry with the same path, or a path through a symlink made
+    // earlier, must not overwrite anything.
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(target)
+        .map_err(|e| e.to_string())?;
+    let n = io::copy(&mut entry.take(size), &mut f).map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+/// An archive made with `tar -czf b.tar.gz bundle/` has everything under `bundle/`.
+fn lift_single_directory(dest: &Path) -> io::Result<()> {
+    if dest.join("bundle.toml").exists() {
+        return Ok(());
+    }
+    let entries: Vec<_> = fs::read_dir(dest)?.collect::<Result<_, _>>()?;
+    if let [only] = entries.as_slice() {
+        if only.file_type()?.is_dir() && only.path().join("bundle.toml").is_file() {
+            let inner = only.path();
+            for e in fs::read_dir(&inner)? {
+                let e = e?;
+                fs::rename(e.path(), dest.join(e.file_name()))?;
+            }
+            fs::remove_dir(inner)?;
+        }
+    }
+    Ok(())
+}
+
+/// Counts compressed bytes and fails once more than the limit has been read.
+struct LimitedReader<R> {
+    inner: R,
+    left: u64,
+}
+
+impl<R: Read> Read for LimitedReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n as u64 > self.left {
+            return Err(io::Error::new(
+                io::ErrorKind::FileTooLarge,
+                "archive size limit",
+            ));
+        }
+        self.left -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Every file and symlink under `dir`, as sorted relative paths with `/` separators.
+pub fn list_files(dir: &Path) -> io::Result<Vec<(String, fs::Metadata)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let meta = fs::symlink_metadata(e.path())?;
+            if meta.is_dir() {
+                stack.push(e.path());
+            } else {
+                let rel = e
+                    .path()
+                    .strip_prefix(dir)
+                    .expect("under dir")
+                    .to_string_lossy()
+                    .into_owned();
+                out.push((rel, meta));
+            }
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// The bundle's content digest, `sha256:<hex>` (module doc).
+pub fn digest(dir: &Path) -> io::Result<String> {
+    let mut outer = Sha256::new();
+    for (rel, meta) in list_files(dir)? {
+        outer.update(rel.as_bytes());
+        outer.update([0u8]);
+        if meta.file_type().is_symlink() {
+            outer.update(b"->");
+            outer.update(fs::read_link(dir.join(&rel))?.to_string_lossy().as_bytes());
+        } else {
+            let mut inner = Sha256::new();
+            io::copy(&mut fs::File::open(dir.join(&rel))?, &mut inner)?;
+            outer.update(hex(&inner.finalize()).as_bytes());
+        }
+        outer.update(b"\n");
+    }
+    Ok(format!("sha256:{}", hex(&outer.finalize())))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Writes `dir` as a deterministic `.tar.gz`: sorted entries, mtime 0, owner 0, modes
+/// 0644/0755, no gzip name or time. The same content always gives the same bytes.
+/// `progress` is called with the bytes of file content written so far.
+pub fn pack(dir: &Path, out: impl Write, mut progress: impl FnMut(u64)) -> io::Result<()> {
+    let gz = flate2::GzBuilder::new()
+        .mtime(0)
+        .write(out, flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    tar.mode(tar::HeaderMode::Deterministic);
+    tar.follow_symlinks(false);
+    let mut written = 0u64;
+    for (rel, meta) in list_files(dir)? {
+        let path = dir.join(&rel);
+        let mut header = tar::Header::new_gnu();
+        header.set_mtime(0);
+        header.set_uid(0);
+        header.set_gid(0);
+        if meta.file_type().is_symlink() {
+            header.set_entry_type(tar::EntryType::Symlink);
+            header.set_size(0);
+            header.set_mode(0o777);
+            tar.append_link(&mut header, &rel, fs::read_link(&path)?)?;
+        } else {
+            header.set_entry_type(tar::EntryType::Regular);
+            header.set_size(meta.len());
+            header.set_mode(if meta.permissions().mode() & 0o111 != 0 {
+                0o755
+            } else {
+                0o644
+            });
+            tar.append_data(&mut header, &rel, fs::File::open(&path)?)?;
+            written += meta.len();
+            progress(written);
+        }
+    }
+    tar.into_inner()?.finish()?.flush()
+}
+
+use std::os::unix::fs::PermissionsExt;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A gzip'd tar with raw entries, names written into the header as given (so that
+    /// hostile names can be crafted).
+    fn craft(entries: &[(&str, tar::EntryType, &[u8], Option<&str>)]) -> Vec<u8> {
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        let mut b = tar::Builder::new(gz);
+        for (name, kind, data, link) in entries {
+            let mut h = tar::Header::new_old();
+            let bytes = name.as_bytes();
+            h.as_old_mut().name[..bytes.len()].copy_from_slice(bytes);
+            h.set_entry_type(*kind);
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            if let Some(l) = link {
+                h.as_old_mut().linkname[..l.len()].copy_from_slice(l.as_bytes());
+            }
+            h.set_cksum();
+            b.append(&h, *data).unwrap();
+        }
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    fn file<'a>(
+        name: &'a str,
+        data: &'static [u8],
+    ) -> (&'a str, tar::EntryType, &'static [u8], Option<&'static str>) {
+        (name, tar::EntryType::Regular, data, None)
+    }
+
+    fn unpack_bytes(
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> (tempfile::TempDir, Result<Unpacked, Vec<String>>) {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("dest");
+        fs::create_dir(&dest).unwrap();
+        let r = unpack(bytes, &dest, limits);
+        (dir, r)
+    }
+
+    /// Nothing may appear beside `dest` in the scratch directory.
+    fn nothing_outside(dir: &tempfile::TempDir) {
+        let names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec!["dest".to_string()]);
+    }
+
+    #[test]
+    fn a_plain_archive_unpacks_and_a_wrapping_directory_is_lifted() {
+        let bytes = craft(&[
+            file("b/bundle.toml", b"x"),
+            file("b/model/m.pt", b"weights"),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        let done = r.unwrap();
+        assert_eq!((done.files, done.bytes), (2, 8));
+        assert_eq!(
+            fs::read(dir.path().join("dest/model/m.pt")).unwrap(),
+            b"weights"
+        );
+        assert!(dir.path().join("dest/bundle.toml").is_file());
+    }
+
+    #[test]
+    fn path_traversal_is_refused() {
+        let bytes = craft(&[
+            file("bundle.toml", b"x"),
+            file("../evil", b"x"),
+            file("a/../../evil2", b"x"),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        let reasons = r.unwrap_err();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(
+            reasons.iter().all(|r| r.contains("climbs out")),
+            "{reasons:?}"
+        );
+        nothing_outside(&dir);
+    }
+
+    #[test]
+    fn absolute_paths_are_refused() {
+        let bytes = craft(&[file("/tmp/nnserve-evil-absolute", b"x")]);
+        let (_dir, r) = unpack_bytes(&bytes, &Limits::default());
+        assert!(r.unwrap_err()[0].contains("absolute"));
+        assert!(!Path::new("/tmp/nnserve-evil-absolute").exists());
+    }
+
+    #[test]
+    fn symlinks_out_are_refused_and_links_inside_kept() {
+        let bytes = craft(&[
+            file("bundle.toml", b"x"),
+            ("up", tar::EntryType::Symlink, b"", Some("../outside")),
+            ("abs", tar::EntryType::Symlink, b"", Some("/etc/passwd")),
+            (
+                "assets/ok",
+                tar::EntryType::Symlink,
+                b"",
+                Some("../bundle.toml"),
+            ),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        let reasons = r.unwrap_err();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons[0].contains("`up`") && reasons[0].contains("outside"));
+        assert!(reasons[1].contains("`abs`") && reasons[1].contains("absolute"));
+        assert!(dir.path().join("dest/assets/ok").is_symlink());
+        nothing_outside(&dir);
+    }
+
+    #[test]
+    fn hard_links_out_are_refused_and_inside_copied() {
+        let bytes = craft(&[
+            file("bundle.toml", b"x"),
+            ("out", tar::EntryType::Link, b"", Some("/etc/passwd")),
+            ("up", tar::EntryType::Link, b"", Some("../x")),
+            ("copy", tar::EntryType::Link, b"", Some("bundle.toml")),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        let reasons = r.unwrap_err();
+        assert_eq!(reasons.len(), 2, "{reasons:?}");
+        assert!(reasons.iter().all(|r| r.contains("hard link")));
+        assert_eq!(fs::read(dir.path().join("dest/copy")).unwrap(), b"x");
+        nothing_outside(&dir);
+    }
+
+    #[test]
+    fn device_files_are_refused() {
+        let bytes = craft(&[
+            file("bundle.toml", b"x"),
+            ("dev", tar::EntryType::Char, b"", None),
+        ]);
+        let (_dir, r) = unpack_bytes(&bytes, &Limits::default());
+        assert!(r.unwrap_err()[0].contains("`dev`: is a Char entry"));
+    }
+
+    #[test]
+    fn size_and_count_limits_hold() {
+        let limits = Limits {
+            max_archive_bytes: 1 << 20,
+            max_file_bytes: 4,
+            max_total_bytes: 6,
+            max_entries: 3,
+        };
+        let (_d, r) = unpack_bytes(&craft(&[file("big", b"12345")]), &limits);
+        assert!(r.unwrap_err()[0].contains("over the limit of 4 bytes per file"));
+        let (_d, r) = unpack_bytes(&craft(&[file("a", b"1234"), file("b", b"1234")]), &limits);
+        assert!(r.unwrap_err()[0].contains("exceeds the limit of 6 bytes"));
+        let many: Vec<_> = ["a", "b", "c", "d"].iter().map(|n| file(n, b"")).collect();
+        let (_d, r) = unpack_bytes(&craft(&many), &limits);
+        assert!(r.unwrap_err()[0].contains("more than 3 entries"));
+        let archive = craft(&[file("a", b"1")]);
+        let tight = Limits {
+            max_archive_bytes: 10,
+            ..limits
+        };
+        let (_d, r) = unpack_bytes(&archive, &tight);
+        assert!(r.unwrap_err()[0].contains("larger than the limit of 10 bytes"));
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_the_limit() {
+        // 256 MiB of zeros in one entry compresses to about 256 KiB.
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut b = tar::Builder::new(gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(256 << 20);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "bomb", io::repeat(0).take(256 << 20))
+            .unwrap();
+        let bytes = b.into_inner().unwrap().finish().unwrap();
+        assert!(bytes.len() < 2 << 20);
+        let limits = Limits {
+            max_file_bytes: 1 << 20,
+            ..Limits::default()
+        };
+        let (dir, r) = unpack_bytes(&bytes, &limits);
+        assert!(r.unwrap_err()[0].contains("over the limit"));
+        assert!(
+            !dir.path().join("dest/bomb").exists(),
+            "nothing of it was written"
+        );
+    }
+
+    #[test]
+    fn pack_is_deterministic_and_round_trips_with_the_same_digest() {
+        let src = tempfile::tempdir().unwrap();
+        fs::create_dir_all(src.path().join("model")).unwrap();
+        fs::write(src.path().join("bundle.toml"), "[bundle]").unwrap();
+        fs::write(src.path().join("model/model.pt"), vec![7u8; 100_000]).unwrap();
+        std::os::unix::fs::symlink("../bundle.toml", src.path().join("model/link")).unwrap();
+        let mut a = Vec::new();
+        pack(src.path(), &mut a, |_| {}).unwrap();
+        // Touching mtimes changes nothing.
+        let f = fs::File::options()
+            .write(true)
+            .open(src.path().join("bundle.toml"))
+            .unwrap();
+        f.set_modified(std::time::SystemTime::now() - std::time::Duration::from_secs(3600))
+            .unwrap();
+        let mut b = Vec::new();
+        pack(src.path(), &mut b, |_| {}).unwrap();
+        assert_eq!(a, b, "the same content packs to the same bytes");
+
+        let (dir, r) = unpack_bytes(&a, &Limits::default());
+        r.unwrap();
+        assert_eq!(
+            digest(&dir.path().join("dest")).unwrap(),
+            digest(src.path()).unwrap()
+        );
+    }
+
+    #[test]
+    fn the_digest_ignores_how_the_archive_was_made() {
+        // Same files, other order, other tar flavour and compression.
+        let one = craft(&[
+            file("bundle.toml", b"m"),
+            file("model/a", b"1"),
+            file("model/b", b"2"),
+        ]);
+        let two = craft(&[
+            file("./model/b", b"2"),
+            file("model/a", b"1"),
+            file("bundle.toml", b"m"),
+        ]);
+        let (d1, r1) = unpack_bytes(&one, &Limits::default());
+        let (d2, r2) = unpack_bytes(&two, &Limits::default());
+        r1.unwrap();
+        r2.unwrap();
+        let (x, y) = (
+            digest(&d1.path().join("dest")).unwrap(),
+            digest(&d2.path().join("dest")).unwrap(),
+        );
+        assert_eq!(x, y);
+        assert!(x.starts_with("sha256:") && x.len() == 7 + 64);
+        fs::write(d2.path().join("dest/model/b"), b"3").unwrap();
+        assert_ne!(
+            digest(&d2.path().join("dest")).unwrap(),
+            x,
+            "content changes the digest"
+        );
+    }
+}

@@ -1,0 +1,148 @@
+//! The `nnserve bundle` commands: `pack` (check, then a deterministic `.tar.gz`) and
+//! `inspect` (what a bundle holds, from a directory or an archive).
+
+use crate::archive::{self, Limits};
+use crate::bundle::Bundle;
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+/// Checks a bundle directory and packs it; returns the line to print.
+pub fn pack(dir: &Path, out: Option<&Path>) -> anyhow::Result<String> {
+    let bundle = Bundle::open(dir)?;
+    let plugin_problems = check_plugins(&bundle);
+    if !plugin_problems.is_empty() {
+        anyhow::bail!(
+            "invalid bundle {}: {}",
+            dir.display(),
+            plugin_problems.join("; ")
+        );
+    }
+    let out: PathBuf = out
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from(format!("{}-{}.tar.gz", bundle.name(), bundle.version())));
+    let total: u64 = archive::list_files(dir)?.iter().map(|(_, m)| m.len()).sum();
+    let bar = indicatif::ProgressBar::new(total).with_style(
+        indicatif::ProgressStyle::with_template("packing {bar:40} {bytes}/{total_bytes} ({eta})")
+            .expect("a valid template"),
+    );
+    // Write beside the target and rename, so a failed pack leaves no half archive.
+    let tmp = out.with_extension("partial");
+    let file = std::fs::File::create(&tmp)
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", tmp.display()))?;
+    archive::pack(dir, std::io::BufWriter::new(file), |n| bar.set_position(n))?;
+    bar.finish_and_clear();
+    std::fs::rename(&tmp, &out)?;
+    let size = std::fs::metadata(&out)?.len();
+    Ok(format!(
+        "packed {}@{} into {}: {size} bytes, digest {}",
+        bundle.name(),
+        bundle.version(),
+        out.display(),
+        archive::digest(dir)?
+    ))
+}
+
+/// Every handler plugin's import check (the server repeats it, with the model load).
+fn check_plugins(bundle: &Bundle) -> Vec<String> {
+    let mut problems = Vec::new();
+    if let Some(h) = &bundle.manifest.handler {
+        match crate::plugin::describe(&bundle.file(&h.path)) {
+            Ok(d) if !d.refused.is_empty() => problems.push(format!(
+                "handler {} imports {}, which nnserve does not grant",
+                h.path,
+                d.refused.join(", ")
+            )),
+            Ok(d) if !d.exports.iter().any(|e| e == "handle") => problems.push(format!(
+                "handler {} does not export `handle` (world nnserve:plugin/handler)",
+                h.path
+            )),
+            Ok(_) => {}
+            Err(e) => problems.push(format!("handler {}: {e:#}", h.path)),
+        }
+    }
+    problems
+}
+
+/// Describes a bundle directory or `.tar.gz` archive.
+pub fn inspect(path: &Path) -> anyhow::Result<String> {
+    if path.is_dir() {
+        return describe_dir(path);
+    }
+    let scratch = tempfile::tempdir()?;
+    let file = std::fs::File::open(path)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", path.display()))?;
+    archive::unpack(
+        std::io::BufReader::new(file),
+        scratch.path(),
+        &Limits::default(),
+    )
+    .map_err(|reasons| {
+        anyhow::anyhow!("invalid archive {}: {}", path.display(), reasons.join("; "))
+    })?;
+    describe_dir(scratch.path())
+}
+
+fn describe_dir(dir: &Path) -> anyhow::Result<String> {
+    let mut s = String::new();
+    let bundle = Bundle::open(dir);
+    let files = archive::list_files(dir)?;
+    match &bundle {
+        Ok(b) => {
+            let m = &b.manifest;
+            writeln!(s, "bundle   {}@{}", m.bundle.name, m.bundle.version)?;
+            if let Some(model) = &m.model {
+                writeln!(
+                    s,
+                    "model    {:?} {} on {}",
+                    model.backend, model.path, model.device
+                )?;
+                for (kind, list) in [("input ", &model.inputs), ("output", &model.outputs)] {
+                    for t in list.iter() {
+                        writeln!(s, "  {kind} {} {} {:?}", t.name, t.dtype, t.shape)?;
+                    }
+                }
+            }
+            if let Some(bt) = &m.batching {
+                writeln!(
+                    s,
+                    "batching max_batch_size {}, allowed {:?}, timeout {} us",
+                    bt.max_batch_size, bt.allowed_batch_sizes, bt.batch_timeout_micros
+                )?;
+            }
+            if let Some(h) = &m.handler {
+                writeln!(
+                    s,
+                    "handler  {} (memory {} MiB, cpu {} ms)",
+                    h.path, h.limits.memory_mib, h.limits.cpu_ms
+                )?;
+                for (k, v) in &h.config {
+                    writeln!(s, "  config {k} = {v:?}")?;
+                }
+                match crate::plugin::describe(&b.file(&h.path)) {
+                    Ok(d) => {
+                        writeln!(s, "  exports {}", d.exports.join(", "))?;
+                        for i in &d.imports {
+                            let mark = if d.refused.contains(i) {
+                                "  (NOT GRANTED)"
+                            } else {
+                                ""
+                            };
+                            writeln!(s, "  imports {i}{mark}")?;
+                        }
+                    }
+                    Err(e) => writeln!(s, "  not a valid component: {e:#}")?,
+                }
+            }
+        }
+        Err(e) => writeln!(s, "INVALID  {}", e.reasons.join("\n         "))?,
+    }
+    writeln!(s, "files")?;
+    let mut total = 0;
+    for (rel, meta) in &files {
+        total += meta.len();
+        writeln!(s, "  {:>12}  {rel}", meta.len())?;
+    }
+    writeln!(s, "  {total:>12}  total in {} files", files.len())?;
+    writeln!(s, "digest   {}", archive::digest(dir)?)?;
+    Ok(s)
+}
