@@ -78,6 +78,10 @@ pub struct ServeArgs {
     #[arg(long)]
     pub torch_interop_threads: Option<usize>,
 
+    /// Bearer token required by the management API (uploads) [default: none]
+    #[arg(long, env = "NNSERVE_ADMIN_TOKEN")]
+    pub admin_token: Option<String>,
+
     /// Log filter, as RUST_LOG (e.g. info, debug, nnserve=debug) [default: info]
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
@@ -104,6 +108,9 @@ impl ServeArgs {
         }
         if let Some(t) = self.torch_interop_threads {
             c.torch_inter_op_threads = t;
+        }
+        if let Some(t) = &self.admin_token {
+            c.admin_token = Some(t.clone());
         }
         Ok(c)
     }

@@ -31,6 +31,13 @@ pub struct ServerConfig {
     pub plugin_max_memory_mib: u64,
     /// Tokio worker threads for HTTP and plugins. 0: one per core.
     pub http_threads: usize,
+    /// Largest bundle archive accepted by an upload, bytes.
+    pub max_upload_bytes: u64,
+    /// Bearer token the management API requires (uploads); none: no token needed.
+    /// Inference routes never need it.
+    pub admin_token: Option<String>,
+    /// Version policy `latest = N`: the newest N versions of each model stay loaded.
+    pub latest_versions: usize,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +52,9 @@ impl Default for ServerConfig {
             plugin_instance_slots: 256,
             plugin_max_memory_mib: 512,
             http_threads: 0,
+            max_upload_bytes: 4 << 30,
+            admin_token: None,
+            latest_versions: 1,
         }
     }
 }

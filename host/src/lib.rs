@@ -31,4 +31,5 @@ pub mod plugin;
 pub mod repository;
 pub mod server;
 pub mod tensor;
+pub mod upload;
 pub mod wit;

@@ -191,7 +191,7 @@ impl Registry {
         );
     }
 
-    fn publish(&self, servable: Arc<Servable>) {
+    pub(crate) fn publish(&self, servable: Arc<Servable>) {
         let mut models = self.models.write().unwrap();
         let entry = models.entry(servable.name().to_string()).or_default();
         let v = servable.version();
@@ -210,6 +210,74 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Versions of `model` beyond the newest `keep` stop taking new requests (UNLOADING)
+    /// and reach END once the last request holding them finishes.
+    pub fn retire_beyond(self: &Arc<Self>, model: &str, keep: usize) {
+        let retired: Vec<Arc<Servable>> = {
+            let mut models = self.models.write().unwrap();
+            let Some(entry) = models.get_mut(model) else {
+                return;
+            };
+            let versions: Vec<u64> = entry.available.keys().rev().skip(keep).copied().collect();
+            versions
+                .iter()
+                .filter_map(|v| entry.available.remove(v))
+                .collect()
+        };
+        for servable in retired {
+            let (name, version) = (servable.name().to_string(), servable.version());
+            self.set_status(&name, version, State::Unloading, None);
+            let registry = self.clone();
+            tokio::spawn(async move {
+                // Requests in flight hold their own Arc; wait for the last one.
+                while Arc::strong_count(&servable) > 1 {
+                    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                }
+                drop(servable);
+                registry.set_status(&name, version, State::End, None);
+                tracing::info!(model = %name, version, "version retired (END)");
+            });
+        }
+    }
+}
+
+/// Loads one version off the async runtime and publishes it when it loads; records the
+/// error otherwise. Returns the servable or the error message.
+pub async fn load_and_publish(
+    registry: &Registry,
+    runtime: &Arc<PluginRuntime>,
+    entry: repository::Entry,
+) -> Result<Arc<Servable>, String> {
+    let (model, version) = (entry.model.clone(), entry.version);
+    registry.set_status(&model, version, State::Loading, None);
+    let started = Instant::now();
+    let rt = runtime.clone();
+    let metrics = registry.metrics.version(&model, version);
+    let result = tokio::task::spawn_blocking(move || load_version(&entry, &rt, metrics))
+        .await
+        .map_err(|e| anyhow::anyhow!("the loader panicked: {e}"))
+        .and_then(|r| r);
+    match result {
+        Ok(servable) => {
+            tracing::info!(
+                model = %model, version, device = %servable.runner.device(),
+                plugin = servable.handler.as_ref().map(|p| p.name()).unwrap_or("-"),
+                took = ?started.elapsed(), "version AVAILABLE"
+            );
+            let servable = Arc::new(servable);
+            registry.publish(servable.clone());
+            Ok(servable)
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::warn!(model = %model, version, "version failed to load: {msg}");
+            registry.set_status(&model, version, State::End, Some(msg.clone()));
+            Err(msg)
+        }
+    }
+}
+
 /// What a repository load did, for the start-up summary.
 #[derive(Debug, Default)]
 pub struct LoadReport {
@@ -223,6 +291,7 @@ pub async fn load_repository(
     root: &Path,
     runtime: Arc<PluginRuntime>,
     registry: &Registry,
+    latest: usize,
 ) -> anyhow::Result<LoadReport> {
     let (entries, problems) = repository::scan(root)?;
     let mut report = LoadReport::default();
@@ -232,31 +301,26 @@ pub async fn load_repository(
             .failed
             .push(format!("{}: {}", p.path.display(), p.reason));
     }
-    for entry in entries {
-        let (model, version) = (entry.model.clone(), entry.version);
-        registry.set_status(&model, version, State::Loading, None);
-        let started = Instant::now();
-        let rt = runtime.clone();
-        let metrics = registry.metrics.version(&model, version);
-        let result = tokio::task::spawn_blocking(move || load_version(&entry, &rt, metrics))
-            .await
-            .map_err(|e| anyhow::anyhow!("the loader panicked: {e}"))
-            .and_then(|r| r);
-        match result {
-            Ok(servable) => {
-                tracing::info!(
-                    model = %model, version, device = %servable.runner.device(),
-                    plugin = servable.handler.as_ref().map(|p| p.name()).unwrap_or("-"),
-                    took = ?started.elapsed(), "version AVAILABLE"
-                );
-                report.loaded.push(format!("{model}@{version}"));
-                registry.publish(Arc::new(servable));
+    // The version policy `latest = N`: per model, the newest versions that load, down
+    // from the highest; a newer version that fails is reported and an older one serves.
+    let mut by_model: BTreeMap<String, Vec<repository::Entry>> = BTreeMap::new();
+    for e in entries {
+        by_model.entry(e.model.clone()).or_default().push(e);
+    }
+    for (_, mut versions) in by_model {
+        versions.sort_by_key(|e| std::cmp::Reverse(e.version));
+        let mut loaded = 0;
+        for entry in versions {
+            if loaded >= latest {
+                break;
             }
-            Err(e) => {
-                let msg = format!("{e:#}");
-                tracing::warn!(model = %model, version, "version failed to load: {msg}");
-                report.failed.push(format!("{model}@{version}: {msg}"));
-                registry.set_status(&model, version, State::End, Some(msg));
+            let id = format!("{}@{}", entry.model, entry.version);
+            match load_and_publish(registry, &runtime, entry).await {
+                Ok(_) => {
+                    loaded += 1;
+                    report.loaded.push(id);
+                }
+                Err(msg) => report.failed.push(format!("{id}: {msg}")),
             }
         }
     }

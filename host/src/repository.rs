@@ -104,3 +104,66 @@ mod tests {
         assert!(err.contains("--repository"), "{err}");
     }
 }
+
+/// What the server records about a stored version, kept beside the version directories
+/// (`<repo>/<model>/.meta/<version>.json`), never inside them.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VersionMeta {
+    pub digest: String,
+    /// Bytes of the unpacked files.
+    pub size: u64,
+    /// Seconds since the Unix epoch.
+    pub uploaded_at: u64,
+}
+
+fn meta_path(root: &Path, model: &str, version: u64) -> PathBuf {
+    root.join(model)
+        .join(".meta")
+        .join(format!("{version}.json"))
+}
+
+pub fn read_meta(root: &Path, model: &str, version: u64) -> Option<VersionMeta> {
+    let text = std::fs::read(meta_path(root, model, version)).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// A scratch directory inside the repository (same file system, so that the final
+/// rename is atomic). Removed when dropped; leftovers of a crash are ignored by `scan`
+/// (hidden) and cleared at start-up.
+pub fn scratch(root: &Path) -> std::io::Result<tempfile::TempDir> {
+    let area = root.join(".tmp");
+    std::fs::create_dir_all(&area)?;
+    tempfile::Builder::new().prefix("upload-").tempdir_in(area)
+}
+
+/// Removes what interrupted uploads left in the scratch area.
+pub fn clear_scratch(root: &Path) {
+    let _ = std::fs::remove_dir_all(root.join(".tmp"));
+}
+
+/// Moves an unpacked, checked bundle into `<repo>/<model>/<version>/` with one rename,
+/// after writing its metadata. A crash before the rename leaves the old state; after it,
+/// the new one.
+pub fn install(
+    root: &Path,
+    model: &str,
+    version: u64,
+    unpacked: &Path,
+    meta: &VersionMeta,
+) -> std::io::Result<PathBuf> {
+    let meta_file = meta_path(root, model, version);
+    std::fs::create_dir_all(meta_file.parent().expect("has a parent"))?;
+    let tmp = meta_file.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(meta)?)?;
+    std::fs::rename(&tmp, &meta_file)?;
+    let target = root.join(model).join(version.to_string());
+    std::fs::rename(unpacked, &target)?;
+    sync_dir(&root.join(model));
+    Ok(target)
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}

@@ -18,7 +18,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let registry = Arc::new(Registry::new(metrics.clone()));
     tracing::info!(repository = %config.repository.display(), "loading the repository");
-    let report = lifecycle::load_repository(&config.repository, runtime, &registry).await?;
+    crate::repository::clear_scratch(&config.repository);
+    let latest = config.latest_versions.max(1);
+    let report =
+        lifecycle::load_repository(&config.repository, runtime.clone(), &registry, latest).await?;
     tracing::info!(
         loaded = report.loaded.len(),
         failed = report.failed.len(),
@@ -34,9 +37,22 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
+    let uploads = Arc::new(crate::upload::Uploads {
+        root: config.repository.clone(),
+        runtime,
+        registry: registry.clone(),
+        limits: crate::archive::Limits {
+            max_archive_bytes: config.max_upload_bytes,
+            ..Default::default()
+        },
+        latest,
+    });
     let state = AppState {
         metrics,
         registry,
+        uploads,
+        admin_token: config.admin_token.clone(),
+        max_request_bytes: config.max_request_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
     };
     let app = api::router(state, config.max_request_bytes);

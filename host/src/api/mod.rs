@@ -25,6 +25,11 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
+    pub uploads: Arc<crate::upload::Uploads>,
+    /// The management API's bearer token, when one is configured.
+    pub admin_token: Option<String>,
+    /// Largest inference request body.
+    pub max_request_bytes: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The request's wall-clock deadline unless the client asks for less.
     pub request_timeout: Duration,
@@ -115,6 +120,12 @@ pub enum ApiError {
     NotFound(String),
     UnsupportedMediaType(String),
     Internal(String),
+    /// 401: the management API's bearer token is missing or wrong.
+    Unauthorized(String),
+    /// 409: a version exists with other content.
+    Conflict(String),
+    /// 413.
+    TooLarge(String),
     /// 429 with `Retry-After`: a model's queue is full.
     TooManyRequests(String),
     /// 503 with `Retry-After`.
@@ -127,9 +138,12 @@ impl ApiError {
     /// The `outcome` label of the requests metric.
     fn outcome(&self) -> &'static str {
         match self {
-            ApiError::BadRequest(_) | ApiError::NotFound(_) | ApiError::UnsupportedMediaType(_) => {
-                "client_error"
-            }
+            ApiError::BadRequest(_)
+            | ApiError::NotFound(_)
+            | ApiError::UnsupportedMediaType(_)
+            | ApiError::Unauthorized(_)
+            | ApiError::Conflict(_)
+            | ApiError::TooLarge(_) => "client_error",
             ApiError::Internal(_) => "server_error",
             ApiError::TooManyRequests(_) | ApiError::Unavailable(_) => "overload",
             ApiError::Timeout(_) => "timeout",
@@ -142,6 +156,9 @@ impl ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -155,6 +172,9 @@ impl ApiError {
             | ApiError::UnsupportedMediaType(m)
             | ApiError::Internal(m)
             | ApiError::TooManyRequests(m)
+            | ApiError::Unauthorized(m)
+            | ApiError::Conflict(m)
+            | ApiError::TooLarge(m)
             | ApiError::Unavailable(m)
             | ApiError::Timeout(m) => m,
         }
@@ -212,6 +232,25 @@ impl From<PluginError> for ApiError {
             PluginError::CpuBudget { .. } | PluginError::Deadline { .. } => ApiError::Timeout(msg),
             PluginError::Busy { .. } => ApiError::Unavailable(msg),
         }
+    }
+}
+
+/// The management API needs `Authorization: Bearer <token>` when a token is configured.
+fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.admin_token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(g) if g.as_bytes() == token.as_bytes() => Ok(()),
+        Some(_) => Err(ApiError::Unauthorized("the bearer token is wrong".into())),
+        None => Err(ApiError::Unauthorized(
+            "the management API needs `Authorization: Bearer <token>` (the server's --admin-token)"
+                .into(),
+        )),
     }
 }
 

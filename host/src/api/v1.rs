@@ -160,8 +160,19 @@ pub async fn post_model(
     Path(rest): Path<String>,
     method: Method,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    if let Some(model) = rest.strip_suffix("/versions").filter(|m| !m.contains('/')) {
+        return upload(&state, model, &headers, body).await;
+    }
+    let body = axum::body::to_bytes(body, state.max_request_bytes)
+        .await
+        .map_err(|e| {
+            ApiError::TooLarge(format!(
+                "the request body is over {} bytes (max_request_bytes): {e}",
+                state.max_request_bytes
+            ))
+        })?;
     let t = parse_target(&rest)?;
     let verb = t.verb.as_deref();
     if matches!(verb, Some("predict") | Some("infer")) {
@@ -183,6 +194,35 @@ pub async fn post_model(
             "POST /v1/models/{rest} needs a verb: :predict or :infer"
         ))),
     }
+}
+
+/// `POST /v1/models/{m}/versions`: a bundle archive as the body.
+async fn upload(
+    state: &AppState,
+    model: &str,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Response, ApiError> {
+    super::check_admin(state, headers)?;
+    use crate::upload::UploadError;
+    let stored = state
+        .uploads
+        .receive(model, body.into_data_stream())
+        .await
+        .map_err(|e| match e {
+            UploadError::Invalid(reasons) => {
+                ApiError::BadRequest(format!("invalid bundle: {}", reasons.join("; ")))
+            }
+            UploadError::Conflict(m) => ApiError::Conflict(m),
+            UploadError::TooLarge(m) => ApiError::TooLarge(m),
+            UploadError::Internal(m) => ApiError::Internal(m),
+        })?;
+    let status = if stored.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, axum::Json(&stored)).into_response())
 }
 
 async fn plugin_infer(

@@ -1,0 +1,174 @@
+//! Receiving a bundle: the archive is streamed to a file in the repository's scratch
+//! area, unpacked with the archive rules, checked (manifest, paths, plugin imports, the
+//! model loads and warms up), renamed into `<repo>/<model>/<version>/` in one step, and
+//! published; versions beyond the policy are then retired without dropping a request.
+//!
+//! This module knows files and the lifecycle; `api` maps [`UploadError`] to statuses.
+
+use crate::archive::{self, Limits};
+use crate::bundle::Bundle;
+use crate::lifecycle::{self, Registry};
+use crate::plugin::PluginRuntime;
+use crate::repository::{self, Entry, VersionMeta};
+use futures::{Stream, StreamExt};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// What an upload needs of the server.
+pub struct Uploads {
+    pub root: PathBuf,
+    pub runtime: Arc<PluginRuntime>,
+    pub registry: Arc<Registry>,
+    pub limits: Limits,
+    /// Versions kept loaded per model (`latest = N`).
+    pub latest: usize,
+}
+
+#[derive(Debug)]
+pub enum UploadError {
+    /// 400, with every reason.
+    Invalid(Vec<String>),
+    /// 409: that version exists with other content.
+    Conflict(String),
+    /// 413.
+    TooLarge(String),
+    /// 500.
+    Internal(String),
+}
+
+/// A stored version.
+#[derive(Debug, serde::Serialize)]
+pub struct Stored {
+    pub name: String,
+    pub version: u64,
+    pub digest: String,
+    /// False when the same content was stored already (an idempotent re-upload).
+    #[serde(skip)]
+    pub created: bool,
+}
+
+fn internal(e: impl std::fmt::Display) -> UploadError {
+    UploadError::Internal(e.to_string())
+}
+
+impl Uploads {
+    pub async fn receive<S, E>(&self, model: &str, mut body: S) -> Result<Stored, UploadError>
+    where
+        S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
+        E: std::fmt::Display,
+    {
+        let scratch = repository::scratch(&self.root).map_err(internal)?;
+        // 1. Stream the archive to disk, never whole in memory.
+        let archive_path = scratch.path().join("bundle.tar.gz");
+        let mut file =
+            std::io::BufWriter::new(std::fs::File::create(&archive_path).map_err(internal)?);
+        let mut size = 0u64;
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk
+                .map_err(|e| UploadError::Invalid(vec![format!("the upload broke off: {e}")]))?;
+            size += chunk.len() as u64;
+            if size > self.limits.max_archive_bytes {
+                return Err(UploadError::TooLarge(format!(
+                    "the archive is larger than the upload limit of {} bytes (max_upload_bytes)",
+                    self.limits.max_archive_bytes
+                )));
+            }
+            file.write_all(&chunk).map_err(internal)?;
+        }
+        file.flush().map_err(internal)?;
+        drop(file);
+
+        // 2. Unpack and check, off the async runtime.
+        let unpacked = scratch.path().join("bundle");
+        std::fs::create_dir(&unpacked).map_err(internal)?;
+        let (limits, dir) = (self.limits.clone(), unpacked.clone());
+        let checked = tokio::task::spawn_blocking(move || check(&archive_path, &dir, &limits))
+            .await
+            .map_err(internal)??;
+        let (bundle, digest, files_size) = checked;
+        if bundle.name() != model {
+            return Err(UploadError::Invalid(vec![format!(
+                "the archive's bundle.toml names '{}' but it was uploaded to /v1/models/{model}/versions",
+                bundle.name()
+            )]));
+        }
+        let version = bundle.version();
+        let stored = Stored {
+            name: model.to_string(),
+            version,
+            digest: digest.clone(),
+            created: true,
+        };
+        if self.root.join(model).join(version.to_string()).exists() {
+            return match repository::read_meta(&self.root, model, version) {
+                Some(m) if m.digest == digest => Ok(Stored { created: false, ..stored }),
+                Some(m) => Err(UploadError::Conflict(format!(
+                    "version {version} of '{model}' exists with digest {}; this archive is {digest}: upload it as a new version",
+                    m.digest
+                ))),
+                None => Err(UploadError::Conflict(format!(
+                    "version {version} of '{model}' exists (copied in by hand, no recorded digest); upload it as a new version"
+                ))),
+            };
+        }
+
+        // 3. The model must load and warm up before anything is stored. What loads here
+        //    is what will serve: the model and assets are in memory, not read from disk.
+        let probe = Entry {
+            model: model.to_string(),
+            version,
+            dir: unpacked.clone(),
+        };
+        let rt = self.runtime.clone();
+        let metrics = self.registry.metrics().version(model, version);
+        let mut servable =
+            tokio::task::spawn_blocking(move || lifecycle::load_version(&probe, &rt, metrics))
+                .await
+                .map_err(internal)?
+                .map_err(|e| {
+                    UploadError::Invalid(vec![format!("the bundle does not load: {e:#}")])
+                })?;
+
+        // 4. Store atomically, then load for serving and retire what falls out of policy.
+        let meta = VersionMeta {
+            digest,
+            size: files_size,
+            uploaded_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        servable.bundle.dir =
+            repository::install(&self.root, model, version, &unpacked, &meta).map_err(internal)?;
+        tracing::info!(model, version, digest = %stored.digest, "version uploaded and AVAILABLE");
+        self.registry.publish(Arc::new(servable));
+        self.registry.retire_beyond(model, self.latest);
+        Ok(stored)
+    }
+}
+
+/// Unpacks and checks an archive; blocking.
+fn check(
+    archive_path: &std::path::Path,
+    dir: &std::path::Path,
+    limits: &Limits,
+) -> Result<(Bundle, String, u64), UploadError> {
+    let file = std::fs::File::open(archive_path).map_err(internal)?;
+    let unpacked = archive::unpack(std::io::BufReader::new(file), dir, limits)
+        .map_err(UploadError::Invalid)?;
+    let bundle = Bundle::open(dir).map_err(|e| UploadError::Invalid(e.reasons))?;
+    if let Some(h) = &bundle.manifest.handler {
+        let info = crate::plugin::describe(&bundle.file(&h.path))
+            .map_err(|e| UploadError::Invalid(vec![format!("handler {}: {e:#}", h.path)]))?;
+        if !info.refused.is_empty() {
+            return Err(UploadError::Invalid(vec![format!(
+                "handler {} imports {}, which nnserve does not grant",
+                h.path,
+                info.refused.join(", ")
+            )]));
+        }
+    }
+    let digest = archive::digest(dir).map_err(internal)?;
+    Ok((bundle, digest, unpacked.bytes))
+}

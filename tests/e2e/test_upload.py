@@ -1,0 +1,197 @@
+"""A user uploads new versions of a model to a live server: the new version takes over
+without a failed request, the old one is retired, uploads are atomic, idempotent,
+guarded by the admin token, and survive a restart."""
+import io
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from conftest import EXAMPLES, NNSERVE, ROOT, start_server, stop_server
+
+sys.path.insert(0, os.path.join(ROOT, "examples"))
+import make_models  # noqa: E402
+
+TOKEN = "s3cret"
+ROW = [[1.0, 2.0, 3.0, 4.0]]
+
+
+def mlp_bundle(tmp, version, seed):
+    """An mlp bundle directory of the given version with seeded weights."""
+    d = os.path.join(tmp, f"src-{version}-{seed}")
+    make_models.make_mlp(d, seed=seed, version=version, name="mlp")
+    bundle = os.path.join(d, "mlp", str(version))
+    with open(os.path.join(EXAMPLES, "mlp", "1", "bundle.toml")) as f:
+        text = f.read().replace("version = 1", f"version = {version}")
+    with open(os.path.join(bundle, "bundle.toml"), "w") as f:
+        f.write(text)
+    return bundle
+
+
+def pack(bundle, out):
+    r = subprocess.run([NNSERVE, "bundle", "pack", bundle, "-o", out], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    return open(out, "rb").read()
+
+
+def expected(bundle):
+    m = torch.jit.load(os.path.join(bundle, "model", "model.pt")).eval()
+    return m(torch.tensor(ROW)).detach().numpy()
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    tmp = str(tmp_path_factory.mktemp("upload"))
+    repo = os.path.join(tmp, "repository")
+    os.makedirs(repo)
+    shutil.copytree(mlp_bundle(tmp, 1, seed=0), os.path.join(repo, "mlp", "1"))
+    s = start_server(repo, tmp, "--admin-token", TOKEN)
+    s.tmp, s.repo = tmp, repo
+    yield s
+    stop_server(s)
+
+
+def auth():
+    return {"Authorization": f"Bearer {TOKEN}"}
+
+
+def status(server):
+    return {v["version"]: v["state"] for v in
+            requests.get(f"{server.url}/v1/models/mlp").json()["model_version_status"]}
+
+
+def test_hot_swap_under_load_drops_no_request(live):
+    v1 = expected(mlp_bundle(live.tmp, 1, seed=0))
+    v2_dir = mlp_bundle(live.tmp, 2, seed=1)
+    v2 = expected(v2_dir)
+    assert not np.allclose(v1, v2)
+    archive = pack(v2_dir, os.path.join(live.tmp, "mlp-2.tar.gz"))
+
+    stop = threading.Event()
+    results, failures = [], []
+
+    def client():
+        with requests.Session() as s:
+            while not stop.is_set():
+                r = s.post(f"{live.url}/v1/models/mlp:predict", json={"instances": ROW})
+                if r.status_code != 200:
+                    failures.append((r.status_code, r.text))
+                else:
+                    results.append((time.monotonic(), np.array(r.json()["predictions"])))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(0.5)
+    r = requests.post(f"{live.url}/v1/models/mlp/versions", data=archive, headers=auth())
+    uploaded_at = time.monotonic()
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["name"] == "mlp" and body["version"] == 2 and body["digest"].startswith("sha256:")
+    time.sleep(0.5)
+    stop.set()
+    for t in threads:
+        t.join()
+
+    assert failures == [], failures[:3]
+    assert len(results) > 50
+    outputs = [y for _, y in sorted(results, key=lambda r: r[0])]
+    assert all(np.allclose(y, v1, atol=1e-5) or np.allclose(y, v2, atol=1e-5) for y in outputs)
+    assert np.allclose(outputs[0], v1, atol=1e-5) and np.allclose(outputs[-1], v2, atol=1e-5)
+    after = [y for t, y in results if t > uploaded_at + 0.05]
+    assert after and all(np.allclose(y, v2, atol=1e-5) for y in after), "v1 answered after the swap"
+    deadline = time.time() + 10
+    while status(live).get("1") != "END" and time.time() < deadline:
+        time.sleep(0.05)
+    assert status(live) == {"2": "AVAILABLE", "1": "END"}
+    # Stored atomically, with its record beside the version directories.
+    assert os.path.isfile(os.path.join(live.repo, "mlp", "2", "bundle.toml"))
+    assert os.path.isfile(os.path.join(live.repo, "mlp", ".meta", "2.json"))
+    assert not os.listdir(os.path.join(live.repo, ".tmp"))
+
+
+def test_reupload_is_idempotent_and_other_content_conflicts(live):
+    archive = pack(mlp_bundle(live.tmp, 2, seed=1), os.path.join(live.tmp, "again.tar.gz"))
+    r = requests.post(f"{live.url}/v1/models/mlp/versions", data=archive, headers=auth())
+    assert r.status_code == 200, r.text
+    other = pack(mlp_bundle(live.tmp, 2, seed=5), os.path.join(live.tmp, "other.tar.gz"))
+    r = requests.post(f"{live.url}/v1/models/mlp/versions", data=other, headers=auth())
+    assert r.status_code == 409 and "upload it as a new version" in r.json()["error"]
+
+
+def test_the_admin_token_guards_uploads_not_inference(live):
+    archive = pack(mlp_bundle(live.tmp, 3, seed=3), os.path.join(live.tmp, "mlp-3.tar.gz"))
+    r = requests.post(f"{live.url}/v1/models/mlp/versions", data=archive)
+    assert r.status_code == 401 and "Bearer" in r.json()["error"]
+    r = requests.post(f"{live.url}/v1/models/mlp/versions", data=archive, headers={"Authorization": "Bearer nope"})
+    assert r.status_code == 401
+    assert not os.path.exists(os.path.join(live.repo, "mlp", "3"))
+    assert requests.post(f"{live.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
+
+
+def evil_archive():
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = b"[bundle]\nname = \"mlp\"\nversion = 9\n"
+        info = tarfile.TarInfo("../escape.toml")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("case,body,fragment", [
+    ("not an archive", b"hello", "not a .tar.gz"),
+    ("path traversal", None, "climbs out of the bundle"),
+])
+def test_invalid_uploads_are_refused_and_store_nothing(live, case, body, fragment):
+    before = sorted(os.listdir(os.path.join(live.repo, "mlp")))
+    r = requests.post(f"{live.url}/v1/models/mlp/versions", data=body or evil_archive(), headers=auth())
+    assert r.status_code == 400 and fragment in r.json()["error"], r.text
+    assert sorted(os.listdir(os.path.join(live.repo, "mlp"))) == before
+    assert not os.path.exists(os.path.join(os.path.dirname(live.repo), "escape.toml"))
+    assert requests.post(f"{live.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
+
+
+def test_a_model_that_does_not_load_is_refused_and_the_current_one_serves(live):
+    broken = mlp_bundle(live.tmp, 4, seed=4)
+    with open(os.path.join(broken, "model", "model.pt"), "wb") as f:
+        f.write(b"not torchscript")
+    archive = pack(broken, os.path.join(live.tmp, "broken.tar.gz"))
+    r = requests.post(f"{live.url}/v1/models/mlp/versions", data=archive, headers=auth())
+    assert r.status_code == 400 and "does not load" in r.json()["error"], r.text
+    assert not os.path.exists(os.path.join(live.repo, "mlp", "4"))
+    assert status(live)["2"] == "AVAILABLE"
+
+
+def test_a_restart_serves_what_was_uploaded(live):
+    v2 = expected(mlp_bundle(live.tmp, 2, seed=1))
+    stop_server(live)
+    again = start_server(live.repo, live.tmp, "--admin-token", TOKEN)
+    try:
+        r = requests.post(f"{again.url}/v1/models/mlp:predict", json={"instances": ROW})
+        assert np.allclose(np.array(r.json()["predictions"]), v2, atol=1e-5)
+        assert status(again) == {"2": "AVAILABLE"}
+    finally:
+        stop_server(again)
+        live.proc = again.proc  # the fixture's stop finds it stopped
+
+
+def test_an_upload_over_the_limit_is_413(tmp_path):
+    repo = str(tmp_path / "repo")
+    os.makedirs(repo)
+    config = tmp_path / "nnserve.toml"
+    config.write_text("max_upload_bytes = 1000\n")
+    s = start_server(repo, str(tmp_path), "--config", str(config))
+    try:
+        r = requests.post(f"{s.url}/v1/models/mlp/versions", data=b"x" * 5000)
+        assert r.status_code == 413 and "1000 bytes" in r.json()["error"]
+    finally:
+        stop_server(s)
