@@ -75,6 +75,8 @@ pub struct VersionStatus {
 struct ModelEntry {
     available: BTreeMap<u64, Arc<Servable>>,
     status: BTreeMap<u64, VersionStatus>,
+    /// Label to version; a labelled version stays loaded whatever the policy.
+    labels: BTreeMap<String, u64>,
 }
 
 /// Why a name and version did not resolve to a servable.
@@ -82,6 +84,7 @@ struct ModelEntry {
 pub enum ResolveError {
     UnknownModel(String),
     UnknownVersion(String, u64),
+    UnknownLabel(String, String),
     /// Known but not AVAILABLE: the state and its error, if any.
     NotAvailable(String, u64, String),
 }
@@ -96,6 +99,10 @@ impl std::fmt::Display for ResolveError {
             ResolveError::UnknownVersion(m, v) => {
                 write!(f, "version {v} of model '{m}' is not found")
             }
+            ResolveError::UnknownLabel(m, l) => write!(
+                f,
+                "label '{l}' is not assigned for model '{m}' (PUT /v1/models/{m}/labels/{l} assigns it)"
+            ),
             ResolveError::NotAvailable(m, v, why) => {
                 write!(f, "version {v} of model '{m}' is not available: {why}")
             }
@@ -160,6 +167,73 @@ impl Registry {
         }
     }
 
+    /// The version a label points to.
+    pub fn label(&self, model: &str, label: &str) -> Result<u64, ResolveError> {
+        let models = self.models.read().unwrap();
+        let entry = models
+            .get(model)
+            .ok_or_else(|| ResolveError::UnknownModel(model.to_string()))?;
+        entry
+            .labels
+            .get(label)
+            .copied()
+            .ok_or_else(|| ResolveError::UnknownLabel(model.to_string(), label.to_string()))
+    }
+
+    /// Every label of a model.
+    pub fn labels(&self, model: &str) -> BTreeMap<String, u64> {
+        let models = self.models.read().unwrap();
+        models
+            .get(model)
+            .map(|e| e.labels.clone())
+            .unwrap_or_default()
+    }
+
+    /// Points `label` at `version`. Unless `force`, the version must be AVAILABLE
+    /// (TF Serving's rule).
+    pub fn set_label(
+        &self,
+        model: &str,
+        label: &str,
+        version: u64,
+        force: bool,
+    ) -> Result<(), String> {
+        let mut models = self.models.write().unwrap();
+        let entry = models
+            .get_mut(model)
+            .ok_or_else(|| format!("model '{model}' is not found"))?;
+        if !force && !entry.available.contains_key(&version) {
+            return Err(format!(
+                "version {version} of '{model}' is not AVAILABLE; a label goes to an available version (add \"force\": true to assign it anyway)"
+            ));
+        }
+        entry.labels.insert(label.to_string(), version);
+        Ok(())
+    }
+
+    /// Restores labels read from the repository at start-up.
+    pub(crate) fn restore_labels(&self, model: &str, labels: BTreeMap<String, u64>) {
+        let mut models = self.models.write().unwrap();
+        models.entry(model.to_string()).or_default().labels = labels;
+    }
+
+    /// Every model with its versions' statuses (highest first) and labels.
+    pub fn list(&self) -> Vec<(String, Vec<VersionStatus>, BTreeMap<String, u64>)> {
+        let models = self.models.read().unwrap();
+        let mut out: Vec<_> = models
+            .iter()
+            .map(|(name, e)| {
+                (
+                    name.clone(),
+                    e.status.values().rev().cloned().collect(),
+                    e.labels.clone(),
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+
     /// Every version's status, highest first, or `None` for an unknown model.
     pub fn status(&self, name: &str) -> Option<Vec<VersionStatus>> {
         let models = self.models.read().unwrap();
@@ -219,12 +293,38 @@ impl Registry {
             let Some(entry) = models.get_mut(model) else {
                 return;
             };
-            let versions: Vec<u64> = entry.available.keys().rev().skip(keep).copied().collect();
+            let labelled: Vec<u64> = entry.labels.values().copied().collect();
+            let versions: Vec<u64> = entry
+                .available
+                .keys()
+                .rev()
+                .skip(keep)
+                .filter(|v| !labelled.contains(v))
+                .copied()
+                .collect();
             versions
                 .iter()
                 .filter_map(|v| entry.available.remove(v))
                 .collect()
         };
+        self.retire(retired);
+    }
+
+    /// Takes one version out of service (for a delete).
+    pub fn retire_version(self: &Arc<Self>, model: &str, version: u64) {
+        let removed = {
+            let mut models = self.models.write().unwrap();
+            models
+                .get_mut(model)
+                .and_then(|e| e.available.remove(&version))
+        };
+        match removed {
+            Some(s) => self.retire(vec![s]),
+            None => self.set_status(model, version, State::End, None),
+        }
+    }
+
+    fn retire(self: &Arc<Self>, retired: Vec<Arc<Servable>>) {
         for servable in retired {
             let (name, version) = (servable.name().to_string(), servable.version());
             self.set_status(&name, version, State::Unloading, None);
@@ -307,17 +407,24 @@ pub async fn load_repository(
     for e in entries {
         by_model.entry(e.model.clone()).or_default().push(e);
     }
-    for (_, mut versions) in by_model {
+    for (model, mut versions) in by_model {
+        let labels = repository::read_labels(root, &model);
+        let labelled: Vec<u64> = labels.values().copied().collect();
+        registry.restore_labels(&model, labels);
         versions.sort_by_key(|e| std::cmp::Reverse(e.version));
         let mut loaded = 0;
         for entry in versions {
-            if loaded >= latest {
-                break;
+            // Labelled versions stay loaded whatever the policy says.
+            let aspired = loaded < latest;
+            if !aspired && !labelled.contains(&entry.version) {
+                continue;
             }
             let id = format!("{}@{}", entry.model, entry.version);
             match load_and_publish(registry, &runtime, entry).await {
                 Ok(_) => {
-                    loaded += 1;
+                    if aspired {
+                        loaded += 1;
+                    }
                     report.loaded.push(id);
                 }
                 Err(msg) => report.failed.push(format!("{id}: {msg}")),

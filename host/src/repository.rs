@@ -167,3 +167,40 @@ fn sync_dir(dir: &Path) {
         let _ = d.sync_all();
     }
 }
+
+fn labels_path(root: &Path, model: &str) -> PathBuf {
+    root.join(model).join(".meta").join("labels.json")
+}
+
+/// A model's labels (label to version), as last stored.
+pub fn read_labels(root: &Path, model: &str) -> std::collections::BTreeMap<String, u64> {
+    std::fs::read(labels_path(root, model))
+        .ok()
+        .and_then(|t| serde_json::from_slice(&t).ok())
+        .unwrap_or_default()
+}
+
+/// Stores a model's labels atomically (write, then rename).
+pub fn write_labels(
+    root: &Path,
+    model: &str,
+    labels: &std::collections::BTreeMap<String, u64>,
+) -> std::io::Result<()> {
+    let path = labels_path(root, model);
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(labels)?)?;
+    std::fs::rename(&tmp, &path)
+}
+
+/// Removes a stored version: renamed into the scratch area first (one step, so it is
+/// never half-present), then deleted with its record.
+pub fn remove(root: &Path, model: &str, version: u64) -> std::io::Result<()> {
+    let dir = root.join(model).join(version.to_string());
+    let area = root.join(".tmp");
+    std::fs::create_dir_all(&area)?;
+    let gone = area.join(format!("deleted-{model}-{version}-{}", std::process::id()));
+    std::fs::rename(&dir, &gone)?;
+    let _ = std::fs::remove_file(meta_path(root, model, version));
+    std::fs::remove_dir_all(gone)
+}

@@ -37,7 +37,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    let uploads = Arc::new(crate::upload::Uploads {
+    let manager = Arc::new(crate::manage::Manager {
         root: config.repository.clone(),
         runtime,
         registry: registry.clone(),
@@ -50,7 +50,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let state = AppState {
         metrics,
         registry,
-        uploads,
+        manager,
         admin_token: config.admin_token.clone(),
         max_request_bytes: config.max_request_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms),

@@ -195,3 +195,34 @@ def test_an_upload_over_the_limit_is_413(tmp_path):
         assert r.status_code == 413 and "1000 bytes" in r.json()["error"]
     finally:
         stop_server(s)
+
+
+def test_a_kill_during_an_upload_leaves_no_partial_version(tmp_path):
+    repo = str(tmp_path / "repo")
+    shutil.copytree(mlp_bundle(str(tmp_path), 1, seed=0), os.path.join(repo, "mlp", "1"))
+    s = start_server(repo, str(tmp_path))
+    archive = pack(mlp_bundle(str(tmp_path), 2, seed=1), str(tmp_path / "mlp-2.tar.gz"))
+
+    def slow_body():
+        yield archive[: len(archive) // 2]
+        time.sleep(30)  # the server is killed meanwhile
+        yield archive[len(archive) // 2:]
+
+    t = threading.Thread(target=lambda: requests.post(f"{s.url}/v1/models/mlp/versions", data=slow_body()),
+                         daemon=True)
+    t.start()
+    deadline = time.time() + 10
+    scratch = os.path.join(repo, ".tmp")
+    while not (os.path.isdir(scratch) and os.listdir(scratch)) and time.time() < deadline:
+        time.sleep(0.02)
+    assert os.listdir(scratch), "the upload never reached the scratch area"
+    s.proc.kill()  # no chance to clean up
+    s.proc.wait()
+    again = start_server(repo, str(tmp_path))
+    try:
+        assert sorted(os.listdir(os.path.join(repo, "mlp"))) == ["1"]
+        assert not os.path.exists(scratch) or not os.listdir(scratch)
+        assert status(again) == {"1": "AVAILABLE"}
+        assert requests.post(f"{again.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
+    finally:
+        stop_server(again)

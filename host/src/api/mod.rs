@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 #[derive(Clone)]
 pub struct AppState {
     pub registry: Arc<Registry>,
-    pub uploads: Arc<crate::upload::Uploads>,
+    pub manager: Arc<crate::manage::Manager>,
     /// The management API's bearer token, when one is configured.
     pub admin_token: Option<String>,
     /// Largest inference request body.
@@ -53,9 +53,13 @@ impl AppState {
 /// Builds the whole HTTP surface.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     Router::new()
+        .route("/v1/models", get(v1::list_models))
         .route(
             "/v1/models/{*rest}",
-            get(v1::get_model).post(v1::post_model),
+            get(v1::get_model)
+                .post(v1::post_model)
+                .put(v1::put_model)
+                .delete(v1::delete_model),
         )
         .route("/metrics", get(metrics))
         .route("/v2", get(v2::server_metadata))

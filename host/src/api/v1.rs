@@ -74,13 +74,11 @@ fn parse_target(rest: &str) -> Result<Target, ApiError> {
 }
 
 fn resolve(state: &AppState, t: &Target) -> Result<Arc<Servable>, ApiError> {
-    if let Some(label) = &t.label {
-        return Err(ApiError::NotFound(format!(
-            "label '{label}' is not assigned for model '{}' (labels are not configurable in this version yet; use /versions/{{n}} or no version)",
-            t.model
-        )));
-    }
-    Ok(state.registry.resolve(&t.model, t.version)?)
+    let version = match &t.label {
+        Some(label) => Some(state.registry.label(&t.model, label)?),
+        None => t.version,
+    };
+    Ok(state.registry.resolve(&t.model, version)?)
 }
 
 /// `GET /v1/models/{m}[/versions/{v}]` (status) and `.../metadata`.
@@ -196,6 +194,99 @@ pub async fn post_model(
     }
 }
 
+fn manage_error(e: crate::manage::UploadError) -> ApiError {
+    use crate::manage::UploadError;
+    match e {
+        UploadError::Invalid(reasons) => {
+            ApiError::BadRequest(format!("invalid bundle: {}", reasons.join("; ")))
+        }
+        UploadError::Conflict(m) => ApiError::Conflict(m),
+        UploadError::TooLarge(m) => ApiError::TooLarge(m),
+        UploadError::NotFound(m) => ApiError::NotFound(m),
+        UploadError::Internal(m) => ApiError::Internal(m),
+    }
+}
+
+/// `GET /v1/models`: every model, its versions with state, error and digest, and labels.
+pub async fn list_models(State(state): State<AppState>) -> Response {
+    let root = &state.manager.root;
+    let models: Vec<Value> = state
+        .registry
+        .list()
+        .into_iter()
+        .map(|(name, versions, labels)| {
+            let versions: Vec<Value> = versions
+                .iter()
+                .map(|s| {
+                    let meta = crate::repository::read_meta(root, &name, s.version);
+                    json!({
+                        "version": s.version.to_string(),
+                        "state": s.state.as_str(),
+                        "error": s.error,
+                        "digest": meta.as_ref().map(|m| m.digest.clone()),
+                        "uploaded_at": meta.as_ref().map(|m| m.uploaded_at),
+                    })
+                })
+                .collect();
+            json!({ "name": name, "versions": versions, "labels": labels })
+        })
+        .collect();
+    axum::Json(json!({ "models": models })).into_response()
+}
+
+#[derive(serde::Deserialize)]
+struct LabelBody {
+    version: u64,
+    #[serde(default)]
+    force: bool,
+}
+
+/// `PUT /v1/models/{m}/labels/{l}` with `{"version": N}`.
+pub async fn put_model(
+    State(state): State<AppState>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    super::check_admin(&state, &headers)?;
+    let t = parse_target(&rest)?;
+    let (Some(label), None) = (&t.label, &t.verb) else {
+        return Err(ApiError::NotFound(format!(
+            "PUT /v1/models/{rest}: labels are set with PUT /v1/models/{{name}}/labels/{{label}}"
+        )));
+    };
+    let b: LabelBody = serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the body must be {{\"version\": N}}: {e}")))?;
+    state
+        .manager
+        .set_label(&t.model, label, b.version, b.force)
+        .map_err(manage_error)?;
+    Ok(
+        axum::Json(json!({ "name": t.model, "label": label, "version": b.version }))
+            .into_response(),
+    )
+}
+
+/// `DELETE /v1/models/{m}/versions/{v}`.
+pub async fn delete_model(
+    State(state): State<AppState>,
+    Path(rest): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    super::check_admin(&state, &headers)?;
+    let t = parse_target(&rest)?;
+    let (Some(version), None, None, false) = (t.version, &t.label, &t.verb, t.metadata) else {
+        return Err(ApiError::NotFound(format!(
+            "DELETE /v1/models/{rest}: versions are deleted with DELETE /v1/models/{{name}}/versions/{{n}}"
+        )));
+    };
+    state
+        .manager
+        .delete(&t.model, version)
+        .map_err(manage_error)?;
+    Ok(axum::Json(json!({ "name": t.model, "version": version, "deleted": true })).into_response())
+}
+
 /// `POST /v1/models/{m}/versions`: a bundle archive as the body.
 async fn upload(
     state: &AppState,
@@ -204,19 +295,11 @@ async fn upload(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     super::check_admin(state, headers)?;
-    use crate::upload::UploadError;
     let stored = state
-        .uploads
+        .manager
         .receive(model, body.into_data_stream())
         .await
-        .map_err(|e| match e {
-            UploadError::Invalid(reasons) => {
-                ApiError::BadRequest(format!("invalid bundle: {}", reasons.join("; ")))
-            }
-            UploadError::Conflict(m) => ApiError::Conflict(m),
-            UploadError::TooLarge(m) => ApiError::TooLarge(m),
-            UploadError::Internal(m) => ApiError::Internal(m),
-        })?;
+        .map_err(manage_error)?;
     let status = if stored.created {
         StatusCode::CREATED
     } else {

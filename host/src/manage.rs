@@ -1,3 +1,5 @@
+//! Managing the stored versions: uploads, labels and deletes.
+//!
 //! Receiving a bundle: the archive is streamed to a file in the repository's scratch
 //! area, unpacked with the archive rules, checked (manifest, paths, plugin imports, the
 //! model loads and warms up), renamed into `<repo>/<model>/<version>/` in one step, and
@@ -16,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// What an upload needs of the server.
-pub struct Uploads {
+pub struct Manager {
     pub root: PathBuf,
     pub runtime: Arc<PluginRuntime>,
     pub registry: Arc<Registry>,
@@ -33,6 +35,8 @@ pub enum UploadError {
     Conflict(String),
     /// 413.
     TooLarge(String),
+    /// 404.
+    NotFound(String),
     /// 500.
     Internal(String),
 }
@@ -52,7 +56,7 @@ fn internal(e: impl std::fmt::Display) -> UploadError {
     UploadError::Internal(e.to_string())
 }
 
-impl Uploads {
+impl Manager {
     pub async fn receive<S, E>(&self, model: &str, mut body: S) -> Result<Stored, UploadError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
@@ -145,6 +149,54 @@ impl Uploads {
         self.registry.publish(Arc::new(servable));
         self.registry.retire_beyond(model, self.latest);
         Ok(stored)
+    }
+}
+
+impl Manager {
+    /// Points a label at a version and stores it.
+    pub fn set_label(
+        &self,
+        model: &str,
+        label: &str,
+        version: u64,
+        force: bool,
+    ) -> Result<(), UploadError> {
+        if !crate::bundle::valid_name(label) {
+            return Err(UploadError::Invalid(vec![format!(
+                "label {label:?} must match [a-z0-9][a-z0-9._-]*"
+            )]));
+        }
+        if force && !self.root.join(model).join(version.to_string()).is_dir() {
+            return Err(UploadError::Invalid(vec![format!(
+                "version {version} of '{model}' is not stored"
+            )]));
+        }
+        self.registry
+            .set_label(model, label, version, force)
+            .map_err(UploadError::Conflict)?;
+        repository::write_labels(&self.root, model, &self.registry.labels(model)).map_err(internal)
+    }
+
+    /// Deletes a stored version: out of service first (requests in flight finish), then
+    /// off the disk. A labelled version must lose its labels first.
+    pub fn delete(&self, model: &str, version: u64) -> Result<(), UploadError> {
+        if !self.root.join(model).join(version.to_string()).is_dir() {
+            return Err(UploadError::NotFound(format!(
+                "version {version} of '{model}' is not stored"
+            )));
+        }
+        if let Some((label, _)) = self
+            .registry
+            .labels(model)
+            .iter()
+            .find(|(_, &v)| v == version)
+        {
+            return Err(UploadError::Conflict(format!(
+                "version {version} of '{model}' carries the label '{label}'; move the label first"
+            )));
+        }
+        self.registry.retire_version(model, version);
+        repository::remove(&self.root, model, version).map_err(internal)
     }
 }
 
