@@ -146,3 +146,64 @@ fn describe_dir(dir: &Path) -> anyhow::Result<String> {
     writeln!(s, "digest   {}", archive::digest(dir)?)?;
     Ok(s)
 }
+
+/// Uploads an archive; returns the line to print.
+pub fn push(file: &Path, server: &str, token: Option<&str>) -> anyhow::Result<String> {
+    // The model's name comes from the archive itself (checked again by the server).
+    let scratch = tempfile::tempdir()?;
+    let f = std::fs::File::open(file)
+        .map_err(|e| anyhow::anyhow!("cannot open {}: {e}", file.display()))?;
+    archive::unpack(
+        std::io::BufReader::new(f),
+        scratch.path(),
+        &Limits::default(),
+    )
+    .map_err(|r| anyhow::anyhow!("invalid archive {}: {}", file.display(), r.join("; ")))?;
+    let bundle = Bundle::open(scratch.path())?;
+    let url = format!(
+        "{}/v1/models/{}/versions",
+        server.trim_end_matches('/'),
+        bundle.name()
+    );
+
+    let size = std::fs::metadata(file)?.len();
+    let bar = indicatif::ProgressBar::new(size).with_style(
+        indicatif::ProgressStyle::with_template("uploading {bar:40} {bytes}/{total_bytes} ({eta})")
+            .expect("a valid template"),
+    );
+    let mut reader = bar.wrap_read(std::fs::File::open(file)?);
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let mut req = agent.post(&url).header("content-type", "application/gzip");
+    if let Some(t) = token {
+        req = req.header("authorization", &format!("Bearer {t}"));
+    }
+    let mut resp = req
+        .send(ureq::SendBody::from_reader(&mut reader))
+        .map_err(|e| {
+            anyhow::anyhow!("cannot reach {url}: {e} (is the server running? check --server)")
+        })?;
+    bar.finish_and_clear();
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_string().unwrap_or_default();
+    let json: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+    match status {
+        200 | 201 => Ok(format!(
+            "{} {}@{} digest {}",
+            if status == 201 {
+                "stored"
+            } else {
+                "already stored"
+            },
+            json["name"].as_str().unwrap_or("?"),
+            json["version"],
+            json["digest"].as_str().unwrap_or("?")
+        )),
+        _ => anyhow::bail!(
+            "the server refused the bundle ({status}): {}",
+            json["error"].as_str().unwrap_or(body.trim())
+        ),
+    }
+}

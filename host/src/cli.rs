@@ -45,6 +45,20 @@ pub enum BundleCommand {
         #[arg(long, short = 'o')]
         output: Option<PathBuf>,
     },
+    /// Upload a bundle archive to a running server (POST /v1/models/{name}/versions).
+    ///
+    /// Shows a progress bar on a terminal; prints the stored name, version and digest.
+    /// The model's name is read from the archive's bundle.toml.
+    Push {
+        /// The .tar.gz archive (from `nnserve bundle pack`)
+        file: PathBuf,
+        /// The server's base URL, e.g. http://127.0.0.1:8080
+        #[arg(long, short = 's', env = "NNSERVE_SERVER")]
+        server: String,
+        /// Bearer token for the management API (the server's --admin-token)
+        #[arg(long, short = 't', env = "NNSERVE_ADMIN_TOKEN")]
+        token: Option<String>,
+    },
     /// Show a bundle's manifest, model signature, plugin imports, files and digest.
     Inspect {
         /// A bundle directory or a .tar.gz archive

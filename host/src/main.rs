@@ -18,6 +18,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", nnserve::bundle_tool::pack(&dir, output.as_deref())?);
             Ok(())
         }
+        Command::Bundle(BundleCommand::Push {
+            file,
+            server,
+            token,
+        }) => {
+            println!(
+                "{}",
+                nnserve::bundle_tool::push(&file, &server, token.as_deref())?
+            );
+            Ok(())
+        }
         Command::Bundle(BundleCommand::Inspect { path }) => {
             print!("{}", nnserve::bundle_tool::inspect(&path)?);
             Ok(())

@@ -2,6 +2,7 @@
 without a failed request, the old one is retired, uploads are atomic, idempotent,
 guarded by the admin token, and survive a restart."""
 import io
+import re
 import os
 import shutil
 import subprocess
@@ -226,3 +227,25 @@ def test_a_kill_during_an_upload_leaves_no_partial_version(tmp_path):
         assert requests.post(f"{again.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
     finally:
         stop_server(again)
+
+
+def test_bundle_push_uploads_with_the_cli(tmp_path):
+    repo = str(tmp_path / "repo")
+    shutil.copytree(mlp_bundle(str(tmp_path), 1, seed=0), os.path.join(repo, "mlp", "1"))
+    s = start_server(repo, str(tmp_path), "--admin-token", TOKEN)
+    try:
+        v2 = mlp_bundle(str(tmp_path), 2, seed=1)
+        archive = str(tmp_path / "mlp-2.tar.gz")
+        pack(v2, archive)
+        push = [NNSERVE, "bundle", "push", archive, "--server", s.url]
+        r = subprocess.run(push, capture_output=True, text=True)
+        assert r.returncode != 0 and "401" in r.stderr, r.stderr
+        r = subprocess.run(push + ["--token", TOKEN], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        assert re.match(r"stored mlp@2 digest sha256:[0-9a-f]{64}", r.stdout), r.stdout
+        r = subprocess.run(push + ["--token", TOKEN], capture_output=True, text=True)
+        assert r.stdout.startswith("already stored mlp@2"), r.stdout
+        y = requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW}).json()["predictions"]
+        assert np.allclose(y, expected(v2), atol=1e-5)
+    finally:
+        stop_server(s)
