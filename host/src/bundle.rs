@@ -251,6 +251,66 @@ impl Bundle {
     pub fn file(&self, rel: &str) -> PathBuf {
         self.dir.join(rel)
     }
+
+    /// The requests in `warmup/*.json`, in file-name order.
+    pub fn warmup_requests(&self) -> Result<Vec<(String, WarmupRequest)>, String> {
+        let dir = self.dir.join("warmup");
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(Vec::new());
+        };
+        let mut files: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "json"))
+            .collect();
+        files.sort();
+        files
+            .into_iter()
+            .map(|p| {
+                let name = format!(
+                    "warmup/{}",
+                    p.file_name().unwrap_or_default().to_string_lossy()
+                );
+                let text = std::fs::read(&p).map_err(|e| format!("{name}: {e}"))?;
+                let req: WarmupRequest = serde_json::from_slice(&text).map_err(|e| {
+                    format!("{name} is not a warm-up request {{route, content_type, body}}: {e}")
+                })?;
+                Ok((name, req))
+            })
+            .collect()
+    }
+}
+
+/// A request replayed through the real request path before a version becomes
+/// AVAILABLE. The model and version in `route` are ignored: it goes to the version being
+/// loaded. `body`: a string is sent as is, any other JSON value as JSON text;
+/// `body_base64` carries binary bodies (an image).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupRequest {
+    pub route: String,
+    #[serde(default)]
+    pub content_type: Option<String>,
+    #[serde(default)]
+    pub body: Option<serde_json::Value>,
+    #[serde(default)]
+    pub body_base64: Option<String>,
+}
+
+impl WarmupRequest {
+    pub fn body_bytes(&self) -> Result<Vec<u8>, String> {
+        match (&self.body, &self.body_base64) {
+            (Some(serde_json::Value::String(s)), None) => Ok(s.clone().into_bytes()),
+            (Some(v), None) => Ok(v.to_string().into_bytes()),
+            (None, Some(b)) => {
+                use base64::Engine as _;
+                base64::engine::general_purpose::STANDARD
+                    .decode(b.trim())
+                    .map_err(|e| format!("body_base64 is not base64: {e}"))
+            }
+            (None, None) => Ok(Vec::new()),
+            (Some(_), Some(_)) => Err("give either body or body_base64, not both".into()),
+        }
+    }
 }
 
 /// Parses a manifest; the error names the field and line, as the TOML parser reports.

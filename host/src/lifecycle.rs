@@ -342,22 +342,35 @@ impl Registry {
     }
 }
 
-/// Loads one version off the async runtime and publishes it when it loads; records the
+/// Replays a version's warm-up requests (`warmup/*.json`) through the real request
+/// path before it is published. Set by the server, which owns the request path.
+pub type WarmupHook = Arc<
+    dyn Fn(Arc<Servable>) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync,
+>;
+
+/// Loads one version off the async runtime, warms it up and publishes it; records the
 /// error otherwise. Returns the servable or the error message.
 pub async fn load_and_publish(
     registry: &Registry,
     runtime: &Arc<PluginRuntime>,
     entry: repository::Entry,
+    warmup: Option<&WarmupHook>,
 ) -> Result<Arc<Servable>, String> {
     let (model, version) = (entry.model.clone(), entry.version);
     registry.set_status(&model, version, State::Loading, None);
     let started = Instant::now();
     let rt = runtime.clone();
     let metrics = registry.metrics.version(&model, version);
-    let result = tokio::task::spawn_blocking(move || load_version(&entry, &rt, metrics))
+    let loaded = tokio::task::spawn_blocking(move || load_version(&entry, &rt, metrics))
         .await
         .map_err(|e| anyhow::anyhow!("the loader panicked: {e}"))
-        .and_then(|r| r);
+        .and_then(|r| r)
+        .map(Arc::new)
+        .map_err(|e| format!("{e:#}"));
+    let result = match (loaded, warmup) {
+        (Ok(s), Some(hook)) => hook(s.clone()).await.map(|_| s),
+        (other, _) => other,
+    };
     match result {
         Ok(servable) => {
             tracing::info!(
@@ -365,17 +378,20 @@ pub async fn load_and_publish(
                 plugin = servable.handler.as_ref().map(|p| p.name()).unwrap_or("-"),
                 took = ?started.elapsed(), "version AVAILABLE"
             );
-            let servable = Arc::new(servable);
             registry.publish(servable.clone());
             Ok(servable)
         }
-        Err(e) => {
-            let msg = format!("{e:#}");
+        Err(msg) => {
             tracing::warn!(model = %model, version, "version failed to load: {msg}");
             registry.set_status(&model, version, State::End, Some(msg.clone()));
             Err(msg)
         }
     }
+}
+
+/// Records a version that failed to load or warm up (an upload that was refused).
+pub fn record_failure(registry: &Registry, model: &str, version: u64, msg: &str) {
+    registry.set_status(model, version, State::End, Some(msg.to_string()));
 }
 
 /// What a repository load did, for the start-up summary.
@@ -392,6 +408,7 @@ pub async fn load_repository(
     runtime: Arc<PluginRuntime>,
     registry: &Registry,
     latest: usize,
+    warmup: Option<&WarmupHook>,
 ) -> anyhow::Result<LoadReport> {
     let (entries, problems) = repository::scan(root)?;
     let mut report = LoadReport::default();
@@ -420,7 +437,7 @@ pub async fn load_repository(
                 continue;
             }
             let id = format!("{}@{}", entry.model, entry.version);
-            match load_and_publish(registry, &runtime, entry).await {
+            match load_and_publish(registry, &runtime, entry, warmup).await {
                 Ok(_) => {
                     if aspired {
                         loaded += 1;

@@ -25,6 +25,8 @@ pub struct Manager {
     pub limits: Limits,
     /// Versions kept loaded per model (`latest = N`).
     pub latest: usize,
+    /// Replays warm-up requests; set once the request path exists.
+    pub warmup: std::sync::OnceLock<lifecycle::WarmupHook>,
 }
 
 #[derive(Debug)]
@@ -126,13 +128,27 @@ impl Manager {
         };
         let rt = self.runtime.clone();
         let metrics = self.registry.metrics().version(model, version);
-        let mut servable =
+        let loaded =
             tokio::task::spawn_blocking(move || lifecycle::load_version(&probe, &rt, metrics))
                 .await
                 .map_err(internal)?
-                .map_err(|e| {
-                    UploadError::Invalid(vec![format!("the bundle does not load: {e:#}")])
-                })?;
+                .map(Arc::new)
+                .map_err(|e| format!("the bundle does not load: {e:#}"));
+        let warmed = match (loaded, self.warmup.get()) {
+            (Ok(s), Some(hook)) => hook(s.clone()).await.map(|_| s),
+            (other, _) => other,
+        };
+        let servable = match warmed {
+            Ok(s) => s,
+            Err(msg) => {
+                // Visible in the status API, though nothing was stored.
+                lifecycle::record_failure(&self.registry, model, version, &msg);
+                return Err(UploadError::Invalid(vec![msg]));
+            }
+        };
+        let mut servable = Arc::try_unwrap(servable).map_err(|_| {
+            UploadError::Internal("a warm-up request still holds the new version".into())
+        })?;
 
         // 4. Store atomically, then load for serving and retire what falls out of policy.
         let meta = VersionMeta {

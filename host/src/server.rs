@@ -17,11 +17,35 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     })?);
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let registry = Arc::new(Registry::new(metrics.clone()));
+    let latest = config.latest_versions.max(1);
+    let manager = Arc::new(crate::manage::Manager {
+        root: config.repository.clone(),
+        runtime: runtime.clone(),
+        registry: registry.clone(),
+        limits: crate::archive::Limits {
+            max_archive_bytes: config.max_upload_bytes,
+            ..Default::default()
+        },
+        latest,
+        warmup: Default::default(),
+    });
+    let state = AppState {
+        metrics,
+        registry: registry.clone(),
+        manager: manager.clone(),
+        admin_token: config.admin_token.clone(),
+        max_request_bytes: config.max_request_bytes,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+    };
+    // Warm-up requests go through the real request path, which needs the state.
+    let hook = api::warmup_hook(state.clone());
+    let _ = manager.warmup.set(hook.clone());
+
     tracing::info!(repository = %config.repository.display(), "loading the repository");
     crate::repository::clear_scratch(&config.repository);
-    let latest = config.latest_versions.max(1);
     let report =
-        lifecycle::load_repository(&config.repository, runtime.clone(), &registry, latest).await?;
+        lifecycle::load_repository(&config.repository, runtime, &registry, latest, Some(&hook))
+            .await?;
     tracing::info!(
         loaded = report.loaded.len(),
         failed = report.failed.len(),
@@ -37,24 +61,6 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
-    let manager = Arc::new(crate::manage::Manager {
-        root: config.repository.clone(),
-        runtime,
-        registry: registry.clone(),
-        limits: crate::archive::Limits {
-            max_archive_bytes: config.max_upload_bytes,
-            ..Default::default()
-        },
-        latest,
-    });
-    let state = AppState {
-        metrics,
-        registry,
-        manager,
-        admin_token: config.admin_token.clone(),
-        max_request_bytes: config.max_request_bytes,
-        request_timeout: Duration::from_millis(config.request_timeout_ms),
-    };
     let app = api::router(state, config.max_request_bytes);
     tracing::info!(took = ?started.elapsed(), "ready");
     // Tests and scripts wait for this line on stdout; keep its shape.

@@ -1,6 +1,7 @@
 """Fixtures for the end-to-end tests: a real nnserve (the release build that `make run`
 uses) on an ephemeral loopback port, serving a temporary repository made of the example
 bundles plus test bundles built from tests/plugins. Stopped by its own PID."""
+import json
 import os
 import re
 import shutil
@@ -46,8 +47,9 @@ outputs = [{outputs}]
     return d
 
 
-def plugin_bundle(repo, name, wasm, config="", limits="memory_mib = 64, cpu_ms = 100"):
-    """A bundle with the mlp model and a test plugin."""
+def plugin_bundle(repo, name, wasm, config="", limits="memory_mib = 64, cpu_ms = 100", warmup=None):
+    """A bundle with the mlp model and a test plugin; `warmup` is a list of warm-up
+    request dicts written to warmup/NN.json."""
     d = write_bundle(repo, name, *MLP_IO, handler=f"""
 [handler]
 path = "plugins/handler.wasm"
@@ -57,6 +59,12 @@ limits = {{ {limits} }}
     os.makedirs(os.path.join(d, "plugins"))
     shutil.copy(MLP_MODEL, os.path.join(d, "model", "model.pt"))
     shutil.copy(os.path.join(WASM, wasm), os.path.join(d, "plugins", "handler.wasm"))
+    if warmup:
+        os.makedirs(os.path.join(d, "warmup"))
+        for i, req in enumerate(warmup):
+            with open(os.path.join(d, "warmup", f"{i:02}.json"), "w") as f:
+                json.dump(req, f)
+    return d
 
 
 def multi_io_bundles(repo):
@@ -138,6 +146,13 @@ def server(tmp_path_factory):
     plugin_bundle(repo, "slow", "misbehave.wasm", 'mode = "loop"', "memory_mib = 64, cpu_ms = 60000")
     plugin_bundle(repo, "hog", "misbehave.wasm", 'mode = "alloc"', "memory_mib = 16, cpu_ms = 5000")
     plugin_bundle(repo, "forbidden", "forbidden_import.wasm")
+    warm = [{"route": "/v1/models/warm:infer", "content_type": "text/plain", "body": "hello"},
+            {"route": "/v1/models/warm:predict", "body": {"instances": [[1, 2, 3, 4]]}},
+            {"route": "/v2/models/warm/infer", "body": {"inputs": [
+                {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}]}}]
+    plugin_bundle(repo, "warm", "misbehave.wasm", 'mode = "echo"', warmup=warm)
+    plugin_bundle(repo, "coldtrap", "misbehave.wasm", 'mode = "trap"',
+                  warmup=[{"route": "/v1/models/coldtrap:infer", "body_base64": "aGk="}])
     multi_io_bundles(repo)
     heavy_bundle(repo)
     # A bundle whose manifest is wrong must not stop the others.

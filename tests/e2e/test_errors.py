@@ -117,3 +117,14 @@ def test_an_invalid_bundle_is_reported_with_its_path_and_reason(server, http):
     assert status["state"] == "END" and "flavour" in status["status"]["error_message"]
     assert "broken/1" in server.log()
     still_serving(server, http)
+
+
+def test_warmup_requests_run_before_a_version_serves(server, http):
+    r = http.get(f"{server.url}/v1/models/warm")
+    assert r.json()["model_version_status"][0]["state"] == "AVAILABLE"
+    r = http.get(f"{server.url}/v1/models/coldtrap")
+    (status,) = r.json()["model_version_status"]
+    assert status["state"] == "END"
+    msg = status["status"]["error_message"]
+    assert "warm-up warmup/00.json to /v1/models/coldtrap:infer failed" in msg and "trapped" in msg, msg
+    still_serving(server, http)

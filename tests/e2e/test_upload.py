@@ -249,3 +249,29 @@ def test_bundle_push_uploads_with_the_cli(tmp_path):
         assert np.allclose(y, expected(v2), atol=1e-5)
     finally:
         stop_server(s)
+
+
+def test_a_version_whose_warmup_traps_is_refused_and_the_current_one_serves(tmp_path):
+    from conftest import plugin_bundle
+    repo = str(tmp_path / "repo")
+    src = str(tmp_path / "src")
+    good = plugin_bundle(src, "echoer", "misbehave.wasm", 'mode = "echo"')
+    shutil.copytree(good, os.path.join(repo, "echoer", "1"))
+    s = start_server(repo, str(tmp_path))
+    try:
+        bad = plugin_bundle(str(tmp_path / "src3"), "echoer", "misbehave.wasm", 'mode = "trap"',
+                            warmup=[{"route": "/v1/models/echoer:infer", "body": "x"}])
+        with open(os.path.join(bad, "bundle.toml")) as f:
+            text = f.read().replace("version = 1", "version = 3")
+        with open(os.path.join(bad, "bundle.toml"), "w") as f:
+            f.write(text)
+        archive = pack(bad, str(tmp_path / "bad.tar.gz"))
+        r = requests.post(f"{s.url}/v1/models/echoer/versions", data=archive)
+        assert r.status_code == 400 and "warm-up" in r.json()["error"], r.text
+        states = {v["version"]: v for v in requests.get(f"{s.url}/v1/models/echoer").json()["model_version_status"]}
+        assert states["1"]["state"] == "AVAILABLE"
+        assert states["3"]["state"] == "END" and "trapped" in states["3"]["status"]["error_message"]
+        assert not os.path.exists(os.path.join(repo, "echoer", "3"))
+        assert requests.post(f"{s.url}/v1/models/echoer:infer", data=b"ok").content == b"ok"
+    finally:
+        stop_server(s)

@@ -287,6 +287,35 @@ pub async fn delete_model(
     Ok(axum::Json(json!({ "name": t.model, "version": version, "deleted": true })).into_response())
 }
 
+/// Warm-up entry points (see `api::warmup_hook`).
+pub(super) async fn warm_plugin(
+    state: &AppState,
+    servable: &Servable,
+    route: &str,
+    headers: HeaderMap,
+    body: Vec<u8>,
+) -> Result<Response, ApiError> {
+    let rest = route.trim_start_matches("/v1/models/");
+    plugin_infer(
+        state,
+        servable,
+        Method::POST,
+        rest,
+        headers,
+        Bytes::from(body),
+    )
+    .await
+}
+
+pub(super) async fn warm_predict(
+    state: &AppState,
+    servable: &Servable,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    predict(state, servable, headers, body).await
+}
+
 /// `POST /v1/models/{m}/versions`: a bundle archive as the body.
 async fn upload(
     state: &AppState,

@@ -173,6 +173,16 @@ async fn infer_impl(
     result
 }
 
+/// Warm-up entry point (see `api::warmup_hook`).
+pub(super) async fn warm_infer(
+    state: &AppState,
+    s: &Servable,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Response, ApiError> {
+    infer_resolved(state, s, headers, body).await
+}
+
 async fn infer_resolved(
     state: &AppState,
     s: &Servable,
