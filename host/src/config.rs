@@ -36,8 +36,15 @@ pub struct ServerConfig {
     /// Bearer token the management API requires (uploads); none: no token needed.
     /// Inference routes never need it.
     pub admin_token: Option<String>,
-    /// Version policy `latest = N`: the newest N versions of each model stay loaded.
+    /// Version policy `latest = N` for models without their own: the newest N versions
+    /// of each model stay loaded.
     pub latest_versions: usize,
+    /// Per-model version policies: `name = "all"`, `{ latest = N }` or `{ specific = [..] }`.
+    pub policies: std::collections::BTreeMap<String, toml::Value>,
+    /// How often the repository is scanned for versions copied in or removed by hand, ms
+    /// (0: never). A new version directory is loaded once it has not changed for a full
+    /// interval.
+    pub poll_interval_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -55,6 +62,8 @@ impl Default for ServerConfig {
             max_upload_bytes: 4 << 30,
             admin_token: None,
             latest_versions: 1,
+            policies: Default::default(),
+            poll_interval_ms: 2000,
         }
     }
 }
@@ -79,6 +88,20 @@ impl ServerConfig {
         } else {
             self.torch_intra_op_threads
         }
+    }
+
+    /// The version policies, checked.
+    pub fn policies(&self) -> anyhow::Result<crate::lifecycle::Policies> {
+        let mut per_model = std::collections::BTreeMap::new();
+        for (model, v) in &self.policies {
+            let p = crate::lifecycle::VersionPolicy::from_toml(v)
+                .map_err(|e| anyhow::anyhow!("policies.{model}: {e}"))?;
+            per_model.insert(model.clone(), p);
+        }
+        Ok(crate::lifecycle::Policies {
+            default: crate::lifecycle::VersionPolicy::Latest(self.latest_versions.max(1)),
+            per_model,
+        })
     }
 
     pub fn worker_threads(&self) -> usize {

@@ -40,6 +40,77 @@ impl State {
     }
 }
 
+/// TF Serving's version policies: which stored versions should be loaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VersionPolicy {
+    /// The newest N versions that load (a newer one that fails leaves an older serving).
+    Latest(usize),
+    /// Every stored version.
+    All,
+    /// Exactly these versions.
+    Specific(Vec<u64>),
+}
+
+impl Default for VersionPolicy {
+    fn default() -> Self {
+        VersionPolicy::Latest(1)
+    }
+}
+
+impl VersionPolicy {
+    /// From the config file: `"all"`, `{ latest = N }` or `{ specific = [..] }`.
+    pub fn from_toml(v: &toml::Value) -> Result<VersionPolicy, String> {
+        let bad = || {
+            format!(
+                "a version policy is \"all\", {{ latest = N }} or {{ specific = [1, 2] }}, not {v}"
+            )
+        };
+        match v {
+            toml::Value::String(s) if s == "all" => Ok(VersionPolicy::All),
+            toml::Value::Table(t) if t.len() == 1 => match (t.get("latest"), t.get("specific")) {
+                (Some(toml::Value::Integer(n)), None) if *n > 0 => {
+                    Ok(VersionPolicy::Latest(*n as usize))
+                }
+                (None, Some(toml::Value::Array(a))) => a
+                    .iter()
+                    .map(|x| {
+                        x.as_integer()
+                            .filter(|&n| n > 0)
+                            .map(|n| n as u64)
+                            .ok_or_else(bad)
+                    })
+                    .collect::<Result<_, _>>()
+                    .map(VersionPolicy::Specific),
+                _ => Err(bad()),
+            },
+            _ => Err(bad()),
+        }
+    }
+
+    /// Whether `version` is wanted, given every stored version (any order). For
+    /// `Latest`, "the newest N stored"; loading falls back to older ones on failure.
+    pub fn wants(&self, version: u64, stored: &[u64]) -> bool {
+        match self {
+            VersionPolicy::All => true,
+            VersionPolicy::Specific(list) => list.contains(&version),
+            VersionPolicy::Latest(n) => stored.iter().filter(|&&v| v > version).count() < *n,
+        }
+    }
+}
+
+/// The policy of each model: a default and per-model choices.
+#[derive(Debug, Clone, Default)]
+pub struct Policies {
+    pub default: VersionPolicy,
+    pub per_model: BTreeMap<String, VersionPolicy>,
+}
+
+impl Policies {
+    pub fn get(&self, model: &str) -> &VersionPolicy {
+        self.per_model.get(model).unwrap_or(&self.default)
+    }
+}
+
 /// A loaded, servable model version.
 pub struct Servable {
     pub bundle: Bundle,
@@ -287,19 +358,26 @@ impl Registry {
 impl Registry {
     /// Versions of `model` beyond the newest `keep` stop taking new requests (UNLOADING)
     /// and reach END once the last request holding them finishes.
-    pub fn retire_beyond(self: &Arc<Self>, model: &str, keep: usize) {
+    pub fn retire_unwanted(self: &Arc<Self>, model: &str, policy: &VersionPolicy) {
         let retired: Vec<Arc<Servable>> = {
             let mut models = self.models.write().unwrap();
             let Some(entry) = models.get_mut(model) else {
                 return;
             };
             let labelled: Vec<u64> = entry.labels.values().copied().collect();
-            let versions: Vec<u64> = entry
-                .available
-                .keys()
-                .rev()
-                .skip(keep)
-                .filter(|v| !labelled.contains(v))
+            let loaded: Vec<u64> = entry.available.keys().copied().collect();
+            let keep: Vec<u64> = match policy {
+                // Among what is loaded, the newest N serve.
+                VersionPolicy::Latest(n) => loaded.iter().rev().take(*n).copied().collect(),
+                other => loaded
+                    .iter()
+                    .copied()
+                    .filter(|&v| other.wants(v, &loaded))
+                    .collect(),
+            };
+            let versions: Vec<u64> = loaded
+                .iter()
+                .filter(|v| !keep.contains(v) && !labelled.contains(v))
                 .copied()
                 .collect();
             versions
@@ -407,7 +485,7 @@ pub async fn load_repository(
     root: &Path,
     runtime: Arc<PluginRuntime>,
     registry: &Registry,
-    latest: usize,
+    policies: &Policies,
     warmup: Option<&WarmupHook>,
 ) -> anyhow::Result<LoadReport> {
     let (entries, problems) = repository::scan(root)?;
@@ -418,8 +496,8 @@ pub async fn load_repository(
             .failed
             .push(format!("{}: {}", p.path.display(), p.reason));
     }
-    // The version policy `latest = N`: per model, the newest versions that load, down
-    // from the highest; a newer version that fails is reported and an older one serves.
+    // Per model, the versions its policy wants; for `latest = N` the newest N that load,
+    // down from the highest: a newer version that fails is reported and an older one serves.
     let mut by_model: BTreeMap<String, Vec<repository::Entry>> = BTreeMap::new();
     for e in entries {
         by_model.entry(e.model.clone()).or_default().push(e);
@@ -429,10 +507,15 @@ pub async fn load_repository(
         let labelled: Vec<u64> = labels.values().copied().collect();
         registry.restore_labels(&model, labels);
         versions.sort_by_key(|e| std::cmp::Reverse(e.version));
+        let stored: Vec<u64> = versions.iter().map(|e| e.version).collect();
+        let policy = policies.get(&model);
         let mut loaded = 0;
         for entry in versions {
             // Labelled versions stay loaded whatever the policy says.
-            let aspired = loaded < latest;
+            let aspired = match policy {
+                VersionPolicy::Latest(n) => loaded < *n,
+                other => other.wants(entry.version, &stored),
+            };
             if !aspired && !labelled.contains(&entry.version) {
                 continue;
             }
@@ -524,4 +607,43 @@ fn warm_up(
         })?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(text: &str) -> Result<VersionPolicy, String> {
+        let v: toml::Value = toml::from_str(&format!("p = {text}")).unwrap();
+        VersionPolicy::from_toml(&v["p"])
+    }
+
+    #[test]
+    fn policies_parse_and_choose_versions() {
+        assert_eq!(policy("\"all\""), Ok(VersionPolicy::All));
+        assert_eq!(policy("{ latest = 2 }"), Ok(VersionPolicy::Latest(2)));
+        assert_eq!(
+            policy("{ specific = [1, 3] }"),
+            Ok(VersionPolicy::Specific(vec![1, 3]))
+        );
+        for bad in [
+            "\"newest\"",
+            "{ latest = 0 }",
+            "{ latest = 1, specific = [1] }",
+            "{ specific = [-1] }",
+        ] {
+            assert!(policy(bad).is_err(), "{bad}");
+        }
+        let stored = [1, 2, 3];
+        let wanted = |p: &VersionPolicy| {
+            stored
+                .iter()
+                .copied()
+                .filter(|&v| p.wants(v, &stored))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(wanted(&VersionPolicy::Latest(2)), vec![2, 3]);
+        assert_eq!(wanted(&VersionPolicy::All), vec![1, 2, 3]);
+        assert_eq!(wanted(&VersionPolicy::Specific(vec![1])), vec![1]);
+    }
 }

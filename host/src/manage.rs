@@ -23,8 +23,8 @@ pub struct Manager {
     pub runtime: Arc<PluginRuntime>,
     pub registry: Arc<Registry>,
     pub limits: Limits,
-    /// Versions kept loaded per model (`latest = N`).
-    pub latest: usize,
+    /// Which versions each model keeps loaded.
+    pub policies: lifecycle::Policies,
     /// Replays warm-up requests; set once the request path exists.
     pub warmup: std::sync::OnceLock<lifecycle::WarmupHook>,
 }
@@ -163,7 +163,8 @@ impl Manager {
             repository::install(&self.root, model, version, &unpacked, &meta).map_err(internal)?;
         tracing::info!(model, version, digest = %stored.digest, "version uploaded and AVAILABLE");
         self.registry.publish(Arc::new(servable));
-        self.registry.retire_beyond(model, self.latest);
+        self.registry
+            .retire_unwanted(model, self.policies.get(model));
         Ok(stored)
     }
 }
@@ -239,4 +240,115 @@ fn check(
     }
     let digest = archive::digest(dir).map_err(internal)?;
     Ok((bundle, digest, unpacked.bytes))
+}
+
+/// A version directory's shape: every file with its size and modification time.
+type Fingerprint = Vec<(String, u64, Option<std::time::SystemTime>)>;
+
+fn fingerprint(dir: &std::path::Path) -> Option<Fingerprint> {
+    let files = archive::list_files(dir).ok()?;
+    Some(
+        files
+            .into_iter()
+            .map(|(p, m)| (p, m.len(), m.modified().ok()))
+            .collect(),
+    )
+}
+
+impl Manager {
+    /// Watches the repository (TF Serving's file-system source): versions copied in by
+    /// hand are loaded once they have not changed for a full `interval` (so a half-copied
+    /// directory is never loaded) and the policy wants them; versions whose directory
+    /// was removed are taken out of service. Runs until the process ends.
+    pub async fn poll(self: Arc<Self>, interval: std::time::Duration) {
+        use std::collections::HashMap;
+        let mut pending: HashMap<(String, u64), Fingerprint> = HashMap::new();
+        let mut failed: HashMap<(String, u64), Fingerprint> = HashMap::new();
+        // Versions that start-up already tried and that failed are retried only once
+        // their files change.
+        if let Ok((entries, _)) = repository::scan(&self.root) {
+            for e in entries {
+                let ended = self.registry.status(&e.model).is_some_and(|st| {
+                    st.iter()
+                        .any(|s| s.version == e.version && s.state == lifecycle::State::End)
+                });
+                if ended {
+                    if let Some(fp) = fingerprint(&e.dir) {
+                        failed.insert((e.model.clone(), e.version), fp);
+                    }
+                }
+            }
+        }
+        loop {
+            tokio::time::sleep(interval).await;
+            let root = self.root.clone();
+            let Ok(Ok((entries, _))) =
+                tokio::task::spawn_blocking(move || repository::scan(&root)).await
+            else {
+                continue;
+            };
+            // Removed by hand: out of service.
+            for (model, statuses, _) in self.registry.list() {
+                for s in statuses {
+                    let gone = !entries
+                        .iter()
+                        .any(|e| e.model == model && e.version == s.version);
+                    if gone && s.state == lifecycle::State::Available {
+                        tracing::info!(model = %model, version = s.version, "version directory removed; retiring it");
+                        self.registry.retire_version(&model, s.version);
+                    }
+                }
+            }
+            // Copied in by hand: load when stable and wanted.
+            for entry in &entries {
+                let key = (entry.model.clone(), entry.version);
+                let known = self.registry.status(&entry.model).is_some_and(|st| {
+                    st.iter()
+                        .any(|s| s.version == entry.version && s.state != lifecycle::State::End)
+                });
+                if known {
+                    pending.remove(&key);
+                    continue;
+                }
+                let Some(fp) = fingerprint(&entry.dir) else {
+                    continue;
+                };
+                if failed.get(&key) == Some(&fp) {
+                    continue; // failed before and unchanged since
+                }
+                if pending.get(&key) != Some(&fp) {
+                    pending.insert(key, fp); // new or still changing: wait a full interval
+                    continue;
+                }
+                let stored: Vec<u64> = entries
+                    .iter()
+                    .filter(|e| e.model == entry.model)
+                    .map(|e| e.version)
+                    .collect();
+                let policy = self.policies.get(&entry.model);
+                let wanted = policy.wants(entry.version, &stored)
+                    // For `latest`, also the newest that is not loaded when newer ones failed.
+                    || matches!(policy, lifecycle::VersionPolicy::Latest(_))
+                        && self.registry.resolve(&entry.model, None).is_err();
+                pending.remove(&key);
+                if !wanted || !entry.dir.join("bundle.toml").is_file() {
+                    continue;
+                }
+                tracing::info!(model = %entry.model, version = entry.version, "new version in the repository; loading it");
+                match lifecycle::load_and_publish(
+                    &self.registry,
+                    &self.runtime,
+                    entry.clone(),
+                    self.warmup.get(),
+                )
+                .await
+                {
+                    Ok(_) => self.registry.retire_unwanted(&entry.model, policy),
+                    Err(_) => {
+                        failed.insert(key, fingerprint(&entry.dir).unwrap_or_default());
+                    }
+                }
+            }
+        }
+    }
 }

@@ -17,7 +17,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     })?);
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let registry = Arc::new(Registry::new(metrics.clone()));
-    let latest = config.latest_versions.max(1);
+    let policies = config.policies()?;
     let manager = Arc::new(crate::manage::Manager {
         root: config.repository.clone(),
         runtime: runtime.clone(),
@@ -26,7 +26,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             max_archive_bytes: config.max_upload_bytes,
             ..Default::default()
         },
-        latest,
+        policies: policies.clone(),
         warmup: Default::default(),
     });
     let state = AppState {
@@ -43,9 +43,14 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 
     tracing::info!(repository = %config.repository.display(), "loading the repository");
     crate::repository::clear_scratch(&config.repository);
-    let report =
-        lifecycle::load_repository(&config.repository, runtime, &registry, latest, Some(&hook))
-            .await?;
+    let report = lifecycle::load_repository(
+        &config.repository,
+        runtime,
+        &registry,
+        &policies,
+        Some(&hook),
+    )
+    .await?;
     tracing::info!(
         loaded = report.loaded.len(),
         failed = report.failed.len(),
@@ -61,6 +66,10 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             )
         })?;
     let addr = listener.local_addr()?;
+    if config.poll_interval_ms > 0 {
+        let interval = Duration::from_millis(config.poll_interval_ms);
+        tokio::spawn(manager.clone().poll(interval));
+    }
     let app = api::router(state, config.max_request_bytes);
     tracing::info!(took = ?started.elapsed(), "ready");
     // Tests and scripts wait for this line on stdout; keep its shape.

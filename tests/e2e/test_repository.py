@@ -1,0 +1,97 @@
+"""The repository is the source of truth: versions copied in by hand are served once
+complete, removed ones are retired, and each model's version policy decides what loads."""
+import os
+import shutil
+import threading
+import time
+
+import numpy as np
+import requests
+
+from conftest import start_server, stop_server
+from test_upload import ROW, expected, mlp_bundle, status
+
+
+def wait_for(cond, timeout=20):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def predict(s):
+    return np.array(requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW}).json()["predictions"])
+
+
+def test_hand_copied_versions_load_once_complete_and_removed_ones_retire(tmp_path):
+    tmp, repo = str(tmp_path), str(tmp_path / "repo")
+    shutil.copytree(mlp_bundle(tmp, 1, 0), os.path.join(repo, "mlp", "1"))
+    config = tmp_path / "nnserve.toml"
+    config.write_text("poll_interval_ms = 300\n")
+    s = start_server(repo, tmp, "--config", str(config))
+    try:
+        # The safe way: copy elsewhere, rename in.
+        staged = os.path.join(tmp, "staging-2")
+        shutil.copytree(mlp_bundle(tmp, 2, 1), staged)
+        os.rename(staged, os.path.join(repo, "mlp", "2"))
+        assert wait_for(lambda: status(s) == {"2": "AVAILABLE", "1": "END"}), status(s)
+        assert np.allclose(predict(s), expected(mlp_bundle(tmp, 2, 1)), atol=1e-5)
+
+        # A slow copy straight into place is not loaded until it stops changing.
+        src = mlp_bundle(tmp, 3, 2)
+        dst = os.path.join(repo, "mlp", "3")
+        os.makedirs(os.path.join(dst, "model"))
+        shutil.copy(os.path.join(src, "bundle.toml"), dst)
+        data = open(os.path.join(src, "model", "model.pt"), "rb").read()
+        seen = []
+
+        def watch():
+            while not done.is_set():
+                seen.append(status(s).get("3"))
+                time.sleep(0.05)
+
+        done = threading.Event()
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with open(os.path.join(dst, "model", "model.pt"), "wb") as f:
+            step = max(1, len(data) // 20)
+            for i in range(0, len(data), step):
+                f.write(data[i:i + step])
+                f.flush()
+                time.sleep(0.05)
+        assert wait_for(lambda: status(s).get("3") == "AVAILABLE"), status(s)
+        done.set()
+        watcher.join()
+        assert "END" not in seen, "a half-copied version was tried"
+        assert np.allclose(predict(s), expected(src), atol=1e-5)
+
+        # Removed by hand: retired, and the policy brings the newest remaining back.
+        shutil.rmtree(dst)
+        assert wait_for(lambda: status(s).get("3") == "END" and status(s).get("2") == "AVAILABLE"), status(s)
+        assert np.allclose(predict(s), expected(mlp_bundle(tmp, 2, 1)), atol=1e-5)
+    finally:
+        stop_server(s)
+
+
+def test_version_policies_from_the_config_file(tmp_path):
+    tmp, repo = str(tmp_path), str(tmp_path / "repo")
+    for v, seed in ((1, 0), (2, 1), (3, 2)):
+        shutil.copytree(mlp_bundle(tmp, v, seed), os.path.join(repo, "mlp", str(v)))
+    for policy, want in (('"all"', {"3": "AVAILABLE", "2": "AVAILABLE", "1": "AVAILABLE"}),
+                         ("{ specific = [1, 2] }", {"2": "AVAILABLE", "1": "AVAILABLE"}),
+                         ("{ latest = 2 }", {"3": "AVAILABLE", "2": "AVAILABLE"})):
+        config = tmp_path / "nnserve.toml"
+        config.write_text(f"poll_interval_ms = 0\n[policies]\nmlp = {policy}\n")
+        s = start_server(repo, tmp, "--config", str(config))
+        try:
+            assert status(s) == want, (policy, status(s))
+            r = requests.post(f"{s.url}/v1/models/mlp/versions/1:predict", json={"instances": ROW})
+            assert r.status_code == (200 if "1" in want else 404)
+        finally:
+            stop_server(s)
+    config.write_text("[policies]\nmlp = { newest = 1 }\n")
+    r = __import__("subprocess").run([__import__("conftest").NNSERVE, "serve", "-r", repo, "-l", "127.0.0.1:0",
+                                      "--config", str(config)], capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and "policies.mlp" in r.stderr
