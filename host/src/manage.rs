@@ -27,6 +27,8 @@ pub struct Manager {
     pub policies: lifecycle::Policies,
     /// Replays warm-up requests; set once the request path exists.
     pub warmup: std::sync::OnceLock<lifecycle::WarmupHook>,
+    /// Models unloaded on request (Triton's repository API): the poller leaves them.
+    pub unloaded: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 #[derive(Debug)]
@@ -301,6 +303,9 @@ impl Manager {
             }
             // Copied in by hand: load when stable and wanted.
             for entry in &entries {
+                if self.unloaded.lock().unwrap().contains(&entry.model) {
+                    continue;
+                }
                 let key = (entry.model.clone(), entry.version);
                 let known = self.registry.status(&entry.model).is_some_and(|st| {
                     st.iter()
@@ -350,5 +355,75 @@ impl Manager {
                 }
             }
         }
+    }
+}
+
+impl Manager {
+    /// Triton's `load`: the versions the model's policy wants, from the repository.
+    pub async fn load_model(&self, model: &str) -> Result<(), UploadError> {
+        self.unloaded.lock().unwrap().remove(model);
+        let root = self.root.clone();
+        let (entries, _) = tokio::task::spawn_blocking(move || repository::scan(&root))
+            .await
+            .map_err(internal)?
+            .map_err(internal)?;
+        let mut versions: Vec<Entry> = entries.into_iter().filter(|e| e.model == model).collect();
+        if versions.is_empty() {
+            return Err(UploadError::NotFound(format!(
+                "model '{model}' is not in the repository"
+            )));
+        }
+        versions.sort_by_key(|e| std::cmp::Reverse(e.version));
+        let stored: Vec<u64> = versions.iter().map(|e| e.version).collect();
+        let policy = self.policies.get(model).clone();
+        let mut loaded = 0;
+        let mut errors = Vec::new();
+        for entry in versions {
+            let wanted = match &policy {
+                lifecycle::VersionPolicy::Latest(n) => loaded < *n,
+                p => p.wants(entry.version, &stored),
+            };
+            if !wanted {
+                continue;
+            }
+            if self.registry.resolve(model, Some(entry.version)).is_ok() {
+                loaded += 1;
+                continue;
+            }
+            match lifecycle::load_and_publish(
+                &self.registry,
+                &self.runtime,
+                entry,
+                self.warmup.get(),
+            )
+            .await
+            {
+                Ok(_) => loaded += 1,
+                Err(e) => errors.push(e),
+            }
+        }
+        self.registry.retire_unwanted(model, &policy);
+        if loaded == 0 {
+            return Err(UploadError::Invalid(errors));
+        }
+        Ok(())
+    }
+
+    /// Triton's `unload`: every loaded version out of service (requests in flight finish);
+    /// the poller leaves the model alone until it is loaded again.
+    pub fn unload_model(&self, model: &str) -> Result<(), UploadError> {
+        let Some(statuses) = self.registry.status(model) else {
+            return Err(UploadError::NotFound(format!(
+                "model '{model}' is not found"
+            )));
+        };
+        self.unloaded.lock().unwrap().insert(model.to_string());
+        for s in statuses
+            .iter()
+            .filter(|s| s.state == lifecycle::State::Available)
+        {
+            self.registry.retire_version(model, s.version);
+        }
+        Ok(())
     }
 }

@@ -28,6 +28,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         },
         policies: policies.clone(),
         warmup: Default::default(),
+        unloaded: Default::default(),
     });
     let state = AppState {
         metrics,

@@ -95,3 +95,27 @@ def test_version_policies_from_the_config_file(tmp_path):
     r = __import__("subprocess").run([__import__("conftest").NNSERVE, "serve", "-r", repo, "-l", "127.0.0.1:0",
                                       "--config", str(config)], capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "policies.mlp" in r.stderr
+
+
+def test_triton_repository_extension_index_load_unload(tmp_path):
+    tmp, repo = str(tmp_path), str(tmp_path / "repo")
+    shutil.copytree(mlp_bundle(tmp, 1, 0), os.path.join(repo, "mlp", "1"))
+    config = tmp_path / "nnserve.toml"
+    config.write_text("poll_interval_ms = 200\n")
+    s = start_server(repo, tmp, "--config", str(config))
+    try:
+        index = requests.post(f"{s.url}/v2/repository/index").json()
+        assert {"name": "mlp", "version": "1", "state": "READY", "reason": ""} in index
+        assert requests.post(f"{s.url}/v2/repository/models/mlp/unload").status_code == 200
+        assert wait_for(lambda: status(s) == {"1": "END"})
+        time.sleep(0.6)  # the poller must not bring it back
+        assert status(s) == {"1": "END"}
+        r = requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW})
+        assert r.status_code == 503
+        assert requests.post(f"{s.url}/v2/repository/models/mlp/load").status_code == 200
+        assert status(s) == {"1": "AVAILABLE"}
+        assert np.allclose(predict(s), expected(mlp_bundle(tmp, 1, 0)), atol=1e-5)
+        r = requests.post(f"{s.url}/v2/repository/models/nope/load")
+        assert r.status_code == 404 and "not in the repository" in r.json()["error"]
+    finally:
+        stop_server(s)

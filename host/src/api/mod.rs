@@ -65,6 +65,15 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
         .route("/v2/health/ready", get(v2::ready))
+        .route("/v2/repository/index", post(v2::repository_index))
+        .route(
+            "/v2/repository/models/{model}/load",
+            post(v2::repository_load),
+        )
+        .route(
+            "/v2/repository/models/{model}/unload",
+            post(v2::repository_unload),
+        )
         .route("/v2/models/{model}", get(v2::model_metadata))
         .route("/v2/models/{model}/ready", get(v2::model_ready))
         .route("/v2/models/{model}/infer", post(v2::infer))
@@ -302,6 +311,20 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
             "the management API needs `Authorization: Bearer <token>` (the server's --admin-token)"
                 .into(),
         )),
+    }
+}
+
+/// A management failure as an HTTP error.
+pub(crate) fn manage_error(e: crate::manage::UploadError) -> ApiError {
+    use crate::manage::UploadError;
+    match e {
+        UploadError::Invalid(reasons) => {
+            ApiError::BadRequest(format!("invalid bundle: {}", reasons.join("; ")))
+        }
+        UploadError::Conflict(m) => ApiError::Conflict(m),
+        UploadError::TooLarge(m) => ApiError::TooLarge(m),
+        UploadError::NotFound(m) => ApiError::NotFound(m),
+        UploadError::Internal(m) => ApiError::Internal(m),
     }
 }
 

@@ -194,19 +194,6 @@ pub async fn post_model(
     }
 }
 
-fn manage_error(e: crate::manage::UploadError) -> ApiError {
-    use crate::manage::UploadError;
-    match e {
-        UploadError::Invalid(reasons) => {
-            ApiError::BadRequest(format!("invalid bundle: {}", reasons.join("; ")))
-        }
-        UploadError::Conflict(m) => ApiError::Conflict(m),
-        UploadError::TooLarge(m) => ApiError::TooLarge(m),
-        UploadError::NotFound(m) => ApiError::NotFound(m),
-        UploadError::Internal(m) => ApiError::Internal(m),
-    }
-}
-
 /// `GET /v1/models`: every model, its versions with state, error and digest, and labels.
 pub async fn list_models(State(state): State<AppState>) -> Response {
     let root = &state.manager.root;
@@ -260,7 +247,7 @@ pub async fn put_model(
     state
         .manager
         .set_label(&t.model, label, b.version, b.force)
-        .map_err(manage_error)?;
+        .map_err(super::manage_error)?;
     Ok(
         axum::Json(json!({ "name": t.model, "label": label, "version": b.version }))
             .into_response(),
@@ -283,7 +270,7 @@ pub async fn delete_model(
     state
         .manager
         .delete(&t.model, version)
-        .map_err(manage_error)?;
+        .map_err(super::manage_error)?;
     Ok(axum::Json(json!({ "name": t.model, "version": version, "deleted": true })).into_response())
 }
 
@@ -328,7 +315,7 @@ async fn upload(
         .manager
         .receive(model, body.into_data_stream())
         .await
-        .map_err(manage_error)?;
+        .map_err(super::manage_error)?;
     let status = if stored.created {
         StatusCode::CREATED
     } else {

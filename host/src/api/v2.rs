@@ -362,3 +362,54 @@ fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiErro
         data: flat.data,
     })
 }
+
+/// Triton's repository extension: `POST /v2/repository/index`, every model version
+/// with `READY` or `UNAVAILABLE` (and why).
+pub async fn repository_index(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    super::check_admin(&state, &headers)?;
+    let mut out = Vec::new();
+    for (name, versions, _) in state.registry.list() {
+        for v in versions {
+            let ready = v.state == crate::lifecycle::State::Available;
+            out.push(json!({
+                "name": name,
+                "version": v.version.to_string(),
+                "state": if ready { "READY" } else { "UNAVAILABLE" },
+                "reason": v.error.clone().unwrap_or_else(|| if ready { String::new() } else { v.state.as_str().to_string() }),
+            }));
+        }
+    }
+    Ok(axum::Json(out).into_response())
+}
+
+/// `POST /v2/repository/models/{m}/load`.
+pub async fn repository_load(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    super::check_admin(&state, &headers)?;
+    state
+        .manager
+        .load_model(&model)
+        .await
+        .map_err(super::manage_error)?;
+    Ok(axum::Json(json!({})).into_response())
+}
+
+/// `POST /v2/repository/models/{m}/unload`.
+pub async fn repository_unload(
+    State(state): State<AppState>,
+    Path(model): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    super::check_admin(&state, &headers)?;
+    state
+        .manager
+        .unload_model(&model)
+        .map_err(super::manage_error)?;
+    Ok(axum::Json(json!({})).into_response())
+}
