@@ -275,3 +275,52 @@ def test_a_version_whose_warmup_traps_is_refused_and_the_current_one_serves(tmp_
         assert requests.post(f"{s.url}/v1/models/echoer:infer", data=b"ok").content == b"ok"
     finally:
         stop_server(s)
+
+
+def archive_of(files):
+    """A .tar.gz of {path: bytes}."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_each_bundle_rule_is_enforced_on_upload(tmp_path):
+    """Unknown manifest field, a plugin of the wrong kind, a forbidden import, a symlink
+    out: each refused with its reason, nothing stored, the server keeps serving."""
+    from conftest import WASM
+    repo = str(tmp_path / "repo")
+    os.makedirs(repo)
+    s = start_server(repo, str(tmp_path))
+    src = mlp_bundle(str(tmp_path), 1, 0)
+    manifest = open(os.path.join(src, "bundle.toml")).read()
+    model = open(os.path.join(src, "model", "model.pt"), "rb").read()
+    handler = '\n[handler]\npath = "plugins/handler.wasm"\n'
+    cases = {
+        "unknown field": ({"bundle.toml": (manifest + "\nflavour = 1\n").encode(), "model/model.pt": model},
+                          "unknown field `flavour`"),
+        "not a component": ({"bundle.toml": (manifest + handler).encode(), "model/model.pt": model,
+                             "plugins/handler.wasm": b"\0asm\x01\0\0\0"}, "not a WebAssembly component"),
+        "forbidden import": ({"bundle.toml": (manifest + handler).encode(), "model/model.pt": model,
+                              "plugins/handler.wasm": open(os.path.join(WASM, "forbidden_import.wasm"), "rb").read()},
+                             "wasi:sockets/tcp"),
+    }
+    try:
+        for case, (files, fragment) in cases.items():
+            r = requests.post(f"{s.url}/v1/models/mlp/versions", data=archive_of(files))
+            assert r.status_code == 400, (case, r.text)
+            assert fragment in r.json()["error"], (case, r.json()["error"])
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+            info = tarfile.TarInfo("bundle.toml")
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+        r = requests.post(f"{s.url}/v1/models/mlp/versions", data=buf.getvalue())
+        assert r.status_code == 400 and "absolute" in r.json()["error"]
+        assert os.listdir(repo) in ([".tmp"], []) and not os.listdir(os.path.join(repo, ".tmp"))
+        assert requests.get(f"{s.url}/v2/health/live").status_code == 200
+    finally:
+        stop_server(s)
