@@ -420,6 +420,27 @@ impl Registry {
     }
 }
 
+/// Runs background work (loading a model, checking an upload) on a thread of its own
+/// at a lower CPU priority (nice 10), so that serving the loaded models keeps the cores
+/// it needs; awaits its result without blocking the runtime. Not the blocking pool: its
+/// threads can become runtime workers (`block_in_place`), which must not be niced.
+pub async fn in_background<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> anyhow::Result<T> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("nnserve-loader".into())
+        .spawn(move || {
+            // SAFETY: setpriority on this thread's own id has no memory effects.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
+            }
+            let _ = tx.send(f());
+        })?;
+    rx.await
+        .map_err(|_| anyhow::anyhow!("the loader thread panicked"))
+}
+
 /// Replays a version's warm-up requests (`warmup/*.json`) through the real request
 /// path before it is published. Set by the server, which owns the request path.
 pub type WarmupHook = Arc<
@@ -439,9 +460,8 @@ pub async fn load_and_publish(
     let started = Instant::now();
     let rt = runtime.clone();
     let metrics = registry.metrics.version(&model, version);
-    let loaded = tokio::task::spawn_blocking(move || load_version(&entry, &rt, metrics))
+    let loaded = in_background(move || load_version(&entry, &rt, metrics))
         .await
-        .map_err(|e| anyhow::anyhow!("the loader panicked: {e}"))
         .and_then(|r| r)
         .map(Arc::new)
         .map_err(|e| format!("{e:#}"));
@@ -556,9 +576,13 @@ pub fn load_version(
         .clone()
         .expect("checked by Bundle::open");
     let model = crate::backend::load(&bundle)?;
-    warm_up(model.as_ref(), &spec, bundle.manifest.batching.as_ref())?;
+    let forward_time = warm_up(model.as_ref(), &spec, bundle.manifest.batching.as_ref())?;
     let batching = bundle.manifest.batching.as_ref();
     let runner = Arc::new(Runner::new(model, spec.inputs.clone(), batching, metrics));
+    if let Some(t) = forward_time {
+        // The first requests already know whether to run inline or in block_in_place.
+        runner.seed_forward_time(t);
+    }
     let handler = match &bundle.manifest.handler {
         Some(_) => Some(runtime.load_handler(&bundle, runner.clone())?),
         None => None,
@@ -578,11 +602,12 @@ fn warm_up(
     model: &dyn crate::backend::Model,
     spec: &crate::bundle::ModelSpec,
     batching: Option<&crate::bundle::BatchingSpec>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<std::time::Duration>> {
     let declared = |i: &crate::bundle::TensorSpec| i.shape.iter().skip(1).all(|&d| d > 0);
     if spec.inputs.is_empty() || !spec.inputs.iter().all(declared) {
-        return Ok(());
+        return Ok(None);
     }
+    let mut batch_one = None;
     let mut sizes = vec![1, 1];
     if let Some(b) = batching {
         sizes.extend(b.allowed_batch_sizes.iter().map(|&s| s as i64));
@@ -600,13 +625,17 @@ fn warm_up(
                 Tensor::new(i.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
+        let started = Instant::now();
         model.forward(inputs).map_err(|e| {
             anyhow::anyhow!(
                 "warm-up forward on zeros of the declared input shapes (batch {batch}) failed: {e}"
             )
         })?;
+        if batch == 1 {
+            batch_one = Some(started.elapsed());
+        }
     }
-    Ok(())
+    Ok(batch_one)
 }
 
 #[cfg(test)]

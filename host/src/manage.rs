@@ -91,7 +91,7 @@ impl Manager {
         let unpacked = scratch.path().join("bundle");
         std::fs::create_dir(&unpacked).map_err(internal)?;
         let (limits, dir) = (self.limits.clone(), unpacked.clone());
-        let checked = tokio::task::spawn_blocking(move || check(&archive_path, &dir, &limits))
+        let checked = lifecycle::in_background(move || check(&archive_path, &dir, &limits))
             .await
             .map_err(internal)??;
         let (bundle, digest, files_size) = checked;
@@ -131,7 +131,7 @@ impl Manager {
         let rt = self.runtime.clone();
         let metrics = self.registry.metrics().version(model, version);
         let loaded =
-            tokio::task::spawn_blocking(move || lifecycle::load_version(&probe, &rt, metrics))
+            lifecycle::in_background(move || lifecycle::load_version(&probe, &rt, metrics))
                 .await
                 .map_err(internal)?
                 .map(Arc::new)

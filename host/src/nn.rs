@@ -79,6 +79,12 @@ impl Runner {
         }
     }
 
+    /// Starts the forward-time average from a measurement (the warm-up's).
+    pub fn seed_forward_time(&self, t: Duration) {
+        self.avg_forward_ns
+            .store(t.as_nanos().max(1) as u64, Ordering::Relaxed);
+    }
+
     /// The batcher's statistics, when the version batches.
     pub fn batch_stats(&self) -> Option<crate::batching::Stats> {
         self.batcher.as_ref().map(Batcher::stats)
