@@ -77,16 +77,18 @@ def multi_io_bundles(repo):
     subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_multi_io.py"), *paths], check=True)
 
 
-def heavy_bundle(repo):
+def heavy_bundle(repo, name="heavy", batching=""):
     """The image-classifier plugin over a model whose forward takes milliseconds."""
-    d = os.path.join(repo, "heavy", "1")
+    d = os.path.join(repo, name, "1")
     shutil.copytree(os.path.join(EXAMPLES, "digits", "1"), d,
                     ignore=shutil.ignore_patterns("model.pt"))
     subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_heavy.py"),
                     os.path.join(d, "model", "model.pt")], check=True)
     toml = os.path.join(d, "bundle.toml")
     with open(toml) as f:
-        text = f.read().replace('name = "digits"', 'name = "heavy"').replace('device = "auto"', 'device = "cpu"')
+        text = f.read().replace('name = "digits"', f'name = "{name}"').replace('device = "auto"', 'device = "cpu"')
+    if batching:
+        text = text.replace("max_batch_size = 32\nallowed_batch_sizes = [1, 2, 4, 8, 16, 32]", batching)
     with open(toml, "w") as f:
         f.write(text)
 
@@ -155,6 +157,7 @@ def server(tmp_path_factory):
                   warmup=[{"route": "/v1/models/coldtrap:infer", "body_base64": "aGk="}])
     multi_io_bundles(repo)
     heavy_bundle(repo)
+    heavy_bundle(repo, "tinyqueue", "max_batch_size = 1\nmax_enqueued_batches = 2")
     # A bundle whose manifest is wrong must not stop the others.
     os.makedirs(os.path.join(repo, "broken", "1"))
     with open(os.path.join(repo, "broken", "1", "bundle.toml"), "w") as f:

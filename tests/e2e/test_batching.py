@@ -84,3 +84,22 @@ def test_request_counters_move_with_traffic(server):
     fam = metric_families(server)["nnserve_versions"]
     assert any(s.labels == {"model": "mlp", "version": "1", "state": "AVAILABLE"} and s.value == 1
                for s in fam.samples)
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    """tinyqueue: a millisecond model, one row per batch, two batches of queue."""
+    body = {"instances": [np.zeros((1, 8, 8)).tolist()]}
+
+    def call(_):
+        r = requests.post(f"{server.url}/v1/models/tinyqueue:predict", json=body)
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(call, range(48)))
+    codes = [c for c, _, _ in answers]
+    assert set(codes) <= {200, 429}, codes
+    assert 429 in codes and 200 in codes, codes
+    for code, retry, j in answers:
+        if code == 429:
+            assert retry == "1" and "queue is full" in j["error"]
+    assert requests.post(f"{server.url}/v1/models/tinyqueue:predict", json=body).status_code == 200
