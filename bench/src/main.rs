@@ -72,7 +72,7 @@ fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Servable
         version: 1,
         dir: repo.join(model).join("1"),
     };
-    load_version(&entry, rt, Default::default())
+    load_version(&entry, rt, Default::default(), None)
 }
 
 fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {

@@ -45,6 +45,9 @@ pub struct ServerConfig {
     /// (0: never). A new version directory is loaded once it has not changed for a full
     /// interval.
     pub poll_interval_ms: u64,
+    /// Memory budgets per device in MiB (`cpu = 8192`, `"cuda:0" = 70000`); a load that
+    /// would exceed its device's budget is refused. Devices not named have none.
+    pub device_memory_mib: std::collections::BTreeMap<String, u64>,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             latest_versions: 1,
             policies: Default::default(),
             poll_interval_ms: 2000,
+            device_memory_mib: Default::default(),
         }
     }
 }

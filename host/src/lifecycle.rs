@@ -111,11 +111,85 @@ impl Policies {
     }
 }
 
+/// Memory budgets per device (`cpu`, `cuda:0`, ...), from the config. A version reserves
+/// its model's size (the model file's bytes: the weights) before it loads; the
+/// reservation is released when the version's last handle is dropped.
+#[derive(Debug, Default)]
+pub struct DeviceBudget {
+    limits: BTreeMap<String, u64>,
+    used: std::sync::Mutex<BTreeMap<String, u64>>,
+}
+
+/// A version's share of a device budget; released on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<DeviceBudget>,
+    device: String,
+    bytes: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut used = self.budget.used.lock().unwrap();
+        if let Some(u) = used.get_mut(&self.device) {
+            *u = u.saturating_sub(self.bytes);
+        }
+    }
+}
+
+impl DeviceBudget {
+    /// Budgets in MiB per device name.
+    pub fn new(limits_mib: &BTreeMap<String, u64>) -> DeviceBudget {
+        DeviceBudget {
+            limits: limits_mib
+                .iter()
+                .map(|(d, m)| (d.clone(), m << 20))
+                .collect(),
+            used: Default::default(),
+        }
+    }
+
+    /// Reserves `bytes` on `device`, or says why not and what to do.
+    pub fn reserve(
+        self: &Arc<Self>,
+        what: &str,
+        device: &str,
+        bytes: u64,
+    ) -> anyhow::Result<Reservation> {
+        let mut used = self.used.lock().unwrap();
+        let now = used.get(device).copied().unwrap_or(0);
+        if let Some(&limit) = self.limits.get(device) {
+            if now + bytes > limit {
+                anyhow::bail!(
+                    "{what} needs about {} MiB on {device}, but {} of its {} MiB budget are in use \
+                     (device_memory_mib in the server config): unload a version or raise the budget",
+                    bytes.div_ceil(1 << 20),
+                    now.div_ceil(1 << 20),
+                    limit >> 20
+                );
+            }
+        }
+        used.insert(device.to_string(), now + bytes);
+        Ok(Reservation {
+            budget: self.clone(),
+            device: device.to_string(),
+            bytes,
+        })
+    }
+
+    /// Bytes reserved per device now.
+    pub fn used(&self) -> BTreeMap<String, u64> {
+        self.used.lock().unwrap().clone()
+    }
+}
+
 /// A loaded, servable model version.
 pub struct Servable {
     pub bundle: Bundle,
     pub runner: Arc<Runner>,
     pub handler: Option<Plugin>,
+    /// Its share of the device's memory budget, released with the last handle.
+    pub reservation: Option<Reservation>,
 }
 
 impl Servable {
@@ -185,13 +259,16 @@ impl std::fmt::Display for ResolveError {
 pub struct Registry {
     models: RwLock<HashMap<String, ModelEntry>>,
     metrics: Arc<Metrics>,
+    /// Device memory budgets that loads reserve from.
+    pub budget: Arc<DeviceBudget>,
 }
 
 impl Registry {
-    pub fn new(metrics: Arc<Metrics>) -> Registry {
+    pub fn new(metrics: Arc<Metrics>, budget: DeviceBudget) -> Registry {
         Registry {
             models: RwLock::new(HashMap::new()),
             metrics,
+            budget: Arc::new(budget),
         }
     }
 
@@ -460,7 +537,8 @@ pub async fn load_and_publish(
     let started = Instant::now();
     let rt = runtime.clone();
     let metrics = registry.metrics.version(&model, version);
-    let loaded = in_background(move || load_version(&entry, &rt, metrics))
+    let budget = registry.budget.clone();
+    let loaded = in_background(move || load_version(&entry, &rt, metrics, Some(&budget)))
         .await
         .and_then(|r| r)
         .map(Arc::new)
@@ -559,6 +637,7 @@ pub fn load_version(
     entry: &repository::Entry,
     runtime: &PluginRuntime,
     metrics: VersionMetrics,
+    budget: Option<&Arc<DeviceBudget>>,
 ) -> anyhow::Result<Servable> {
     let bundle = Bundle::open(&entry.dir)?;
     if bundle.name() != entry.model || bundle.version() != entry.version {
@@ -575,6 +654,30 @@ pub fn load_version(
         .model
         .clone()
         .expect("checked by Bundle::open");
+    let device = crate::backend::torch::select_device(
+        crate::bundle::DeviceSpec::parse(&spec.device).map_err(anyhow::Error::msg)?,
+    )?;
+    let device = match device {
+        tch::Device::Cuda(n) => format!("cuda:{n}"),
+        _ => "cpu".to_string(),
+    };
+    let model_bytes = crate::archive::list_files(&bundle.file(&spec.path))
+        .map(|files| files.iter().map(|(_, m)| m.len()).sum())
+        .ok()
+        .filter(|&n: &u64| n > 0)
+        .unwrap_or_else(|| {
+            std::fs::metadata(bundle.file(&spec.path))
+                .map(|m| m.len())
+                .unwrap_or(0)
+        });
+    let reservation = match budget {
+        Some(b) => Some(b.reserve(
+            &format!("{}@{}", entry.model, entry.version),
+            &device,
+            model_bytes,
+        )?),
+        None => None,
+    };
     let model = crate::backend::load(&bundle)?;
     let forward_time = warm_up(model.as_ref(), &spec, bundle.manifest.batching.as_ref())?;
     let batching = bundle.manifest.batching.as_ref();
@@ -591,6 +694,7 @@ pub fn load_version(
         bundle,
         runner,
         handler,
+        reservation,
     })
 }
 
@@ -645,6 +749,29 @@ mod tests {
     fn policy(text: &str) -> Result<VersionPolicy, String> {
         let v: toml::Value = toml::from_str(&format!("p = {text}")).unwrap();
         VersionPolicy::from_toml(&v["p"])
+    }
+
+    #[test]
+    fn device_budgets_refuse_past_the_limit_and_release_on_drop() {
+        let budget = Arc::new(DeviceBudget::new(&BTreeMap::from([(
+            "cpu".to_string(),
+            10,
+        )])));
+        let a = budget.reserve("a@1", "cpu", 6 << 20).unwrap();
+        let err = budget
+            .reserve("b@1", "cpu", 6 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("b@1 needs about 6 MiB on cpu, but 6 of its 10 MiB budget are in use"),
+            "{err}"
+        );
+        assert!(
+            budget.reserve("c@1", "cuda:0", 1 << 40).is_ok(),
+            "no budget set for cuda:0"
+        );
+        drop(a);
+        assert!(budget.reserve("b@1", "cpu", 6 << 20).is_ok());
     }
 
     #[test]

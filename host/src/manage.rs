@@ -130,12 +130,14 @@ impl Manager {
         };
         let rt = self.runtime.clone();
         let metrics = self.registry.metrics().version(model, version);
-        let loaded =
-            lifecycle::in_background(move || lifecycle::load_version(&probe, &rt, metrics))
-                .await
-                .map_err(internal)?
-                .map(Arc::new)
-                .map_err(|e| format!("the bundle does not load: {e:#}"));
+        let budget = self.registry.budget.clone();
+        let loaded = lifecycle::in_background(move || {
+            lifecycle::load_version(&probe, &rt, metrics, Some(&budget))
+        })
+        .await
+        .map_err(internal)?
+        .map(Arc::new)
+        .map_err(|e| format!("the bundle does not load: {e:#}"));
         let warmed = match (loaded, self.warmup.get()) {
             (Ok(s), Some(hook)) => hook(s.clone()).await.map(|_| s),
             (other, _) => other,

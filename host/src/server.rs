@@ -16,7 +16,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         max_memory_mib: config.plugin_max_memory_mib,
     })?);
     let metrics = Arc::new(crate::metrics::Metrics::new());
-    let registry = Arc::new(Registry::new(metrics.clone()));
+    let budget = lifecycle::DeviceBudget::new(&config.device_memory_mib);
+    let registry = Arc::new(Registry::new(metrics.clone(), budget));
     let policies = config.policies()?;
     let manager = Arc::new(crate::manage::Manager {
         root: config.repository.clone(),

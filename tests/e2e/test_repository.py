@@ -119,3 +119,22 @@ def test_triton_repository_extension_index_load_unload(tmp_path):
         assert r.status_code == 404 and "not in the repository" in r.json()["error"]
     finally:
         stop_server(s)
+
+
+def test_a_device_memory_budget_refuses_what_would_not_fit(tmp_path):
+    from conftest import heavy_bundle
+    tmp, repo = str(tmp_path), str(tmp_path / "repo")
+    shutil.copytree(mlp_bundle(tmp, 1, 0), os.path.join(repo, "mlp", "1"))
+    heavy_bundle(repo)  # about 33 MB of weights
+    config = tmp_path / "nnserve.toml"
+    config.write_text("poll_interval_ms = 0\n[device_memory_mib]\ncpu = 8\n")
+    s = start_server(repo, tmp, "--config", str(config))
+    try:
+        (st,) = requests.get(f"{s.url}/v1/models/heavy").json()["model_version_status"]
+        assert st["state"] == "END"
+        assert "heavy@1 needs about" in st["status"]["error_message"]
+        assert "device_memory_mib" in st["status"]["error_message"]
+        assert status(s) == {"1": "AVAILABLE"}
+        assert requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
+    finally:
+        stop_server(s)
