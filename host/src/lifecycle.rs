@@ -607,36 +607,68 @@ pub async fn load_repository(
     for e in entries {
         by_model.entry(e.model.clone()).or_default().push(e);
     }
-    for (model, mut versions) in by_model {
+    for (model, versions) in by_model {
         let labels = repository::read_labels(root, &model);
         let labelled: Vec<u64> = labels.values().copied().collect();
         registry.restore_labels(&model, labels);
-        versions.sort_by_key(|e| std::cmp::Reverse(e.version));
-        let stored: Vec<u64> = versions.iter().map(|e| e.version).collect();
-        let policy = policies.get(&model);
-        let mut loaded = 0;
-        for entry in versions {
-            // Labelled versions stay loaded whatever the policy says.
-            let aspired = match policy {
-                VersionPolicy::Latest(n) => loaded < *n,
-                other => other.wants(entry.version, &stored),
-            };
-            if !aspired && !labelled.contains(&entry.version) {
-                continue;
-            }
-            let id = format!("{}@{}", entry.model, entry.version);
-            match load_and_publish(registry, &runtime, entry, warmup).await {
-                Ok(_) => {
-                    if aspired {
-                        loaded += 1;
-                    }
-                    report.loaded.push(id);
-                }
-                Err(msg) => report.failed.push(format!("{id}: {msg}")),
-            }
-        }
+        let outcome = load_wanted(
+            registry,
+            &runtime,
+            versions,
+            policies.get(&model),
+            &labelled,
+            warmup,
+        )
+        .await;
+        report.loaded.extend(outcome.loaded);
+        report.failed.extend(outcome.failed);
     }
     Ok(report)
+}
+
+/// Loads the versions of one model that its policy wants (and the labelled ones), newest
+/// first; for `latest = N`, the newest N that load. Versions already AVAILABLE count and
+/// are left as they are.
+pub async fn load_wanted(
+    registry: &Registry,
+    runtime: &Arc<PluginRuntime>,
+    mut versions: Vec<repository::Entry>,
+    policy: &VersionPolicy,
+    labelled: &[u64],
+    warmup: Option<&WarmupHook>,
+) -> LoadReport {
+    let mut report = LoadReport::default();
+    versions.sort_by_key(|e| std::cmp::Reverse(e.version));
+    let stored: Vec<u64> = versions.iter().map(|e| e.version).collect();
+    let mut loaded = 0;
+    for entry in versions {
+        let aspired = match policy {
+            VersionPolicy::Latest(n) => loaded < *n,
+            other => other.wants(entry.version, &stored),
+        };
+        // Labelled versions stay loaded whatever the policy says.
+        if !aspired && !labelled.contains(&entry.version) {
+            continue;
+        }
+        let id = format!("{}@{}", entry.model, entry.version);
+        let result = if registry.resolve(&entry.model, Some(entry.version)).is_ok() {
+            Ok(())
+        } else {
+            load_and_publish(registry, runtime, entry, warmup)
+                .await
+                .map(|_| ())
+        };
+        match result {
+            Ok(()) => {
+                if aspired {
+                    loaded += 1;
+                }
+                report.loaded.push(id);
+            }
+            Err(msg) => report.failed.push(format!("{id}: {msg}")),
+        }
+    }
+    report
 }
 
 /// Opens, checks, loads and warms up one version. Blocking.

@@ -369,44 +369,26 @@ impl Manager {
             .await
             .map_err(internal)?
             .map_err(internal)?;
-        let mut versions: Vec<Entry> = entries.into_iter().filter(|e| e.model == model).collect();
+        let versions: Vec<Entry> = entries.into_iter().filter(|e| e.model == model).collect();
         if versions.is_empty() {
             return Err(UploadError::NotFound(format!(
                 "model '{model}' is not in the repository"
             )));
         }
-        versions.sort_by_key(|e| std::cmp::Reverse(e.version));
-        let stored: Vec<u64> = versions.iter().map(|e| e.version).collect();
         let policy = self.policies.get(model).clone();
-        let mut loaded = 0;
-        let mut errors = Vec::new();
-        for entry in versions {
-            let wanted = match &policy {
-                lifecycle::VersionPolicy::Latest(n) => loaded < *n,
-                p => p.wants(entry.version, &stored),
-            };
-            if !wanted {
-                continue;
-            }
-            if self.registry.resolve(model, Some(entry.version)).is_ok() {
-                loaded += 1;
-                continue;
-            }
-            match lifecycle::load_and_publish(
-                &self.registry,
-                &self.runtime,
-                entry,
-                self.warmup.get(),
-            )
-            .await
-            {
-                Ok(_) => loaded += 1,
-                Err(e) => errors.push(e),
-            }
-        }
+        let labelled: Vec<u64> = self.registry.labels(model).values().copied().collect();
+        let outcome = lifecycle::load_wanted(
+            &self.registry,
+            &self.runtime,
+            versions,
+            &policy,
+            &labelled,
+            self.warmup.get(),
+        )
+        .await;
         self.registry.retire_unwanted(model, &policy);
-        if loaded == 0 {
-            return Err(UploadError::Invalid(errors));
+        if outcome.loaded.is_empty() {
+            return Err(UploadError::Invalid(outcome.failed));
         }
         Ok(())
     }
