@@ -176,15 +176,35 @@ pub fn push(file: &Path, server: &str, token: Option<&str>) -> anyhow::Result<St
         .http_status_as_error(false)
         .build()
         .into();
-    let mut req = agent.post(&url).header("content-type", "application/gzip");
-    if let Some(t) = token {
-        req = req.header("authorization", &format!("Bearer {t}"));
+    let auth = token.map(|t| format!("Bearer {t}"));
+    // A refusal before the body is read (a wrong token) closes the connection while we
+    // would still be sending, so ask first with an empty body: 401 means the token,
+    // anything else (an empty archive is a 400) means go ahead.
+    let mut probe = agent.post(&url);
+    if let Some(a) = &auth {
+        probe = probe.header("authorization", a);
     }
-    let mut resp = req
-        .send(ureq::SendBody::from_reader(&mut reader))
-        .map_err(|e| {
-            anyhow::anyhow!("cannot reach {url}: {e} (is the server running? check --server)")
-        })?;
+    let mut answer = probe.send_empty().map_err(|e| {
+        anyhow::anyhow!("cannot reach {url}: {e} (is the server running? check --server)")
+    })?;
+    if answer.status().as_u16() == 401 {
+        let body = answer.body_mut().read_to_string().unwrap_or_default();
+        let json: serde_json::Value =
+            serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
+        anyhow::bail!(
+            "the server refused the bundle (401): {} (pass --token)",
+            json["error"].as_str().unwrap_or(body.trim())
+        );
+    }
+    let mut req = agent.post(&url).header("content-type", "application/gzip");
+    if let Some(a) = &auth {
+        req = req.header("authorization", a);
+    }
+    let mut resp = req.send(ureq::SendBody::from_reader(&mut reader)).map_err(|e| {
+        anyhow::anyhow!(
+            "the upload to {url} broke off: {e} (the server closes the connection when an archive is over its max_upload_bytes)"
+        )
+    })?;
     bar.finish_and_clear();
     let status = resp.status().as_u16();
     let body = resp.body_mut().read_to_string().unwrap_or_default();
