@@ -97,7 +97,7 @@ def test_hot_swap_under_load_drops_no_request(live):
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["name"] == "mlp" and body["version"] == 2 and body["digest"].startswith("sha256:")
-    time.sleep(0.5)
+    time.sleep(1.0)
     stop.set()
     for t in threads:
         t.join()
@@ -107,7 +107,9 @@ def test_hot_swap_under_load_drops_no_request(live):
     outputs = [y for _, y in sorted(results, key=lambda r: r[0])]
     assert all(np.allclose(y, v1, atol=1e-5) or np.allclose(y, v2, atol=1e-5) for y in outputs)
     assert np.allclose(outputs[0], v1, atol=1e-5) and np.allclose(outputs[-1], v2, atol=1e-5)
-    after = [y for t, y in results if t > uploaded_at + 0.05]
+    # A request that took v1's handle just before the publish may end shortly after the
+    # 201 on a busy machine; whatever ends well after it must come from v2.
+    after = [y for t, y in results if t > uploaded_at + 0.3]
     assert after and all(np.allclose(y, v2, atol=1e-5) for y in after), "v1 answered after the swap"
     deadline = time.time() + 10
     while status(live).get("1") != "END" and time.time() < deadline:
