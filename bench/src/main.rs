@@ -27,6 +27,7 @@ fn main() -> anyhow::Result<()> {
             ),
             args.get(3).map(String::as_str) == Some("plugin"),
         ),
+        Some("raw") if args.len() == 3 => raw(Path::new(&args[2])),
         Some("http") if args.len() == 6 => http(
             &args[2],
             &args[3],
@@ -34,7 +35,7 @@ fn main() -> anyhow::Result<()> {
             args[5].parse()?,
         ),
         _ => {
-            eprintln!("usage: nnserve-bench inproc REPOSITORY | http URL PATH BODYFILE N");
+            eprintln!("usage: nnserve-bench inproc REPOSITORY | raw BUNDLE_DIR | http URL PATH BODYFILE N");
             std::process::exit(2)
         }
     }
@@ -221,6 +222,45 @@ fn plugin_costs(runtime: &tokio::runtime::Runtime, digits: &Servable) -> anyhow:
         );
     } else {
         println!("(write a PNG to /tmp/nnserve-bench-digit.png to time the digits plugin)");
+    }
+    Ok(())
+}
+
+/// The raw limit: libtorch forward throughput in-process, one thread, at batch sizes
+/// 1, 8, 32 and 64, on zeros of the bundle's first input shape. Prints `RAW batch rows/s
+/// p50_us` lines for scripts.
+fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
+    let threads: usize = std::env::var("NNSERVE_BENCH_THREADS")
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .unwrap_or(1);
+    nnserve::backend::init_threads(threads, 1);
+    let bundle = nnserve::bundle::Bundle::open(bundle_dir)?;
+    let spec = bundle.manifest.model.clone().expect("a model bundle");
+    let model = nnserve::backend::load(&bundle)?;
+    let input = &spec.inputs[0];
+    for batch in [1i64, 8, 32, 64] {
+        let mut shape = input.shape.clone();
+        shape[0] = batch;
+        let bytes = nnserve::tensor::numel(&shape) * input.dtype.size();
+        let x = Tensor::new(input.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)?;
+        for _ in 0..20 {
+            model.forward(vec![x.clone()]).map_err(anyhow::Error::msg)?;
+        }
+        let mut times = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(1) {
+            let t = Instant::now();
+            model.forward(vec![x.clone()]).map_err(anyhow::Error::msg)?;
+            times.push(t.elapsed());
+        }
+        let total: Duration = times.iter().sum();
+        times.sort();
+        let rows_per_s = batch as f64 * times.len() as f64 / total.as_secs_f64();
+        println!(
+            "RAW {batch} {rows_per_s:.0} {:.1}",
+            times[times.len() / 2].as_secs_f64() * 1e6
+        );
     }
     Ok(())
 }
