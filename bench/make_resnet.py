@@ -10,6 +10,9 @@ Writes (all under --out, which is git-ignored):
   repository/resnet18-nobatch/1/  the same model, no [batching]
       bundle.toml, model/model.pt, assets/labels.txt ("class 0".."class 999"),
       plugins/handler.wasm (a copy of --plugin)
+  stub/imagenet-stub/1/           the same plugin in front of a stand-in model with the same
+                                  input and output (it slices the input): the plugin's own
+                                  cost, without ResNet's 40 ms forward to hide it
   image-256.jpg                   a seeded 256x256 JPEG (the load's request body)
   image-640x480.jpg               a seeded 640x480 JPEG (exercises the resize)
   reference.json                  per image, the top-5 of torchvision's
@@ -43,7 +46,7 @@ outputs = [{{ name = "logits", dtype = "fp32", shape = [-1, 1000] }}]
 {batching}
 [handler]
 path = "plugins/handler.wasm"   # built from plugins/imagenet-classifier
-config = {{ top_k = "5", labels = "assets/labels.txt", resize = "256", crop = "224" }}
+config = {{ top_k = "5", labels = "assets/labels.txt", resize = "256", crop = "224"{extra} }}
 limits = {{ memory_mib = 64, cpu_ms = 200 }}
 """
 
@@ -77,6 +80,14 @@ def make_model(path):
     print(f"wrote {path} ({os.path.getsize(path) / 1e6:.1f} MB)")
 
 
+class Stub(torch.nn.Module):
+    """[N, 3, 224, 224] -> [N, 1000]: the first 1000 input values, so the output still
+    depends on the preprocessing, for a few microseconds of forward."""
+
+    def forward(self, x):
+        return x.flatten(1)[:, :1000].contiguous()
+
+
 def make_image(path, width, height, seed):
     """A smooth seeded colour field with some grain: compresses like a photo, not like noise."""
     rng = np.random.default_rng(seed)
@@ -95,13 +106,14 @@ def top5(model, image_path):
     return [{"label": f"class {int(c)}", "score": float(v)} for v, c in zip(s, i)]
 
 
-def write_bundle(repo, name, batching, model_src, plugin):
+def write_bundle(repo, name, batching, model_src, plugin, extra=""):
+    """One bundle: the manifest, labels, a hard link to the model, a copy of the plugin."""
     d = os.path.join(repo, name, "1")
     os.makedirs(os.path.join(d, "model"), exist_ok=True)
     os.makedirs(os.path.join(d, "assets"), exist_ok=True)
     os.makedirs(os.path.join(d, "plugins"), exist_ok=True)
     with open(os.path.join(d, "bundle.toml"), "w") as f:
-        f.write(MANIFEST.format(name=name, batching=batching))
+        f.write(MANIFEST.format(name=name, batching=batching, extra=extra))
     with open(os.path.join(d, "assets", "labels.txt"), "w") as f:
         f.write("".join(f"class {i}\n" for i in range(1000)))
     model = os.path.join(d, "model", "model.pt")
@@ -127,6 +139,12 @@ def main():
         make_model(model_path)
     write_bundle(repo, "resnet18", BATCHING, model_path, args.plugin)
     write_bundle(repo, "resnet18-nobatch", "", model_path, args.plugin)
+    stub_path = os.path.join(args.out, "stub", "imagenet-stub", "1", "model", "model.pt")
+    if args.force or not os.path.exists(stub_path):
+        os.makedirs(os.path.dirname(stub_path), exist_ok=True)
+        torch.jit.script(Stub().eval()).save(stub_path)
+    write_bundle(os.path.join(args.out, "stub"), "imagenet-stub", "", stub_path, args.plugin,
+                 extra=', timing = "true"')
 
     images = {"image-256.jpg": (256, 256, 1), "image-640x480.jpg": (640, 480, 2)}
     for name, (w, h, seed) in images.items():

@@ -19,7 +19,8 @@
 //!
 //! Bundle config (all optional): `top_k` (5), `labels` (an asset with one label per line;
 //! default: the class index), `input` (the model's input name, `input`), `resize` (256),
-//! `crop` (224), `mean` and `std` (three comma-separated numbers each; ImageNet's).
+//! `crop` (224), `mean` and `std` (three comma-separated numbers each; ImageNet's),
+//! `timing` (`"true"` adds `"timing_us"` with the time of each stage to the answer).
 //!
 //! Everything is f32 and allocated once per request (the decoded image, one row band
 //! for the resize, the tensor bytes): a 256x256 JPEG costs well under a millisecond here.
@@ -30,6 +31,7 @@ use nnserve_sdk::{
 };
 use serde::Serialize;
 use std::io::Cursor;
+use std::time::Instant;
 
 struct ImagenetClassifier;
 
@@ -42,6 +44,17 @@ struct Prediction {
 #[derive(Serialize)]
 struct Answer {
     predictions: Vec<Prediction>,
+    /// With config `timing = "true"`: microseconds per stage of this call.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    timing_us: Option<Timing>,
+}
+
+#[derive(Serialize)]
+struct Timing {
+    decode: f64,
+    preprocess: f64,
+    forward: f64,
+    answer: f64,
 }
 
 /// Images larger than this on either side are refused with a 400 before decoding.
@@ -63,8 +76,12 @@ impl Handler for ImagenetClassifier {
             )));
         }
 
+        let timing = host::config("timing").as_deref() == Some("true");
+        let t0 = Instant::now();
         let img = decode_rgb(&req.body)?;
+        let t1 = Instant::now();
         let data = preprocess(&img, resize, crop, &mean, &std);
+        let t2 = Instant::now();
         let side = crop as u32;
         let input = Tensor {
             shape: vec![1, 3, side, side],
@@ -72,6 +89,7 @@ impl Handler for ImagenetClassifier {
             data,
         };
         let logits = Model::load()?.infer_one(&input_name, input)?.to_f32()?;
+        let t3 = Instant::now();
         let scores = softmax(&logits);
         let best = top_k_indices(&scores, top_k);
 
@@ -89,7 +107,17 @@ impl Handler for ImagenetClassifier {
                 score: scores[i],
             })
             .collect();
-        Response::json(&Answer { predictions })
+        let us = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e6;
+        let timing_us = timing.then(|| Timing {
+            decode: us(t0, t1),
+            preprocess: us(t1, t2),
+            forward: us(t2, t3),
+            answer: us(t3, Instant::now()),
+        });
+        Response::json(&Answer {
+            predictions,
+            timing_us,
+        })
     }
 }
 
@@ -217,16 +245,14 @@ fn preprocess(img: &Rgb, resize: usize, crop: usize, mean: &[f32; 3], std: &[f32
     let (rw, rh) = resized_size(img.width, img.height, resize);
     let left = round_half_even((rw as f64 - crop as f64) / 2.0);
     let top = round_half_even((rh as f64 - crop as f64) / 2.0);
-    // The crop as 8-bit RGB, row-major (crop x crop x 3).
-    let cropped: Vec<u8> = if (rw, rh) == (img.width, img.height) {
-        let mut out = Vec::with_capacity(crop * crop * 3);
-        for y in top..top + crop {
-            let start = (y * img.width + left) * 3;
-            out.extend_from_slice(&img.data[start..start + crop * 3]);
-        }
-        out
+    // The crop as 8-bit RGB rows: straight from the decoded image when no resize is
+    // needed, else resampled (only the kept window).
+    let resized;
+    let (rows, stride, x0, y0) = if (rw, rh) == (img.width, img.height) {
+        (&img.data[..], img.width * 3, left * 3, top)
     } else {
-        resize_crop(img, rw, rh, left, top, crop)
+        resized = resize_crop(img, rw, rh, left, top, crop);
+        (&resized[..], crop * 3, 0, 0)
     };
 
     // (v / 255 - mean) / std for every 8-bit value, per channel.
@@ -236,12 +262,28 @@ fn preprocess(img: &Rgb, resize: usize, crop: usize, mean: &[f32; 3], std: &[f32
             lut[c][v] = (v as f32 / 255.0 - mean[c]) / std[c];
         }
     }
-    let plane = crop * crop;
-    let mut bytes = vec![0u8; 3 * plane * 4];
-    for (c, out) in bytes.chunks_exact_mut(plane * 4).enumerate() {
-        let table = &lut[c];
-        for (dst, px) in out.chunks_exact_mut(4).zip(cropped.chunks_exact(3)) {
-            dst.copy_from_slice(&table[px[c] as usize].to_le_bytes());
+    // One pass over the kept pixels, each written to its place in the three channel
+    // planes of the tensor's little-endian bytes.
+    let plane = crop * crop * 4;
+    let mut bytes = vec![0u8; 3 * plane];
+    let (r_plane, rest) = bytes.split_at_mut(plane);
+    let (g_plane, b_plane) = rest.split_at_mut(plane);
+    let row_bytes = crop * 4;
+    for (((y, r_row), g_row), b_row) in (y0..y0 + crop)
+        .zip(r_plane.chunks_exact_mut(row_bytes))
+        .zip(g_plane.chunks_exact_mut(row_bytes))
+        .zip(b_plane.chunks_exact_mut(row_bytes))
+    {
+        let src = &rows[y * stride + x0..y * stride + x0 + crop * 3];
+        for (((px, r), g), b) in src
+            .chunks_exact(3)
+            .zip(r_row.chunks_exact_mut(4))
+            .zip(g_row.chunks_exact_mut(4))
+            .zip(b_row.chunks_exact_mut(4))
+        {
+            r.copy_from_slice(&lut[0][px[0] as usize].to_le_bytes());
+            g.copy_from_slice(&lut[1][px[1] as usize].to_le_bytes());
+            b.copy_from_slice(&lut[2][px[2] as usize].to_le_bytes());
         }
     }
     bytes
@@ -427,5 +469,38 @@ mod tests {
         assert_eq!(label_of(text, 7), None);
         let p = softmax(&[1.0, 2.0, 3.0]);
         assert!((p.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+    }
+}
+
+/// Native timing of the stages (not the wasm build): `cargo test --release -p
+/// imagenet-classifier -- --ignored --nocapture stage_timing` with bench/work's images.
+#[cfg(test)]
+mod timing {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    #[ignore]
+    fn stage_timing() {
+        for name in ["image-256.jpg", "image-640x480.jpg"] {
+            let path = format!("{}/../../bench/work/{name}", env!("CARGO_MANIFEST_DIR"));
+            let Ok(bytes) = std::fs::read(&path) else {
+                eprintln!("{path} missing: run bench/make_resnet.py");
+                continue;
+            };
+            let n = 200;
+            let t = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(decode_rgb(&bytes).ok());
+            }
+            let decode = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+            let img = decode_rgb(&bytes).ok().unwrap();
+            let t = Instant::now();
+            for _ in 0..n {
+                std::hint::black_box(preprocess(&img, 256, 224, &IMAGENET_MEAN, &IMAGENET_STD));
+            }
+            let pre = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+            println!("{name}: decode {decode:.1} us, preprocess {pre:.1} us (native)");
+        }
     }
 }
