@@ -6,6 +6,11 @@
 //! generated bindings: you implement [`Handler`] and export it with [`export_handler!`].
 //!
 //! ```ignore
+//! Router plugins (world `router`, for endpoints) use the sibling crate
+//! `nnserve-router-sdk` in `sdk/router`: a component implements one world, and the
+//! bindings of both in one crate would leak each world's types into the other.
+//!
+//! ```ignore
 //! use nnserve_sdk::{export_handler, Error, Handler, Model, Request, Response, Tensor};
 //!
 //! struct Doubler;
