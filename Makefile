@@ -22,9 +22,11 @@ WASM_FLAGS := --release --target wasm32-wasip2 --config profile.release.strip=tr
 NNSERVE    := target/release/nnserve
 REPO       := examples/repository
 
-RUST_SRC   := $(shell find host/src sdk/src plugins tests/plugins wit -type f \( -name '*.rs' -o -name '*.wit' -o -name 'Cargo.toml' \) 2>/dev/null) Cargo.toml host/build.rs host/Cargo.toml
+RUST_SRC   := $(shell find host/src sdk plugins tests/plugins wit -type f \( -name '*.rs' -o -name '*.wit' -o -name 'Cargo.toml' \) 2>/dev/null) Cargo.toml host/build.rs host/Cargo.toml
 DIGITS_WASM := $(REPO)/digits/1/plugins/handler.wasm
-MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/digits/1/model/model.pt
+ROUTER_WASM := $(REPO)/mlp-ab/1/plugins/router.wasm
+MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
+               $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
 
 .PHONY: help setup run test test-unit test-e2e build plugins models clean
 
@@ -52,13 +54,16 @@ build: $(STAMPS)/venv
 	@echo "== Release build of the server (cold: several minutes on 2 cores)"
 	cargo build --release -p nnserve
 
-plugins: $(STAMPS)/wasm-target $(DIGITS_WASM)
+plugins: $(STAMPS)/wasm-target $(DIGITS_WASM) $(ROUTER_WASM)
 
-$(DIGITS_WASM): $(RUST_SRC) | $(STAMPS)/wasm-target
+# Every plugin (handlers, routers, test plugins) in one cargo run; the examples get theirs.
+$(DIGITS_WASM) $(ROUTER_WASM) &: $(RUST_SRC) | $(STAMPS)/wasm-target
 	@echo "== Plugins for wasm32-wasip2"
-	cargo build $(WASM_FLAGS) -p image-classifier -p misbehave -p forbidden-import
-	@mkdir -p $(dir $@)
-	cp $(WASM_DIR)/image_classifier.wasm $@
+	cargo build $(WASM_FLAGS) -p image-classifier -p weighted-router -p canary-router \
+		-p bandit-router -p misbehave -p misbehave-router -p forbidden-import
+	@mkdir -p $(dir $(DIGITS_WASM)) $(dir $(ROUTER_WASM))
+	cp $(WASM_DIR)/image_classifier.wasm $(DIGITS_WASM)
+	cp $(WASM_DIR)/weighted_router.wasm $(ROUTER_WASM)
 
 models: $(MODELS)
 
@@ -71,7 +76,7 @@ run: setup
 
 test: setup
 	@echo "== Unit tests (same release profile as the server: no second build of the deps)"
-	cargo test --release -p nnserve -p image-classifier
+	cargo test --release -p nnserve -p image-classifier -p nnserve-router-sdk
 	@echo "== End-to-end tests over HTTP"
 	$(PY) -m pytest -q tests/e2e
 

@@ -148,6 +148,11 @@ impl Batcher {
         self.stats.lock().unwrap().clone()
     }
 
+    /// Requests waiting in the queue now.
+    pub fn queue_depth(&self) -> usize {
+        self.state.lock().unwrap().queue.len()
+    }
+
     /// Runs one request's rows through the batcher and returns its own outputs.
     pub async fn infer<F: Forward>(&self, inputs: Vec<Tensor>, forward: &F) -> Outputs {
         let rows = batch_rows(&inputs)?;

@@ -18,6 +18,70 @@ pub struct Manifest {
     pub model: Option<ModelSpec>,
     pub batching: Option<BatchingSpec>,
     pub handler: Option<PluginSpec>,
+    /// An endpoint bundle: variants behind a router, no model.
+    pub endpoint: Option<EndpointSpec>,
+    #[serde(default)]
+    pub variants: Vec<VariantSpec>,
+    pub router: Option<PluginSpec>,
+}
+
+/// `[endpoint]` of an endpoint bundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// The header whose value is the routing key (sticky routing), e.g. `x-user-id`.
+    #[serde(default)]
+    pub routing_key_header: Option<String>,
+    /// What happens when the router traps, overruns its budget or names an unknown
+    /// variant: serve the default variant (`fail-open`) or answer 503 (`fail-closed`).
+    #[serde(default)]
+    pub on_router_error: RouterErrorPolicy,
+    /// The variant that answers when the router fails open, and whose model answers the
+    /// endpoint's metadata and ready routes. Default: the first variant.
+    #[serde(default)]
+    pub default_variant: Option<String>,
+    /// The window of the live stats handed to the router, ms.
+    #[serde(default = "default_stats_window_ms")]
+    pub stats_window_ms: u64,
+}
+
+fn default_stats_window_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterErrorPolicy {
+    #[default]
+    FailOpen,
+    FailClosed,
+}
+
+/// One `[[variants]]` entry: a model, optionally pinned to a version or a label.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    /// The name the router sees; default: the model name. Two variants of one model
+    /// (e.g. its `stable` and `canary` labels) need names of their own.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub model: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl VariantSpec {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.model)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -229,6 +293,9 @@ impl Bundle {
         if let Some(h) = &manifest.handler {
             check_file("handler.path", &h.path);
         }
+        if let Some(rt) = &manifest.router {
+            check_file("router.path", &rt.path);
+        }
         if reasons.is_empty() {
             Ok(Bundle {
                 dir: dir.to_path_buf(),
@@ -339,8 +406,16 @@ impl Manifest {
         if self.bundle.version == 0 {
             r.push("bundle.version must be a positive integer".to_string());
         }
+        if self.endpoint.is_some() || self.router.is_some() || !self.variants.is_empty() {
+            self.check_endpoint(&mut r);
+        } else if self.model.is_none() {
+            r.push(
+                "a [model] section is required (or, for an endpoint bundle, [endpoint], [[variants]] and [router])"
+                    .to_string(),
+            );
+        }
         match &self.model {
-            None => r.push("a [model] section is required".to_string()),
+            None => {}
             Some(m) => {
                 if let Err(e) = DeviceSpec::parse(&m.device) {
                     r.push(format!("model.device: {e}"));
@@ -416,8 +491,116 @@ impl Manifest {
         r
     }
 
+    /// The plugin sections with their world: `("handler", ..)` and `("router", ..)`.
+    pub fn plugins(&self) -> Vec<(&'static str, &PluginSpec)> {
+        let mut v = Vec::new();
+        if let Some(h) = &self.handler {
+            v.push(("handler", h));
+        }
+        if let Some(r) = &self.router {
+            v.push(("router", r));
+        }
+        v
+    }
+
+    /// Is this an endpoint bundle (variants behind a router)?
+    pub fn is_endpoint(&self) -> bool {
+        self.endpoint.is_some()
+    }
+
+    fn check_endpoint(&self, r: &mut Vec<String>) {
+        let Some(e) = &self.endpoint else {
+            r.push("[[variants]] and [router] belong to an endpoint bundle, which needs an [endpoint] section".to_string());
+            return;
+        };
+        for (what, present) in [
+            ("[model]", self.model.is_some()),
+            ("[batching]", self.batching.is_some()),
+            ("[handler]", self.handler.is_some()),
+        ] {
+            if present {
+                r.push(format!(
+                    "an endpoint bundle has no {what}: it routes to model bundles named in [[variants]]"
+                ));
+            }
+        }
+        if self.router.is_none() {
+            r.push(
+                "an endpoint bundle needs a [router] section (path to the router plugin)"
+                    .to_string(),
+            );
+        }
+        if self.variants.is_empty() {
+            r.push("an endpoint bundle needs at least one [[variants]] entry".to_string());
+        }
+        let mut names = std::collections::HashSet::new();
+        for v in &self.variants {
+            let name = v.name();
+            if !valid_name(&v.model) {
+                r.push(format!(
+                    "variants: model {:?} is not a valid model name",
+                    v.model
+                ));
+            }
+            if v.model == self.bundle.name {
+                r.push(format!(
+                    "variants: the endpoint '{}' cannot route to itself",
+                    v.model
+                ));
+            }
+            if !valid_name(name) {
+                r.push(format!(
+                    "variants: name {name:?} must match [a-z0-9][a-z0-9._-]*"
+                ));
+            }
+            if !names.insert(name) {
+                r.push(format!(
+                    "variants: the name '{name}' appears twice; give variants of one model a `name` each"
+                ));
+            }
+            if v.version.is_some() && v.label.is_some() {
+                r.push(format!(
+                    "variants '{name}': give a version or a label, not both"
+                ));
+            }
+            if v.version == Some(0) {
+                r.push(format!("variants '{name}': version must be positive"));
+            }
+        }
+        if let Some(d) = &e.default_variant {
+            if !self.variants.iter().any(|v| v.name() == d) {
+                r.push(format!(
+                    "endpoint.default_variant '{d}' is not the name of a variant ({})",
+                    self.variants
+                        .iter()
+                        .map(|v| v.name())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ));
+            }
+        }
+        if let Some(h) = &e.routing_key_header {
+            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+                r.push(format!(
+                    "endpoint.routing_key_header {h:?} is not a header name"
+                ));
+            }
+        }
+        if e.stats_window_ms == 0 {
+            r.push("endpoint.stats_window_ms must be positive".to_string());
+        }
+        if let Some(rt) = &self.router {
+            if rt.limits.memory_mib == 0 || rt.limits.cpu_ms == 0 {
+                r.push("router.limits: memory_mib and cpu_ms must be positive".to_string());
+            }
+        }
+    }
+
     fn paths(&self) -> Vec<(&'static str, &str)> {
         let mut v = Vec::new();
+        if let Some(rt) = &self.router {
+            v.push(("router.path", rt.path.as_str()));
+        }
         if let Some(m) = &self.model {
             v.push(("model.path", m.path.as_str()));
         }
@@ -544,6 +727,110 @@ outputs = [{ name = "output", dtype = "fp32", shape = [-1, 3] }]
         );
         assert!(
             reasons.iter().any(|r| r.contains("first size must be -1")),
+            "{reasons:?}"
+        );
+    }
+
+    const AB: &str = r#"
+[bundle]
+name = "ab"
+version = 1
+
+[endpoint]
+routing_key_header = "x-user-id"
+default_variant = "b"
+
+[[variants]]
+model = "a"
+weight = 90
+
+[[variants]]
+model = "b"
+weight = 10
+
+[router]
+path = "plugins/router.wasm"
+config = { shadow = "b" }
+"#;
+
+    #[test]
+    fn parses_an_endpoint_manifest() {
+        let m = parse_manifest(AB).unwrap();
+        assert!(m.check().is_empty(), "{:?}", m.check());
+        assert!(m.is_endpoint());
+        let e = m.endpoint.as_ref().unwrap();
+        assert_eq!(e.on_router_error, RouterErrorPolicy::FailOpen);
+        assert_eq!(e.stats_window_ms, 10_000);
+        assert_eq!(m.variants[1].name(), "b");
+        assert_eq!(m.variants[0].weight, 90);
+        assert_eq!(m.router.as_ref().unwrap().config["shadow"], "b");
+        let closed = AB.replace(
+            "default_variant = \"b\"",
+            "on_router_error = \"fail-closed\"",
+        );
+        let m = parse_manifest(&closed).unwrap();
+        assert_eq!(
+            m.endpoint.unwrap().on_router_error,
+            RouterErrorPolicy::FailClosed
+        );
+        assert!(parse_manifest(&AB.replace("fail-open", "")).is_ok());
+        assert!(parse_manifest(&closed.replace("fail-closed", "fail-sometimes")).is_err());
+    }
+
+    #[test]
+    fn endpoint_manifests_are_checked() {
+        // A model bundle's sections do not belong in an endpoint, and the reverse.
+        let mixed = format!("{AB}\n[model]\nbackend = \"torchscript\"\npath = \"m.pt\"\n");
+        let reasons = parse_manifest(&mixed).unwrap().check();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("an endpoint bundle has no [model]")),
+            "{reasons:?}"
+        );
+        let text = AB
+            .replace("default_variant = \"b\"", "default_variant = \"c\"")
+            .replace(
+                "model = \"b\"",
+                "model = \"a\"\nlabel = \"canary\"\nversion = 2",
+            )
+            .replace("model = \"a\"\nweight = 90", "model = \"ab\"\nweight = 90");
+        let reasons = parse_manifest(&text).unwrap().check();
+        for want in [
+            "cannot route to itself",
+            "give a version or a label, not both",
+            "default_variant 'c' is not the name of a variant",
+        ] {
+            assert!(
+                reasons.iter().any(|r| r.contains(want)),
+                "{want}: {reasons:?}"
+            );
+        }
+        let twice = AB
+            .replace("model = \"b\"", "model = \"a\"")
+            .replace("default_variant = \"b\"", "");
+        let reasons = parse_manifest(&twice).unwrap().check();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("the name 'a' appears twice")),
+            "{reasons:?}"
+        );
+        let no_router = AB.replace(
+            "[router]\npath = \"plugins/router.wasm\"\nconfig = { shadow = \"b\" }\n",
+            "",
+        );
+        let reasons = parse_manifest(&no_router).unwrap().check();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("needs a [router] section")),
+            "{reasons:?}"
+        );
+        let neither = "[bundle]\nname = \"x\"\nversion = 1\n";
+        let reasons = parse_manifest(neither).unwrap().check();
+        assert!(
+            reasons[0].contains("a [model] section is required"),
             "{reasons:?}"
         );
     }

@@ -42,22 +42,24 @@ pub fn pack(dir: &Path, out: Option<&Path>) -> anyhow::Result<String> {
     ))
 }
 
-/// Every handler plugin's import check (the server repeats it, with the model load).
+/// Every plugin's import and export check (the server repeats it, with the model load).
 fn check_plugins(bundle: &Bundle) -> Vec<String> {
     let mut problems = Vec::new();
-    if let Some(h) = &bundle.manifest.handler {
-        match crate::plugin::describe(&bundle.file(&h.path)) {
-            Ok(d) if !d.refused.is_empty() => problems.push(format!(
-                "handler {} imports {}, which nnserve does not grant",
-                h.path,
-                d.refused.join(", ")
-            )),
-            Ok(d) if !d.exports.iter().any(|e| e == "handle") => problems.push(format!(
-                "handler {} does not export `handle` (world nnserve:plugin/handler)",
-                h.path
+    for (world, spec) in bundle.manifest.plugins() {
+        let export = if world == "router" { "route" } else { "handle" };
+        match crate::plugin::describe(&bundle.file(&spec.path)) {
+            Ok(d) if !crate::plugin::refused_imports(&d.imports, world).is_empty() => problems
+                .push(format!(
+                    "{world} {} imports {}, which nnserve does not grant to a {world}",
+                    spec.path,
+                    crate::plugin::refused_imports(&d.imports, world).join(", ")
+                )),
+            Ok(d) if !d.exports.iter().any(|e| e == export) => problems.push(format!(
+                "{world} {} does not export `{export}` (world nnserve:plugin/{world})",
+                spec.path
             )),
             Ok(_) => {}
-            Err(e) => problems.push(format!("handler {}: {e:#}", h.path)),
+            Err(e) => problems.push(format!("{world} {}: {e:#}", spec.path)),
         }
     }
     problems
@@ -109,10 +111,37 @@ fn describe_dir(dir: &Path) -> anyhow::Result<String> {
                     bt.max_batch_size, bt.allowed_batch_sizes, bt.batch_timeout_micros
                 )?;
             }
-            if let Some(h) = &m.handler {
+            if let Some(e) = &m.endpoint {
                 writeln!(
                     s,
-                    "handler  {} (memory {} MiB, cpu {} ms)",
+                    "endpoint routing key {}, on router error {:?}, default variant {}, stats window {} ms",
+                    e.routing_key_header.as_deref().unwrap_or("-"),
+                    e.on_router_error,
+                    e.default_variant
+                        .as_deref()
+                        .or(m.variants.first().map(|v| v.name()))
+                        .unwrap_or("-"),
+                    e.stats_window_ms
+                )?;
+                for v in &m.variants {
+                    let pin = match (&v.version, &v.label) {
+                        (Some(n), _) => format!(" version {n}"),
+                        (_, Some(l)) => format!(" label {l}"),
+                        _ => String::new(),
+                    };
+                    writeln!(
+                        s,
+                        "  variant {} = model {}{pin}, weight {}",
+                        v.name(),
+                        v.model,
+                        v.weight
+                    )?;
+                }
+            }
+            for (world, h) in m.plugins() {
+                writeln!(
+                    s,
+                    "{world:<8} {} (memory {} MiB, cpu {} ms)",
                     h.path, h.limits.memory_mib, h.limits.cpu_ms
                 )?;
                 for (k, v) in &h.config {
@@ -121,8 +150,9 @@ fn describe_dir(dir: &Path) -> anyhow::Result<String> {
                 match crate::plugin::describe(&b.file(&h.path)) {
                     Ok(d) => {
                         writeln!(s, "  exports {}", d.exports.join(", "))?;
+                        let refused = crate::plugin::refused_imports(&d.imports, world);
                         for i in &d.imports {
-                            let mark = if d.refused.contains(i) {
+                            let mark = if refused.contains(i) {
                                 "  (NOT GRANTED)"
                             } else {
                                 ""

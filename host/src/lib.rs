@@ -3,7 +3,7 @@
 //! clients speak TF Serving REST or KServe v2 over HTTP.
 //!
 //! The modules follow a request's journey and a model's life (ARCHITECTURE.md):
-//! `api` → `plugin` → `nn` → `backend`, and `repository` → `lifecycle`, which keeps the
+//! `api` → `routing` → `plugin` → `nn` → `backend`, and `repository` → `lifecycle`, which keeps the
 //! registry of loaded versions that `api` reads. `bundle` and `tensor` are shared
 //! vocabulary; `wit` holds the generated bindings.
 //!
@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod nn;
 pub mod plugin;
 pub mod repository;
+pub mod routing;
 pub mod server;
 pub mod tensor;
 pub mod wit;

@@ -186,8 +186,11 @@ impl DeviceBudget {
 /// A loaded, servable model version.
 pub struct Servable {
     pub bundle: Bundle,
-    pub runner: Arc<Runner>,
+    /// The model's execution path; `None` for an endpoint.
+    pub runner: Option<Arc<Runner>>,
     pub handler: Option<Plugin>,
+    /// Set for an endpoint bundle (variants behind a router), which has no model.
+    pub endpoint: Option<crate::routing::Endpoint>,
     /// Its share of the device's memory budget, released with the last handle.
     pub reservation: Option<Reservation>,
 }
@@ -199,12 +202,21 @@ impl Servable {
     pub fn version(&self) -> u64 {
         self.bundle.version()
     }
+    /// The model's signature. Only for model servables: `api` resolves an endpoint to
+    /// one of its variants' models before it gets here.
     pub fn model_spec(&self) -> &crate::bundle::ModelSpec {
         self.bundle
             .manifest
             .model
             .as_ref()
-            .expect("a servable has a model")
+            .expect("api resolves endpoints to models first")
+    }
+
+    /// The execution path (model servables only, as for [`Servable::model_spec`]).
+    pub fn runner(&self) -> &Arc<Runner> {
+        self.runner
+            .as_ref()
+            .expect("api resolves endpoints to models first")
     }
 }
 
@@ -557,7 +569,9 @@ pub async fn load_and_publish(
     match result {
         Ok(servable) => {
             tracing::info!(
-                model = %model, version, device = %servable.runner.device(),
+                model = %model, version,
+                device = %servable.runner.as_ref().map_or("-".into(), |r| r.device()),
+                router = servable.endpoint.as_ref().map(|e| e.router.name()).unwrap_or("-"),
                 plugin = servable.handler.as_ref().map(|p| p.name()).unwrap_or("-"),
                 took = ?started.elapsed(), "version AVAILABLE"
             );
@@ -688,6 +702,16 @@ pub fn load_version(
             entry.version
         );
     }
+    if bundle.manifest.is_endpoint() {
+        let endpoint = crate::routing::Endpoint::load(&bundle, runtime)?;
+        return Ok(Servable {
+            bundle,
+            runner: None,
+            handler: None,
+            endpoint: Some(endpoint),
+            reservation: None,
+        });
+    }
     let spec = bundle
         .manifest
         .model
@@ -731,8 +755,9 @@ pub fn load_version(
     };
     Ok(Servable {
         bundle,
-        runner,
+        runner: Some(runner),
         handler,
+        endpoint: None,
         reservation,
     })
 }

@@ -231,14 +231,15 @@ fn check(
     let unpacked = archive::unpack(std::io::BufReader::new(file), dir, limits)
         .map_err(UploadError::Invalid)?;
     let bundle = Bundle::open(dir).map_err(|e| UploadError::Invalid(e.reasons))?;
-    if let Some(h) = &bundle.manifest.handler {
+    for (world, h) in bundle.manifest.plugins() {
         let info = crate::plugin::describe(&bundle.file(&h.path))
-            .map_err(|e| UploadError::Invalid(vec![format!("handler {}: {e:#}", h.path)]))?;
-        if !info.refused.is_empty() {
+            .map_err(|e| UploadError::Invalid(vec![format!("{world} {}: {e:#}", h.path)]))?;
+        let refused = crate::plugin::refused_imports(&info.imports, world);
+        if !refused.is_empty() {
             return Err(UploadError::Invalid(vec![format!(
-                "handler {} imports {}, which nnserve does not grant",
+                "{world} {} imports {}, which nnserve does not grant to a {world}",
                 h.path,
-                info.refused.join(", ")
+                refused.join(", ")
             )]));
         }
     }

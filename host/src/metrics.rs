@@ -36,6 +36,33 @@ pub struct StateLabels {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VariantLabels {
+    pub endpoint: String,
+    pub variant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VariantOutcomeLabels {
+    pub endpoint: String,
+    pub variant: String,
+    /// As for `nnserve_requests_total`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouterErrorLabels {
+    pub endpoint: String,
+    pub plugin: String,
+    /// `trap`, `cpu_budget`, `deadline`, `busy`, `unknown_variant` or `no_variant`.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub endpoint: String,
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds() -> Histogram {
@@ -57,6 +84,11 @@ pub struct Metrics {
     batch_size: HistogramFamily<VersionLabels>,
     queue_depth: Family<VersionLabels, Gauge>,
     versions: Family<StateLabels, Gauge>,
+    variant_requests: Family<VariantOutcomeLabels, Counter>,
+    variant_latency: HistogramFamily<VariantLabels>,
+    shadow_requests: Family<VariantOutcomeLabels, Counter>,
+    router_errors: Family<RouterErrorLabels, Counter>,
+    router_time: HistogramFamily<EndpointLabels>,
 }
 
 /// The handles one loaded version records into.
@@ -112,6 +144,11 @@ impl Metrics {
             batch_size: Family::new_with_constructor(batch_sizes),
             queue_depth: Family::default(),
             versions: Family::default(),
+            variant_requests: Family::default(),
+            variant_latency: Family::new_with_constructor(seconds),
+            shadow_requests: Family::default(),
+            router_errors: Family::default(),
+            router_time: Family::new_with_constructor(seconds),
         };
         {
             let mut r = m.registry.lock().unwrap();
@@ -146,6 +183,31 @@ impl Metrics {
                 m.queue_depth.clone(),
             );
             r.register("versions", "Model versions by state", m.versions.clone());
+            r.register(
+                "endpoint_requests",
+                "Requests an endpoint's router sent to each variant, by outcome",
+                m.variant_requests.clone(),
+            );
+            r.register(
+                "endpoint_request_duration_seconds",
+                "Latency of requests through an endpoint, per variant",
+                m.variant_latency.clone(),
+            );
+            r.register(
+                "endpoint_shadow_requests",
+                "Copies of requests sent to shadow variants, by outcome (answers not returned)",
+                m.shadow_requests.clone(),
+            );
+            r.register(
+                "router_errors",
+                "Router failures per endpoint and plugin, by reason",
+                m.router_errors.clone(),
+            );
+            r.register(
+                "router_duration_seconds",
+                "Time of one router call (instantiate and route)",
+                m.router_time.clone(),
+            );
         }
         m
     }
@@ -172,6 +234,53 @@ impl Metrics {
             })
             .inc();
         self.latency.get_or_create(&l).observe(took.as_secs_f64());
+    }
+
+    /// Records one request an endpoint routed to `variant` (`shadow`: a copy).
+    pub fn variant_request(
+        &self,
+        endpoint: &str,
+        variant: &str,
+        shadow: bool,
+        outcome: &str,
+        took: Duration,
+    ) {
+        let key = VariantOutcomeLabels {
+            endpoint: endpoint.to_string(),
+            variant: variant.to_string(),
+            outcome: outcome.to_string(),
+        };
+        if shadow {
+            self.shadow_requests.get_or_create(&key).inc();
+            return;
+        }
+        self.variant_requests.get_or_create(&key).inc();
+        self.variant_latency
+            .get_or_create(&VariantLabels {
+                endpoint: endpoint.to_string(),
+                variant: variant.to_string(),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Counts a router failure.
+    pub fn router_error(&self, endpoint: &str, plugin: &str, reason: &str) {
+        self.router_errors
+            .get_or_create(&RouterErrorLabels {
+                endpoint: endpoint.to_string(),
+                plugin: plugin.to_string(),
+                reason: reason.to_string(),
+            })
+            .inc();
+    }
+
+    /// Records the time of one router call.
+    pub fn router_call(&self, endpoint: &str, took: Duration) {
+        self.router_time
+            .get_or_create(&EndpointLabels {
+                endpoint: endpoint.to_string(),
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// Moves a version from one state to another in the `versions` gauge.

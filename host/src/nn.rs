@@ -94,6 +94,12 @@ impl Runner {
         self.model.device()
     }
 
+    /// Requests waiting for this version's forward (the batcher's queue; without
+    /// batching, those waiting for the one-at-a-time gate are not counted).
+    pub fn queue_depth(&self) -> usize {
+        self.batcher.as_ref().map_or(0, Batcher::queue_depth)
+    }
+
     /// Orders named inputs as the model takes them and checks names, dtypes and shapes.
     /// A model without declared inputs takes them in the order given.
     pub fn arrange(&self, mut named: Vec<(String, Tensor)>) -> Result<Vec<Tensor>, InferError> {
@@ -211,7 +217,7 @@ pub struct NnError {
 /// spent in host calls (which the plugin's CPU budget does not count).
 pub struct NnCtx {
     names: Vec<String>,
-    runner: Arc<Runner>,
+    runner: Option<Arc<Runner>>,
     pub host_time: Duration,
 }
 
@@ -220,7 +226,16 @@ impl NnCtx {
     pub fn new(model_name: &str, runner: Arc<Runner>) -> NnCtx {
         NnCtx {
             names: vec![model_name.to_string(), "default".to_string()],
-            runner,
+            runner: Some(runner),
+            host_time: Duration::ZERO,
+        }
+    }
+
+    /// No graph at all (a router plugin).
+    pub fn none() -> NnCtx {
+        NnCtx {
+            names: Vec::new(),
+            runner: None,
             host_time: Duration::ZERO,
         }
     }
@@ -324,9 +339,14 @@ impl gen::graph::Host for NnView<'_> {
     }
 
     fn load_by_name(&mut self, name: String) -> NnResult<Resource<Graph>> {
-        if self.ctx.names.contains(&name) {
+        if let Some(runner) = self
+            .ctx
+            .runner
+            .as_ref()
+            .filter(|_| self.ctx.names.contains(&name))
+        {
             let g = self.table.push(Graph {
-                runner: self.ctx.runner.clone(),
+                runner: runner.clone(),
             })?;
             Ok(Ok(g))
         } else {

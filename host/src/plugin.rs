@@ -46,6 +46,8 @@ const GRANTED: &[&str] = &[
     "wasi:nn/",
     "nnserve:plugin/host",
     "nnserve:plugin/types",
+    // Types only (records of the router world).
+    "nnserve:plugin/routing",
 ];
 
 /// Settings of the plugin sandbox (from the server config).
@@ -95,7 +97,7 @@ impl std::fmt::Display for PluginError {
             PluginError::Trap { plugin, message } => write!(f, "plugin {plugin} trapped: {message}"),
             PluginError::CpuBudget { plugin, budget_ms } => write!(
                 f,
-                "plugin {plugin} ran out of its CPU budget of {budget_ms} ms (handler.limits.cpu_ms in bundle.toml)"
+                "plugin {plugin} ran out of its CPU budget of {budget_ms} ms (limits.cpu_ms of the plugin in bundle.toml)"
             ),
             PluginError::Deadline { plugin, deadline_ms } => write!(
                 f,
@@ -284,23 +286,7 @@ impl PluginRuntime {
             .handler
             .as_ref()
             .ok_or_else(|| anyhow::anyhow!("the bundle has no [handler]"))?;
-        let name = format!("{}@{} ({})", bundle.name(), bundle.version(), spec.path);
-        if spec.limits.memory_mib > self.config.max_memory_mib {
-            anyhow::bail!(
-                "handler.limits.memory_mib = {} is above the server's maximum of {} MiB",
-                spec.limits.memory_mib,
-                self.config.max_memory_mib
-            );
-        }
-        let path = bundle.file(&spec.path);
-        let component = Component::from_file(&self.engine, &path).map_err(|e| {
-            anyhow::anyhow!(
-                "plugin {} is not a valid WebAssembly component: {e:#} (build it with `cargo build --target wasm32-wasip2`)",
-                spec.path
-            )
-        })?;
-        check_imports(&self.engine, &component)
-            .map_err(|e| anyhow::anyhow!("plugin {} is refused: {e}", spec.path))?;
+        let (component, common) = self.compile(bundle, spec, "handler")?;
         let pre = self
             .linker
             .instantiate_pre(&component)
@@ -312,25 +298,81 @@ impl PluginRuntime {
             )
         })?;
         Ok(Plugin {
-            name: name.clone(),
+            common,
             pre,
+            model_name: bundle.name().to_string(),
+            runner,
+        })
+    }
+
+    /// Compiles and checks an endpoint bundle's router plugin. Blocking.
+    pub fn load_router(&self, bundle: &Bundle) -> anyhow::Result<RouterPlugin> {
+        let spec = bundle
+            .manifest
+            .router
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the bundle has no [router]"))?;
+        let (component, common) = self.compile(bundle, spec, "router")?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| anyhow::anyhow!("plugin {} cannot be linked: {e:#}", spec.path))?;
+        let pre = wit::router::RouterPre::new(pre).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin {} does not export the nnserve:plugin/router world (route): {e:#}",
+                spec.path
+            )
+        })?;
+        Ok(RouterPlugin { common, pre })
+    }
+
+    /// What both kinds of plugin share: limits, compilation, the import check, config
+    /// and assets.
+    fn compile(
+        &self,
+        bundle: &Bundle,
+        spec: &crate::bundle::PluginSpec,
+        world: &str,
+    ) -> anyhow::Result<(Component, Common)> {
+        let name = format!("{}@{} ({})", bundle.name(), bundle.version(), spec.path);
+        if spec.limits.memory_mib > self.config.max_memory_mib {
+            anyhow::bail!(
+                "{world}.limits.memory_mib = {} is above the server's maximum of {} MiB",
+                spec.limits.memory_mib,
+                self.config.max_memory_mib
+            );
+        }
+        let path = bundle.file(&spec.path);
+        let component = Component::from_file(&self.engine, &path).map_err(|e| {
+            anyhow::anyhow!(
+                "plugin {} is not a valid WebAssembly component: {e:#} (build it with `cargo build --target wasm32-wasip2`)",
+                spec.path
+            )
+        })?;
+        check_imports(&self.engine, &component, world)
+            .map_err(|e| anyhow::anyhow!("plugin {} is refused: {e}", spec.path))?;
+        let common = Common {
+            name: name.clone(),
             limits: spec.limits,
             host: Arc::new(HostInfo {
                 plugin: name,
                 config: spec.config.clone(),
                 assets: read_assets(&bundle.dir)?,
             }),
-            model_name: bundle.name().to_string(),
-            runner,
-        })
+        };
+        Ok((component, common))
     }
 }
 
-/// The imports of `names` that nnserve does not grant.
-fn refused_imports(names: &[String]) -> Vec<String> {
+/// The imports of `names` that nnserve does not grant to a plugin of `world`
+/// (`handler` or `router`; a router gets no `wasi:nn`).
+pub fn refused_imports(names: &[String], world: &str) -> Vec<String> {
     names
         .iter()
-        .filter(|name| !GRANTED.iter().any(|g| name.starts_with(g)))
+        .filter(|name| {
+            !GRANTED.iter().any(|g| name.starts_with(g))
+                || world == "router" && name.starts_with("wasi:nn/")
+        })
         .cloned()
         .collect()
 }
@@ -360,26 +402,32 @@ pub fn describe(path: &Path) -> anyhow::Result<ComponentInfo> {
         anyhow::anyhow!("not a WebAssembly component: {e:#} (build it with `cargo build --target wasm32-wasip2`)")
     })?;
     let imports = import_names(&engine, &component);
-    let exports = component
+    let exports: Vec<String> = component
         .component_type()
         .exports(&engine)
         .map(|(name, _)| name.to_string())
         .collect();
+    let world = if exports.iter().any(|e: &String| e == "route") {
+        "router"
+    } else {
+        "handler"
+    };
     Ok(ComponentInfo {
-        refused: refused_imports(&imports),
+        refused: refused_imports(&imports, world),
         imports,
         exports,
     })
 }
 
 /// Refuses a component that imports anything not granted, naming every such import.
-fn check_imports(engine: &Engine, component: &Component) -> anyhow::Result<()> {
-    let refused = refused_imports(&import_names(engine, component));
+fn check_imports(engine: &Engine, component: &Component, world: &str) -> anyhow::Result<()> {
+    let refused = refused_imports(&import_names(engine, component), world);
     if refused.is_empty() {
         Ok(())
     } else {
+        let nn = if world == "router" { "" } else { "wasi:nn, " };
         anyhow::bail!(
-            "it imports {}, which nnserve does not grant (plugins may import wasi:nn, nnserve:plugin/host, and wasi:io, wasi:cli, wasi:clocks, wasi:random, wasi:filesystem without directories)",
+            "it imports {}, which nnserve does not grant to a {world} (plugins may import {nn}nnserve:plugin/host, and wasi:io, wasi:cli, wasi:clocks, wasi:random, wasi:filesystem without directories)",
             refused.join(", ")
         )
     }
@@ -415,41 +463,16 @@ fn add_granted_wasi(l: &mut Linker<PluginState>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A compiled, checked handler plugin of one bundle version.
-pub struct Plugin {
+/// What a compiled plugin of either world carries.
+struct Common {
     name: String,
-    pre: wit::HandlerPre<PluginState>,
     limits: PluginLimits,
     host: Arc<HostInfo>,
-    model_name: String,
-    runner: Arc<Runner>,
 }
 
-impl Plugin {
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// Serves one request in a fresh instance, within the plugin's CPU budget and the
-    /// request's `deadline`.
-    pub async fn handle(
-        &self,
-        request: wit::Request,
-        deadline: Duration,
-    ) -> Result<wit::Response, PluginError> {
-        let started = Instant::now();
-        match tokio::time::timeout(deadline, self.run(request)).await {
-            Ok(result) => result,
-            Err(_) => Err(PluginError::Deadline {
-                plugin: self.name.clone(),
-                deadline_ms: deadline.as_millis() as u64,
-            }),
-        }
-        .inspect_err(|e| tracing::debug!(plugin = %self.name, elapsed = ?started.elapsed(), "plugin call failed: {e}"))
-    }
-
-    async fn run(&self, request: wit::Request) -> Result<wit::Response, PluginError> {
-        let engine = self.pre.engine();
+impl Common {
+    /// A fresh store with the plugin's memory cap and CPU budget.
+    fn store(&self, engine: &Engine, nn: NnCtx) -> Store<PluginState> {
         let cpu_budget = Duration::from_millis(self.limits.cpu_ms);
         let state = PluginState {
             table: ResourceTable::new(),
@@ -460,7 +483,7 @@ impl Plugin {
                 .trap_on_grow_failure(true)
                 .instances(32)
                 .build(),
-            nn: NnCtx::new(&self.model_name, self.runner.clone()),
+            nn,
             host: self.host.clone(),
             started: Instant::now(),
             cpu_budget,
@@ -482,22 +505,18 @@ impl Plugin {
                 ticks(s.cpu_budget - guest).min(YIELD_TICKS),
             ))
         });
+        store
+    }
 
-        let instance = self.pre.instantiate_async(&mut store).await.map_err(|e| {
-            if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
-                .is_some()
-            {
-                PluginError::Busy {
-                    plugin: self.name.clone(),
-                }
-            } else {
-                self.trap(&store, e)
+    fn instantiate_error(&self, store: &Store<PluginState>, e: wasmtime::Error) -> PluginError {
+        if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+            .is_some()
+        {
+            PluginError::Busy {
+                plugin: self.name.clone(),
             }
-        })?;
-        match instance.call_handle(&mut store, &request).await {
-            Ok(Ok(response)) => Ok(response),
-            Ok(Err(guest_error)) => Err(PluginError::Guest(guest_error)),
-            Err(e) => Err(self.trap(&store, e)),
+        } else {
+            self.trap(store, e)
         }
     }
 
@@ -514,7 +533,7 @@ impl Plugin {
         }
         if format!("{e:?}").contains("forcing trap when growing memory") {
             message = format!(
-                "it needed more than its memory cap of {} MiB (handler.limits.memory_mib in bundle.toml)",
+                "it needed more than its memory cap of {} MiB (limits.memory_mib in bundle.toml)",
                 self.limits.memory_mib
             );
         }
@@ -522,6 +541,98 @@ impl Plugin {
             plugin: self.name.clone(),
             message,
         }
+    }
+
+    /// Runs `f` within the request's wall-clock `deadline`.
+    async fn within<T>(
+        &self,
+        deadline: Duration,
+        f: impl std::future::Future<Output = Result<T, PluginError>>,
+    ) -> Result<T, PluginError> {
+        let started = Instant::now();
+        match tokio::time::timeout(deadline, f).await {
+            Ok(result) => result,
+            Err(_) => Err(PluginError::Deadline {
+                plugin: self.name.clone(),
+                deadline_ms: deadline.as_millis() as u64,
+            }),
+        }
+        .inspect_err(|e| tracing::debug!(plugin = %self.name, elapsed = ?started.elapsed(), "plugin call failed: {e}"))
+    }
+}
+
+/// A compiled, checked handler plugin of one bundle version.
+pub struct Plugin {
+    common: Common,
+    pre: wit::HandlerPre<PluginState>,
+    model_name: String,
+    runner: Arc<Runner>,
+}
+
+/// A compiled, checked router plugin of one endpoint bundle version.
+pub struct RouterPlugin {
+    common: Common,
+    pre: wit::router::RouterPre<PluginState>,
+}
+
+impl RouterPlugin {
+    pub fn name(&self) -> &str {
+        &self.common.name
+    }
+
+    /// Asks the router for a decision, in a fresh instance, within its CPU budget and
+    /// `deadline`.
+    pub async fn route(
+        &self,
+        meta: &wit::router::RequestMeta,
+        variants: &[wit::router::Variant],
+        deadline: Duration,
+    ) -> Result<wit::router::Decision, PluginError> {
+        let c = &self.common;
+        c.within(deadline, async {
+            let mut store = c.store(self.pre.engine(), NnCtx::none());
+            let instance = self
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| c.instantiate_error(&store, e))?;
+            instance
+                .call_route(&mut store, meta, variants)
+                .await
+                .map_err(|e| c.trap(&store, e))
+        })
+        .await
+    }
+}
+
+impl Plugin {
+    pub fn name(&self) -> &str {
+        &self.common.name
+    }
+
+    /// Serves one request in a fresh instance, within the plugin's CPU budget and the
+    /// request's `deadline`.
+    pub async fn handle(
+        &self,
+        request: wit::Request,
+        deadline: Duration,
+    ) -> Result<wit::Response, PluginError> {
+        let c = &self.common;
+        c.within(deadline, async {
+            let nn = NnCtx::new(&self.model_name, self.runner.clone());
+            let mut store = c.store(self.pre.engine(), nn);
+            let instance = self
+                .pre
+                .instantiate_async(&mut store)
+                .await
+                .map_err(|e| c.instantiate_error(&store, e))?;
+            match instance.call_handle(&mut store, &request).await {
+                Ok(Ok(response)) => Ok(response),
+                Ok(Err(guest_error)) => Err(PluginError::Guest(guest_error)),
+                Err(e) => Err(c.trap(&store, e)),
+            }
+        })
+        .await
     }
 }
 

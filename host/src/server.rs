@@ -38,6 +38,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         admin_token: config.admin_token.clone(),
         max_request_bytes: config.max_request_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
+        routing_stats: Default::default(),
     };
     // Warm-up requests go through the real request path, which needs the state.
     let hook = api::warmup_hook(state.clone());

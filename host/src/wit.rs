@@ -22,3 +22,18 @@ wasmtime::component::bindgen!({
 // The world's `use types.{request, response, error}` puts those types at this module's
 // root; the error code enum is re-exported beside them.
 pub use self::nnserve::plugin::types::ErrorCode;
+
+/// Host bindings of the world `nnserve:plugin/router`. The `host` interface is the one
+/// generated above (one implementation, linked once, serves both worlds).
+pub mod router {
+    wasmtime::component::bindgen!({
+        world: "nnserve:plugin/router",
+        path: "../wit",
+        imports: { default: trappable },
+        exports: { default: async },
+        with: {
+            "nnserve:plugin/host": crate::wit::nnserve::plugin::host,
+        },
+    });
+    pub use self::nnserve::plugin::routing::VariantStats;
+}

@@ -9,11 +9,12 @@ mod codec;
 mod v1;
 mod v2;
 
-use crate::lifecycle::{Registry, ResolveError};
+use crate::lifecycle::{Registry, ResolveError, Servable};
 use crate::nn::InferError;
 use crate::plugin::PluginError;
+use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -33,7 +34,12 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The request's wall-clock deadline unless the client asks for less.
     pub request_timeout: Duration,
+    /// Live stats of endpoint variants, handed to routers.
+    pub routing_stats: Arc<crate::routing::StatsBook>,
 }
+
+/// Response header naming the model version that answered: `{model}@{version}`.
+pub const VARIANT_HEADER: &str = "x-nnserve-variant";
 
 /// Header with which a client lowers its request's deadline, in milliseconds.
 pub const TIMEOUT_HEADER: &str = "x-nnserve-timeout-ms";
@@ -254,6 +260,10 @@ pub fn warmup_hook(state: AppState) -> crate::lifecycle::WarmupHook {
     Arc::new(move |servable: Arc<crate::lifecycle::Servable>| {
         let state = state.clone();
         Box::pin(async move {
+            if servable.endpoint.is_some() {
+                // An endpoint has no model of its own to warm; its router was compiled.
+                return Ok(());
+            }
             let requests = servable.bundle.warmup_requests()?;
             for (file, req) in requests {
                 let body = req.body_bytes().map_err(|e| format!("{file}: {e}"))?;
@@ -342,6 +352,190 @@ fn record<T>(
     state
         .metrics
         .request(s.name(), s.version(), outcome, started.elapsed());
+}
+
+/// The inference verbs, run the same way for a model and for an endpoint's variant.
+#[derive(Clone)]
+pub(crate) enum Verb {
+    /// TF Serving `:predict`.
+    Predict,
+    /// The handler plugin (`:infer`); `rest` is the path after `/v1/models/`.
+    Infer { rest: String },
+    /// KServe v2 `infer`.
+    V2Infer,
+}
+
+async fn run_verb(
+    state: &AppState,
+    verb: &Verb,
+    s: &Servable,
+    method: &Method,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    match verb {
+        Verb::Predict => v1::predict(state, s, headers, &body).await,
+        Verb::Infer { rest } => {
+            v1::plugin_infer(state, s, method.clone(), rest, headers.clone(), body).await
+        }
+        Verb::V2Infer => v2::infer_resolved(state, s, headers, &body).await,
+    }
+}
+
+/// Resolves a name for metadata and readiness: a model version, or for an endpoint its
+/// default variant's model (with `version` or `label` applied to that model).
+pub(crate) fn resolve_model(
+    state: &AppState,
+    name: &str,
+    version: Option<u64>,
+    label: Option<&str>,
+) -> Result<Arc<Servable>, ApiError> {
+    if let Ok(s) = state.registry.resolve(name, None) {
+        if let Some(e) = &s.endpoint {
+            if version.is_none() && label.is_none() {
+                return Ok(e.default_target(&state.registry)?);
+            }
+            let v = e
+                .variants
+                .iter()
+                .find(|v| v.name() == e.default_variant)
+                .expect("checked: default_variant names a variant");
+            return resolve_model(state, &v.model, version, label);
+        }
+    }
+    let version = match label {
+        Some(l) => Some(state.registry.label(name, l)?),
+        None => version,
+    };
+    Ok(state.registry.resolve(name, version)?)
+}
+
+/// Serves one inference request to `name`: a model, or an endpoint whose router picks
+/// the variant (unless a version or label is given, which goes to the default variant's
+/// model, bypassing the router). Every answer names the version that served it in
+/// `x-nnserve-variant`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve_inference(
+    state: &AppState,
+    name: &str,
+    version: Option<u64>,
+    label: Option<&str>,
+    verb: Verb,
+    method: Method,
+    path: &str,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let explicit = version.is_some() || label.is_some();
+    let endpoint = if explicit {
+        None
+    } else {
+        Some(state.registry.resolve(name, None)?).filter(|s| s.endpoint.is_some())
+    };
+    let Some(endpoint_servable) = endpoint else {
+        let target = resolve_model(state, name, version, label)?;
+        let started = Instant::now();
+        let result = run_verb(state, &verb, &target, &method, &headers, body).await;
+        record(state, &target, started, &result);
+        return Ok(with_variant(result, &target));
+    };
+    let endpoint = endpoint_servable.endpoint.as_ref().expect("filtered above");
+    let started = Instant::now();
+    let meta = crate::routing::Meta {
+        method: method.to_string(),
+        path: path.to_string(),
+        headers: headers
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_string(),
+                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
+                )
+            })
+            .collect(),
+    };
+    let routed = crate::routing::route(
+        endpoint,
+        &state.registry,
+        &state.routing_stats,
+        &state.metrics,
+        meta,
+        state.deadline(&headers),
+    )
+    .await
+    .map_err(|e| {
+        state
+            .metrics
+            .variant_request(&endpoint.name, "-", false, "overload", started.elapsed());
+        ApiError::Unavailable(e.to_string())
+    })?;
+    if let Some(reason) = &routed.reason {
+        tracing::debug!(endpoint = %endpoint.name, variant = %routed.variant, "routed: {reason}");
+    }
+    let window = Duration::from_millis(endpoint.spec.stats_window_ms);
+    for (variant, target) in routed.shadows {
+        let (state, verb, method, headers, body) = (
+            state.clone(),
+            verb.clone(),
+            method.clone(),
+            headers.clone(),
+            body.clone(),
+        );
+        let name = endpoint.name.clone();
+        tokio::spawn(async move {
+            let stats = state.routing_stats.get(&name, &variant, window);
+            let guard = stats.start();
+            let t0 = Instant::now();
+            let result = run_verb(&state, &verb, &target, &method, &headers, body).await;
+            record(&state, &target, t0, &result);
+            let outcome = outcome_of(&result);
+            guard.finish(is_server_error(&result));
+            state
+                .metrics
+                .variant_request(&name, &variant, true, outcome, t0.elapsed());
+        });
+    }
+    let target = routed.target;
+    let stats = state
+        .routing_stats
+        .get(&endpoint.name, &routed.variant, window);
+    let guard = stats.start();
+    let t0 = Instant::now();
+    let result = run_verb(state, &verb, &target, &method, &headers, body).await;
+    record(state, &target, t0, &result);
+    guard.finish(is_server_error(&result));
+    state.metrics.variant_request(
+        &endpoint.name,
+        &routed.variant,
+        false,
+        outcome_of(&result),
+        started.elapsed(),
+    );
+    Ok(with_variant(result, &target))
+}
+
+fn outcome_of<T>(result: &Result<T, ApiError>) -> &'static str {
+    match result {
+        Ok(_) => "ok",
+        Err(e) => e.outcome(),
+    }
+}
+
+/// A 5xx, which counts against a variant in the live stats (a 4xx is the client's).
+fn is_server_error(result: &Result<Response, ApiError>) -> bool {
+    match result {
+        Ok(r) => r.status().is_server_error(),
+        Err(e) => e.status().is_server_error(),
+    }
+}
+
+/// The answer (or the error) with `x-nnserve-variant: {model}@{version}`.
+fn with_variant(result: Result<Response, ApiError>, target: &Servable) -> Response {
+    let mut resp = result.into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("{}@{}", target.name(), target.version())) {
+        resp.headers_mut().insert(VARIANT_HEADER, v);
+    }
+    resp
 }
 
 /// Runs a tensor-API inference within the request's deadline.

@@ -3,7 +3,7 @@
 //! a router cannot match, so the path is parsed here.
 
 use super::codec::{tensor_from_json, write_json};
-use super::{infer_within, record, ApiError, AppState};
+use super::{infer_within, ApiError, AppState, Verb};
 use crate::lifecycle::Servable;
 use crate::tensor::Tensor;
 use crate::wit;
@@ -74,11 +74,7 @@ fn parse_target(rest: &str) -> Result<Target, ApiError> {
 }
 
 fn resolve(state: &AppState, t: &Target) -> Result<Arc<Servable>, ApiError> {
-    let version = match &t.label {
-        Some(label) => Some(state.registry.label(&t.model, label)?),
-        None => t.version,
-    };
-    Ok(state.registry.resolve(&t.model, version)?)
+    super::resolve_model(state, &t.model, t.version, t.label.as_deref())
 }
 
 /// `GET /v1/models/{m}[/versions/{v}]` (status) and `.../metadata`.
@@ -174,15 +170,24 @@ pub async fn post_model(
     let t = parse_target(&rest)?;
     let verb = t.verb.as_deref();
     if matches!(verb, Some("predict") | Some("infer")) {
-        let servable = resolve(&state, &t)?;
-        let started = std::time::Instant::now();
-        let result = if verb == Some("predict") {
-            predict(&state, &servable, &headers, &body).await
+        let verb = if verb == Some("predict") {
+            Verb::Predict
         } else {
-            plugin_infer(&state, &servable, method, &rest, headers, body).await
+            Verb::Infer { rest: rest.clone() }
         };
-        record(&state, &servable, started, &result);
-        return result;
+        let path = format!("/v1/models/{rest}");
+        return super::serve_inference(
+            &state,
+            &t.model,
+            t.version,
+            t.label.as_deref(),
+            verb,
+            method,
+            &path,
+            headers,
+            body,
+        )
+        .await;
     }
     match verb {
         Some(other) => Err(ApiError::NotFound(format!(
@@ -324,7 +329,7 @@ async fn upload(
     Ok((status, axum::Json(&stored)).into_response())
 }
 
-async fn plugin_infer(
+pub(super) async fn plugin_infer(
     state: &AppState,
     servable: &Servable,
     method: Method,
@@ -378,7 +383,7 @@ async fn plugin_infer(
     Ok(resp)
 }
 
-async fn predict(
+pub(super) async fn predict(
     state: &AppState,
     servable: &Servable,
     headers: &HeaderMap,
@@ -406,7 +411,7 @@ async fn predict(
             ))
         }
     };
-    let outputs = infer_within(state, headers, &servable.runner, inputs).await?;
+    let outputs = infer_within(state, headers, servable.runner(), inputs).await?;
     let mut out = Vec::with_capacity(256);
     if row_format {
         write_predictions(&mut out, &outputs)?;

@@ -3,7 +3,7 @@
 //! `binary_data` / `binary_data_output`), since `tritonclient[http]` uses it by default.
 
 use super::codec::{self, write_flat_json};
-use super::{infer_within, record, ApiError, AppState};
+use super::{infer_within, ApiError, AppState};
 use crate::lifecycle::Servable;
 use crate::tensor::{numel, DType, Tensor};
 use axum::body::Bytes;
@@ -12,7 +12,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
-use std::sync::Arc;
 
 const HEADER_LENGTH: &str = "inference-header-content-length";
 
@@ -40,7 +39,7 @@ fn parse_version(v: &str) -> Result<u64, ApiError> {
 }
 
 fn metadata(state: &AppState, model: &str, version: Option<u64>) -> Result<Response, ApiError> {
-    let s = state.registry.resolve(model, version)?;
+    let s = super::resolve_model(state, model, version, None)?;
     let spec = s.model_spec();
     let list = |l: &[crate::bundle::TensorSpec]| -> Vec<Value> {
         l.iter()
@@ -49,7 +48,7 @@ fn metadata(state: &AppState, model: &str, version: Option<u64>) -> Result<Respo
     };
     let versions: Vec<String> = state
         .registry
-        .status(model)
+        .status(s.name())
         .unwrap_or_default()
         .iter()
         .filter(|v| v.state == crate::lifecycle::State::Available)
@@ -85,14 +84,14 @@ fn model_ready_impl(
     model: &str,
     version: Option<u64>,
 ) -> Result<Response, ApiError> {
-    match state.registry.resolve(model, version) {
+    match super::resolve_model(state, model, version, None) {
         Ok(_) => Ok(axum::Json(json!({ "name": model, "ready": true })).into_response()),
-        Err(e @ crate::lifecycle::ResolveError::NotAvailable(..)) => Ok((
+        Err(ApiError::Unavailable(e)) => Ok((
             StatusCode::BAD_REQUEST,
-            axum::Json(json!({ "name": model, "ready": false, "error": e.to_string() })),
+            axum::Json(json!({ "name": model, "ready": false, "error": e })),
         )
             .into_response()),
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
@@ -145,8 +144,19 @@ pub async fn infer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let s = state.registry.resolve(&model, None)?;
-    infer_impl(&state, s, &headers, &body).await
+    let path = format!("/v2/models/{model}/infer");
+    super::serve_inference(
+        &state,
+        &model,
+        None,
+        None,
+        super::Verb::V2Infer,
+        axum::http::Method::POST,
+        &path,
+        headers,
+        body,
+    )
+    .await
 }
 
 pub async fn infer_version(
@@ -155,22 +165,19 @@ pub async fn infer_version(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let s = state
-        .registry
-        .resolve(&model, Some(parse_version(&version)?))?;
-    infer_impl(&state, s, &headers, &body).await
-}
-
-async fn infer_impl(
-    state: &AppState,
-    s: Arc<Servable>,
-    headers: &HeaderMap,
-    body: &[u8],
-) -> Result<Response, ApiError> {
-    let started = std::time::Instant::now();
-    let result = infer_resolved(state, &s, headers, body).await;
-    record(state, &s, started, &result);
-    result
+    let path = format!("/v2/models/{model}/versions/{version}/infer");
+    super::serve_inference(
+        &state,
+        &model,
+        Some(parse_version(&version)?),
+        None,
+        super::Verb::V2Infer,
+        axum::http::Method::POST,
+        &path,
+        headers,
+        body,
+    )
+    .await
 }
 
 /// Warm-up entry point (see `api::warmup_hook`).
@@ -183,7 +190,7 @@ pub(super) async fn warm_infer(
     infer_resolved(state, s, headers, body).await
 }
 
-async fn infer_resolved(
+pub(super) async fn infer_resolved(
     state: &AppState,
     s: &Servable,
     headers: &HeaderMap,
@@ -216,7 +223,7 @@ async fn infer_resolved(
         )));
     }
 
-    let outputs = infer_within(state, headers, &s.runner, inputs).await?;
+    let outputs = infer_within(state, headers, s.runner(), inputs).await?;
 
     // Which outputs, and which of them as binary.
     let default_binary = req
