@@ -2,6 +2,8 @@
 """Make the example models as TorchScript files, with seeded weights (nothing downloaded).
 
 - mlp:    a tiny seeded MLP, input `input` [-1, 4] fp32 -> output `output` [-1, 3] fp32.
+- mlp-a, mlp-b: the same MLP with seeds 1 and 2, the two variants behind the `mlp-ab`
+          endpoint (an A/B test: they answer differently for the same input).
 - digits: a small CNN trained here on scikit-learn's bundled 8x8 digits (seeded), input
           `input` [-1, 1, 8, 8] fp32 with the data set's pixel range 0..16, output
           `logits` [-1, 10]. Prints its held-out accuracy.
@@ -92,6 +94,8 @@ def main():
     args = ap.parse_args()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     make_mlp(args.repository)
+    make_mlp(args.repository, seed=1, name="mlp-a")
+    make_mlp(args.repository, seed=2, name="mlp-b")
     make_digits(args.repository)
 
 
