@@ -57,6 +57,15 @@ pub enum RouterErrorPolicy {
     FailClosed,
 }
 
+impl RouterErrorPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterErrorPolicy::FailOpen => "fail-open",
+            RouterErrorPolicy::FailClosed => "fail-closed",
+        }
+    }
+}
+
 /// One `[[variants]]` entry: a model, optionally pinned to a version or a label.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]

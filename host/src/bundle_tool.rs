@@ -114,9 +114,9 @@ fn describe_dir(dir: &Path) -> anyhow::Result<String> {
             if let Some(e) = &m.endpoint {
                 writeln!(
                     s,
-                    "endpoint routing key {}, on router error {:?}, default variant {}, stats window {} ms",
+                    "endpoint routing key {}, on router error {}, default variant {}, stats window {} ms",
                     e.routing_key_header.as_deref().unwrap_or("-"),
-                    e.on_router_error,
+                    e.on_router_error.as_str(),
                     e.default_variant
                         .as_deref()
                         .or(m.variants.first().map(|v| v.name()))

@@ -230,6 +230,15 @@ def test_a_failing_router_fails_open_or_closed_and_the_server_keeps_serving(live
     assert "open@1 (plugins/router.wasm)" in live.log()
 
 
+def test_bundle_inspect_describes_an_endpoint():
+    r = subprocess.run([NNSERVE, "bundle", "inspect", os.path.join(EXAMPLES, "mlp-ab", "1")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    for line in ("endpoint routing key x-user-id, on router error fail-open, default variant mlp-a",
+                 "variant mlp-b = model mlp-b, weight 10", "router   plugins/router.wasm", "exports route"):
+        assert line in r.stdout, r.stdout
+
+
 def test_a_router_may_not_import_wasi_nn_and_is_checked_at_upload(live):
     d = os.path.join(live.tmp, "bad-router")
     endpoint(d, "badroute", ['model = "mlp-a"'], "image_classifier.wasm")
