@@ -19,7 +19,8 @@
 //! export_router!(First);
 //! ```
 //!
-//! A fresh instance serves each call, so a router keeps no state between requests;
+//! The host reuses instances between calls, but which one serves a call is not defined:
+//! a router must not rely on state between requests (the live stats are its memory).
 //! [`random_f64`] and [`stable_hash`] cover the usual needs of a policy.
 //!
 //! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file is the
