@@ -46,7 +46,7 @@ pub struct VariantLabels {
 pub struct VariantOutcomeLabels {
     pub endpoint: String,
     pub variant: String,
-    /// As for `nnserve_requests_total`.
+    /// As for `nnserve_requests_total`; for shadow copies also `dropped`.
     pub outcome: String,
 }
 

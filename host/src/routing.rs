@@ -322,6 +322,11 @@ impl VariantStats {
         self.born.elapsed().as_micros() as u64 / slot
     }
 
+    /// Requests to this variant that have not finished.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
     /// Marks a request as started; the guard records it when it ends.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);

@@ -38,6 +38,10 @@ pub struct AppState {
     pub routing_stats: Arc<crate::routing::StatsBook>,
 }
 
+/// Copies in flight to one shadow variant past which further copies are dropped
+/// (counted as `outcome="dropped"`), so a slow shadow cannot pile up memory.
+const SHADOW_MAX_IN_FLIGHT: u32 = 64;
+
 /// Response header naming the model version that answered: `{model}@{version}`.
 pub const VARIANT_HEADER: &str = "x-nnserve-variant";
 
@@ -390,24 +394,37 @@ pub(crate) fn resolve_model(
     version: Option<u64>,
     label: Option<&str>,
 ) -> Result<Arc<Servable>, ApiError> {
-    if let Ok(s) = state.registry.resolve(name, None) {
-        if let Some(e) = &s.endpoint {
-            if version.is_none() && label.is_none() {
-                return Ok(e.default_target(&state.registry)?);
-            }
-            let v = e
-                .variants
-                .iter()
-                .find(|v| v.name() == e.default_variant)
-                .expect("checked: default_variant names a variant");
-            return resolve_model(state, &v.model, version, label);
-        }
-    }
-    let version = match label {
-        Some(l) => Some(state.registry.label(name, l)?),
-        None => version,
+    let by_label = |name: &str| -> Result<Arc<Servable>, ApiError> {
+        let version = match label {
+            Some(l) => Some(state.registry.label(name, l)?),
+            None => version,
+        };
+        Ok(state.registry.resolve(name, version)?)
     };
-    Ok(state.registry.resolve(name, version)?)
+    let Ok(latest) = state.registry.resolve(name, None) else {
+        return by_label(name);
+    };
+    let Some(e) = &latest.endpoint else {
+        return by_label(name);
+    };
+    if version.is_none() && label.is_none() {
+        return Ok(e.default_target(&state.registry)?);
+    }
+    let v = e
+        .variants
+        .iter()
+        .find(|v| v.name() == e.default_variant)
+        .expect("checked: default_variant names a variant");
+    let s = by_label(&v.model)?;
+    if s.endpoint.is_some() {
+        // Never follow an endpoint to another endpoint (they could name each other).
+        return Err(ApiError::Unavailable(format!(
+            "endpoint '{name}': its default variant '{}' names the endpoint '{}', not a model",
+            v.name(),
+            v.model
+        )));
+    }
+    Ok(s)
 }
 
 /// Serves one inference request to `name`: a model, or an endpoint whose router picks
@@ -427,13 +444,19 @@ pub(crate) async fn serve_inference(
     body: Bytes,
 ) -> Result<Response, ApiError> {
     let explicit = version.is_some() || label.is_some();
-    let endpoint = if explicit {
+    // One registry lookup on the common path: a model by name.
+    let latest = if explicit {
         None
     } else {
-        Some(state.registry.resolve(name, None)?).filter(|s| s.endpoint.is_some())
+        Some(state.registry.resolve(name, None)?)
     };
-    let Some(endpoint_servable) = endpoint else {
-        let target = resolve_model(state, name, version, label)?;
+    let (endpoint_servable, target) = match latest {
+        Some(s) if s.endpoint.is_some() => (Some(s), None),
+        Some(s) => (None, Some(s)),
+        None => (None, Some(resolve_model(state, name, version, label)?)),
+    };
+    let Some(endpoint_servable) = endpoint_servable else {
+        let target = target.expect("a model when not an endpoint");
         let started = Instant::now();
         let result = run_verb(state, &verb, &target, &method, &headers, body).await;
         record(state, &target, started, &result);
@@ -482,8 +505,15 @@ pub(crate) async fn serve_inference(
             body.clone(),
         );
         let name = endpoint.name.clone();
+        let stats = state.routing_stats.get(&name, &variant, window);
+        if stats.in_flight() >= SHADOW_MAX_IN_FLIGHT {
+            // A slow shadow must not pile up copies: drop this one, and count it.
+            state
+                .metrics
+                .variant_request(&name, &variant, true, "dropped", Duration::ZERO);
+            continue;
+        }
         tokio::spawn(async move {
-            let stats = state.routing_stats.get(&name, &variant, window);
             let guard = stats.start();
             let t0 = Instant::now();
             let result = run_verb(&state, &verb, &target, &method, &headers, body).await;
