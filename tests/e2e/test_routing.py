@@ -83,6 +83,8 @@ def live(tmp_path_factory):
                  endpoint_extra=f'on_router_error = "{policy}"\ndefault_variant = "mlp-a"')
     endpoint(repo, "bandit", ['model = "mlp-a"', 'model = "mlp-b"'], "bandit_router.wasm",
              config="epsilon = 0.1, min_requests = 5")
+    # An endpoint whose only variant is another endpoint: never served, never followed.
+    endpoint(repo, "nested", ['model = "mlp-ab"'], "weighted_router.wasm")
     s = start_server(repo, tmp)
     s.tmp, s.repo = tmp, repo
     yield s
@@ -228,6 +230,15 @@ def test_a_failing_router_fails_open_or_closed_and_the_server_keeps_serving(live
         assert predict(s, live.url, "closed").status_code == 200
         assert predict(s, live.url, "mlp-a").status_code == 200
     assert "open@1 (plugins/router.wasm)" in live.log()
+
+
+def test_an_endpoint_is_not_a_variant_of_another(live):
+    with requests.Session() as s:
+        r = predict(s, live.url, "nested")
+        assert r.status_code == 503 and "a variant must be a model" in r.json()["error"], r.text
+        r = s.post(f"{live.url}/v1/models/nested/versions/1:predict", json={"instances": ROW})
+        assert r.status_code == 503 and "names the endpoint 'mlp-ab'" in r.json()["error"], r.text
+        assert predict(s, live.url, "mlp-a").status_code == 200
 
 
 def test_bundle_inspect_describes_an_endpoint():
