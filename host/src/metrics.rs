@@ -102,6 +102,10 @@ pub struct VersionMetrics {
     pub compute_time: Option<Histogram>,
     /// Requests waiting in the batcher's queue.
     pub queue_depth: Option<Gauge>,
+    /// `nnserve_requests_total{outcome="ok"}` and the latency histogram of this version,
+    /// held so a successful request records without a label lookup.
+    pub requests_ok: Option<Counter>,
+    pub latency: Option<Histogram>,
 }
 
 impl VersionMetrics {
@@ -120,6 +124,19 @@ impl VersionMetrics {
             h.observe(took.as_secs_f64());
         }
     }
+    /// Records a successful request; false when the handles are not set (a test's
+    /// default metrics), so the caller records it the slow way.
+    pub fn request_ok(&self, took: Duration) -> bool {
+        match (&self.requests_ok, &self.latency) {
+            (Some(c), Some(h)) => {
+                c.inc();
+                h.observe(took.as_secs_f64());
+                true
+            }
+            _ => false,
+        }
+    }
+
     pub fn set_queue_depth(&self, depth: usize) {
         if let Some(g) = &self.queue_depth {
             g.set(depth as i64);
@@ -220,6 +237,16 @@ impl Metrics {
             queue_time: Some(self.queue_time.get_or_create(&l).clone()),
             compute_time: Some(self.compute_time.get_or_create(&l).clone()),
             queue_depth: Some(self.queue_depth.get_or_create(&l).clone()),
+            requests_ok: Some(
+                self.requests
+                    .get_or_create(&OutcomeLabels {
+                        model: l.model.clone(),
+                        version: l.version.clone(),
+                        outcome: "ok".to_string(),
+                    })
+                    .clone(),
+            ),
+            latency: Some(self.latency.get_or_create(&l).clone()),
         }
     }
 

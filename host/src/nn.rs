@@ -94,6 +94,11 @@ impl Runner {
         self.model.device()
     }
 
+    /// The version's metric handles.
+    pub fn metrics(&self) -> &VersionMetrics {
+        &self.metrics
+    }
+
     /// Requests waiting for this version's forward (the batcher's queue; without
     /// batching, those waiting for the one-at-a-time gate are not counted).
     pub fn queue_depth(&self) -> usize {

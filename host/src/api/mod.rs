@@ -349,13 +349,13 @@ fn record<T>(
     started: Instant,
     result: &Result<T, ApiError>,
 ) {
-    let outcome = match result {
-        Ok(_) => "ok",
-        Err(e) => e.outcome(),
-    };
+    let took = started.elapsed();
+    if result.is_ok() && s.runner.as_ref().is_some_and(|r| r.metrics().request_ok(took)) {
+        return;
+    }
     state
         .metrics
-        .request(s.name(), s.version(), outcome, started.elapsed());
+        .request(s.name(), s.version(), outcome_of(result), took);
 }
 
 /// The inference verbs, run the same way for a model and for an endpoint's variant.
