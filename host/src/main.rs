@@ -1,6 +1,11 @@
 use clap::Parser;
 use nnserve::cli::{BundleCommand, Cli, Command};
 
+// Small allocations on every request (headers, JSON, tensors): mimalloc serves them for
+// less than glibc's malloc, which perf showed at about 11% of the server's CPU.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     match run(cli) {

@@ -35,7 +35,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         metrics,
         registry: registry.clone(),
         manager: manager.clone(),
-        admin_token: config.admin_token.clone(),
+        admin_token: config.admin_token.as_deref().map(Arc::from),
         max_request_bytes: config.max_request_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         routing_stats: Default::default(),

@@ -28,7 +28,7 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     pub manager: Arc<crate::manage::Manager>,
     /// The management API's bearer token, when one is configured.
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Arc<str>>,
     /// Largest inference request body.
     pub max_request_bytes: usize,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -62,7 +62,7 @@ impl AppState {
 
 /// Builds the whole HTTP surface.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
-    Router::new()
+    let router = Router::new()
         .route("/v1/models", get(v1::list_models))
         .route(
             "/v1/models/{*rest}",
@@ -100,9 +100,15 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             post(v2::infer_version),
         )
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(axum::middleware::from_fn(log_request))
-        .with_state(state)
+        .layer(DefaultBodyLimit::max(max_body_bytes));
+    // The per-request log line costs a middleware layer on every request; add it only
+    // when debug logging is on (it is chosen at start-up).
+    let router = if tracing::enabled!(tracing::Level::DEBUG) {
+        router.layer(axum::middleware::from_fn(log_request))
+    } else {
+        router
+    };
+    router.with_state(state)
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
@@ -126,9 +132,6 @@ async fn not_found(req: Request) -> ApiError {
 
 /// One line per request at debug level.
 async fn log_request(req: Request, next: Next) -> Response {
-    if !tracing::enabled!(tracing::Level::DEBUG) {
-        return next.run(req).await;
-    }
     let (method, path) = (req.method().clone(), req.uri().path().to_string());
     let started = Instant::now();
     let resp = next.run(req).await;
@@ -350,7 +353,11 @@ fn record<T>(
     result: &Result<T, ApiError>,
 ) {
     let took = started.elapsed();
-    if result.is_ok() && s.runner.as_ref().is_some_and(|r| r.metrics().request_ok(took)) {
+    if result.is_ok()
+        && s.runner
+            .as_ref()
+            .is_some_and(|r| r.metrics().request_ok(took))
+    {
         return;
     }
     state
