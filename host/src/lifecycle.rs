@@ -193,6 +193,12 @@ pub struct Servable {
     pub endpoint: Option<crate::routing::Endpoint>,
     /// Its share of the device's memory budget, released with the last handle.
     pub reservation: Option<Reservation>,
+    /// `{model}@{version}`, made once: every answer names the version that served it.
+    pub id: bytes::Bytes,
+}
+
+fn id_of(bundle: &Bundle) -> bytes::Bytes {
+    bytes::Bytes::from(format!("{}@{}", bundle.name(), bundle.version()))
 }
 
 impl Servable {
@@ -705,6 +711,7 @@ pub fn load_version(
     if bundle.manifest.is_endpoint() {
         let endpoint = crate::routing::Endpoint::load(&bundle, runtime)?;
         return Ok(Servable {
+            id: id_of(&bundle),
             bundle,
             runner: None,
             handler: None,
@@ -754,6 +761,7 @@ pub fn load_version(
         None => None,
     };
     Ok(Servable {
+        id: id_of(&bundle),
         bundle,
         runner: Some(runner),
         handler,

@@ -569,7 +569,7 @@ fn is_server_error(result: &Result<Response, ApiError>) -> bool {
 /// The answer (or the error) with `x-nnserve-variant: {model}@{version}`.
 fn with_variant(result: Result<Response, ApiError>, target: &Servable) -> Response {
     let mut resp = result.into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("{}@{}", target.name(), target.version())) {
+    if let Ok(v) = HeaderValue::from_maybe_shared(target.id.clone()) {
         resp.headers_mut().insert(VARIANT_HEADER, v);
     }
     resp
