@@ -82,3 +82,28 @@ test: setup
 
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(REPO)/*/*/model
+
+# Benchmarks (not run by CI; bench/README.md): the ResNet-18 suite through the
+# imagenet-classifier plugin beside the raw limit and TorchServe 0.12, under wrk.
+#   make bench [BENCH_ARGS="--seconds 5 --suite resnet --peer torchserve"]
+BENCH_ARGS ?= --seconds 5 --suite resnet --peer torchserve
+BENCH_WASM := target/bench-wasm/wasm32-wasip2/release/imagenet_classifier.wasm
+
+.PHONY: bench bench-setup
+bench: bench-setup
+	$(PY) bench/load.py $(BENCH_ARGS)
+
+bench-setup: setup $(STAMPS)/bench-venv
+	@echo "== Benchmark build: nnserve-bench and the imagenet-classifier plugin (simd128)"
+	cargo build --release -p nnserve -p nnserve-bench
+	@# Its own target dir: the simd128 flag must not rebuild the other plugins' artifacts.
+	cargo build $(WASM_FLAGS) --target-dir target/bench-wasm \
+	  --config 'target.wasm32-wasip2.rustflags=["-Ctarget-feature=+simd128"]' -p imagenet-classifier
+	$(PY) bench/make_resnet.py --out bench/work --plugin $(BENCH_WASM)
+
+$(STAMPS)/bench-venv: bench/requirements.txt $(STAMPS)/venv
+	@echo "== Benchmark packages (torchvision, TorchServe) into $(VENV)"
+	$(PY) -m pip install --progress-bar on -r bench/requirements.txt
+	@command -v wrk >/dev/null || (apt-get update -q && apt-get install -y wrk)
+	@command -v java >/dev/null || (apt-get update -q && apt-get install -y openjdk-17-jre-headless)
+	@touch $@

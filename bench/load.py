@@ -1,33 +1,90 @@
 #!/usr/bin/env python3
 """nnserve under a real load generator (wrk, from Debian's packages) on loopback, beside
-the raw limit measured in-process; prints a table, asserts nothing.
+the raw limit measured in-process and, with --peer torchserve, TorchServe 0.12 under the
+same load; prints tables, asserts nothing.
 
-  .venv/bin/python bench/load.py [--seconds 5]     (needs `apt-get install wrk`, `make setup`
-                                                    and `cargo build --release -p nnserve-bench`)
+  .venv/bin/python bench/load.py [--seconds 5] [--suite small|resnet|all] [--peer torchserve]
+      (needs `apt-get install wrk`, `make setup` and `cargo build --release -p nnserve-bench`;
+       the resnet suite and the peer need `make bench`'s set-up: bench/requirements.txt and
+       bench/make_resnet.py's bundles under bench/work/)
 
-For mlp (`:predict`, one row) with batching on and off, and digits (`:infer`, a PNG, through
-its plugin), at concurrency 1, 8 and 64: throughput, p50/p90/p99, the mean formed batch
-size (from /metrics), throughput / raw limit at that batch size, and p50 minus the raw
-forward at batch 1. wrk runs one thread, so it takes one of the machine's cores."""
+small:  mlp (`:predict`, one row) with batching on and off, and digits (`:infer`, a PNG,
+        through its plugin), at concurrency 1, 8 and 64.
+resnet: ResNet-18 (`:infer`, a 256x256 JPEG, through the imagenet-classifier plugin) with
+        batching on (resnet18), off (resnet18-nobatch) and with two forwards at once
+        (resnet18-par2), at concurrency 1, 2, 4 and 16, with the server's default libtorch
+        threads and with --torch-threads 2; first the raw limits (1 and 2 intra-op threads,
+        and two OS threads forwarding at once), the plugin path in-process, and a check that
+        the plugin's top-5 matches torchvision's preprocessing through the same model.
+
+Columns: throughput, p50/p90/p99, the mean formed batch size (from /metrics), throughput /
+raw limit (at the server's thread setting and that batch size; for resnet also / the best
+raw figure of any setting), and at c=1 the p50 minus the raw forward at batch 1.
+wrk runs one thread, so it takes one of the machine's cores where the server lets it.
+
+Every timed step first waits (up to 10 minutes) until no cargo, rustc or pytest process runs
+and the CPU is mostly idle, since other builds share the 2 cores; a row measured while one
+ran is marked `*`."""
 import argparse
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 
 import requests
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
-NNSERVE = os.path.join(ROOT, "target", "release", "nnserve")
-BENCH = os.path.join(ROOT, "target", "release", "nnserve-bench")
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+# The release binaries (NNSERVE_BENCH_BIN: another build's target/release).
+BIN = os.environ.get("NNSERVE_BENCH_BIN", os.path.join(ROOT, "target", "release"))
+NNSERVE = os.path.join(BIN, "nnserve")
+BENCH = os.path.join(BIN, "nnserve-bench")
 EXAMPLES = os.path.join(ROOT, "examples", "repository")
+WORK = os.path.join(ROOT, "bench", "work")
+BUSY = ("cargo", "rustc")
 
 
-def raw_limit(bundle):
-    out = subprocess.run([BENCH, "raw", bundle], capture_output=True, text=True, check=True).stdout
-    return {int(b): (float(r), float(p50)) for b, r, p50 in re.findall(r"RAW (\d+) (\d+) ([\d.]+)", out)}
+def busy():
+    """Whether another build or test run is using the machine now."""
+    procs = [p for name in BUSY for p in subprocess.run(["pgrep", "-x", name], capture_output=True,
+                                                        text=True).stdout.split()]
+    procs += subprocess.run(["pgrep", "-f", "pytest"], capture_output=True, text=True).stdout.split()
+    return bool(procs)
+
+
+def cpu_idle(seconds=1.0):
+    def read():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v[:8])
+    i0, t0 = read()
+    time.sleep(seconds)
+    i1, t1 = read()
+    return (i1 - i0) / max(1, t1 - t0)
+
+
+def wait_quiet(limit=600):
+    """Waits until no build/test runs and the CPU is >= 85% idle; False if it never got so."""
+    start = time.time()
+    while time.time() - start < limit:
+        if not busy() and cpu_idle() >= 0.85:
+            return True
+        time.sleep(2)
+    print(f"   (still busy after {limit} s: measuring under contention)")
+    return False
+
+
+def raw_limit(bundle, threads=1, parallel=1, seconds=1):
+    wait_quiet()
+    env = dict(os.environ, NNSERVE_BENCH_THREADS=str(threads), NNSERVE_BENCH_PARALLEL=str(parallel),
+               NNSERVE_BENCH_SECONDS=str(seconds))
+    out = subprocess.run([BENCH, "raw", bundle], capture_output=True, text=True, check=True, env=env).stdout
+    return {int(b): (float(r), float(p50)) for b, r, p50 in re.findall(r"RAW (\d+) ([\d.]+) ([\d.]+)", out)}
 
 
 def batch_stats(url, model):
@@ -40,20 +97,78 @@ def batch_stats(url, model):
 
 def wrk(url, path, body_file, content_type, conns, seconds):
     env = dict(os.environ, BODY_FILE=body_file, CONTENT_TYPE=content_type)
-    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
+    out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "30s",
                           "-s", os.path.join(ROOT, "bench", "post.lua"), url + path],
                          capture_output=True, text=True, env=env, check=True).stdout
     n, dur_us, errors, p50, p90, p99 = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+)", out).groups()
     return int(n) / (int(dur_us) / 1e6), int(errors), float(p50), float(p90), float(p99)
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--seconds", type=int, default=5)
-    args = ap.parse_args()
-    if not shutil.which("wrk"):
-        sys.exit("wrk is not installed: apt-get install wrk")
-    tmp = tempfile.mkdtemp()
+HEADER = (f"{'server / model':<28}{'c':>4}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'errors':>7}"
+          f"{'batch':>7}{'of raw':>8}{'of best':>8}{'+p50 us':>9}")
+
+
+def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None, metrics=True):
+    """One wrk run; prints its row and returns it."""
+    quiet = wait_quiet()
+    s0, n0 = batch_stats(url, model) if metrics else (0, 0)
+    seen = []  # a build or test that started during the run marks the row
+    done = threading.Event()
+    def watch():
+        while not done.wait(0.5):
+            if busy():
+                seen.append(True)
+                return
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        rps, errors, p50, p90, p99 = wrk(url, path, body, ctype, c, seconds)
+    finally:
+        done.set()
+        watcher.join()
+    s1, n1 = batch_stats(url, model) if metrics else (0, 0)
+    contended = not quiet or bool(seen)
+    batch = (s1 - s0) / (n1 - n0) if n1 > n0 else None
+    row = dict(label=label, c=c, rps=rps, p50=p50, p90=p90, p99=p99, errors=errors, batch=batch)
+    ratio = of_best = overhead = None
+    if raw:
+        size = min((b for b in raw if b >= (batch or 1)), default=max(raw))
+        ratio = rps / raw[size][0]
+        if c == 1:
+            overhead = p50 - raw[1][1]
+    if best:
+        of_best = rps / best
+    row.update(ratio=ratio, of_best=of_best, overhead=overhead)
+    f = lambda v, fmt: format(v, fmt) if v is not None else "-"
+    print(f"{label + ('*' if contended else ''):<28}{c:>4}{rps:>10,.1f}{p50:>10.1f}{p90:>10.1f}{p99:>10.1f}{errors:>7}"
+          f"{f(batch, '.2f'):>7}{f(ratio, '.3f'):>8}{f(of_best, '.3f'):>8}{f(overhead, '.1f'):>9}", flush=True)
+    return row
+
+
+def start_nnserve(repo, threads=None):
+    cmd = [NNSERVE, "serve", "-r", repo, "-l", "127.0.0.1:0", "--log", "warn", "--config", "/dev/null"]
+    if threads is not None:
+        cmd += ["--torch-threads", str(threads)]
+    server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    url = re.search(r"(http://\S+)", server.stdout.readline()).group(1)
+    return server, url
+
+
+def stop(server):
+    server.terminate()
+    server.wait()
+
+
+def ratios(ours, peer, title):
+    print(f"== nnserve / TorchServe, {title}")
+    print(f"{'model':<22}{'c':>4}{'req/s ratio':>13}{'p99 ratio':>11}   (p99 ratio < 1: nnserve's tail is shorter)")
+    for key, row in ours.items():
+        if key in peer:
+            p = peer[key]
+            print(f"{key[0]:<22}{key[1]:>4}{row['rps'] / p['rps']:>13.2f}{row['p99'] / p['p99']:>11.3f}")
+
+
+def small_suite(args, tmp):
     repo = os.path.join(tmp, "repo")
     shutil.copytree(os.path.join(EXAMPLES, "mlp"), os.path.join(repo, "mlp"))
     shutil.copytree(os.path.join(EXAMPLES, "digits"), os.path.join(repo, "digits"))
@@ -76,28 +191,154 @@ def main():
     print(f"== {os.cpu_count()} cores; raw limit in-process (1 thread), rows/s (p50 per forward):")
     for m in ("mlp", "digits"):
         print(f"   {m:<7} " + "  ".join(f"b{b}: {r:,.0f} ({p:.1f} us)" for b, (r, p) in sorted(raw[m].items())))
-    server = subprocess.Popen([NNSERVE, "serve", "-r", repo, "-l", "127.0.0.1:0", "--log", "warn",
-                               "--config", "/dev/null"], stdout=subprocess.PIPE, text=True)
+    server, url = start_nnserve(repo)
+    ours = {}
     try:
-        url = re.search(r"(http://\S+)", server.stdout.readline()).group(1)
-        print(f"{'model':<12}{'c':>4}{'req/s':>10}{'p50 us':>9}{'p90 us':>9}{'p99 us':>9}{'errors':>7}"
-              f"{'batch':>7}{'of raw':>8}{'+p50 us':>9}")
+        print(HEADER)
         for model, path, body, ctype in (("mlp", "/v1/models/mlp:predict", mlp_body, "application/json"),
                                          ("mlp-nobatch", "/v1/models/mlp-nobatch:predict", mlp_body, "application/json"),
                                          ("digits", "/v1/models/digits:infer", png, "image/png")):
             for c in (1, 8, 64):
-                s0, n0 = batch_stats(url, model)
-                rps, errors, p50, p90, p99 = wrk(url, path, body, ctype, c, args.seconds)
-                s1, n1 = batch_stats(url, model)
-                batch = (s1 - s0) / (n1 - n0) if n1 > n0 else 1.0
-                size = min((b for b in raw[model] if b >= batch), default=64)
-                ratio = rps / raw[model][size][0]
-                overhead = p50 - raw[model][1][1]
-                print(f"{model:<12}{c:>4}{rps:>10,.0f}{p50:>9.1f}{p90:>9.1f}{p99:>9.1f}{errors:>7}"
-                      f"{batch:>7.2f}{ratio:>8.3f}{overhead:>9.1f}")
+                ours[(model, c)] = point(url, model, model, path, body, ctype, c, args.seconds, raw[model])
     finally:
-        server.terminate()
-        server.wait()
+        stop(server)
+    if args.peer == "torchserve":
+        import torchserve
+        work = os.path.join(WORK, "torchserve")
+        torchserve.reset(work)
+        mlp_pt = os.path.join(EXAMPLES, "mlp", "1", "model", "model.pt")
+        for name in ("mlp", "mlp-nobatch"):
+            torchserve.archive(work, name, mlp_pt, "mlp_handler.py")
+        # Same batching as the mlp bundle (64 rows, no extra wait); 2 workers, 1 torch thread each.
+        ts = torchserve.TorchServe(work, {"mlp": dict(workers=2, batch_size=64, max_batch_delay_ms=0),
+                                          "mlp-nobatch": dict(workers=2, batch_size=1, max_batch_delay_ms=0)})
+        peer = {}
+        try:
+            url = ts.start()
+            print("== TorchServe 0.12, 2 workers x 1 torch thread, mlp batch 64 / 0 ms and no batching")
+            print(HEADER)
+            for model in ("mlp", "mlp-nobatch"):
+                for c in (1, 8, 64):
+                    peer[(model, c)] = point(url, f"ts {model}", model, f"/predictions/{model}", mlp_body,
+                                             "application/json", c, args.seconds, raw[model], metrics=False)
+        finally:
+            ts.stop()
+        ratios(ours, peer, "mlp")
+
+
+def check_agreement(url):
+    """The plugin's top-5 against torchvision's (bench/make_resnet.py wrote reference.json)."""
+    with open(os.path.join(WORK, "reference.json")) as f:
+        reference = json.load(f)
+    for name, ref in reference.items():
+        with open(os.path.join(WORK, name), "rb") as f:
+            got = requests.post(f"{url}/v1/models/resnet18:infer", data=f.read(),
+                                headers={"Content-Type": "image/jpeg"}).json()["predictions"]
+        same = [g["label"] for g in got] == [r["label"] for r in ref]
+        diff = max(abs(g["score"] - r["score"]) for g, r in zip(got, ref))
+        rel = max(abs(g["score"] - r["score"]) / r["score"] for g, r in zip(got, ref))
+        print(f"   {name}: top-5 labels {'identical' if same else 'DIFFER'} to torchvision's; "
+              f"largest score difference {diff:.2e} ({rel * 100:.2f}% of the score)")
+
+
+def resnet_suite(args):
+    bundle = os.path.join(WORK, "repository", "resnet18", "1")
+    image = os.path.join(WORK, "image-256.jpg")
+    if not os.path.exists(os.path.join(bundle, "plugins", "handler.wasm")):
+        sys.exit("bench/work/ has no ResNet bundles: run `make bench` (or bench/make_resnet.py)")
+    print("== ResNet-18 raw limit in-process (zeros [b,3,224,224]), rows/s (p50 per forward):")
+    raw = {}
+    for threads, parallel in ((1, 1), (2, 1), (1, 2)):
+        r = raw_limit(bundle, threads, parallel, seconds=args.raw_seconds)
+        raw[(threads, parallel)] = r
+        print(f"   intra-op {threads}, {parallel} forward(s) at once{'*' if busy() else ''}: "
+              + "  ".join(f"b{b}: {v:,.1f} ({p / 1000:.1f} ms)" for b, (v, p) in sorted(r.items())), flush=True)
+    best = max(v for r in raw.values() for v, _ in r.values())
+    print(f"   best: {best:,.1f} rows/s")
+
+    print("== The plugin path in-process (nnserve-bench plugin, 1 libtorch thread)")
+    for b, n in ((os.path.join(WORK, "stub", "imagenet-stub", "1"), 1000), (bundle, 40)):
+        wait_quiet()
+        out = subprocess.run([BENCH, "plugin", b, image, str(n)], capture_output=True, text=True, check=True).stdout
+        for line in out.splitlines():
+            if line.startswith(("answer (warm)", "imagenet-stub:", "resnet18:")):
+                print("   " + line)
+
+    ours = {}
+    for threads in args.torch_threads:
+        t = None if threads == "default" else int(threads)
+        server, url = start_nnserve(os.path.join(WORK, "repository"), t)
+        label = "default (1)" if t is None else str(t)
+        try:
+            if threads == args.torch_threads[0]:
+                print("== The plugin's answers against torchvision's preprocessing, same model")
+                check_agreement(url)
+            print(f"== nnserve, libtorch intra-op threads {label}: a 256x256 JPEG per request")
+            print(HEADER)
+            r = raw[(t or 1, 1)]
+            for model in ("resnet18", "resnet18-nobatch", "resnet18-par2"):
+                for c in args.resnet_concurrency:
+                    row = point(url, f"{model} t={t or 1}", model, f"/v1/models/{model}:infer", image,
+                                "image/jpeg", c, args.seconds, r, best)
+                    ours[(model, c, label)] = row
+        finally:
+            stop(server)
+
+    if args.peer == "torchserve":
+        import torchserve
+        work = os.path.join(WORK, "torchserve")
+        torchserve.reset(work)
+        model_pt = os.path.join(bundle, "model", "model.pt")
+        for name in ("resnet18", "resnet18-nobatch"):
+            torchserve.archive(work, name, model_pt, "resnet_handler.py")
+        peer = {}
+        setups = [("2 workers x 1 torch thread", 2, 1, 0)]
+        if args.ts_defaults:
+            # TorchServe's own defaults: one worker per core, torch's default threads (one per core).
+            setups.append(("defaults: 2 workers x torch default threads", 2, 0, 0))
+        for title, workers, threads, delay in setups:
+            ts = torchserve.TorchServe(work, {
+                "resnet18": dict(workers=workers, batch_size=8, max_batch_delay_ms=delay),
+                "resnet18-nobatch": dict(workers=workers, batch_size=1, max_batch_delay_ms=delay)},
+                torch_threads=threads)
+            try:
+                url = ts.start()
+                print(f"== TorchServe 0.12, {title}; resnet18: batch 8 / {delay} ms, resnet18-nobatch: batch 1")
+                print(HEADER)
+                for model in ("resnet18", "resnet18-nobatch"):
+                    for c in args.resnet_concurrency:
+                        row = point(url, f"ts {model} ({workers}x{threads or 'd'})", model, f"/predictions/{model}",
+                                    image, "image/jpeg", c, args.seconds, raw[(1, 1)], best, metrics=False)
+                        peer[(model, c, title)] = row
+            finally:
+                ts.stop()
+        base = setups[0][0]
+        for label in {k[2] for k in ours}:
+            mine = {(m, c): row for (m, c, l), row in ours.items() if l == label}
+            theirs = {(m, c): row for (m, c, l), row in peer.items() if l == base}
+            ratios(mine, theirs, f"resnet, nnserve threads {label} vs TorchServe {base}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=int, default=5, help="wrk duration per point")
+    ap.add_argument("--raw-seconds", type=float, default=3, help="resnet raw limit: seconds per batch size")
+    ap.add_argument("--suite", choices=("small", "resnet", "all"), default="small")
+    ap.add_argument("--peer", choices=("none", "torchserve"), default="none")
+    ap.add_argument("--torch-threads", nargs="+", default=["default", "2"],
+                    help="resnet: server --torch-threads settings to measure ('default': the server's own)")
+    ap.add_argument("--resnet-concurrency", type=int, nargs="+", default=[1, 2, 4, 16])
+    ap.add_argument("--ts-defaults", action="store_true", help="also TorchServe with its default threads")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk is not installed: apt-get install wrk")
+    tmp = tempfile.mkdtemp()
+    try:
+        if args.suite in ("small", "all"):
+            small_suite(args, tmp)
+        if args.suite in ("resnet", "all"):
+            resnet_suite(args)
+    finally:
         shutil.rmtree(tmp)
 
 

@@ -8,6 +8,8 @@ imagenet-classifier plugin, plus seeded JPEG test images and their torchvision a
 Writes (all under --out, which is git-ignored):
   repository/resnet18/1/          batching on (max 8, no padding, no extra wait)
   repository/resnet18-nobatch/1/  the same model, no [batching]
+  repository/resnet18-par2/1/     batching as resnet18, with num_batch_threads = 2 (two
+                                  forwards at once: with one libtorch thread each, both cores)
       bundle.toml, model/model.pt, assets/labels.txt ("class 0".."class 999"),
       plugins/handler.wasm (a copy of --plugin)
   stub/imagenet-stub/1/           the same plugin in front of a stand-in model with the same
@@ -58,7 +60,7 @@ max_batch_size = 8
 batch_timeout_micros = 0
 allowed_batch_sizes = [1, 2, 3, 4, 5, 6, 7, 8]
 max_enqueued_batches = 64
-num_batch_threads = 1
+num_batch_threads = {n}
 """
 
 PREPROCESS = transforms.Compose([
@@ -137,7 +139,8 @@ def main():
     model_path = os.path.join(repo, "resnet18", "1", "model", "model.pt")
     if args.force or not os.path.exists(model_path):
         make_model(model_path)
-    write_bundle(repo, "resnet18", BATCHING, model_path, args.plugin)
+    write_bundle(repo, "resnet18", BATCHING.format(n=1), model_path, args.plugin)
+    write_bundle(repo, "resnet18-par2", BATCHING.format(n=2), model_path, args.plugin)
     write_bundle(repo, "resnet18-nobatch", "", model_path, args.plugin)
     stub_path = os.path.join(args.out, "stub", "imagenet-stub", "1", "model", "model.pt")
     if args.force or not os.path.exists(stub_path):

@@ -4,7 +4,14 @@
 //! nnserve-bench inproc REPOSITORY          costs inside the process: the forward, the
 //!                                          execution path around it, the plugin call
 //! nnserve-bench http URL PATH BODYFILE N   a keep-alive loop of N POSTs on one connection
+//! nnserve-bench raw BUNDLE_DIR             the raw forward limit at batch 1, 8, 32, 64
+//! nnserve-bench plugin BUNDLE_DIR BODYFILE [N]
+//!                                          one bundle's plugin call (decode, preprocess,
+//!                                          forward, answer) beside its forward alone
 //! ```
+//! Environment: `NNSERVE_BENCH_THREADS` (libtorch intra-op threads, default 1, the
+//! server's default), `NNSERVE_BENCH_PARALLEL` (raw: that many OS threads run forwards at
+//! once, default 1), `NNSERVE_BENCH_SECONDS` (raw: time per batch size, default 1).
 //! `bench/run.sh` builds what it needs and runs both on the example repository.
 
 use nnserve::lifecycle::{load_version, Servable};
@@ -28,6 +35,11 @@ fn main() -> anyhow::Result<()> {
             args.get(3).map(String::as_str) == Some("plugin"),
         ),
         Some("raw") if args.len() == 3 => raw(Path::new(&args[2])),
+        Some("plugin") if args.len() == 4 || args.len() == 5 => plugin_bundle(
+            Path::new(&args[2]),
+            &std::fs::read(&args[3])?,
+            args.get(4).map(|n| n.parse()).transpose()?.unwrap_or(500),
+        ),
         Some("http") if args.len() == 6 => http(
             &args[2],
             &args[3],
@@ -35,7 +47,7 @@ fn main() -> anyhow::Result<()> {
             args[5].parse()?,
         ),
         _ => {
-            eprintln!("usage: nnserve-bench inproc REPOSITORY | raw BUNDLE_DIR | http URL PATH BODYFILE N");
+            eprintln!("usage: nnserve-bench inproc REPOSITORY | raw BUNDLE_DIR | plugin BUNDLE_DIR BODYFILE [N] | http URL PATH BODYFILE N");
             std::process::exit(2)
         }
     }
@@ -226,14 +238,21 @@ fn plugin_costs(runtime: &tokio::runtime::Runtime, digits: &Servable) -> anyhow:
     Ok(())
 }
 
-/// The raw limit: libtorch forward throughput in-process, one thread, at batch sizes
-/// 1, 8, 32 and 64, on zeros of the bundle's first input shape. Prints `RAW batch rows/s
-/// p50_us` lines for scripts.
-fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
-    let threads: usize = std::env::var("NNSERVE_BENCH_THREADS")
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
         .ok()
         .and_then(|t| t.parse().ok())
-        .unwrap_or(1);
+        .unwrap_or(default)
+}
+
+/// The raw limit: libtorch forward throughput in-process at batch sizes 1, 8, 32 and 64,
+/// on zeros of the bundle's first input shape, with `NNSERVE_BENCH_THREADS` intra-op
+/// threads (default 1) and `NNSERVE_BENCH_PARALLEL` OS threads forwarding at once
+/// (default 1). Prints `RAW batch rows/s p50_us` lines for scripts.
+fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
+    let threads: usize = env_or("NNSERVE_BENCH_THREADS", 1);
+    let parallel: usize = env_or("NNSERVE_BENCH_PARALLEL", 1usize).max(1);
+    let seconds: f64 = env_or("NNSERVE_BENCH_SECONDS", 1.0);
     nnserve::backend::init_threads(threads, 1);
     let bundle = nnserve::bundle::Bundle::open(bundle_dir)?;
     let spec = bundle.manifest.model.clone().expect("a model bundle");
@@ -244,24 +263,154 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
         shape[0] = batch;
         let bytes = nnserve::tensor::numel(&shape) * input.dtype.size();
         let x = Tensor::new(input.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)?;
-        for _ in 0..20 {
+        // Warm-up: at least 2 forwards (the TorchScript executor specialises on the
+        // first shapes), then up to 20 or one second.
+        let warm = Instant::now();
+        for i in 0..20 {
+            if i >= 2 && warm.elapsed() > Duration::from_secs(1) {
+                break;
+            }
             model.forward(vec![x.clone()]).map_err(anyhow::Error::msg)?;
         }
-        let mut times = Vec::new();
+        // Each thread forwards until the time is up (and at least twice); rows/s is the
+        // total over the wall time of the whole run.
         let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(1) {
-            let t = Instant::now();
-            model.forward(vec![x.clone()]).map_err(anyhow::Error::msg)?;
-            times.push(t.elapsed());
-        }
-        let total: Duration = times.iter().sum();
+        let per_thread: Vec<Vec<Duration>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..parallel)
+                .map(|_| {
+                    let (model, x) = (&model, &x);
+                    s.spawn(move || {
+                        let mut times = Vec::new();
+                        while times.len() < 2 || started.elapsed().as_secs_f64() < seconds {
+                            let t = Instant::now();
+                            model.forward(vec![x.clone()]).unwrap();
+                            times.push(t.elapsed());
+                        }
+                        times
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let wall = started.elapsed();
+        let mut times: Vec<Duration> = per_thread.into_iter().flatten().collect();
         times.sort();
-        let rows_per_s = batch as f64 * times.len() as f64 / total.as_secs_f64();
+        let rows_per_s = batch as f64 * times.len() as f64 / wall.as_secs_f64();
         println!(
-            "RAW {batch} {rows_per_s:.0} {:.1}",
+            "RAW {batch} {rows_per_s:.1} {:.1}",
             times[times.len() / 2].as_secs_f64() * 1e6
         );
     }
+    Ok(())
+}
+
+/// One bundle's plugin call in-process (fresh instance, decode, preprocess, the forward
+/// through the version's execution path, the answer), beside the raw forward at batch 1
+/// (interleaved with the calls) and the plugin call that fails at once on a bad body. Prints `PLUGIN`, `FORWARD` and
+/// `EARLY` lines with p50 and p99 in microseconds for scripts.
+fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()> {
+    let threads: usize = env_or("NNSERVE_BENCH_THREADS", 1);
+    nnserve::backend::init_threads(threads, 1);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let rt = PluginRuntime::new(RuntimeConfig::default())?;
+    let bundle = nnserve::bundle::Bundle::open(bundle_dir)?;
+    let entry = Entry {
+        model: bundle.name().to_string(),
+        version: bundle.version(),
+        dir: bundle_dir.to_path_buf(),
+    };
+    let servable = load_version(&entry, &rt, Default::default(), None)?;
+    let name = servable.name().to_string();
+    let plugin = servable
+        .handler
+        .as_ref()
+        .ok_or_else(|| anyhow::anyhow!("{} has no handler plugin", bundle_dir.display()))?;
+    let req = |body: &[u8]| nnserve::wit::Request {
+        method: "POST".into(),
+        path: format!("/v1/models/{name}:infer"),
+        headers: vec![],
+        content_type: None,
+        body: body.to_vec(),
+    };
+    let answer = runtime.block_on(plugin.handle(req(body), Duration::from_secs(30)));
+    match &answer {
+        Ok(r) => println!("answer: {}", String::from_utf8_lossy(&r.body)),
+        Err(e) => anyhow::bail!("the plugin failed: {e:?}"),
+    }
+    let p = |tag: &str, label: &str, mut d: Vec<Duration>| {
+        d.sort();
+        let us = |q: f64| d[((d.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+        println!("{tag} {:.1} {:.1}", us(0.5), us(0.99));
+        summary(label, d);
+    };
+    let spec = servable
+        .bundle
+        .manifest
+        .model
+        .clone()
+        .expect("a model bundle");
+    let input = &spec.inputs[0];
+    let mut shape = input.shape.clone();
+    shape[0] = 1;
+    let bytes = nnserve::tensor::numel(&shape) * input.dtype.size();
+    let x = Tensor::new(input.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)?;
+    // The same model loaded once more: its raw forward (the version's execution path adds
+    // microseconds to it, see `inproc`).
+    let model = nnserve::backend::load(&servable.bundle)?;
+    println!("== {name}: in-process, libtorch intra-op threads {threads}, n={n}");
+    // Interleaved, so that both see the same machine (a slow forward has noisy neighbours).
+    let (calls, forwards) = runtime.block_on(async {
+        for _ in 0..n / 10 {
+            plugin
+                .handle(req(body), Duration::from_secs(30))
+                .await
+                .unwrap();
+            model.forward(vec![x.clone()]).unwrap();
+        }
+        let (mut calls, mut forwards) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for _ in 0..n {
+            let r = req(body);
+            let t = Instant::now();
+            plugin.handle(r, Duration::from_secs(30)).await.unwrap();
+            calls.push(t.elapsed());
+            let x = x.clone();
+            let t = Instant::now();
+            model.forward(vec![x]).unwrap();
+            forwards.push(t.elapsed());
+        }
+        (calls, forwards)
+    });
+    // Warm now: the answer once more (a bundle with `timing = "true"` shows its stages).
+    if let Ok(r) = runtime.block_on(plugin.handle(req(body), Duration::from_secs(30))) {
+        println!("answer (warm): {}", String::from_utf8_lossy(&r.body));
+    }
+    p(
+        "PLUGIN",
+        &format!("{name}: plugin call (instantiate + decode + preprocess + forward + top-k)"),
+        calls,
+    );
+    p(
+        "FORWARD",
+        &format!("{name}: raw forward alone, batch 1"),
+        forwards,
+    );
+    p(
+        "EARLY",
+        &format!("{name}: plugin call that fails at once (instantiate + handle)"),
+        runtime.block_on(async {
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                let r = req(b"not an image");
+                let t = Instant::now();
+                let _ = plugin.handle(r, Duration::from_secs(30)).await;
+                v.push(t.elapsed());
+            }
+            v
+        }),
+    );
     Ok(())
 }
 
