@@ -119,7 +119,7 @@ fn mlp_costs(
     row: &Tensor,
     n: usize,
 ) -> anyhow::Result<()> {
-    let runner = mlp.runner.clone();
+    let runner = mlp.runner().clone();
     summary(
         "mlp: Runner::forward, batch 1 (inline on the caller)",
         runtime.block_on(async {
@@ -203,7 +203,7 @@ fn plugin_costs(runtime: &tokio::runtime::Runtime, digits: &Servable) -> anyhow:
             }),
         );
         let input = Tensor::from_f32(vec![1, 1, 8, 8], &[0.0; 64]);
-        let dr = digits.runner.clone();
+        let dr = digits.runner().clone();
         summary(
             "digits: Runner::forward alone, batch 1",
             runtime.block_on(async {
