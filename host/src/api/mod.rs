@@ -594,6 +594,12 @@ async fn infer_within(
 
 /// Serves the API on `listener` until ctrl-c or SIGTERM.
 pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    // Answers are written whole (one writev), so Nagle's algorithm can only hold one back
+    // behind an unacknowledged earlier answer: turn it off.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
