@@ -99,12 +99,32 @@ fn decode_grey(bytes: &[u8]) -> Result<Grey, Error> {
     let img = reader
         .decode()
         .map_err(|e| Error::bad_request(format!("cannot decode the image: {e}")))?;
-    let rgb = img.to_rgb8();
-    let (width, height) = (rgb.width() as usize, rgb.height() as usize);
-    let values = rgb
-        .pixels()
-        .map(|p| 0.299 * p[0] as f64 + 0.587 * p[1] as f64 + 0.114 * p[2] as f64)
-        .collect();
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let luma = |r: u8, g: u8, b: u8| 0.299 * r as f64 + 0.587 * g as f64 + 0.114 * b as f64;
+    // The usual layouts straight from the decoded bytes: the image crate's generic
+    // conversion (`to_rgb8`) cost more than the decode itself (65 us against 43 us for a
+    // 64x64 grey PNG, in the plugin).
+    let values = match &img {
+        image::DynamicImage::ImageLuma8(g) => g.as_raw().iter().map(|&v| v as f64).collect(),
+        image::DynamicImage::ImageLumaA8(g) => {
+            g.as_raw().chunks_exact(2).map(|p| p[0] as f64).collect()
+        }
+        image::DynamicImage::ImageRgb8(c) => c
+            .as_raw()
+            .chunks_exact(3)
+            .map(|p| luma(p[0], p[1], p[2]))
+            .collect(),
+        image::DynamicImage::ImageRgba8(c) => c
+            .as_raw()
+            .chunks_exact(4)
+            .map(|p| luma(p[0], p[1], p[2]))
+            .collect(),
+        other => other
+            .to_rgb8()
+            .pixels()
+            .map(|p| luma(p[0], p[1], p[2]))
+            .collect(),
+    };
     Ok(Grey {
         width,
         height,
