@@ -83,10 +83,9 @@ pub async fn get_model(
     Path(rest): Path<String>,
 ) -> Result<Response, ApiError> {
     let t = parse_target(&rest)?;
-    if t.verb.is_some() {
+    if let Some(verb) = &t.verb {
         return Err(ApiError::NotFound(format!(
-            "GET /v1/models/{rest}: the :{} verb needs POST",
-            t.verb.unwrap()
+            "GET /v1/models/{rest}: the :{verb} verb needs POST"
         )));
     }
     if t.metadata {
