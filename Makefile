@@ -76,7 +76,7 @@ run: setup
 
 test: setup
 	@echo "== Unit tests (same release profile as the server: no second build of the deps)"
-	cargo test --release -p nnserve -p image-classifier -p nnserve-router-sdk
+	cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-router-sdk
 	@echo "== End-to-end tests over HTTP"
 	$(PY) -m pytest -q tests/e2e
 

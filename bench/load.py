@@ -273,7 +273,7 @@ def resnet_suite(args):
     for threads in args.torch_threads:
         t = None if threads == "default" else int(threads)
         server, url = start_nnserve(os.path.join(WORK, "repository"), t)
-        label = "default (1)" if t is None else str(t)
+        label = "default (auto)" if t is None else str(t)
         try:
             if threads == args.torch_threads[0]:
                 print("== The plugin's answers against torchvision's preprocessing, same model")

@@ -94,7 +94,7 @@ fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
         .ok()
         .and_then(|t| t.parse().ok())
         .unwrap_or(1);
-    nnserve::backend::init_threads(threads, 1);
+    nnserve::backend::init_threads(Some(threads), 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -253,7 +253,7 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
     let threads: usize = env_or("NNSERVE_BENCH_THREADS", 1);
     let parallel: usize = env_or("NNSERVE_BENCH_PARALLEL", 1usize).max(1);
     let seconds: f64 = env_or("NNSERVE_BENCH_SECONDS", 1.0);
-    nnserve::backend::init_threads(threads, 1);
+    nnserve::backend::init_threads(Some(threads), 1);
     let bundle = nnserve::bundle::Bundle::open(bundle_dir)?;
     let spec = bundle.manifest.model.clone().expect("a model bundle");
     let model = nnserve::backend::load(&bundle)?;
@@ -310,7 +310,7 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
 /// `EARLY` lines with p50 and p99 in microseconds for scripts.
 fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()> {
     let threads: usize = env_or("NNSERVE_BENCH_THREADS", 1);
-    nnserve::backend::init_threads(threads, 1);
+    nnserve::backend::init_threads(Some(threads), 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -84,7 +84,8 @@ pub struct ServeArgs {
     #[arg(long)]
     pub request_timeout_ms: Option<u64>,
 
-    /// libtorch threads inside one forward (0: one per core) [default: 1]
+    /// libtorch threads inside one forward (0: one per core) [default: per model: 1 when
+    /// its forward takes under 1 ms at warm-up, else cores / num_batch_threads]
     #[arg(long)]
     pub torch_threads: Option<usize>,
 
@@ -118,7 +119,7 @@ impl ServeArgs {
             c.request_timeout_ms = t;
         }
         if let Some(t) = self.torch_threads {
-            c.torch_intra_op_threads = t;
+            c.torch_intra_op_threads = Some(t);
         }
         if let Some(t) = self.torch_interop_threads {
             c.torch_inter_op_threads = t;

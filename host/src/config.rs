@@ -19,9 +19,12 @@ pub struct ServerConfig {
     /// Largest request body accepted, bytes.
     pub max_request_bytes: usize,
     /// libtorch intra-op threads (parallelism inside one forward). 0: one per core.
-    /// Default 1: measured on 2 cores, a second thread made the digits request slower
-    /// (p50 609 vs 443 us over HTTP) and did not help mlp; see docs/configuration.md.
-    pub torch_intra_op_threads: usize,
+    /// Unset (the default): per model version, 1 when its batch-1 forward at warm-up took
+    /// under 1 ms, else the cores divided by its `num_batch_threads`. Measured on 2 cores:
+    /// a second thread made digits slower (p50 609 vs 443 us over HTTP) and did not help
+    /// mlp, while ResNet-18 served 0.45 of the raw limit with 1 thread and 0.82 with 2;
+    /// see docs/configuration.md.
+    pub torch_intra_op_threads: Option<usize>,
     /// libtorch inter-op threads. Set once per process.
     pub torch_inter_op_threads: usize,
     /// Plugin instances that may run at once, over all plugins; beyond it requests get
@@ -57,7 +60,7 @@ impl Default for ServerConfig {
             listen: "127.0.0.1:8080".parse().unwrap(),
             request_timeout_ms: 30_000,
             max_request_bytes: 64 << 20,
-            torch_intra_op_threads: 1,
+            torch_intra_op_threads: None,
             torch_inter_op_threads: 1,
             plugin_instance_slots: 256,
             plugin_max_memory_mib: 512,
@@ -86,11 +89,11 @@ impl ServerConfig {
             .unwrap_or(1)
     }
 
-    pub fn intra_op_threads(&self) -> usize {
-        if self.torch_intra_op_threads == 0 {
-            Self::cores()
-        } else {
-            self.torch_intra_op_threads
+    /// The intra-op threads every version uses, or `None` for the per-version choice.
+    pub fn intra_op_threads(&self) -> Option<usize> {
+        match self.torch_intra_op_threads {
+            Some(0) => Some(Self::cores()),
+            other => other,
         }
     }
 

@@ -751,6 +751,13 @@ pub fn load_version(
     let model = crate::backend::load(&bundle)?;
     let forward_time = warm_up(model.as_ref(), &spec, bundle.manifest.batching.as_ref())?;
     let batching = bundle.manifest.batching.as_ref();
+    let threads = crate::backend::threads_for(
+        crate::backend::fixed_threads(),
+        forward_time,
+        batching.map_or(1, |b| b.num_batch_threads as usize),
+    );
+    model.set_threads(threads);
+    tracing::debug!(model = %entry.model, version = entry.version, ?forward_time, threads, "libtorch intra-op threads");
     let runner = Arc::new(Runner::new(model, spec.inputs.clone(), batching, metrics));
     if let Some(t) = forward_time {
         // The first requests already know whether to run inline or in block_in_place.

@@ -15,6 +15,24 @@ pub struct TorchModel {
     module: CModule,
     device: Device,
     output_names: Vec<String>,
+    /// Intra-op threads for this model's forwards (0: leave the thread's setting).
+    threads: std::sync::atomic::AtomicUsize,
+}
+
+thread_local! {
+    /// The intra-op threads last set on this OS thread (libtorch's setting is per thread
+    /// with OpenMP), so a forward sets it only when it differs.
+    static THREADS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Makes this thread's forwards use `n` intra-op threads.
+fn use_threads(n: usize) {
+    THREADS.with(|t| {
+        if t.get() != n {
+            tch::set_num_threads(n as i32);
+            t.set(n);
+        }
+    });
 }
 
 /// Picks the device for a manifest's `device`, or says why it cannot.
@@ -57,6 +75,7 @@ impl TorchModel {
             module,
             device,
             output_names,
+            threads: Default::default(),
         })
     }
 
@@ -107,6 +126,10 @@ impl TorchModel {
 
 impl super::Model for TorchModel {
     fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+        let threads = self.threads.load(std::sync::atomic::Ordering::Relaxed);
+        if threads > 0 {
+            use_threads(threads);
+        }
         let _no_grad = tch::no_grad_guard();
         let args: Vec<IValue> = inputs
             .iter()
@@ -121,6 +144,11 @@ impl super::Model for TorchModel {
         let mut out = Vec::new();
         self.collect(value, &mut out)?;
         Ok(out)
+    }
+
+    fn set_threads(&self, threads: usize) {
+        self.threads
+            .store(threads, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn device(&self) -> String {
