@@ -474,15 +474,7 @@ pub(crate) async fn serve_inference(
     let meta = crate::routing::Meta {
         method: method.to_string(),
         path: path.to_string(),
-        headers: headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        headers: header_pairs(&headers),
     };
     let routed = crate::routing::route(
         endpoint,
@@ -549,6 +541,19 @@ pub(crate) async fn serve_inference(
         started.elapsed(),
     );
     Ok(with_variant(result, &target))
+}
+
+/// Headers as the plugins see them: lower-case names, values as text.
+pub(crate) fn header_pairs(headers: &HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect()
 }
 
 fn outcome_of<T>(result: &Result<T, ApiError>) -> &'static str {

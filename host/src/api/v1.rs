@@ -350,15 +350,7 @@ pub(super) async fn plugin_infer(
             .get(axum::http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string),
-        headers: headers
-            .iter()
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
-            .collect(),
+        headers: super::header_pairs(&headers),
         body: body.to_vec(),
     };
     let r = plugin.handle(request, deadline).await?;
