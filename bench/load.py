@@ -283,7 +283,7 @@ def resnet_suite(args):
             r = raw[(t or 1, 1)]
             for model in ("resnet18", "resnet18-nobatch", "resnet18-par2"):
                 for c in args.resnet_concurrency:
-                    row = point(url, f"{model} t={t or 1}", model, f"/v1/models/{model}:infer", image,
+                    row = point(url, f"{model} t={t or 'auto'}", model, f"/v1/models/{model}:infer", image,
                                 "image/jpeg", c, args.seconds, r, best)
                     ours[(model, c, label)] = row
         finally:

@@ -18,6 +18,7 @@ use crate::nn::{NnCtx, NnView, Runner};
 use crate::wit::{self, nnserve::plugin::host as host_api};
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
@@ -73,6 +74,77 @@ pub struct PluginRuntime {
     engine: Engine,
     linker: Linker<PluginState>,
     config: RuntimeConfig,
+    ticker: Arc<Ticker>,
+}
+
+impl Drop for PluginRuntime {
+    fn drop(&mut self) {
+        self.ticker.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.ticker.thread.get() {
+            t.unpark();
+        }
+    }
+}
+
+/// Ticks of idleness (no plugin running) after which the epoch ticker sleeps until the
+/// next plugin call, so an idle server does not wake a core a thousand times a second.
+const IDLE_TICKS: u32 = 100;
+
+/// The epoch ticker's state: how many plugin calls run, and whether it sleeps.
+#[derive(Default)]
+struct Ticker {
+    active: AtomicUsize,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl Ticker {
+    /// Marks a plugin call as running until the guard drops; wakes the ticker if it sleeps.
+    fn busy(self: &Arc<Self>) -> Busy {
+        self.active.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            if let Some(t) = self.thread.get() {
+                t.unpark();
+            }
+        }
+        Busy(self.clone())
+    }
+
+    fn run(&self, engine: wasmtime::EngineWeak) {
+        let mut idle = 0u32;
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(TICK);
+            match engine.upgrade() {
+                Some(e) => e.increment_epoch(),
+                None => return,
+            }
+            if self.active.load(Ordering::SeqCst) > 0 {
+                idle = 0;
+                continue;
+            }
+            idle += 1;
+            if idle >= IDLE_TICKS {
+                // Announce the sleep before the last look: a call that starts after
+                // that look sees `parked` and unparks (a token park() then consumes).
+                self.parked.store(true, Ordering::SeqCst);
+                if self.active.load(Ordering::SeqCst) == 0 && !self.stop.load(Ordering::SeqCst) {
+                    std::thread::park();
+                }
+                self.parked.store(false, Ordering::SeqCst);
+                idle = 0;
+            }
+        }
+    }
+}
+
+/// A plugin call in progress, for the ticker.
+struct Busy(Arc<Ticker>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Why a plugin call failed, with the plugin's name for the message.
@@ -252,17 +324,15 @@ impl PluginRuntime {
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&c)?;
 
-        // The epoch ticker: guest CPU budgets are counted in these ticks.
+        // The epoch ticker: guest CPU budgets are counted in these ticks. It sleeps while
+        // no plugin has run for IDLE_TICKS.
         let weak = engine.weak();
-        std::thread::Builder::new()
+        let ticker = Arc::new(Ticker::default());
+        let t = ticker.clone();
+        let handle = std::thread::Builder::new()
             .name("nnserve-epoch".into())
-            .spawn(move || loop {
-                std::thread::sleep(TICK);
-                match weak.upgrade() {
-                    Some(e) => e.increment_epoch(),
-                    None => return,
-                }
-            })?;
+            .spawn(move || t.run(weak))?;
+        let _ = ticker.thread.set(handle.thread().clone());
 
         let mut linker = Linker::<PluginState>::new(&engine);
         add_granted_wasi(&mut linker)?;
@@ -275,6 +345,7 @@ impl PluginRuntime {
             engine,
             linker,
             config,
+            ticker,
         })
     }
 
@@ -356,6 +427,7 @@ impl PluginRuntime {
         check_imports(&self.engine, &component, world)
             .map_err(|e| anyhow::anyhow!("plugin {} is refused: {e}", spec.path))?;
         let common = Common {
+            ticker: self.ticker.clone(),
             name: name.clone(),
             limits: spec.limits,
             host: Arc::new(HostInfo {
@@ -472,6 +544,7 @@ struct Common {
     name: String,
     limits: PluginLimits,
     host: Arc<HostInfo>,
+    ticker: Arc<Ticker>,
 }
 
 impl Common {
@@ -564,6 +637,7 @@ impl Common {
         f: impl std::future::Future<Output = Result<T, PluginError>>,
     ) -> Result<T, PluginError> {
         let started = Instant::now();
+        let _busy = self.ticker.busy();
         match tokio::time::timeout(deadline, f).await {
             Ok(result) => result,
             Err(_) => Err(PluginError::Deadline {

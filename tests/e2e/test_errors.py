@@ -87,6 +87,30 @@ def test_a_plugin_that_loops_runs_out_of_its_cpu_budget(server, http):
     still_serving(server, http)
 
 
+def epoch_wakeups(server):
+    """Voluntary context switches of the server's epoch ticker thread so far."""
+    import glob
+    for task in glob.glob(f"/proc/{server.proc.pid}/task/*"):
+        if open(f"{task}/comm").read().strip() == "nnserve-epoch":
+            for line in open(f"{task}/status"):
+                if line.startswith("voluntary_ctxt_switches"):
+                    return int(line.split()[1])
+    raise AssertionError("no nnserve-epoch thread")
+
+
+def test_the_epoch_ticker_sleeps_while_idle_and_budgets_still_hold_after(server, http):
+    import time
+    time.sleep(0.5)  # no plugin call: the ticker parks after 100 idle ticks
+    before = epoch_wakeups(server)
+    time.sleep(1.0)
+    assert epoch_wakeups(server) - before < 20, "the ticker kept waking an idle server"
+    started = time.monotonic()
+    r = http.post(f"{server.url}/v1/models/spin:infer", data=b"x")
+    check(r, 504, "plugin spin@1", "CPU budget of 50 ms")
+    assert time.monotonic() - started < 2.0
+    still_serving(server, http)
+
+
 def test_the_request_deadline_gives_504_naming_the_budget(server, http):
     r = http.post(f"{server.url}/v1/models/slow:infer", data=b"x", headers={"x-nnserve-timeout-ms": "300"})
     check(r, 504, "request deadline of 300 ms", "plugin slow@1")
