@@ -50,6 +50,8 @@ pub mod bindings {
 }
 
 mod http;
+#[cfg(feature = "image")]
+pub mod image;
 mod tensor;
 
 pub use http::{Error, ErrorCode, Request, Response};

@@ -18,10 +18,8 @@
 //! default: the class index), `input` (the model's input name, `input`), `size` (8),
 //! `max_value` (16).
 
-use image::{ImageReader, Limits};
 use nnserve_sdk::{export_handler, host, Error, Handler, Model, Request, Response, Tensor};
 use serde::Serialize;
-use std::io::Cursor;
 
 struct ImageClassifier;
 
@@ -75,30 +73,7 @@ struct Grey {
 }
 
 fn decode_grey(bytes: &[u8]) -> Result<Grey, Error> {
-    if bytes.is_empty() {
-        return Err(Error::bad_request(
-            "empty body: send the bytes of a PNG or JPEG image",
-        ));
-    }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::bad_request(format!("cannot read the image: {e}")))?;
-    match reader.format() {
-        Some(image::ImageFormat::Png) | Some(image::ImageFormat::Jpeg) => {}
-        _ => {
-            return Err(Error::bad_request(
-                "the body is not a PNG or JPEG image (send the raw file bytes)",
-            ))
-        }
-    }
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(32 << 20);
-    reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| Error::bad_request(format!("cannot decode the image: {e}")))?;
+    let img = nnserve_sdk::image::decode(bytes, MAX_SIDE, 32 << 20)?;
     let (width, height) = (img.width() as usize, img.height() as usize);
     let luma = |r: u8, g: u8, b: u8| 0.299 * r as f64 + 0.587 * g as f64 + 0.114 * b as f64;
     // The usual layouts straight from the decoded bytes: the image crate's generic

@@ -25,12 +25,10 @@
 //! Everything is f32 and allocated once per request (the decoded image, one row band
 //! for the resize, the tensor bytes): a 256x256 JPEG costs well under a millisecond here.
 
-use image::{ImageReader, Limits};
 use nnserve_sdk::{
     export_handler, host, Error, Handler, Model, Request, Response, Tensor, TensorType,
 };
 use serde::Serialize;
-use std::io::Cursor;
 use std::time::Instant;
 
 struct ImagenetClassifier;
@@ -149,30 +147,7 @@ struct Rgb {
 }
 
 fn decode_rgb(bytes: &[u8]) -> Result<Rgb, Error> {
-    if bytes.is_empty() {
-        return Err(Error::bad_request(
-            "empty body: send the bytes of a JPEG or PNG image",
-        ));
-    }
-    let mut reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::bad_request(format!("cannot read the image: {e}")))?;
-    match reader.format() {
-        Some(image::ImageFormat::Png) | Some(image::ImageFormat::Jpeg) => {}
-        _ => {
-            return Err(Error::bad_request(
-                "the body is not a JPEG or PNG image (send the raw file bytes)",
-            ))
-        }
-    }
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    limits.max_alloc = Some(48 << 20);
-    reader.limits(limits);
-    let img = reader
-        .decode()
-        .map_err(|e| Error::bad_request(format!("cannot decode the image: {e}")))?;
+    let img = nnserve_sdk::image::decode(bytes, MAX_SIDE, 48 << 20)?;
     // A JPEG decodes to RGB8 already: `into_rgb8` then moves the buffer, no copy.
     let rgb = img.into_rgb8();
     Ok(Rgb {
