@@ -3,7 +3,7 @@
 the raw limit measured in-process and, with --peer torchserve, TorchServe 0.12 under the
 same load; prints tables, asserts nothing.
 
-  .venv/bin/python bench/load.py [--seconds 5] [--suite small|resnet|all] [--peer torchserve]
+  .venv/bin/python bench/load.py [--seconds 5] [--suite small|resnet|saturation|all] [--peer torchserve]
       (needs `apt-get install wrk`, `make setup` and `cargo build --release -p nnserve-bench`;
        the resnet suite and the peer need `make bench`'s set-up: bench/requirements.txt and
        bench/make_resnet.py's bundles under bench/work/)
@@ -11,11 +11,14 @@ same load; prints tables, asserts nothing.
 small:  mlp (`:predict`, one row) with batching on and off, and digits (`:infer`, a PNG,
         through its plugin), at concurrency 1, 8 and 64.
 resnet: ResNet-18 (`:infer`, a 256x256 JPEG, through the imagenet-classifier plugin) with
-        batching on (resnet18), off (resnet18-nobatch) and with two forwards at once
-        (resnet18-par2), at concurrency 1, 2, 4 and 16, with the server's default libtorch
-        threads and with --torch-threads 2; first the raw limits (1 and 2 intra-op threads,
-        and two OS threads forwarding at once), the plugin path in-process, and a check that
-        the plugin's top-5 matches torchvision's preprocessing through the same model.
+        batching on (resnet18), off (resnet18-nobatch) and with one forward at a time
+        (resnet18-bt1: num_batch_threads = 1), at concurrency 1, 2, 4 and 16, with the
+        server's default libtorch threads and with --torch-threads 2; first the raw limits
+        on the served tensor (1 and 2 intra-op threads, and two OS threads forwarding at
+        once), the plugin path in-process, the saturation rounds (raw limit and nnserve at
+        c=16 alternating), and a check that the plugin's top-5 matches torchvision's
+        preprocessing through the same model.
+saturation: only those rounds.
 
 Columns: throughput, p50/p90/p99, the mean formed batch size (from /metrics), throughput /
 raw limit (at the server's thread setting and that batch size; for resnet also / the best
@@ -83,12 +86,61 @@ def wait_quiet(limit=600):
     return False
 
 
-def raw_limit(bundle, threads=1, parallel=1, seconds=1):
+def raw_limit(bundle, threads=1, parallel=1, seconds=1, input_file=None, batches=(1, 8, 32, 64)):
     wait_quiet()
     env = dict(os.environ, NNSERVE_BENCH_THREADS=str(threads), NNSERVE_BENCH_PARALLEL=str(parallel),
-               NNSERVE_BENCH_SECONDS=str(seconds))
-    out = subprocess.run([BENCH, "raw", bundle], capture_output=True, text=True, check=True, env=env).stdout
+               NNSERVE_BENCH_SECONDS=str(seconds), NNSERVE_BENCH_BATCHES=",".join(map(str, batches)))
+    if input_file:
+        env["NNSERVE_BENCH_INPUT"] = input_file
+    run = subprocess.run([BENCH, "raw", bundle], capture_output=True, text=True, env=env)
+    if run.returncode != 0:
+        sys.exit(f"nnserve-bench raw failed:\n{run.stderr}")
+    out = run.stdout
     return {int(b): (float(r), float(p50)) for b, r, p50 in re.findall(r"RAW (\d+) ([\d.]+) ([\d.]+)", out)}
+
+
+def compute_seconds(url, model):
+    m = re.search(rf'nnserve_compute_duration_seconds_sum{{model="{model}",version="1"}} ([\d.e+-]+)',
+                  requests.get(f"{url}/metrics").text)
+    return float(m.group(1)) if m else 0.0
+
+
+def saturation(args, bundle, image, tensor):
+    """The saturation ratio, measured side by side: rounds of the raw limit at batch 8 (two
+    settings) and nnserve with its default threads at c=16, alternating, so that this
+    machine's drift (the forward varies by 10 % over minutes) hits both sides alike.
+    resnet18 (the server's choice: a batch thread per core, the cores shared, so 1 libtorch
+    thread each under load) is held against 2 forwards x 1 thread, resnet18-bt1
+    (num_batch_threads = 1, so every core's thread in one forward) against 1 forward x 2."""
+    models = args.saturation_models
+    print(f"== Saturation side by side ({args.rounds} rounds): raw limit at batch 8 on the served tensor,"
+          f" then nnserve (default threads) at c=16 on {', '.join(models)}")
+    server, url = start_nnserve(os.path.join(WORK, "repository"))
+    ratios = {m: [] for m in models}
+    try:
+        for r in range(args.rounds):
+            t2 = raw_limit(bundle, 2, 1, args.raw_seconds, tensor, batches=(8,))[8][0]
+            t1x2 = raw_limit(bundle, 1, 2, args.raw_seconds, tensor, batches=(8,))[8][0]
+            print(f"   round {r + 1}{'*' if busy() else ''}: raw 1 forward x 2 threads {t2:.1f} rows/s,"
+                  f" 2 forwards x 1 thread {t1x2:.1f}", flush=True)
+            for model in models:
+                same = t2 if model.endswith("-bt1") else t1x2
+                wait_quiet()
+                c0 = compute_seconds(url, model)
+                started = time.monotonic()
+                rps, errors, p50, _, p99 = wrk(url, f"/v1/models/{model}:infer", image, "image/jpeg", 16,
+                                               args.seconds)
+                running = (compute_seconds(url, model) - c0) / (time.monotonic() - started)
+                ratios[model].append((rps / same, rps / max(t2, t1x2)))
+                print(f"      {model}{'*' if busy() else ''}: {rps:.1f} req/s (p50 {p50 / 1000:.1f} ms,"
+                      f" p99 {p99 / 1000:.1f} ms, {errors} errors), forward time / wall {running:.2f}:"
+                      f" {rps / same:.3f} of its raw setting, {rps / max(t2, t1x2):.3f} of the best", flush=True)
+    finally:
+        stop(server)
+    med = lambda v: sorted(v)[len(v) // 2]
+    for model, v in ratios.items():
+        print(f"   {model} median: {med([a for a, _ in v]):.3f} of the raw limit at its setting,"
+              f" {med([b for _, b in v]):.3f} of the best raw setting of the same round")
 
 
 def batch_stats(url, model):
@@ -246,15 +298,35 @@ def check_agreement(url):
               f"largest score difference {diff:.2e} ({rel * 100:.2f}% of the score)")
 
 
-def resnet_suite(args):
+def raw_setting(raw, model, threads):
+    """The raw figures (by batch size) of the setting the server uses for `model` with
+    `--torch-threads threads` (None: its default) on 2 cores: a lone forward (batch 1) and
+    the forwards at once under load."""
+    one_at_a_time = model.endswith("-bt1")
+    if threads is None:  # shared threads: a lone forward gets both cores, two get one each
+        return raw[(2, 1)] if one_at_a_time else {**raw[(1, 2)], 1: raw[(2, 1)][1]}
+    if threads == 1:  # fixed 1 thread: one forward per core
+        return raw[(1, 1)] if one_at_a_time else {**raw[(1, 2)], 1: raw[(1, 1)][1]}
+    return raw[(2, 1)]
+
+
+def resnet_paths():
+    """The resnet18 bundle, the request image and its preprocessed tensor (bench/make_resnet.py)."""
     bundle = os.path.join(WORK, "repository", "resnet18", "1")
     image = os.path.join(WORK, "image-256.jpg")
-    if not os.path.exists(os.path.join(bundle, "plugins", "handler.wasm")):
-        sys.exit("bench/work/ has no ResNet bundles: run `make bench` (or bench/make_resnet.py)")
-    print("== ResNet-18 raw limit in-process (zeros [b,3,224,224]), rows/s (p50 per forward):")
+    tensor = os.path.join(WORK, "image-256.input.bin")
+    if not os.path.exists(os.path.join(bundle, "plugins", "handler.wasm")) or not os.path.exists(tensor):
+        sys.exit("bench/work/ lacks the ResNet bundles or image-256.input.bin: run `make bench-setup`")
+    return bundle, image, tensor
+
+
+def resnet_suite(args):
+    bundle, image, tensor = resnet_paths()
+    print("== ResNet-18 raw limit in-process ([b,3,224,224]: the load's image, preprocessed by"
+          " torchvision, repeated b times), rows/s (p50 per forward):")
     raw = {}
     for threads, parallel in ((1, 1), (2, 1), (1, 2)):
-        r = raw_limit(bundle, threads, parallel, seconds=args.raw_seconds)
+        r = raw_limit(bundle, threads, parallel, seconds=args.raw_seconds, input_file=tensor)
         raw[(threads, parallel)] = r
         print(f"   intra-op {threads}, {parallel} forward(s) at once{'*' if busy() else ''}: "
               + "  ".join(f"b{b}: {v:,.1f} ({p / 1000:.1f} ms)" for b, (v, p) in sorted(r.items())), flush=True)
@@ -269,6 +341,8 @@ def resnet_suite(args):
             if line.startswith(("answer (warm)", "imagenet-stub:", "resnet18:")):
                 print("   " + line)
 
+    saturation(args, bundle, image, tensor)
+
     ours = {}
     for threads in args.torch_threads:
         t = None if threads == "default" else int(threads)
@@ -280,8 +354,8 @@ def resnet_suite(args):
                 check_agreement(url)
             print(f"== nnserve, libtorch intra-op threads {label}: a 256x256 JPEG per request")
             print(HEADER)
-            r = raw[(t or 1, 1)]
-            for model in ("resnet18", "resnet18-nobatch", "resnet18-par2"):
+            for model in ("resnet18", "resnet18-nobatch", "resnet18-bt1"):
+                r = raw_setting(raw, model, t)
                 for c in args.resnet_concurrency:
                     row = point(url, f"{model} t={t or 'auto'}", model, f"/v1/models/{model}:infer", image,
                                 "image/jpeg", c, args.seconds, r, best)
@@ -328,10 +402,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per point")
     ap.add_argument("--raw-seconds", type=float, default=3, help="resnet raw limit: seconds per batch size")
-    ap.add_argument("--suite", choices=("small", "resnet", "all"), default="small")
+    ap.add_argument("--suite", choices=("small", "resnet", "saturation", "all"), default="small",
+                    help="saturation: only the resnet side-by-side saturation rounds")
     ap.add_argument("--peer", choices=("none", "torchserve"), default="none")
     ap.add_argument("--torch-threads", nargs="+", default=["default", "2"],
                     help="resnet: server --torch-threads settings to measure ('default': the server's own)")
+    ap.add_argument("--rounds", type=int, default=3, help="resnet saturation: raw/nnserve rounds")
+    ap.add_argument("--saturation-models", nargs="+", default=["resnet18", "resnet18-bt1"],
+                    help="resnet saturation: the bundles to load at c=16")
     ap.add_argument("--resnet-concurrency", type=int, nargs="+", default=[1, 2, 4, 16])
     ap.add_argument("--ts-defaults", action="store_true", help="also TorchServe with its default threads")
     args = ap.parse_args()
@@ -343,6 +421,8 @@ def main():
             small_suite(args, tmp)
         if args.suite in ("resnet", "all"):
             resnet_suite(args)
+        if args.suite == "saturation":
+            saturation(args, *resnet_paths())
     finally:
         shutil.rmtree(tmp)
 

@@ -6,10 +6,11 @@ imagenet-classifier plugin, plus seeded JPEG test images and their torchvision a
   .venv/bin/python bench/make_resnet.py --out bench/work --plugin PATH/imagenet_classifier.wasm
 
 Writes (all under --out, which is git-ignored):
-  repository/resnet18/1/          batching on (max 8, no padding, no extra wait)
+  repository/resnet18/1/          batching on (max 8, no padding, no extra wait), the
+                                  server's choice of num_batch_threads (one per core here)
   repository/resnet18-nobatch/1/  the same model, no [batching]
-  repository/resnet18-par2/1/     batching as resnet18, with num_batch_threads = 2 (two
-                                  forwards at once: with one libtorch thread each, both cores)
+  repository/resnet18-bt1/1/      batching as resnet18 with num_batch_threads = 1: one
+                                  forward at a time (with every core's libtorch thread)
       bundle.toml, model/model.pt, assets/labels.txt ("class 0".."class 999"),
       plugins/handler.wasm (a copy of --plugin)
   stub/imagenet-stub/1/           the same plugin in front of a stand-in model with the same
@@ -17,6 +18,8 @@ Writes (all under --out, which is git-ignored):
                                   cost, without ResNet's 40 ms forward to hide it
   image-256.jpg                   a seeded 256x256 JPEG (the load's request body)
   image-640x480.jpg               a seeded 640x480 JPEG (exercises the resize)
+  image-256.input.bin             torchvision's preprocessed tensor of image-256.jpg (one
+                                  [3,224,224] fp32 row, little-endian): the raw limit's input
   reference.json                  per image, the top-5 of torchvision's
                                   Resize(256) / CenterCrop(224) / ToTensor / Normalize on
                                   the PIL image, through the same TorchScript model
@@ -60,8 +63,7 @@ max_batch_size = 8
 batch_timeout_micros = 0
 allowed_batch_sizes = [1, 2, 3, 4, 5, 6, 7, 8]
 max_enqueued_batches = 64
-num_batch_threads = {n}
-"""
+{threads}"""
 
 PREPROCESS = transforms.Compose([
     transforms.Resize(256),
@@ -139,8 +141,11 @@ def main():
     model_path = os.path.join(repo, "resnet18", "1", "model", "model.pt")
     if args.force or not os.path.exists(model_path):
         make_model(model_path)
-    write_bundle(repo, "resnet18", BATCHING.format(n=1), model_path, args.plugin)
-    write_bundle(repo, "resnet18-par2", BATCHING.format(n=2), model_path, args.plugin)
+    write_bundle(repo, "resnet18", BATCHING.format(threads=""), model_path, args.plugin)
+    write_bundle(repo, "resnet18-bt1", BATCHING.format(threads="num_batch_threads = 1\n"), model_path,
+                 args.plugin)
+    # The bundle of the second session (two batch threads set by hand), no longer made.
+    shutil.rmtree(os.path.join(repo, "resnet18-par2"), ignore_errors=True)
     write_bundle(repo, "resnet18-nobatch", "", model_path, args.plugin)
     stub_path = os.path.join(args.out, "stub", "imagenet-stub", "1", "model", "model.pt")
     if args.force or not os.path.exists(stub_path):
@@ -154,6 +159,10 @@ def main():
         path = os.path.join(args.out, name)
         if args.force or not os.path.exists(path):
             make_image(path, w, h, seed)
+    # The tensor torchvision makes of the load's image: the raw limit forwards it
+    # (`nnserve-bench raw` with NNSERVE_BENCH_INPUT) rather than zeros, which run faster.
+    x = PREPROCESS(Image.open(os.path.join(args.out, "image-256.jpg")).convert("RGB"))
+    x.contiguous().numpy().astype("<f4").tofile(os.path.join(args.out, "image-256.input.bin"))
     model = torch.jit.load(model_path).eval()
     reference = {name: top5(model, os.path.join(args.out, name)) for name in images}
     with open(os.path.join(args.out, "reference.json"), "w") as f:

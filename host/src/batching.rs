@@ -63,7 +63,7 @@ impl From<&BatchingSpec> for Policy {
             batch_timeout: Duration::from_micros(s.batch_timeout_micros),
             allowed_batch_sizes: s.allowed_batch_sizes.iter().map(|&b| b as usize).collect(),
             max_enqueued_batches: s.max_enqueued_batches.max(1) as usize,
-            num_batch_threads: s.num_batch_threads.max(1) as usize,
+            num_batch_threads: s.num_batch_threads.unwrap_or(1).max(1) as usize,
         }
     }
 }

@@ -137,8 +137,7 @@ pub struct TensorSpec {
     pub shape: Vec<i64>,
 }
 
-/// TF Serving's batching parameters. Parsed and validated now; the dynamic batcher
-/// that uses them is the next piece of work (see `docs/bundle.md`).
+/// TF Serving's batching parameters (see `docs/bundle.md`), used by `batching`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BatchingSpec {
@@ -149,15 +148,14 @@ pub struct BatchingSpec {
     pub allowed_batch_sizes: Vec<u32>,
     #[serde(default = "default_max_enqueued")]
     pub max_enqueued_batches: u32,
-    #[serde(default = "default_one")]
-    pub num_batch_threads: u32,
+    /// Batches run at once. Absent: chosen by the server at load (1, or one per core for a
+    /// compute-bound model on the CPU; `backend::threading`).
+    #[serde(default)]
+    pub num_batch_threads: Option<u32>,
 }
 
 fn default_max_enqueued() -> u32 {
     64
-}
-fn default_one() -> u32 {
-    1
 }
 
 /// A plugin section (`[handler]`).
@@ -475,7 +473,7 @@ impl Manifest {
                     ));
                 }
             }
-            if b.num_batch_threads == 0 {
+            if b.num_batch_threads == Some(0) {
                 r.push("batching.num_batch_threads must be at least 1".to_string());
             }
             if let Some(m) = &self.model {

@@ -85,7 +85,8 @@ pub struct ServeArgs {
     pub request_timeout_ms: Option<u64>,
 
     /// libtorch threads inside one forward (0: one per core) [default: per model: 1 when
-    /// its forward takes under 1 ms at warm-up, else cores / num_batch_threads]
+    /// its forward takes under 1 ms at warm-up, else the cores shared among the forwards
+    /// running at that moment]
     #[arg(long)]
     pub torch_threads: Option<usize>,
 

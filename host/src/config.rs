@@ -20,10 +20,10 @@ pub struct ServerConfig {
     pub max_request_bytes: usize,
     /// libtorch intra-op threads (parallelism inside one forward). 0: one per core.
     /// Unset (the default): per model version, 1 when its batch-1 forward at warm-up took
-    /// under 1 ms, else the cores divided by its `num_batch_threads`. Measured on 2 cores:
-    /// a second thread made digits slower (p50 609 vs 443 us over HTTP) and did not help
-    /// mlp, while ResNet-18 served 0.45 of the raw limit with 1 thread and 0.82 with 2;
-    /// see docs/configuration.md.
+    /// under 1 ms, else the cores shared among the compute-bound forwards running at that
+    /// moment (`backend::threading`). Measured on 2 cores: a second thread made digits
+    /// slower (p50 609 vs 443 us over HTTP) and did not help mlp, while ResNet-18 at 16
+    /// clients served 0.986 (median) of the raw limit this way; see docs/configuration.md.
     pub torch_intra_op_threads: Option<usize>,
     /// libtorch inter-op threads. Set once per process.
     pub torch_inter_op_threads: usize,

@@ -751,14 +751,21 @@ pub fn load_version(
     let model = crate::backend::load(&bundle)?;
     let forward_time = warm_up(model.as_ref(), &spec, bundle.manifest.batching.as_ref())?;
     let batching = bundle.manifest.batching.as_ref();
-    let threads = crate::backend::threads_for(
+    let threading = crate::backend::threading(
         crate::backend::fixed_threads(),
         forward_time,
-        batching.map_or(1, |b| b.num_batch_threads as usize),
+        batching.and_then(|b| b.num_batch_threads.map(|n| n as usize)),
+        device == "cpu",
     );
-    model.set_threads(threads);
-    tracing::debug!(model = %entry.model, version = entry.version, ?forward_time, threads, "libtorch intra-op threads");
-    let runner = Arc::new(Runner::new(model, spec.inputs.clone(), batching, metrics));
+    model.set_threads(threading.intra_op);
+    tracing::debug!(model = %entry.model, version = entry.version, ?forward_time, ?threading, "forwards at once and libtorch intra-op threads");
+    let runner = Arc::new(Runner::new(
+        model,
+        spec.inputs.clone(),
+        batching,
+        metrics,
+        threading.concurrency,
+    ));
     if let Some(t) = forward_time {
         // The first requests already know whether to run inline or in block_in_place.
         runner.seed_forward_time(t);

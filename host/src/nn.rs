@@ -5,9 +5,10 @@
 //! which plugin calls it. The batcher will sit inside [`Runner::infer`].
 //!
 //! ## The execution path and its hand-off
-//! A version's forwards are serialised by a gate (one at a time per version: the
-//! device is the scarce resource; parallelism inside a forward is libtorch's intra-op
-//! pool). The caller that gets the gate runs the forward itself, without handing it to
+//! A version runs at most `concurrency` forwards at once: one unless the model is
+//! compute-bound on the CPU, where it is one per core with the cores shared among them
+//! (`backend::threading`; with batching this is `num_batch_threads`, without it a gate's
+//! permits). The caller that gets its turn runs the forward itself, without handing it to
 //! another thread: a cross-thread hand-off costs more than a tiny model's forward
 //! (../shared/FACTS.md). Forwards that have been slow (moving average over
 //! [`INLINE_LIMIT`]) run inside `tokio::task::block_in_place`, so the worker's other
@@ -53,7 +54,7 @@ impl std::fmt::Display for InferError {
 pub struct Runner {
     model: Arc<dyn Model>,
     inputs: Vec<TensorSpec>,
-    /// Without batching: one forward at a time per version.
+    /// Without batching: `concurrency` forwards at a time per version.
     gate: tokio::sync::Semaphore,
     /// With `[batching]`: the dynamic batcher.
     batcher: Option<Batcher>,
@@ -68,12 +69,20 @@ impl Runner {
         inputs: Vec<TensorSpec>,
         batching: Option<&BatchingSpec>,
         metrics: VersionMetrics,
+        concurrency: usize,
     ) -> Runner {
+        let concurrency = concurrency.max(1);
         Runner {
             model,
             inputs,
-            gate: tokio::sync::Semaphore::new(1),
-            batcher: batching.map(|b| Batcher::new(Policy::from(b), metrics.clone())),
+            gate: tokio::sync::Semaphore::new(concurrency),
+            batcher: batching.map(|b| {
+                let policy = Policy {
+                    num_batch_threads: concurrency,
+                    ..Policy::from(b)
+                };
+                Batcher::new(policy, metrics.clone())
+            }),
             avg_forward_ns: AtomicU64::new(0),
             metrics,
         }
@@ -495,6 +504,66 @@ mod tests {
         }
     }
 
+    /// A model that sleeps in its forward and records the most forwards at once.
+    #[derive(Default)]
+    struct Slow {
+        now: std::sync::atomic::AtomicUsize,
+        most: std::sync::atomic::AtomicUsize,
+    }
+
+    impl Model for Slow {
+        fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+            let n = self.now.fetch_add(1, Ordering::SeqCst) + 1;
+            self.most.fetch_max(n, Ordering::SeqCst);
+            std::thread::sleep(Duration::from_millis(30));
+            self.now.fetch_sub(1, Ordering::SeqCst);
+            Ok(inputs.into_iter().map(|t| ("out".to_string(), t)).collect())
+        }
+        fn device(&self) -> String {
+            "cpu".into()
+        }
+    }
+
+    /// Most forwards at once when 6 callers infer together on a runner of `concurrency`.
+    async fn most_at_once(batching: Option<&BatchingSpec>, concurrency: usize) -> usize {
+        let model = Arc::new(Slow::default());
+        let r = Arc::new(Runner::new(
+            model.clone(),
+            vec![spec("x", DType::Fp32, &[-1, 1])],
+            batching,
+            VersionMetrics::default(),
+            concurrency,
+        ));
+        let calls: Vec<_> = (0..6)
+            .map(|i| {
+                let r = r.clone();
+                tokio::spawn(async move {
+                    let x = Tensor::from_f32(vec![1, 1], &[i as f32]);
+                    r.infer(vec![("x".into(), x)]).await.unwrap()
+                })
+            })
+            .collect();
+        for c in calls {
+            c.await.unwrap();
+        }
+        model.most.load(Ordering::SeqCst)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrency_bounds_the_forwards_at_once_with_and_without_batching() {
+        assert_eq!(most_at_once(None, 1).await, 1);
+        assert_eq!(most_at_once(None, 2).await, 2);
+        let batching = BatchingSpec {
+            max_batch_size: 1,
+            batch_timeout_micros: 0,
+            allowed_batch_sizes: vec![],
+            max_enqueued_batches: 64,
+            num_batch_threads: None,
+        };
+        assert_eq!(most_at_once(Some(&batching), 1).await, 1);
+        assert_eq!(most_at_once(Some(&batching), 2).await, 2);
+    }
+
     #[test]
     fn arrange_orders_by_signature_and_names_problems() {
         let r = Runner::new(
@@ -505,6 +574,7 @@ mod tests {
             ],
             None,
             VersionMetrics::default(),
+            1,
         );
         let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]);
         let b = Tensor::new(DType::Int64, vec![1], vec![0; 8]).unwrap();

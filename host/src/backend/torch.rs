@@ -6,17 +6,46 @@
 //! manifest's `outputs` in order (tuples, lists), by their keys (dicts), and
 //! `output_<i>` when the manifest names fewer.
 
+use super::IntraOp;
 use crate::bundle::DeviceSpec;
 use crate::tensor::{DType, Tensor};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{CModule, Device, IValue, Kind};
 
 pub struct TorchModel {
     module: CModule,
     device: Device,
     output_names: Vec<String>,
-    /// Intra-op threads for this model's forwards (0: leave the thread's setting).
-    threads: std::sync::atomic::AtomicUsize,
+    /// Intra-op threads for this model's forwards: a count, [`SHARED`], or 0 (leave the
+    /// thread's setting).
+    threads: AtomicUsize,
+}
+
+/// [`TorchModel::threads`] for [`IntraOp::Shared`].
+const SHARED: usize = usize::MAX;
+
+/// Shared-threads forwards running in the process now.
+static RUNNING_SHARED: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts one shared-threads forward while it runs.
+struct SharedForward;
+
+impl SharedForward {
+    /// Enters and returns the threads this forward gets.
+    fn enter() -> (SharedForward, usize) {
+        let running = RUNNING_SHARED.fetch_add(1, Ordering::AcqRel) + 1;
+        (
+            SharedForward,
+            super::shared_threads(super::cores(), running),
+        )
+    }
+}
+
+impl Drop for SharedForward {
+    fn drop(&mut self) {
+        RUNNING_SHARED.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 thread_local! {
@@ -126,10 +155,18 @@ impl TorchModel {
 
 impl super::Model for TorchModel {
     fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
-        let threads = self.threads.load(std::sync::atomic::Ordering::Relaxed);
-        if threads > 0 {
-            use_threads(threads);
-        }
+        let _shared = match self.threads.load(Ordering::Relaxed) {
+            SHARED => {
+                let (guard, n) = SharedForward::enter();
+                use_threads(n);
+                Some(guard)
+            }
+            0 => None,
+            n => {
+                use_threads(n);
+                None
+            }
+        };
         let _no_grad = tch::no_grad_guard();
         let args: Vec<IValue> = inputs
             .iter()
@@ -146,9 +183,12 @@ impl super::Model for TorchModel {
         Ok(out)
     }
 
-    fn set_threads(&self, threads: usize) {
-        self.threads
-            .store(threads, std::sync::atomic::Ordering::Relaxed);
+    fn set_threads(&self, threads: IntraOp) {
+        let n = match threads {
+            IntraOp::Fixed(n) => n.max(1),
+            IntraOp::Shared => SHARED,
+        };
+        self.threads.store(n, Ordering::Relaxed);
     }
 
     fn device(&self) -> String {
