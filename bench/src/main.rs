@@ -87,7 +87,7 @@ fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Servable
         version: 1,
         dir: repo.join(model).join("1"),
     };
-    load_version(&entry, rt, Default::default(), None)
+    load_version(&entry, rt, Default::default, None)
 }
 
 fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
@@ -354,7 +354,7 @@ fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()>
         version: bundle.version(),
         dir: bundle_dir.to_path_buf(),
     };
-    let servable = load_version(&entry, &rt, Default::default(), None)?;
+    let servable = load_version(&entry, &rt, Default::default, None)?;
     let name = servable.name().to_string();
     let plugin = servable
         .handler

@@ -554,9 +554,10 @@ pub async fn load_and_publish(
     registry.set_status(&model, version, State::Loading, None);
     let started = Instant::now();
     let rt = runtime.clone();
-    let metrics = registry.metrics.version(&model, version);
+    let all_metrics = registry.metrics.clone();
     let budget = registry.budget.clone();
     let loaded = in_background(move || {
+        let metrics = || all_metrics.version(&entry.model, entry.version);
         let servable = load_version(&entry, &rt, metrics, Some(&budget))?;
         // A version copied in by hand gets the record an upload writes.
         if let Some(root) = entry.dir.parent().and_then(|p| p.parent()) {
@@ -695,7 +696,7 @@ pub async fn load_wanted(
 pub fn load_version(
     entry: &repository::Entry,
     runtime: &PluginRuntime,
-    metrics: VersionMetrics,
+    metrics: impl FnOnce() -> VersionMetrics,
     budget: Option<&Arc<DeviceBudget>>,
 ) -> anyhow::Result<Servable> {
     let bundle = Bundle::open(&entry.dir)?;
@@ -763,7 +764,7 @@ pub fn load_version(
         model,
         spec.inputs.clone(),
         batching,
-        metrics,
+        metrics(),
         threading.concurrency,
     ));
     if let Some(t) = forward_time {

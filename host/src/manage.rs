@@ -129,9 +129,11 @@ impl Manager {
             dir: unpacked.clone(),
         };
         let rt = self.runtime.clone();
-        let metrics = self.registry.metrics().version(model, version);
+        let all_metrics = self.registry.metrics().clone();
         let budget = self.registry.budget.clone();
         let loaded = lifecycle::in_background(move || {
+            // Only a model gets the version's series (an endpoint has no execution path).
+            let metrics = || all_metrics.version(&probe.model, probe.version);
             lifecycle::load_version(&probe, &rt, metrics, Some(&budget))
         })
         .await

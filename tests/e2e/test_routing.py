@@ -135,6 +135,13 @@ def test_an_endpoint_answers_like_a_model_and_names_the_variant(live):
             assert r.status_code == 200 and variant(r) == "mlp-a@1"
         # A plain model names its version too.
         assert variant(predict(s, live.url, "mlp-b")) == "mlp-b@1"
+    # The endpoint has no execution path of its own: no batch, queue or request-latency
+    # series under its name (its traffic is counted per variant).
+    text = requests.get(f"{live.url}/metrics").text
+    for name in ("nnserve_batch_size", "nnserve_queue_duration_seconds", "nnserve_compute_duration_seconds",
+                 "nnserve_queue_depth"):
+        assert f'{name}_count{{model="mlp-a",version="1"}}' in text or f'{name}{{model="mlp-a",version="1"}}' in text, name
+        assert 'model="mlp-ab"' not in "".join(l for l in text.splitlines(True) if l.startswith(name)), name
 
 
 def test_keyless_requests_split_by_weight(live):
