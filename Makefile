@@ -85,8 +85,8 @@ clean:
 
 # Benchmarks (not run by CI; bench/README.md): the ResNet-18 suite through the
 # imagenet-classifier plugin beside the raw limit and TorchServe 0.12, under wrk.
-#   make bench [BENCH_ARGS="--seconds 5 --suite resnet --peer torchserve"]
-BENCH_ARGS ?= --seconds 5 --suite resnet --peer torchserve
+#   make bench [BENCH_ARGS="--seconds 5 --suite all --peer torchserve"]
+BENCH_ARGS ?= --seconds 5 --suite all --peer torchserve
 BENCH_WASM := target/bench-wasm/wasm32-wasip2/release/imagenet_classifier.wasm
 
 .PHONY: bench bench-setup

@@ -12,7 +12,7 @@ small:  mlp (`:predict`, one row) with batching on and off, and digits (`:infer`
         through its plugin), at concurrency 1, 8 and 64.
 resnet: ResNet-18 (`:infer`, a 256x256 JPEG, through the imagenet-classifier plugin) with
         batching on (resnet18), off (resnet18-nobatch) and with one forward at a time
-        (resnet18-bt1: num_batch_threads = 1), at concurrency 1, 2, 4 and 16, with the
+        (resnet18-bt1: num_batch_threads = 1), at concurrency 1, 2, 8, 16 and 64, with the
         server's default libtorch threads and with --torch-threads 2; first the raw limits
         on the served tensor (1 and 2 intra-op threads, and two OS threads forwarding at
         once), the plugin path in-process, the saturation rounds (raw limit and nnserve at
@@ -164,7 +164,9 @@ HEADER = (f"{'server / model':<28}{'c':>4}{'req/s':>10}{'p50 us':>10}{'p90 us':>
           f"{'batch':>7}{'of raw':>8}{'of best':>8}{'+p50 us':>9}")
 
 
-def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None, metrics=True):
+def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None, metrics=True, lone=None):
+    """`raw`: rows/s and p50 by batch size of the setting under load; `lone`: the p50 of a lone
+    batch-1 forward, for the c=1 overhead (default: raw's batch 1)."""
     """One wrk run; prints its row and returns it."""
     quiet = wait_quiet()
     s0, n0 = batch_stats(url, model) if metrics else (0, 0)
@@ -191,7 +193,7 @@ def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None,
         size = min((b for b in raw if b >= (batch or 1)), default=max(raw))
         ratio = rps / raw[size][0]
         if c == 1:
-            overhead = p50 - raw[1][1]
+            overhead = p50 - (lone if lone is not None else raw[1][1])
     if best:
         of_best = rps / best
     row.update(ratio=ratio, of_best=of_best, overhead=overhead)
@@ -299,15 +301,15 @@ def check_agreement(url):
 
 
 def raw_setting(raw, model, threads):
-    """The raw figures (by batch size) of the setting the server uses for `model` with
-    `--torch-threads threads` (None: its default) on 2 cores: a lone forward (batch 1) and
-    the forwards at once under load."""
+    """The raw figures (by batch size) of the setting the server uses for `model` under load
+    with `--torch-threads threads` (None: its default) on 2 cores, and the p50 of a lone
+    batch-1 forward at that setting (what c=1 pays)."""
     one_at_a_time = model.endswith("-bt1")
     if threads is None:  # shared threads: a lone forward gets both cores, two get one each
-        return raw[(2, 1)] if one_at_a_time else {**raw[(1, 2)], 1: raw[(2, 1)][1]}
+        return (raw[(2, 1)] if one_at_a_time else raw[(1, 2)]), raw[(2, 1)][1][1]
     if threads == 1:  # fixed 1 thread: one forward per core
-        return raw[(1, 1)] if one_at_a_time else {**raw[(1, 2)], 1: raw[(1, 1)][1]}
-    return raw[(2, 1)]
+        return (raw[(1, 1)] if one_at_a_time else raw[(1, 2)]), raw[(1, 1)][1][1]
+    return raw[(2, 1)], raw[(2, 1)][1][1]
 
 
 def resnet_paths():
@@ -355,10 +357,10 @@ def resnet_suite(args):
             print(f"== nnserve, libtorch intra-op threads {label}: a 256x256 JPEG per request")
             print(HEADER)
             for model in ("resnet18", "resnet18-nobatch", "resnet18-bt1"):
-                r = raw_setting(raw, model, t)
+                r, lone = raw_setting(raw, model, t)
                 for c in args.resnet_concurrency:
                     row = point(url, f"{model} t={t or 'auto'}", model, f"/v1/models/{model}:infer", image,
-                                "image/jpeg", c, args.seconds, r, best)
+                                "image/jpeg", c, args.seconds, r, best, lone=lone)
                     ours[(model, c, label)] = row
         finally:
             stop(server)
@@ -410,7 +412,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="resnet saturation: raw/nnserve rounds")
     ap.add_argument("--saturation-models", nargs="+", default=["resnet18", "resnet18-bt1"],
                     help="resnet saturation: the bundles to load at c=16")
-    ap.add_argument("--resnet-concurrency", type=int, nargs="+", default=[1, 2, 4, 16])
+    ap.add_argument("--resnet-concurrency", type=int, nargs="+", default=[1, 2, 8, 16, 64])
     ap.add_argument("--ts-defaults", action="store_true", help="also TorchServe with its default threads")
     args = ap.parse_args()
     if not shutil.which("wrk"):
