@@ -578,6 +578,8 @@ pub async fn load_and_publish(
             tracing::info!(
                 model = %model, version,
                 device = %servable.runner.as_ref().map_or("-".into(), |r| r.device()),
+                forwards_at_once = servable.runner.as_ref().map_or(0, |r| r.threading().concurrency),
+                threads = %servable.runner.as_ref().map_or("-".into(), |r| r.threading().intra_op.to_json().to_string()),
                 router = servable.endpoint.as_ref().map(|e| e.router.name()).unwrap_or("-"),
                 plugin = servable.handler.as_ref().map(|p| p.name()).unwrap_or("-"),
                 took = ?started.elapsed(), "version AVAILABLE"
@@ -758,14 +760,13 @@ pub fn load_version(
         batching.and_then(|b| b.num_batch_threads.map(|n| n as usize)),
         device == "cpu",
     );
-    model.set_threads(threading.intra_op);
     tracing::debug!(model = %entry.model, version = entry.version, ?forward_time, ?threading, "forwards at once and libtorch intra-op threads");
     let runner = Arc::new(Runner::new(
         model,
         spec.inputs.clone(),
         batching,
         metrics(),
-        threading.concurrency,
+        threading,
     ));
     if let Some(t) = forward_time {
         // The first requests already know whether to run inline or in block_in_place.

@@ -15,7 +15,7 @@
 //! tasks move to another thread while libtorch works; quick ones run inline, as a JSON
 //! parse would.
 
-use crate::backend::Model;
+use crate::backend::{Model, Threading};
 use crate::batching::{BatchError, Batcher, Policy};
 use crate::bundle::{BatchingSpec, TensorSpec};
 use crate::metrics::VersionMetrics;
@@ -61,6 +61,8 @@ pub struct Runner {
     /// Exponential moving average of the forward time, nanoseconds.
     avg_forward_ns: AtomicU64,
     metrics: VersionMetrics,
+    /// Forwards at once and intra-op threads, as chosen at load.
+    threading: Threading,
 }
 
 impl Runner {
@@ -69,10 +71,12 @@ impl Runner {
         inputs: Vec<TensorSpec>,
         batching: Option<&BatchingSpec>,
         metrics: VersionMetrics,
-        concurrency: usize,
+        threading: Threading,
     ) -> Runner {
-        let concurrency = concurrency.max(1);
+        let concurrency = threading.concurrency.max(1);
+        model.set_threads(threading.intra_op);
         Runner {
+            threading,
             model,
             inputs,
             gate: tokio::sync::Semaphore::new(concurrency),
@@ -101,6 +105,16 @@ impl Runner {
 
     pub fn device(&self) -> String {
         self.model.device()
+    }
+
+    /// Forwards at once and intra-op threads, as chosen at load.
+    pub fn threading(&self) -> Threading {
+        self.threading
+    }
+
+    /// Whether the version batches.
+    pub fn batches(&self) -> bool {
+        self.batcher.is_some()
     }
 
     /// The version's metric handles.
@@ -485,6 +499,7 @@ impl gen::errors::HostError for NnView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::IntraOp;
 
     struct Echo;
     impl Model for Echo {
@@ -532,7 +547,10 @@ mod tests {
             vec![spec("x", DType::Fp32, &[-1, 1])],
             batching,
             VersionMetrics::default(),
-            concurrency,
+            Threading {
+                concurrency,
+                intra_op: IntraOp::Shared,
+            },
         ));
         let calls: Vec<_> = (0..6)
             .map(|i| {
@@ -574,7 +592,10 @@ mod tests {
             ],
             None,
             VersionMetrics::default(),
-            1,
+            Threading {
+                concurrency: 1,
+                intra_op: IntraOp::Fixed(1),
+            },
         );
         let a = Tensor::from_f32(vec![1, 2], &[1.0, 2.0]);
         let b = Tensor::new(DType::Int64, vec![1], vec![0; 8]).unwrap();

@@ -210,13 +210,25 @@ pub async fn list_models(State(state): State<AppState>) -> Response {
                 .iter()
                 .map(|s| {
                     let meta = crate::repository::read_meta(root, &name, s.version);
-                    json!({
+                    let mut v = json!({
                         "version": s.version.to_string(),
                         "state": s.state.as_str(),
                         "error": s.error,
                         "digest": meta.as_ref().map(|m| m.digest.clone()),
                         "uploaded_at": meta.as_ref().map(|m| m.uploaded_at),
-                    })
+                    });
+                    // How a loaded model runs, as the server chose it at load.
+                    let servable = state.registry.resolve(&name, Some(s.version)).ok();
+                    if let Some(runner) = servable.as_ref().and_then(|x| x.runner.as_ref()) {
+                        let t = runner.threading();
+                        v["execution"] = json!({
+                            "device": runner.device(),
+                            "batching": runner.batches(),
+                            "forwards_at_once": t.concurrency,
+                            "intra_op_threads": t.intra_op.to_json(),
+                        });
+                    }
+                    v
                 })
                 .collect();
             json!({ "name": name, "versions": versions, "labels": labels })

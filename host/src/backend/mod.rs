@@ -33,6 +33,16 @@ pub enum IntraOp {
     Shared,
 }
 
+impl IntraOp {
+    /// As `GET /v1/models` shows it: a count, or `"shared"`.
+    pub fn to_json(self) -> serde_json::Value {
+        match self {
+            IntraOp::Fixed(n) => n.into(),
+            IntraOp::Shared => "shared".into(),
+        }
+    }
+}
+
 /// How a version uses the CPU: how many forwards may run at once (`num_batch_threads`
 /// with batching, the gate's permits without) and the intra-op threads of each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

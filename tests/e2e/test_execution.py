@@ -1,0 +1,96 @@
+"""How the server runs each loaded model, as `GET /v1/models` shows it: a quick model runs
+one forward at a time on one libtorch thread; a compute-bound one on the CPU runs one
+forward per core at once with the cores shared among them, unless its bundle sets
+`num_batch_threads`; a lone request on it gets every core."""
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import requests
+import torch
+
+from conftest import EXAMPLES, start_server, stop_server, write_bundle
+
+CORES = len(os.sched_getaffinity(0))
+SIDE = 384
+
+
+class Square(torch.nn.Module):
+    """Compute-bound whatever the batch: 8 products of 384x384 matrices (about 450M
+    multiply-adds, milliseconds on any CPU), then `x @ m`."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(3)
+        self.w = torch.nn.Parameter(torch.randn(SIDE, SIDE, generator=g) / SIDE ** 0.5, requires_grad=False)
+
+    def forward(self, x):
+        m = self.w
+        for _ in range(8):
+            m = torch.tanh(m @ self.w)
+        return x @ m
+
+
+def square_bundle(repo, name, batching=""):
+    io = (f'{{ name = "x", dtype = "fp32", shape = [-1, {SIDE}] }}',
+          f'{{ name = "y", dtype = "fp32", shape = [-1, {SIDE}] }}')
+    d = write_bundle(repo, name, *io, handler=batching)
+    model = Square().eval()
+    torch.jit.script(model).save(os.path.join(d, "model", "model.pt"))
+    return model
+
+
+def execution(url):
+    listing = requests.get(f"{url}/v1/models").json()["models"]
+    return {m["name"]: m["versions"][0].get("execution") for m in listing}
+
+
+def test_threading_follows_the_forward_time_and_the_bundle(tmp_path):
+    repo = str(tmp_path / "repository")
+    os.makedirs(repo)
+    for name in ("mlp", "mlp-a", "mlp-b", "mlp-ab"):
+        shutil.copytree(os.path.join(EXAMPLES, name), os.path.join(repo, name))
+    model = square_bundle(repo, "square")
+    square_bundle(repo, "square-batched", "[batching]\nmax_batch_size = 4\n")
+    square_bundle(repo, "square-one", "[batching]\nmax_batch_size = 4\nnum_batch_threads = 1\n")
+    s = start_server(repo, str(tmp_path))
+    try:
+        ex = execution(s.url)
+        assert ex["mlp"] == {"device": "cpu", "batching": True, "forwards_at_once": 1, "intra_op_threads": 1}
+        assert ex["square"] == {"device": "cpu", "batching": False, "forwards_at_once": CORES,
+                                "intra_op_threads": "shared"}
+        assert ex["square-batched"]["forwards_at_once"] == CORES
+        assert ex["square-batched"]["intra_op_threads"] == "shared"
+        assert ex["square-one"]["forwards_at_once"] == 1
+        # An endpoint runs no model of its own.
+        assert ex["mlp-ab"] is None
+
+        # Concurrent requests on the compute-bound model get their own answers.
+        rows = np.random.default_rng(0).standard_normal((8, SIDE)).astype(np.float32)
+        with torch.no_grad():
+            want = model(torch.from_numpy(rows)).numpy()
+
+        def call(i):
+            r = requests.post(f"{s.url}/v1/models/square:predict", json={"instances": rows[i:i + 1].tolist()})
+            assert r.status_code == 200, r.text
+            return np.array(r.json()["predictions"][0])
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(call, range(8)))
+        assert np.allclose(np.stack(got), want, rtol=1e-4, atol=1e-4)
+    finally:
+        stop_server(s)
+
+
+def test_torch_threads_fixes_the_threads_and_fills_the_cores(tmp_path):
+    repo = str(tmp_path / "repository")
+    os.makedirs(repo)
+    square_bundle(repo, "square")
+    s = start_server(repo, str(tmp_path), "--torch-threads", "1")
+    try:
+        ex = execution(s.url)
+        assert ex["square"]["intra_op_threads"] == 1
+        assert ex["square"]["forwards_at_once"] == CORES
+    finally:
+        stop_server(s)
