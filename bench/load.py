@@ -338,7 +338,9 @@ def resnet_suite(args):
     print("== The plugin path in-process (nnserve-bench plugin, 1 libtorch thread)")
     for b, n in ((os.path.join(WORK, "stub", "imagenet-stub", "1"), 1000), (bundle, 40)):
         wait_quiet()
-        out = subprocess.run([BENCH, "plugin", b, image, str(n)], capture_output=True, text=True, check=True).stdout
+        # The raw forward beside the calls runs on the served tensor, as the limit does.
+        out = subprocess.run([BENCH, "plugin", b, image, str(n)], capture_output=True, text=True, check=True,
+                             env=dict(os.environ, NNSERVE_BENCH_INPUT=tensor)).stdout
         for line in out.splitlines():
             if line.startswith(("answer (warm)", "imagenet-stub:", "resnet18:")):
                 print("   " + line)

@@ -13,7 +13,8 @@
 //! server's default), `NNSERVE_BENCH_PARALLEL` (raw: that many OS threads run forwards at
 //! once, default 1), `NNSERVE_BENCH_SECONDS` (raw: time per batch size, default 1),
 //! `NNSERVE_BENCH_BATCHES` (raw: the batch sizes, default `1,8,32,64`),
-//! `NNSERVE_BENCH_INPUT` (raw: a file of input rows to forward instead of zeros).
+//! `NNSERVE_BENCH_INPUT` (raw and plugin: a file of input rows for the raw forward
+//! instead of zeros).
 //! `bench/run.sh` builds what it needs and runs both on the example repository.
 
 use nnserve::lifecycle::{load_version, Servable};
@@ -248,7 +249,8 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 /// The raw limit: libtorch forward throughput in-process at batch sizes 1, 8, 32 and 64,
-/// on zeros (or `NNSERVE_BENCH_INPUT`'s rows) of the bundle's first input shape, with `NNSERVE_BENCH_THREADS` intra-op
+/// on zeros (or `NNSERVE_BENCH_INPUT`'s rows) of the bundle's first input shape, with
+/// `NNSERVE_BENCH_THREADS` intra-op
 /// threads (default 1) and `NNSERVE_BENCH_PARALLEL` OS threads forwarding at once
 /// (default 1). Prints `RAW batch rows/s p50_us` lines for scripts.
 fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
@@ -260,24 +262,6 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
     let spec = bundle.manifest.model.clone().expect("a model bundle");
     let model = nnserve::backend::load(&bundle)?;
     let input = &spec.inputs[0];
-    // NNSERVE_BENCH_INPUT: a file holding whole input rows (raw little-endian bytes) to
-    // forward instead of zeros. On this CPU a ResNet forward on zeros runs about 3 % (a
-    // real image) to 10 % (randn) faster than on data, so the limit is measured on the
-    // tensor the server is fed (bench/make_resnet.py writes it next to the image).
-    let row_bytes = nnserve::tensor::numel(&input.shape[1..]) * input.dtype.size();
-    let row = match std::env::var_os("NNSERVE_BENCH_INPUT") {
-        Some(path) => {
-            let data = std::fs::read(&path)
-                .map_err(|e| anyhow::anyhow!("NNSERVE_BENCH_INPUT {path:?}: {e}"))?;
-            anyhow::ensure!(
-                !data.is_empty() && data.len() % row_bytes == 0,
-                "NNSERVE_BENCH_INPUT {path:?}: {} bytes, not whole rows of {row_bytes}",
-                data.len()
-            );
-            Some(data)
-        }
-        None => None,
-    };
     // NNSERVE_BENCH_BATCHES: the batch sizes to run, comma-separated (default 1,8,32,64).
     let batches: Vec<i64> = std::env::var("NNSERVE_BENCH_BATCHES")
         .unwrap_or_else(|_| "1,8,32,64".into())
@@ -286,15 +270,7 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
         .collect::<Result<_, _>>()
         .map_err(|e| anyhow::anyhow!("NNSERVE_BENCH_BATCHES: {e}"))?;
     for batch in batches {
-        let mut shape = input.shape.clone();
-        shape[0] = batch;
-        let bytes = nnserve::tensor::numel(&shape) * input.dtype.size();
-        let data = match &row {
-            // The served input, its rows repeated to fill the batch.
-            Some(row) => row.iter().copied().cycle().take(bytes).collect(),
-            None => vec![0; bytes],
-        };
-        let x = Tensor::new(input.dtype, shape, data).map_err(anyhow::Error::msg)?;
+        let x = input_rows(input, batch)?;
         // Warm-up: at least 2 forwards (the TorchScript executor specialises on the
         // first shapes), then up to 20 or one second.
         let warm = Instant::now();
@@ -334,6 +310,32 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A batch of `batch` rows of `input`: zeros, or the rows of the file named by
+/// `NNSERVE_BENCH_INPUT` (raw little-endian bytes of whole rows) repeated. On this CPU a
+/// ResNet forward on zeros runs about 3 % (a real image) to 10 % (randn) faster than on
+/// data, so the limit is measured on the tensor the server is fed (bench/make_resnet.py
+/// writes it next to the image).
+fn input_rows(input: &nnserve::bundle::TensorSpec, batch: i64) -> anyhow::Result<Tensor> {
+    let mut shape = input.shape.clone();
+    shape[0] = batch;
+    let bytes = nnserve::tensor::numel(&shape) * input.dtype.size();
+    let row_bytes = nnserve::tensor::numel(&input.shape[1..]) * input.dtype.size();
+    let data = match std::env::var_os("NNSERVE_BENCH_INPUT") {
+        Some(path) => {
+            let rows = std::fs::read(&path)
+                .map_err(|e| anyhow::anyhow!("NNSERVE_BENCH_INPUT {path:?}: {e}"))?;
+            anyhow::ensure!(
+                !rows.is_empty() && rows.len() % row_bytes == 0,
+                "NNSERVE_BENCH_INPUT {path:?}: {} bytes, not whole rows of {row_bytes}",
+                rows.len()
+            );
+            rows.into_iter().cycle().take(bytes).collect()
+        }
+        None => vec![0; bytes],
+    };
+    Tensor::new(input.dtype, shape, data).map_err(anyhow::Error::msg)
 }
 
 /// One bundle's plugin call in-process (fresh instance, decode, preprocess, the forward
@@ -384,11 +386,7 @@ fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()>
         .model
         .clone()
         .expect("a model bundle");
-    let input = &spec.inputs[0];
-    let mut shape = input.shape.clone();
-    shape[0] = 1;
-    let bytes = nnserve::tensor::numel(&shape) * input.dtype.size();
-    let x = Tensor::new(input.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)?;
+    let x = input_rows(&spec.inputs[0], 1)?;
     // The same model loaded once more: its raw forward (the version's execution path adds
     // microseconds to it, see `inproc`).
     let model = nnserve::backend::load(&servable.bundle)?;

@@ -44,12 +44,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_writer(std::io::stderr)
                 .init();
             let config = args.to_config()?;
-            // OpenMP threads that busy-wait between forwards steal the cores that HTTP
-            // and plugins need; let them sleep unless the user chose otherwise. Must be
-            // set before libtorch starts its pool.
-            if std::env::var_os("OMP_WAIT_POLICY").is_none() {
-                std::env::set_var("OMP_WAIT_POLICY", "PASSIVE");
-            }
+            // OpenMP's wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is read by libgomp when
+            // it loads, before main: only the environment the server starts in sets it
+            // (docs/configuration.md, Threads).
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads())
                 .enable_all()
