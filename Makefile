@@ -22,7 +22,7 @@ WASM_FLAGS := --release --target wasm32-wasip2 --config profile.release.strip=tr
 NNSERVE    := target/release/nnserve
 REPO       := examples/repository
 
-RUST_SRC   := $(shell find host/src sdk plugins tests/plugins wit -type f \( -name '*.rs' -o -name '*.wit' -o -name 'Cargo.toml' \) 2>/dev/null) Cargo.toml host/build.rs host/Cargo.toml
+RUST_SRC   := $(shell find host/src sdk plugins tests/plugins wit -type f \( -name '*.rs' -o -name '*.wit' -o -name 'Cargo.toml' \) 2>/dev/null) Cargo.toml host/build.rs host/Cargo.toml .cargo/config.toml
 DIGITS_WASM := $(REPO)/digits/1/plugins/handler.wasm
 ROUTER_WASM := $(REPO)/mlp-ab/1/plugins/router.wasm
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
@@ -87,18 +87,16 @@ clean:
 # imagenet-classifier plugin beside the raw limit and TorchServe 0.12, under wrk.
 #   make bench [BENCH_ARGS="--seconds 5 --suite all --peer torchserve"]
 BENCH_ARGS ?= --seconds 5 --suite all --peer torchserve
-BENCH_WASM := target/bench-wasm/wasm32-wasip2/release/imagenet_classifier.wasm
+BENCH_WASM := $(WASM_DIR)/imagenet_classifier.wasm
 
 .PHONY: bench bench-setup
 bench: bench-setup
 	$(PY) bench/load.py $(BENCH_ARGS)
 
 bench-setup: setup $(STAMPS)/bench-venv
-	@echo "== Benchmark build: nnserve-bench and the imagenet-classifier plugin (simd128)"
+	@echo "== Benchmark build: nnserve-bench and the imagenet-classifier plugin"
 	cargo build --release -p nnserve -p nnserve-bench
-	@# Its own target dir: the simd128 flag must not rebuild the other plugins' artifacts.
-	cargo build $(WASM_FLAGS) --target-dir target/bench-wasm \
-	  --config 'target.wasm32-wasip2.rustflags=["-Ctarget-feature=+simd128"]' -p imagenet-classifier
+	cargo build $(WASM_FLAGS) -p imagenet-classifier
 	$(PY) bench/make_resnet.py --out bench/work --plugin $(BENCH_WASM)
 
 $(STAMPS)/bench-venv: bench/requirements.txt $(STAMPS)/venv
