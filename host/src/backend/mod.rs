@@ -63,7 +63,8 @@ pub struct Threading {
 /// forward of 2 threads at a time (bench/README.md): one forward's threads wait for each
 /// other at every layer, so any other work on a core (decoding the next requests) stalls
 /// both, while single-threaded forwards side by side lose only the time taken. A lone
-/// request still gets every core. On a GPU one forward runs at a time (one stream).
+/// request still gets every core. On a GPU one forward runs at a time (one stream), on
+/// one CPU thread.
 pub fn threading(
     fixed: Option<usize>,
     forward: Option<std::time::Duration>,
@@ -74,7 +75,9 @@ pub fn threading(
     let compute_bound = matches!(forward, Some(t) if t >= PARALLEL_FROM);
     let intra_op = match fixed {
         Some(n) => IntraOp::Fixed(n.max(1)),
-        None if compute_bound => IntraOp::Shared,
+        // A GPU forward keeps its CPU thread waiting on the device, not computing: it
+        // must not take a share of the cores from the CPU models' forwards.
+        None if compute_bound && on_cpu => IntraOp::Shared,
         None => IntraOp::Fixed(1),
     };
     let concurrency = match batch_threads {
@@ -161,8 +164,8 @@ mod tests {
         assert_eq!(threading(None, None, None, true), t(1, IntraOp::Fixed(1)));
         // Compute-bound on the CPU: a forward per core, the cores shared among them.
         assert_eq!(threading(None, slow, None, true), t(cores, IntraOp::Shared));
-        // On a GPU: one forward at a time.
-        assert_eq!(threading(None, slow, None, false), t(1, IntraOp::Shared));
+        // On a GPU: one forward at a time, on one CPU thread.
+        assert_eq!(threading(None, slow, None, false), t(1, IntraOp::Fixed(1)));
         // The bundle's num_batch_threads is kept as written.
         assert_eq!(threading(None, slow, Some(1), true), t(1, IntraOp::Shared));
         assert_eq!(
