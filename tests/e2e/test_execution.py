@@ -12,7 +12,34 @@ import torch
 
 from conftest import EXAMPLES, start_server, stop_server, write_bundle
 
-CORES = len(os.sched_getaffinity(0))
+def cores():
+    """The CPUs the server counts (Rust's available_parallelism): the affinity mask, capped
+    by a cgroup CPU quota (rounded down) where one is set."""
+    n = len(os.sched_getaffinity(0))
+    quotas = []
+    try:
+        rel = next(l.split(":", 2)[2].strip() for l in open("/proc/self/cgroup") if l.startswith("0::"))
+        path = "/sys/fs/cgroup" + rel
+        while path.startswith("/sys/fs/cgroup"):
+            try:
+                quota, period = open(os.path.join(path, "cpu.max")).read().split()
+                if quota != "max":
+                    quotas.append(int(quota) // int(period))
+            except (OSError, ValueError):
+                pass
+            path = os.path.dirname(path)
+    except (OSError, StopIteration):
+        pass
+    try:  # cgroup v1
+        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
+        if quota > 0:
+            quotas.append(quota // int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read()))
+    except (OSError, ValueError):
+        pass
+    return max(1, min([n, *quotas]))
+
+
+CORES = cores()
 SIDE = 384
 
 
