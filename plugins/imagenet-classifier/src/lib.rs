@@ -319,23 +319,7 @@ fn resize_crop(img: &Rgb, rw: usize, rh: usize, left: usize, top: usize, crop: u
     let mut band = vec![0u8; (y1 - y0) * stride];
     for (y, out) in (y0..y1).zip(band.chunks_exact_mut(stride)) {
         let row = &img.data[y * img.width * 3..(y + 1) * img.width * 3];
-        for ((start, w), dst) in xs
-            .starts
-            .iter()
-            .zip(xs.weights.chunks_exact(xs.taps))
-            .zip(out.chunks_exact_mut(3))
-        {
-            let src = &row[start * 3..(start + xs.taps) * 3];
-            let (mut r, mut g, mut b) = (HALF, HALF, HALF);
-            for (&k, px) in w.iter().zip(src.chunks_exact(3)) {
-                r += k * px[0] as i32;
-                g += k * px[1] as i32;
-                b += k * px[2] as i32;
-            }
-            dst[0] = clip8(r);
-            dst[1] = clip8(g);
-            dst[2] = clip8(b);
-        }
+        horizontal_row(row, &xs, out);
     }
     // Vertical pass: whole rows at a time (the inner loop vectorises).
     let mut out = vec![0u8; crop * stride];
@@ -362,6 +346,68 @@ fn resize_crop(img: &Rgb, rw: usize, rh: usize, left: usize, top: usize, crop: u
         }
     }
     out
+}
+
+/// One row of the horizontal pass. A tap count known at compile time unrolls the inner
+/// loop (shrinking by up to 4x needs at most 8 taps): 1.23-1.50 ms against 1.89-2.09 ms
+/// for the 640x480 benchmark image in wasm.
+fn horizontal_row(row: &[u8], xs: &Taps, out: &mut [u8]) {
+    match xs.taps {
+        1 => horizontal::<1>(row, xs, out),
+        2 => horizontal::<2>(row, xs, out),
+        3 => horizontal::<3>(row, xs, out),
+        4 => horizontal::<4>(row, xs, out),
+        5 => horizontal::<5>(row, xs, out),
+        6 => horizontal::<6>(row, xs, out),
+        7 => horizontal::<7>(row, xs, out),
+        8 => horizontal::<8>(row, xs, out),
+        _ => horizontal_any(row, xs, out),
+    }
+}
+
+/// One row of the horizontal pass with `T` taps per output pixel.
+fn horizontal<const T: usize>(row: &[u8], xs: &Taps, out: &mut [u8]) {
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    for ((start, w), dst) in xs
+        .starts
+        .iter()
+        .zip(xs.weights.chunks_exact(T))
+        .zip(out.chunks_exact_mut(3))
+    {
+        let w: &[i32; T] = w.try_into().unwrap();
+        let src: &[u8] = &row[start * 3..(start + T) * 3];
+        let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+        for i in 0..T {
+            r += w[i] * src[3 * i] as i32;
+            g += w[i] * src[3 * i + 1] as i32;
+            b += w[i] * src[3 * i + 2] as i32;
+        }
+        dst[0] = clip8(r);
+        dst[1] = clip8(g);
+        dst[2] = clip8(b);
+    }
+}
+
+/// [`horizontal`] for any tap count.
+fn horizontal_any(row: &[u8], xs: &Taps, out: &mut [u8]) {
+    const HALF: i32 = 1 << (PRECISION_BITS - 1);
+    for ((start, w), dst) in xs
+        .starts
+        .iter()
+        .zip(xs.weights.chunks_exact(xs.taps))
+        .zip(out.chunks_exact_mut(3))
+    {
+        let src = &row[start * 3..(start + xs.taps) * 3];
+        let (mut r, mut g, mut b) = (HALF, HALF, HALF);
+        for (&k, px) in w.iter().zip(src.chunks_exact(3)) {
+            r += k * px[0] as i32;
+            g += k * px[1] as i32;
+            b += k * px[2] as i32;
+        }
+        dst[0] = clip8(r);
+        dst[1] = clip8(g);
+        dst[2] = clip8(b);
+    }
 }
 
 fn softmax(logits: &[f32]) -> Vec<f32> {
@@ -540,6 +586,30 @@ mod tests {
         141, 124, 87, 152, 139, 98, 188, 79, 134, 164, 111, 110, 130, 161, 137, 163, 91, 165, 157, 95, 153, 131, 99, 168,
         ];
         assert_eq!(resize_crop(&img, 27, 16, 7, 2, 12), PILLOW);
+    }
+
+    #[test]
+    fn unrolled_horizontal_passes_equal_the_general_one() {
+        // Shrink factors from 1 to 12: from 2 taps to more than 8 (the general path).
+        for (n_in, n_out) in [
+            (50, 50),
+            (60, 50),
+            (100, 50),
+            (150, 50),
+            (200, 50),
+            (260, 50),
+            (330, 50),
+            (600, 50),
+        ] {
+            let row: Vec<u8> = (0..n_in * 3)
+                .map(|i| ((i * 37 + i / 7) % 251) as u8)
+                .collect();
+            let xs = Taps::new(n_in, n_out, 0, n_out);
+            let (mut a, mut b) = (vec![0u8; n_out * 3], vec![0u8; n_out * 3]);
+            horizontal_row(&row, &xs, &mut a);
+            horizontal_any(&row, &xs, &mut b);
+            assert_eq!(a, b, "{n_in} -> {n_out} ({} taps)", xs.taps);
+        }
     }
 
     #[test]
