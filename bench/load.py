@@ -165,9 +165,9 @@ HEADER = (f"{'server / model':<28}{'c':>4}{'req/s':>10}{'p50 us':>10}{'p90 us':>
 
 
 def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None, metrics=True, lone=None):
-    """`raw`: rows/s and p50 by batch size of the setting under load; `lone`: the p50 of a lone
-    batch-1 forward, for the c=1 overhead (default: raw's batch 1)."""
-    """One wrk run; prints its row and returns it."""
+    """One wrk run; prints its row and returns it. `raw`: rows/s and p50 by batch size of the
+    setting under load; `lone`: the p50 of a lone batch-1 forward, for the c=1 overhead
+    (default: raw's batch 1)."""
     quiet = wait_quiet()
     s0, n0 = batch_stats(url, model) if metrics else (0, 0)
     seen = []  # a build or test that started during the run marks the row

@@ -93,10 +93,7 @@ fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Servable
 
 fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
     // libtorch intra-op threads for this run (NNSERVE_BENCH_THREADS, default 1).
-    let threads: usize = std::env::var("NNSERVE_BENCH_THREADS")
-        .ok()
-        .and_then(|t| t.parse().ok())
-        .unwrap_or(1);
+    let threads: usize = env_or("NNSERVE_BENCH_THREADS", 1);
     nnserve::backend::init_threads(Some(threads), 1);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

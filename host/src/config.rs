@@ -84,9 +84,7 @@ impl ServerConfig {
     }
 
     pub fn cores() -> usize {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
+        crate::backend::cores()
     }
 
     /// The intra-op threads every version uses, or `None` for the per-version choice.

@@ -59,8 +59,8 @@ pub struct Threading {
 /// a time on 1 thread: threads and concurrent forwards cost more than they give, and HTTP
 /// and plugins need the cores. A compute-bound model on the CPU may run one forward per
 /// core at once, each with [`IntraOp::Shared`] threads. On 2 cores, ResNet-18 behind its
-/// plugin at c=16 reached 0.90-0.97 of the raw limit this way against 0.83-0.91 with one
-/// forward of 2 threads at a time (bench/README.md): one forward's threads wait for each
+/// plugin at c=16 served 1.5-22 % more this way than with one forward of 2 threads at a
+/// time, in each of nine alternating rounds (bench/README.md): one forward's threads wait for each
 /// other at every layer, so any other work on a core (decoding the next requests) stalls
 /// both, while single-threaded forwards side by side lose only the time taken. A lone
 /// request still gets every core. On a GPU one forward runs at a time (one stream), on
