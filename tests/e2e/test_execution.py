@@ -1,7 +1,7 @@
 """How the server runs each loaded model, as `GET /v1/models` shows it: a quick model runs
 one forward at a time on one libtorch thread; a compute-bound one on the CPU runs one
-forward per core at once with the cores shared among them, unless its bundle sets
-`num_batch_threads`; a lone request on it gets every core."""
+forward per core at once on the forward threads with the cores shared among them, unless
+its bundle sets `num_batch_threads`; a lone request on it gets every core."""
 import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -106,6 +106,15 @@ def test_threading_follows_the_forward_time_and_the_bundle(tmp_path):
         with ThreadPoolExecutor(4) as pool:
             got = list(pool.map(call, range(8)))
         assert np.allclose(np.stack(got), want, rtol=1e-4, atol=1e-4)
+
+        # They ran on the forward threads (docs/configuration.md, "The forward threads"):
+        # one per core, and OpenMP workers (named after the thread that starts them) for
+        # the first only, so that libgomp never has more threads than cores.
+        names = [open(f"/proc/{s.proc.pid}/task/{t}/comm").read().strip()
+                 for t in os.listdir(f"/proc/{s.proc.pid}/task")]
+        forward = [n for n in names if n.startswith("nnserve-fwd-")]
+        assert "nnserve-fwd-0" in forward, names
+        assert len(forward) <= 2 * CORES - 1, names
     finally:
         stop_server(s)
 

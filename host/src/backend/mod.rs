@@ -27,9 +27,9 @@ pub trait Model: Send + Sync {
 pub enum IntraOp {
     /// Always this many (`--torch-threads`, or 1 for a quick model).
     Fixed(usize),
-    /// The cores shared among the shared-threads forwards running at that moment (this
-    /// one included): a lone forward gets every core, two at once get half each. See
-    /// [`shared_threads`].
+    /// The cores shared among the forwards running at that moment on the forward threads
+    /// (this one included): a lone forward gets every core, and with others running the
+    /// first forward thread takes the cores they leave. See [`shared_threads`].
     Shared,
 }
 
@@ -94,10 +94,19 @@ pub fn threading(
     }
 }
 
-/// Intra-op threads for one [`IntraOp::Shared`] forward while `running` such forwards
-/// (itself included) run in the process.
-pub fn shared_threads(cores: usize, running: usize) -> usize {
-    (cores / running.max(1)).max(1)
+/// Intra-op threads for one [`IntraOp::Shared`] forward on forward thread `slot` while
+/// `running` forwards (itself included) run on the forward threads: the first slot takes
+/// the cores that the others leave, every other slot one. A lone forward (on the first
+/// slot, which takes work first) gets every core; two on 2 cores get one each. Only the
+/// first slot ever runs a team of OpenMP threads, so libgomp never has more threads than
+/// CPUs and keeps spinning between parallel regions instead of sleeping (the torch
+/// backend's "forward threads").
+pub fn shared_threads(cores: usize, slot: usize, running: usize) -> usize {
+    if slot == 0 {
+        cores.saturating_sub(running.max(1) - 1).max(1)
+    } else {
+        1
+    }
 }
 
 /// The CPUs this process may use.
@@ -188,11 +197,17 @@ mod tests {
     }
 
     #[test]
-    fn shared_threads_split_the_cores_among_the_running_forwards() {
-        assert_eq!(shared_threads(2, 1), 2);
-        assert_eq!(shared_threads(2, 2), 1);
-        assert_eq!(shared_threads(2, 5), 1);
-        assert_eq!(shared_threads(16, 3), 5);
-        assert_eq!(shared_threads(8, 0), 8);
+    fn shared_threads_give_the_first_slot_the_cores_the_others_leave() {
+        // A lone forward on the first slot gets every core.
+        assert_eq!(shared_threads(2, 0, 1), 2);
+        assert_eq!(shared_threads(16, 0, 1), 16);
+        // Two on 2 cores: one each.
+        assert_eq!(shared_threads(2, 0, 2), 1);
+        assert_eq!(shared_threads(2, 1, 2), 1);
+        // The first slot takes what the single-threaded others leave, never less than 1.
+        assert_eq!(shared_threads(16, 0, 3), 14);
+        assert_eq!(shared_threads(16, 2, 3), 1);
+        assert_eq!(shared_threads(2, 0, 5), 1);
+        assert_eq!(shared_threads(8, 0, 0), 8);
     }
 }

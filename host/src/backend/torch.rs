@@ -9,44 +9,27 @@
 use super::IntraOp;
 use crate::bundle::DeviceSpec;
 use crate::tensor::{DType, Tensor};
+use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use tch::{CModule, Device, IValue, Kind};
 
 pub struct TorchModel {
+    inner: Arc<Inner>,
+    /// Intra-op threads for this model's forwards: a count, [`SHARED`], or 0 (not set
+    /// yet: the load's warm-up, which runs on 1 thread).
+    threads: AtomicUsize,
+}
+
+struct Inner {
     module: CModule,
     device: Device,
     output_names: Vec<String>,
-    /// Intra-op threads for this model's forwards: a count, [`SHARED`], or 0 (leave the
-    /// thread's setting).
-    threads: AtomicUsize,
 }
 
 /// [`TorchModel::threads`] for [`IntraOp::Shared`].
 const SHARED: usize = usize::MAX;
-
-/// Shared-threads forwards running in the process now.
-static RUNNING_SHARED: AtomicUsize = AtomicUsize::new(0);
-
-/// Counts one shared-threads forward while it runs.
-struct SharedForward;
-
-impl SharedForward {
-    /// Enters and returns the threads this forward gets.
-    fn enter() -> (SharedForward, usize) {
-        let running = RUNNING_SHARED.fetch_add(1, Ordering::AcqRel) + 1;
-        (
-            SharedForward,
-            super::shared_threads(super::cores(), running),
-        )
-    }
-}
-
-impl Drop for SharedForward {
-    fn drop(&mut self) {
-        RUNNING_SHARED.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 thread_local! {
     /// The intra-op threads last set on this OS thread (libtorch's setting is per thread
@@ -62,6 +45,129 @@ fn use_threads(n: usize) {
             t.set(n);
         }
     });
+}
+
+// ---------------------------------------------------------------------------------
+// The forward threads
+//
+// libgomp (the OpenMP of the PyTorch wheel) keeps a team of worker threads for each OS
+// thread that starts a parallel region, and counts all their workers. Once the process
+// has more of them than CPUs, every libgomp thread spins only 100 times (its "throttled"
+// count, instead of about 300 000) before it sleeps on a futex, so each of the hundred or
+// so parallel regions of a ResNet forward waits for a wake-up: a batch-1 ResNet-18
+// forward of 2 threads took 30-33 ms instead of 24-27 ms here (bench/README.md, session 4).
+// Forwards on whatever thread reaches the model (the runtime's workers and the blocking
+// threads of `block_in_place` take turns) grow such teams on many threads.
+//
+// So every CPU forward of more than one intra-op thread runs on a pool of `cores()`
+// forward threads, and only the first of them ever runs more than one thread under the
+// shared policy: the process never has more libgomp threads than CPUs. Forwards of one
+// thread (quick models, GPU models, the warm-up) stay on their caller: they start no
+// team, and a hand-off would cost more than a quick forward.
+
+/// A forward to run on a pool thread, given its slot and the pool forwards running
+/// (itself included). It returns the hand-back of its result, which the slot calls once
+/// it is marked free again: a caller that sends its next forward at once finds the same
+/// slot free, and its team of OpenMP threads warm.
+type Job = Box<dyn FnOnce(usize, usize) -> Box<dyn FnOnce() + Send> + Send>;
+
+struct ForwardPool {
+    state: Arc<Mutex<PoolState>>,
+    slots: Vec<mpsc::Sender<(Job, usize)>>,
+}
+
+struct PoolState {
+    busy: Vec<bool>,
+    queue: VecDeque<Job>,
+}
+
+impl PoolState {
+    fn running(&self) -> usize {
+        self.busy.iter().filter(|&&b| b).count()
+    }
+}
+
+impl ForwardPool {
+    fn get() -> &'static ForwardPool {
+        static POOL: OnceLock<ForwardPool> = OnceLock::new();
+        POOL.get_or_init(|| ForwardPool::start(super::cores()))
+    }
+
+    fn start(n: usize) -> ForwardPool {
+        let n = n.max(1);
+        let state = Arc::new(Mutex::new(PoolState {
+            busy: vec![false; n],
+            queue: VecDeque::new(),
+        }));
+        let mut slots = Vec::with_capacity(n);
+        let mut receivers = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (tx, rx) = mpsc::channel::<(Job, usize)>();
+            slots.push(tx);
+            receivers.push(rx);
+        }
+        for (slot, rx) in receivers.into_iter().enumerate() {
+            let state = state.clone();
+            std::thread::Builder::new()
+                .name(format!("nnserve-fwd-{slot}"))
+                .spawn(move || {
+                    while let Ok((job, running)) = rx.recv() {
+                        let mut next = Some((job, running));
+                        while let Some((job, running)) = next.take() {
+                            // A panic fails only its caller (whose channel closes); the
+                            // slot keeps serving.
+                            let done =
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                    job(slot, running)
+                                }));
+                            {
+                                let mut state = state.lock().unwrap();
+                                match state.queue.pop_front() {
+                                    Some(job) => {
+                                        let running = state.running();
+                                        next = Some((job, running));
+                                    }
+                                    None => state.busy[slot] = false,
+                                }
+                            }
+                            if let Ok(done) = done {
+                                done();
+                            }
+                        }
+                    }
+                })
+                .expect("cannot start a forward thread");
+        }
+        ForwardPool { state, slots }
+    }
+
+    /// Runs `job` on the first free forward thread (the first slot when it is free),
+    /// or on the first to become free, and waits for its result.
+    fn run<T: Send + 'static>(
+        &self,
+        job: impl FnOnce(usize, usize) -> T + Send + 'static,
+    ) -> Option<T> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |slot, running| {
+            let result = job(slot, running);
+            Box::new(move || {
+                let _ = tx.send(result);
+            })
+        });
+        {
+            let mut state = self.state.lock().unwrap();
+            match state.busy.iter().position(|&b| !b) {
+                Some(slot) => {
+                    state.busy[slot] = true;
+                    let running = state.running();
+                    // The slot's thread lives as long as the process.
+                    let _ = self.slots[slot].send((job, running));
+                }
+                None => state.queue.push_back(job),
+            }
+        }
+        rx.recv().ok()
+    }
 }
 
 /// Picks the device for a manifest's `device`, or says why it cannot.
@@ -101,13 +207,17 @@ impl TorchModel {
         // mode, and batched answers would differ from unbatched ones.
         module.set_eval();
         Ok(TorchModel {
-            module,
-            device,
-            output_names,
+            inner: Arc::new(Inner {
+                module,
+                device,
+                output_names,
+            }),
             threads: Default::default(),
         })
     }
+}
 
+impl Inner {
     fn output_name(&self, i: usize) -> String {
         self.output_names
             .get(i)
@@ -151,22 +261,8 @@ impl TorchModel {
         }
         Ok(())
     }
-}
 
-impl super::Model for TorchModel {
     fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
-        let _shared = match self.threads.load(Ordering::Relaxed) {
-            SHARED => {
-                let (guard, n) = SharedForward::enter();
-                use_threads(n);
-                Some(guard)
-            }
-            0 => None,
-            n => {
-                use_threads(n);
-                None
-            }
-        };
         let _no_grad = tch::no_grad_guard();
         let args: Vec<IValue> = inputs
             .iter()
@@ -182,6 +278,30 @@ impl super::Model for TorchModel {
         self.collect(value, &mut out)?;
         Ok(out)
     }
+}
+
+impl super::Model for TorchModel {
+    fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+        let threads = match self.threads.load(Ordering::Relaxed) {
+            0 => 1,
+            n => n,
+        };
+        if threads == 1 || self.inner.device != Device::Cpu {
+            use_threads(1);
+            return self.inner.forward(inputs);
+        }
+        let inner = self.inner.clone();
+        let cores = super::cores();
+        ForwardPool::get()
+            .run(move |slot, running| {
+                use_threads(match threads {
+                    SHARED => super::shared_threads(cores, slot, running),
+                    n => n,
+                });
+                inner.forward(inputs)
+            })
+            .unwrap_or_else(|| Err("the forward thread failed (a panic in libtorch)".into()))
+    }
 
     fn set_threads(&self, threads: IntraOp) {
         let n = match threads {
@@ -192,7 +312,7 @@ impl super::Model for TorchModel {
     }
 
     fn device(&self) -> String {
-        match self.device {
+        match self.inner.device {
             Device::Cpu => "cpu".into(),
             Device::Cuda(n) => format!("cuda:{n}"),
             other => format!("{other:?}").to_lowercase(),
@@ -251,6 +371,7 @@ pub fn init_threads(intra_op: usize, inter_op: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn tensors_round_trip_through_libtorch() {
@@ -264,6 +385,66 @@ mod tests {
         )
         .unwrap();
         assert_eq!(from_tch(&to_tch(&i)).unwrap(), i);
+    }
+
+    fn thread_name() -> String {
+        std::thread::current().name().unwrap_or("").to_string()
+    }
+
+    #[test]
+    fn forwards_one_after_another_stay_on_the_first_forward_thread() {
+        // A caller that sends its next forward as soon as it has the last result must
+        // find the first slot free again: a second slot would start a second OpenMP team
+        // and throttle libgomp for the whole process.
+        let pool = ForwardPool::start(2);
+        for _ in 0..200 {
+            let (name, slot, running) = pool
+                .run(|slot, running| (thread_name(), slot, running))
+                .unwrap();
+            assert_eq!((name.as_str(), slot, running), ("nnserve-fwd-0", 0, 1));
+        }
+    }
+
+    #[test]
+    fn forwards_at_once_take_the_free_slots_and_then_queue() {
+        let pool = Arc::new(ForwardPool::start(2));
+        let (entered_tx, entered) = mpsc::channel();
+        // Starts a forward that reports (slot, running) and holds its slot until released.
+        let start = |tag: char| {
+            let (release_tx, release) = mpsc::channel::<()>();
+            let (pool, entered_tx) = (pool.clone(), entered_tx.clone());
+            let call = std::thread::spawn(move || {
+                pool.run(move |slot, running| {
+                    entered_tx.send((tag, slot, running)).unwrap();
+                    release.recv().unwrap();
+                })
+            });
+            (release_tx, call)
+        };
+        let wait = |ms| entered.recv_timeout(Duration::from_millis(ms));
+        let (release_a, a) = start('a');
+        assert_eq!(wait(5000), Ok(('a', 0, 1)));
+        let (release_b, b) = start('b');
+        assert_eq!(wait(5000), Ok(('b', 1, 2)));
+        // Both slots busy: the third waits in the queue...
+        let (release_c, c) = start('c');
+        assert!(wait(200).is_err());
+        // ...and runs on the first slot to become free.
+        release_a.send(()).unwrap();
+        assert_eq!(wait(5000), Ok(('c', 0, 2)));
+        release_b.send(()).unwrap();
+        release_c.send(()).unwrap();
+        for call in [a, b, c] {
+            assert_eq!(call.join().unwrap(), Some(()));
+        }
+    }
+
+    #[test]
+    fn a_panicking_forward_fails_its_caller_and_the_thread_keeps_serving() {
+        let pool = ForwardPool::start(1);
+        let lost: Option<()> = pool.run(|_, _| panic!("a forward that panics"));
+        assert!(lost.is_none());
+        assert_eq!(pool.run(|slot, _| slot), Some(0));
     }
 
     #[test]
