@@ -17,6 +17,10 @@
 //! instead of zeros).
 //! `bench/run.sh` builds what it needs and runs both on the example repository.
 
+// The server's allocator (host/src/main.rs): tensors handed between threads behave alike.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use nnserve::lifecycle::{load_version, Servable};
 use nnserve::plugin::{PluginRuntime, RuntimeConfig};
 use nnserve::repository::Entry;
@@ -43,14 +47,16 @@ fn main() -> anyhow::Result<()> {
             &std::fs::read(&args[3])?,
             args.get(4).map(|n| n.parse()).transpose()?.unwrap_or(500),
         ),
-        Some("http") if args.len() == 6 => http(
+        Some("http") if args.len() == 6 || args.len() == 7 => http(
             &args[2],
             &args[3],
             &std::fs::read(&args[4])?,
             args[5].parse()?,
+            args.get(6)
+                .map_or("application/octet-stream", String::as_str),
         ),
         _ => {
-            eprintln!("usage: nnserve-bench inproc REPOSITORY | raw BUNDLE_DIR | plugin BUNDLE_DIR BODYFILE [N] | http URL PATH BODYFILE N");
+            eprintln!("usage: nnserve-bench inproc REPOSITORY | raw BUNDLE_DIR | plugin BUNDLE_DIR BODYFILE [N] | http URL PATH BODYFILE N [CONTENT_TYPE]");
             std::process::exit(2)
         }
     }
@@ -133,7 +139,7 @@ fn mlp_costs(
         }),
     );
     let bundle = nnserve::bundle::Bundle::open(&repo.join("mlp").join("1"))?;
-    let model = nnserve::backend::load(&bundle)?;
+    let model = load_raw(&bundle)?;
     summary(
         "mlp: raw libtorch forward, batch 1 (the limit)",
         time(n, || {
@@ -257,7 +263,7 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
     nnserve::backend::init_threads(Some(threads), 1);
     let bundle = nnserve::bundle::Bundle::open(bundle_dir)?;
     let spec = bundle.manifest.model.clone().expect("a model bundle");
-    let model = nnserve::backend::load(&bundle)?;
+    let model = load_raw(&bundle)?;
     let input = &spec.inputs[0];
     // NNSERVE_BENCH_BATCHES: the batch sizes to run, comma-separated (default 1,8,32,64).
     let batches: Vec<i64> = std::env::var("NNSERVE_BENCH_BATCHES")
@@ -268,34 +274,46 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("NNSERVE_BENCH_BATCHES: {e}"))?;
     for batch in batches {
         let x = input_rows(input, batch)?;
-        // Warm-up: at least 2 forwards (the TorchScript executor specialises on the
-        // first shapes), then up to 20 or one second.
-        let warm = Instant::now();
-        for i in 0..20 {
-            if i >= 2 && warm.elapsed() > Duration::from_secs(1) {
-                break;
+        // Each forwarding thread warms up itself, then all forward until the time is up
+        // (and at least twice); rows/s is the total over the wall time of the whole run.
+        // The threads that warm up are the ones measured, and the main thread never
+        // forwards: libgomp keeps a team of threads per thread that starts parallel
+        // regions, and once the process has more of those than cores it sleeps instead
+        // of spinning between regions (its "throttled" spin count), which costs a batch-1
+        // ResNet forward about 20 % here (docs/configuration.md, Threads).
+        let ready = std::sync::Barrier::new(parallel + 1);
+        let start = std::sync::OnceLock::<Instant>::new();
+        let run = || {
+            // Warm-up: at least 2 forwards (the TorchScript executor specialises on the
+            // first shapes), then up to 20 or one second.
+            let warm = Instant::now();
+            for i in 0..20 {
+                if i >= 2 && warm.elapsed() > Duration::from_secs(1) {
+                    break;
+                }
+                model.forward(vec![x.clone()]).unwrap();
             }
-            model.forward(vec![x.clone()]).map_err(anyhow::Error::msg)?;
-        }
-        // Each thread forwards until the time is up (and at least twice); rows/s is the
-        // total over the wall time of the whole run.
-        let started = Instant::now();
-        let per_thread: Vec<Vec<Duration>> = std::thread::scope(|s| {
-            let handles: Vec<_> = (0..parallel)
-                .map(|_| {
-                    let (model, x) = (&model, &x);
-                    s.spawn(move || {
-                        let mut times = Vec::new();
-                        while times.len() < 2 || started.elapsed().as_secs_f64() < seconds {
-                            let t = Instant::now();
-                            model.forward(vec![x.clone()]).unwrap();
-                            times.push(t.elapsed());
-                        }
-                        times
-                    })
-                })
-                .collect();
-            handles.into_iter().map(|h| h.join().unwrap()).collect()
+            // All warm: the main thread sets the start between the two waits.
+            ready.wait();
+            ready.wait();
+            let started = *start.get().expect("set between the two waits");
+            let mut times = Vec::new();
+            while times.len() < 2 || started.elapsed().as_secs_f64() < seconds {
+                let t = Instant::now();
+                model.forward(vec![x.clone()]).unwrap();
+                times.push(t.elapsed());
+            }
+            times
+        };
+        let (started, per_thread): (Instant, Vec<Vec<Duration>>) = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..parallel).map(|_| s.spawn(run)).collect();
+            ready.wait();
+            let started = *start.get_or_init(Instant::now);
+            ready.wait();
+            (
+                started,
+                handles.into_iter().map(|h| h.join().unwrap()).collect(),
+            )
         });
         let wall = started.elapsed();
         let mut times: Vec<Duration> = per_thread.into_iter().flatten().collect();
@@ -307,6 +325,19 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A bundle's model loaded alone, its forwards on NNSERVE_BENCH_THREADS intra-op threads
+/// (default 1; more run on the backend's forward threads, as the server's do).
+fn load_raw(
+    bundle: &nnserve::bundle::Bundle,
+) -> anyhow::Result<std::sync::Arc<dyn nnserve::backend::Model>> {
+    let model = nnserve::backend::load(bundle)?;
+    model.set_threads(nnserve::backend::IntraOp::Fixed(env_or(
+        "NNSERVE_BENCH_THREADS",
+        1,
+    )));
+    Ok(model)
 }
 
 /// A batch of `batch` rows of `input`: zeros, or the rows of the file named by
@@ -386,7 +417,7 @@ fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()>
     let x = input_rows(&spec.inputs[0], 1)?;
     // The same model loaded once more: its raw forward (the version's execution path adds
     // microseconds to it, see `inproc`).
-    let model = nnserve::backend::load(&servable.bundle)?;
+    let model = load_raw(&servable.bundle)?;
     println!("== {name}: in-process, libtorch intra-op threads {threads}, n={n}");
     // Interleaved, so that both see the same machine (a slow forward has noisy neighbours).
     let (calls, forwards) = runtime.block_on(async {
@@ -442,13 +473,13 @@ fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()>
 }
 
 /// A bare keep-alive HTTP/1.1 loop on one connection: the client costs next to nothing.
-fn http(url: &str, path: &str, body: &[u8], n: usize) -> anyhow::Result<()> {
+fn http(url: &str, path: &str, body: &[u8], n: usize, content_type: &str) -> anyhow::Result<()> {
     let addr = url.trim_start_matches("http://").trim_end_matches('/');
     let mut stream = TcpStream::connect(addr)?;
     stream.set_nodelay(true)?;
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\n\r\n",
+        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
         body.len()
     )
     .into_bytes();
