@@ -100,6 +100,28 @@ struct State {
     leaders: usize,
 }
 
+/// A queued request's wait for its answer or the lead. A leader may send the lead in the
+/// instant between the caller going away and the task leaving the queue: the send
+/// succeeds, nobody receives it, and with the lead lost the version would never run
+/// another batch (`wrk` stopping 64 connections at once did it within a few rounds). So
+/// a wait dropped before it got its message closes the channel and passes on a lead
+/// that arrived.
+struct Waiting<'a> {
+    batcher: &'a Batcher,
+    rx: Option<oneshot::Receiver<Msg>>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut rx) = self.rx.take() {
+            rx.close();
+            if let Ok(Msg::Lead(..)) = rx.try_recv() {
+                self.batcher.pass_lead();
+            }
+        }
+    }
+}
+
 /// Statistics of formed batches, for metrics and benchmarks.
 #[derive(Debug, Default, Clone)]
 pub struct Stats {
@@ -201,15 +223,23 @@ impl Batcher {
         };
         match queued {
             Ok(inputs) => self.lead(inputs, rows, Instant::now(), forward).await,
-            // Dropping this future (the client went away) drops `rx`: leaders then skip
-            // the task and never pass the lead to it.
-            Err(rx) => match rx.await {
-                Ok(Msg::Done(out)) => out,
-                Ok(Msg::Lead(inputs, rows, queued_at)) => {
-                    self.lead(inputs, rows, queued_at, forward).await
+            Err(rx) => {
+                // Dropping this future (the client went away) drops the wait: leaders then
+                // skip the task, and a lead that reached it in the meantime is passed on.
+                let mut waiting = Waiting {
+                    batcher: self,
+                    rx: Some(rx),
+                };
+                let msg = waiting.rx.as_mut().expect("set above").await;
+                waiting.rx = None;
+                match msg {
+                    Ok(Msg::Done(out)) => out,
+                    Ok(Msg::Lead(inputs, rows, queued_at)) => {
+                        self.lead(inputs, rows, queued_at, forward).await
+                    }
+                    Err(_) => Err(BatchError::Model("the batcher dropped the request".into())),
                 }
-                Err(_) => Err(BatchError::Model("the batcher dropped the request".into())),
-            },
+            }
         }
     }
 
@@ -635,6 +665,54 @@ mod tests {
             2,
             "the cancelled request never ran"
         );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_lead_sent_to_a_request_whose_client_just_left_is_passed_on() {
+        // The race that wedged the batcher: the leader passes the lead to a queued request
+        // whose future is dropped before it is polled again.
+        struct Gated {
+            entered: std::sync::mpsc::SyncSender<()>,
+            release: Mutex<std::sync::mpsc::Receiver<()>>,
+        }
+        impl Forward for Arc<Gated> {
+            fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+                if inputs[0].to_f64_vec()[0] == 1.0 {
+                    self.entered.send(()).unwrap();
+                    self.release.lock().unwrap().recv().unwrap();
+                }
+                Ok(vec![("y".into(), inputs[0].clone())])
+            }
+        }
+        let (entered_tx, entered) = std::sync::mpsc::sync_channel(1);
+        let (release_tx, release) = std::sync::mpsc::channel();
+        let f = Arc::new(Gated {
+            entered: entered_tx,
+            release: Mutex::new(release),
+        });
+        let b = Arc::new(Batcher::new(policy(1, &[], 8), VersionMetrics::default()));
+        let (b1, f1) = (b.clone(), f.clone());
+        let leader = tokio::spawn(async move { b1.infer(rows(&[[1.0, 1.0]]), &f1).await });
+        tokio::task::spawn_blocking(move || entered.recv().unwrap())
+            .await
+            .unwrap();
+        // A second request queues behind the running forward...
+        let mut queued = Box::pin(b.infer(rows(&[[2.0, 2.0]]), &f));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), &mut queued)
+                .await
+                .is_err(),
+            "it waits behind the running forward"
+        );
+        // ...the leader finishes and passes it the lead, and its client goes away before
+        // it is polled again.
+        release_tx.send(()).unwrap();
+        assert!(leader.await.unwrap().is_ok());
+        drop(queued);
+        let next = tokio::time::timeout(Duration::from_secs(5), b.infer(rows(&[[3.0, 3.0]]), &f))
+            .await
+            .expect("the batcher runs the next request instead of waiting for a lost lead");
+        assert_eq!(values(&next), vec![3.0, 3.0]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
