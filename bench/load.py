@@ -347,59 +347,83 @@ def resnet_suite(args):
 
     saturation(args, bundle, image, tensor)
 
-    ours = {}
-    for threads in args.torch_threads:
-        t = None if threads == "default" else int(threads)
-        server, url = start_nnserve(os.path.join(WORK, "repository"), t)
-        label = "default (auto)" if t is None else str(t)
-        try:
-            if threads == args.torch_threads[0]:
-                print("== The plugin's answers against torchvision's preprocessing, same model")
-                check_agreement(url)
-            print(f"== nnserve, libtorch intra-op threads {label}: a 256x256 JPEG per request")
-            print(HEADER)
-            for model in ("resnet18", "resnet18-nobatch", "resnet18-bt1"):
-                r, lone = raw_setting(raw, model, t)
-                for c in args.resnet_concurrency:
-                    row = point(url, f"{model} t={t or 'auto'}", model, f"/v1/models/{model}:infer", image,
-                                "image/jpeg", c, args.seconds, r, best, lone=lone)
-                    ours[(model, c, label)] = row
-        finally:
-            stop(server)
-
+    # TorchServe runs beside nnserve, and each of its points follows nnserve's point of the
+    # same model and concurrency: this machine drifts by 10-25 % over minutes, so points
+    # measured in two passes minutes apart compared the drift as much as the servers.
+    # (Both idle while the other is loaded.)
+    ts, ts_url, peer = None, None, {}
+    ts_base = ("2 workers x 1 torch thread", 2, 1, TS_DELAY_MS)
+    ts_models = ("resnet18", "resnet18-nobatch")
     if args.peer == "torchserve":
         import torchserve
         work = os.path.join(WORK, "torchserve")
         torchserve.reset(work)
         model_pt = os.path.join(bundle, "model", "model.pt")
-        for name in ("resnet18", "resnet18-nobatch"):
+        for name in ts_models:
             torchserve.archive(work, name, model_pt, "resnet_handler.py")
-        peer = {}
-        setups = [("2 workers x 1 torch thread", 2, 1, TS_DELAY_MS)]
-        if args.ts_defaults:
-            # TorchServe's own defaults: one worker per core, torch's default threads (one per core).
-            setups.append(("defaults: 2 workers x torch default threads", 2, 0, TS_DELAY_MS))
-        for title, workers, threads, delay in setups:
-            ts = torchserve.TorchServe(work, {
+
+        def start_ts(workers, threads, delay):
+            server = torchserve.TorchServe(work, {
                 "resnet18": dict(workers=workers, batch_size=8, max_batch_delay_ms=delay),
                 "resnet18-nobatch": dict(workers=workers, batch_size=1, max_batch_delay_ms=delay)},
                 torch_threads=threads)
+            return server, server.start()
+
+        def ts_point(url, title, workers, threads, model, c):
+            row = point(url, f"ts {model} ({workers}x{threads or 'd'})", model, f"/predictions/{model}",
+                        image, "image/jpeg", c, args.seconds, raw[(1, 1)], best, metrics=False)
+            peer[(model, c, title)] = row
+
+        ts, ts_url = start_ts(*ts_base[1:])
+    ours = {}
+    try:
+        for threads in args.torch_threads:
+            t = None if threads == "default" else int(threads)
+            server, url = start_nnserve(os.path.join(WORK, "repository"), t)
+            label = "default (auto)" if t is None else str(t)
+            beside = ts is not None and threads == args.torch_threads[0]
             try:
-                url = ts.start()
-                print(f"== TorchServe 0.12, {title}; resnet18: batch 8 / {delay} ms, resnet18-nobatch: batch 1")
+                if threads == args.torch_threads[0]:
+                    print("== The plugin's answers against torchvision's preprocessing, same model")
+                    check_agreement(url)
+                print(f"== nnserve, libtorch intra-op threads {label}: a 256x256 JPEG per request"
+                      + (f"; each point followed by TorchServe 0.12's ({ts_base[0]}; resnet18: batch 8 /"
+                         f" {TS_DELAY_MS} ms, resnet18-nobatch: batch 1)" if beside else ""))
                 print(HEADER)
-                for model in ("resnet18", "resnet18-nobatch"):
+                for model in ("resnet18", "resnet18-nobatch", "resnet18-bt1"):
+                    r, lone = raw_setting(raw, model, t)
                     for c in args.resnet_concurrency:
-                        row = point(url, f"ts {model} ({workers}x{threads or 'd'})", model, f"/predictions/{model}",
-                                    image, "image/jpeg", c, args.seconds, raw[(1, 1)], best, metrics=False)
-                        peer[(model, c, title)] = row
+                        row = point(url, f"{model} t={t or 'auto'}", model, f"/v1/models/{model}:infer", image,
+                                    "image/jpeg", c, args.seconds, r, best, lone=lone)
+                        ours[(model, c, label)] = row
+                        if beside and model in ts_models:
+                            ts_point(ts_url, ts_base[0], ts_base[1], ts_base[2], model, c)
+            finally:
+                stop(server)
+    finally:
+        if ts is not None:
+            ts.stop()
+
+    if args.peer == "torchserve":
+        if args.ts_defaults:
+            # TorchServe's own defaults: one worker per core, torch's default threads (one per
+            # core), in a pass of its own after nnserve's.
+            title = "defaults: 2 workers x torch default threads"
+            ts, url = start_ts(2, 0, TS_DELAY_MS)
+            try:
+                print(f"== TorchServe 0.12, {title}; resnet18: batch 8 / {TS_DELAY_MS} ms, resnet18-nobatch: batch 1")
+                print(HEADER)
+                for model in ts_models:
+                    for c in args.resnet_concurrency:
+                        ts_point(url, title, 2, 0, model, c)
             finally:
                 ts.stop()
-        base = setups[0][0]
-        for label in {k[2] for k in ours}:
+        base = ts_base[0]
+        for label in sorted({k[2] for k in ours}):
             mine = {(m, c): row for (m, c, l), row in ours.items() if l == label}
             theirs = {(m, c): row for (m, c, l), row in peer.items() if l == base}
-            ratios(mine, theirs, f"resnet, nnserve threads {label} vs TorchServe {base}")
+            side = "measured side by side" if label == "default (auto)" else "TorchServe's points from the first pass"
+            ratios(mine, theirs, f"resnet, nnserve threads {label} vs TorchServe {base} ({side})")
 
 
 def main():
