@@ -276,13 +276,11 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
         let x = input_rows(input, batch)?;
         // Each forwarding thread warms up itself, then all forward until the time is up
         // (and at least twice); rows/s is the total over the wall time of the whole run.
-        // The threads that warm up are the ones measured, and the main thread never
-        // forwards: libgomp keeps a team of threads per thread that starts parallel
-        // regions, and once the process has more of those than cores it sleeps instead
-        // of spinning between regions (its "throttled" spin count), which costs a batch-1
-        // ResNet forward about 20 % here (docs/configuration.md, Threads).
+        // Forwards of more than one thread run on the backend's forward threads, as the
+        // server's do (until session 4 this loop warmed up on the main thread and measured
+        // on another: two libgomp teams, which throttle each other; docs/configuration.md,
+        // "The forward threads").
         let ready = std::sync::Barrier::new(parallel + 1);
-        let start = std::sync::OnceLock::<Instant>::new();
         let run = || {
             // Warm-up: at least 2 forwards (the TorchScript executor specialises on the
             // first shapes), then up to 20 or one second.
@@ -293,10 +291,8 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
                 }
                 model.forward(vec![x.clone()]).unwrap();
             }
-            // All warm: the main thread sets the start between the two waits.
             ready.wait();
-            ready.wait();
-            let started = *start.get().expect("set between the two waits");
+            let started = Instant::now();
             let mut times = Vec::new();
             while times.len() < 2 || started.elapsed().as_secs_f64() < seconds {
                 let t = Instant::now();
@@ -307,9 +303,8 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
         };
         let (started, per_thread): (Instant, Vec<Vec<Duration>>) = std::thread::scope(|s| {
             let handles: Vec<_> = (0..parallel).map(|_| s.spawn(run)).collect();
-            ready.wait();
-            let started = *start.get_or_init(Instant::now);
-            ready.wait();
+            ready.wait(); // all warm
+            let started = Instant::now();
             (
                 started,
                 handles.into_iter().map(|h| h.join().unwrap()).collect(),

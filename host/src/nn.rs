@@ -10,7 +10,10 @@
 //! (`backend::threading`; with batching this is `num_batch_threads`, without it a gate's
 //! permits). The caller that gets its turn runs the forward itself, without handing it to
 //! another thread: a cross-thread hand-off costs more than a tiny model's forward
-//! (../shared/FACTS.md). Forwards that have been slow (moving average over
+//! (../shared/FACTS.md). The one exception is below this module: the torch backend runs a
+//! CPU forward of more than one intra-op thread on its forward threads, and the caller
+//! waits for it (libgomp must not grow a team on every thread that calls; see
+//! `backend::torch`). Forwards that have been slow (moving average over
 //! [`INLINE_LIMIT`]) run inside `tokio::task::block_in_place`, so the worker's other
 //! tasks move to another thread while libtorch works; quick ones run inline, as a JSON
 //! parse would.
@@ -194,7 +197,7 @@ impl Runner {
         self.run_model(inputs).map_err(InferError::Model)
     }
 
-    /// The forward itself, on the calling thread: inline when forwards have been quick,
+    /// The forward itself, from the calling thread: inline when forwards have been quick,
     /// inside `block_in_place` when they have been slow (module doc).
     fn run_model(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
         let slow = self.avg_forward_ns.load(Ordering::Relaxed) > INLINE_LIMIT.as_nanos() as u64;

@@ -56,7 +56,7 @@ fn use_threads(n: usize) {
 // has more of them than CPUs, every libgomp thread spins only 100 times (its "throttled"
 // count, instead of about 300 000) before it sleeps on a futex, so each of the hundred or
 // so parallel regions of a ResNet forward waits for a wake-up: a batch-1 ResNet-18
-// forward of 2 threads took 30-33 ms instead of 24-27 ms here (bench/README.md, session 4).
+// forward of 2 threads took 30-38 ms instead of 23-25 ms here (bench/README.md, session 4).
 // Forwards on whatever thread reaches the model (the runtime's workers and the blocking
 // threads of `block_in_place` take turns) grow such teams on many threads.
 //
@@ -89,8 +89,9 @@ struct PoolState {
 /// ones. Under steady load a forward often starts while the other slots are empty for a
 /// moment (their callers are decoding the next requests); given every core, its team
 /// would then share them with the forwards that start a millisecond later, and more
-/// threads than cores, each spinning, slow everyone (at 2 and 16 clients on ResNet-18,
-/// p99 rose by half). A lone request after a quiet second gets every core.
+/// threads than cores, each spinning, slow everyone (ResNet-18 at 16 clients, one A/B
+/// run: p99 768 ms without this rule, 608 ms with it). A lone request after a quiet
+/// second gets every core.
 const RECENT: Duration = Duration::from_secs(1);
 
 impl PoolState {
