@@ -59,8 +59,8 @@ plugins: $(STAMPS)/wasm-target $(DIGITS_WASM) $(ROUTER_WASM)
 # Every plugin (handlers, routers, test plugins) in one cargo run; the examples get theirs.
 $(DIGITS_WASM) $(ROUTER_WASM) &: $(RUST_SRC) | $(STAMPS)/wasm-target
 	@echo "== Plugins for wasm32-wasip2"
-	cargo build $(WASM_FLAGS) -p image-classifier -p weighted-router -p canary-router \
-		-p bandit-router -p misbehave -p misbehave-router -p forbidden-import
+	cargo build $(WASM_FLAGS) -p image-classifier -p imagenet-classifier -p weighted-router \
+		-p canary-router -p bandit-router -p misbehave -p misbehave-router -p forbidden-import
 	@mkdir -p $(dir $(DIGITS_WASM)) $(dir $(ROUTER_WASM))
 	cp $(WASM_DIR)/image_classifier.wasm $(DIGITS_WASM)
 	cp $(WASM_DIR)/weighted_router.wasm $(ROUTER_WASM)
@@ -96,7 +96,6 @@ bench: bench-setup
 bench-setup: setup $(STAMPS)/bench-venv
 	@echo "== Benchmark build: nnserve-bench and the imagenet-classifier plugin"
 	cargo build --release -p nnserve -p nnserve-bench
-	cargo build $(WASM_FLAGS) -p imagenet-classifier
 	$(PY) bench/make_resnet.py --out bench/work --plugin $(BENCH_WASM)
 
 $(STAMPS)/bench-venv: bench/requirements.txt $(STAMPS)/venv

@@ -380,6 +380,11 @@ impl PluginRuntime {
         c.wasm_component_model(true)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        // For plugin authors and us: `NNSERVE_WASM_PERFMAP=1` writes /tmp/perf-PID.map,
+        // so that `perf record`/`perf report` name the guest's functions (docs/plugins.md).
+        if std::env::var_os("NNSERVE_WASM_PERFMAP").is_some_and(|v| v != "0") {
+            c.profiler(wasmtime::ProfilingStrategy::PerfMap);
+        }
         let engine = Engine::new(&c)?;
 
         // The epoch ticker: guest CPU budgets are counted in these ticks. It sleeps while
