@@ -31,6 +31,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 fn main() -> anyhow::Result<()> {
+    // The server's allocator settings, so that the limit is measured as the server runs.
+    nnserve::alloc::tune();
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("inproc") => inproc(

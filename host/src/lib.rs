@@ -16,6 +16,7 @@
 //! # }
 //! ```
 
+pub mod alloc;
 pub mod api;
 pub mod archive;
 pub mod backend;

@@ -1,0 +1,46 @@
+//! The process's allocator: mimalloc, also as libtorch's `malloc` (host/Cargo.toml).
+//!
+//! mimalloc gives memory that stayed free for its purge delay (1 s by default in its v3)
+//! back to the kernel. A ResNet-18 batch's activations are tens of MB in blocks large
+//! enough to come straight from mimalloc's arenas; between bursts, or when batches of
+//! another size run for a second, they were purged and the next forward faulted them
+//! back in, as 2 MB transparent huge pages zeroed by the kernel (2 % of the server's CPU
+//! at saturation in `perf`). With a 10 s delay, `nnserve-bench raw` at batch 8 (2 x 1
+//! thread) ran 52.1-52.8 rows/s against 49.4-50.9 and the server at 16 clients 44.3-46.6
+//! against 41.2-43.8 req/s (bench/README.md, session 5); the cost is that memory freed
+//! after a burst stays resident for 10 s longer (+137 MB on the benchmark's three
+//! ResNet-18 versions).
+
+/// `mi_option_purge_delay` in mimalloc v3's `include/mimalloc.h` (the binding's constants
+/// follow v2's enum, which lacks it); a test checks that this index holds the 1000 ms
+/// default.
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// The purge delay the server and `nnserve-bench` run with, in ms.
+pub const PURGE_DELAY_MS: i64 = 10_000;
+
+/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless `MIMALLOC_PURGE_DELAY` is
+/// set in the environment (mimalloc reads that itself; -1 never purges, 0 at once).
+pub fn tune() {
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+        // SAFETY: mimalloc's options are plain integers, read on each purge decision.
+        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as _) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_purge_delay_option_is_the_one_tuned() {
+        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+            return;
+        }
+        // SAFETY: reading an option.
+        let get = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        assert_eq!(get(), 1000, "mimalloc's option {MI_OPTION_PURGE_DELAY} is not the purge delay (1000 ms by default)");
+        tune();
+        assert_eq!(get() as i64, PURGE_DELAY_MS);
+    }
+}
