@@ -8,24 +8,35 @@
 //! at saturation in `perf`). With a 10 s delay, `nnserve-bench raw` at batch 8 (2 x 1
 //! thread) ran 52.1-52.8 rows/s against 49.4-50.9 and the server at 16 clients 44.3-46.6
 //! against 41.2-43.8 req/s (bench/README.md, session 5); the cost is that memory freed
-//! after a burst stays resident for 10 s longer (+137 MB on the benchmark's three
-//! ResNet-18 versions).
+//! after a burst stays resident for at least 10 s instead of 1 s (+137 MB on the
+//! benchmark's three ResNet-18 versions).
 
-/// `mi_option_purge_delay` in mimalloc v3's `include/mimalloc.h` (the binding's constants
-/// follow v2's enum, which lacks it); a test checks that this index holds the 1000 ms
-/// default.
+/// `mi_option_purge_delay` in mimalloc's `include/mimalloc.h` (the Rust binding has no
+/// constant for it). The index is the same in v2, whose default is 10 ms; a test checks
+/// that it holds v3's 1000 ms default, so a build of the other version fails it.
 const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 
 /// The purge delay the server and `nnserve-bench` run with, in ms.
 pub const PURGE_DELAY_MS: i64 = 10_000;
 
-/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless `MIMALLOC_PURGE_DELAY` is
-/// set in the environment (mimalloc reads that itself; -1 never purges, 0 at once).
+/// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless the environment sets it
+/// (mimalloc has read it already: `MIMALLOC_PURGE_DELAY`, in any case, or its old name
+/// `MIMALLOC_RESET_DELAY`; -1 never purges, 0 at once).
 pub fn tune() {
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
+    if !set_in_environment() {
         // SAFETY: mimalloc's options are plain integers, read on each purge decision.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as _) }
     }
+}
+
+/// Whether the environment sets the purge delay, as mimalloc reads it.
+fn set_in_environment() -> bool {
+    std::env::vars_os().any(|(k, _)| {
+        k.to_str().is_some_and(|k| {
+            k.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY")
+                || k.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY")
+        })
+    })
 }
 
 #[cfg(test)]
@@ -34,12 +45,16 @@ mod tests {
 
     #[test]
     fn the_purge_delay_option_is_the_one_tuned() {
-        if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        if set_in_environment() {
             return;
         }
         // SAFETY: reading an option.
         let get = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
-        assert_eq!(get(), 1000, "mimalloc's option {MI_OPTION_PURGE_DELAY} is not the purge delay (1000 ms by default)");
+        assert_eq!(
+            get(),
+            1000,
+            "mimalloc's option {MI_OPTION_PURGE_DELAY} is not the purge delay (1000 ms by default)"
+        );
         tune();
         assert_eq!(get() as i64, PURGE_DELAY_MS);
     }

@@ -13,8 +13,8 @@
 //!    computed, and an image whose size does not change is not resampled at all;
 //! 3. centre-crop `crop` x `crop` (offsets `round((size - crop) / 2)`, Python's rounding);
 //! 4. `v / 255`, then `(v - mean) / std` per channel (ImageNet's mean and std by default),
-//!    as a multiply-add in f32 (within a few ulp of torchvision), sixteen pixels at a
-//!    time with wasm SIMD, straight into the bytes of an NCHW fp32 `[1, 3, crop, crop]`
+//!    as a multiply then an add in f32 (within 5e-7 of torchvision's two divisions),
+//!    sixteen pixels at a time with wasm SIMD, straight into the bytes of an NCHW fp32 `[1, 3, crop, crop]`
 //!    tensor;
 //! 5. run the model, softmax its logits and answer
 //!    `{"predictions": [{"label": "class 7", "score": 0.12}, ...]}` with the `top_k` best.
@@ -291,21 +291,23 @@ fn preprocess(img: &Rgb, resize: usize, crop: usize, mean: &[f32; 3], std: &[f32
 
 /// `(v / 255 - mean) / std` for every value of one row of interleaved RGB, into the
 /// three channel rows of the tensor's bytes, as `v * scale + shift` with
-/// `scale = 1 / (255 std)` and `shift = -mean / std` in f32: within a few ulp of
-/// torchvision's `ToTensor` then `Normalize` (two divisions per value), and the same
-/// result, bit for bit, in the wasm SIMD path and the plain one. For a 224x224 crop in
+/// `scale = 1 / (255 std)` and `shift = -mean / std` in f32, a multiply then an add
+/// (never fused: Rust does not contract them, and the SIMD path uses separate
+/// instructions): within 5e-7 of torchvision's `ToTensor` then `Normalize` (two
+/// divisions per value; the values lie in [-2.2, 2.7]), and the same result, bit for
+/// bit, in the wasm SIMD path and the plain one. For a 224x224 crop in
 /// wasm (the whole preprocess stage, p50 over 2,000 requests, three runs): a 256-entry
 /// table per channel looked up per value 131-135 us, the compiler's vectorisation of
 /// this arithmetic 192-194 us, the SIMD path 42-46 us.
-fn normalise_row(src: &[u8], mut out: [&mut [u8]; 3], mean: &[f32; 3], std: &[f32; 3]) {
+fn normalise_row(src: &[u8], out: [&mut [u8]; 3], mean: &[f32; 3], std: &[f32; 3]) {
     let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
     let shift: [f32; 3] = std::array::from_fn(|c| -mean[c] / std[c]);
     let n = src.len() / 3;
+    let [r_out, g_out, b_out] = out;
     #[cfg(all(target_arch = "wasm32", target_feature = "simd128"))]
-    let done = simd::normalise(src, &mut out, &scale, &shift);
+    let done = simd::normalise(src, [&mut *r_out, &mut *g_out, &mut *b_out], &scale, &shift);
     #[cfg(not(all(target_arch = "wasm32", target_feature = "simd128")))]
     let done = 0;
-    let [r_out, g_out, b_out] = out;
     for x in done..n {
         let px = &src[3 * x..3 * x + 3];
         let at = 4 * x;
@@ -324,7 +326,7 @@ mod simd {
     /// Normalises the whole groups of 16 pixels of `src`; returns how many pixels it did.
     pub fn normalise(
         src: &[u8],
-        out: &mut [&mut [u8]; 3],
+        out: [&mut [u8]; 3],
         scale: &[f32; 3],
         shift: &[f32; 3],
     ) -> usize {
@@ -589,14 +591,13 @@ mod tests {
     }
 
     #[test]
-    fn normalising_by_scale_and_shift_stays_within_a_few_ulp_of_torchvisions_divisions() {
+    fn normalising_by_scale_and_shift_stays_within_5e_7_of_torchvisions_divisions() {
         let mean = IMAGENET_MEAN;
         let std = IMAGENET_STD;
-        // One pixel per value 0..=255 in every channel, and a length that is not a
-        // multiple of the SIMD group (the tail path).
+        // Every byte value in every channel (natively this is the plain path; the wasm
+        // SIMD path computes the same operations, and tests/e2e/test_imagenet.py runs it).
         let src: Vec<u8> = (0..=255u8)
-            .flat_map(|v| [v, 255 - v, v / 2])
-            .chain([1, 2, 3])
+            .flat_map(|v| [v, 255 - v, v.wrapping_mul(7)])
             .collect();
         let n = src.len() / 3;
         let mut planes = vec![vec![0u8; 4 * n]; 3];
@@ -609,10 +610,10 @@ mod tests {
             for x in 0..n {
                 let got = f32::from_le_bytes(planes[c][4 * x..4 * x + 4].try_into().unwrap());
                 let want = (src[3 * x + c] as f32 / 255.0 - mean[c]) / std[c];
-                worst = worst.max((got - want).abs() / want.abs().max(1.0));
+                worst = worst.max((got - want).abs());
             }
         }
-        assert!(worst <= 4.0 * f32::EPSILON, "relative error {worst}");
+        assert!(worst <= 5e-7, "largest difference {worst:e}");
     }
 
     #[test]
