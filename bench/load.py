@@ -22,7 +22,9 @@ saturation: only those rounds.
 
 Columns: throughput, p50/p90/p99, the mean formed batch size (from /metrics), throughput /
 raw limit (at the server's thread setting and that batch size; for resnet also / the best
-raw figure of any setting), and at c=1 the p50 minus the raw forward at batch 1.
+raw figure of any setting), and at c=1 the p50 minus the raw forward at batch 1 (for
+resnet a lone forward at the server's threads measured just before that point, since this
+machine's forward drifts by 10 % over minutes).
 wrk runs one thread, so it takes one of the machine's cores where the server lets it.
 
 Every timed step first waits (up to 10 minutes) until no cargo, rustc or pytest process runs
@@ -393,6 +395,15 @@ def resnet_suite(args):
                 for model in ("resnet18", "resnet18-nobatch", "resnet18-bt1"):
                     r, lone = raw_setting(raw, model, t)
                     for c in args.resnet_concurrency:
+                        if c == 1:
+                            # The forward drifts by 10 % over minutes here: c=1's overhead is
+                            # taken against a lone batch-1 forward measured just before.
+                            lone = raw_limit(os.path.join(WORK, "repository", model, "1"),
+                                             threads=t or os.cpu_count(), seconds=3,
+                                             input_file=os.path.join(WORK, "image-256.input.bin"),
+                                             batches=(1,))[1][1]
+                            print(f"   (raw batch-1 forward just before, {t or os.cpu_count()} threads:"
+                                  f" p50 {lone / 1000:.2f} ms)", flush=True)
                         row = point(url, f"{model} t={t or 'auto'}", model, f"/v1/models/{model}:infer", image,
                                     "image/jpeg", c, args.seconds, r, best, lone=lone)
                         ours[(model, c, label)] = row
