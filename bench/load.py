@@ -24,7 +24,8 @@ Columns: throughput, p50/p90/p99, the mean formed batch size (from /metrics), th
 raw limit (at the server's thread setting and that batch size; for resnet also / the best
 raw figure of any setting), and at c=1 the p50 minus the raw forward at batch 1 (for
 resnet a lone forward at the server's threads measured just before that point, since this
-machine's forward drifts by 10 % over minutes).
+machine's forward drifts by 10 % over minutes; below each c=1 row, free of that drift, the
+run's mean latency minus the mean of the forwards the server timed during it).
 wrk runs one thread, so it takes one of the machine's cores where the server lets it.
 
 Every timed step first waits (up to 10 minutes) until no cargo, rustc or pytest process runs
@@ -145,12 +146,21 @@ def saturation(args, bundle, image, tensor):
               f" {med([b for _, b in v]):.3f} of the best raw setting of the same round")
 
 
-def batch_stats(url, model):
+def metric_sums(url, model, names):
     text = requests.get(f"{url}/metrics").text
     def val(name):
         m = re.search(rf'{name}{{model="{model}",version="1"}} ([\d.e+]+)', text)
         return float(m.group(1)) if m else 0.0
-    return val("nnserve_batch_size_sum"), val("nnserve_batch_size_count")
+    return [val(n) for n in names]
+
+
+def batch_stats(url, model):
+    return metric_sums(url, model, ["nnserve_batch_size_sum", "nnserve_batch_size_count"])
+
+
+def compute_stats(url, model):
+    return metric_sums(url, model, ["nnserve_compute_duration_seconds_sum",
+                                    "nnserve_compute_duration_seconds_count"])
 
 
 def wrk(url, path, body_file, content_type, conns, seconds):
@@ -158,7 +168,9 @@ def wrk(url, path, body_file, content_type, conns, seconds):
     out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency", "--timeout", "30s",
                           "-s", os.path.join(ROOT, "bench", "post.lua"), url + path],
                          capture_output=True, text=True, env=env, check=True).stdout
-    n, dur_us, errors, p50, p90, p99 = re.search(r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+)", out).groups()
+    n, dur_us, errors, p50, p90, p99, mean = re.search(
+        r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)", out).groups()
+    wrk.mean = float(mean)  # the last run's mean latency, us (for c=1's served overhead)
     return int(n) / (int(dur_us) / 1e6), int(errors), float(p50), float(p90), float(p99)
 
 
@@ -172,6 +184,7 @@ def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None,
     (default: raw's batch 1)."""
     quiet = wait_quiet()
     s0, n0 = batch_stats(url, model) if metrics else (0, 0)
+    f0, k0 = compute_stats(url, model) if metrics and c == 1 else (0, 0)
     seen = []  # a build or test that started during the run marks the row
     done = threading.Event()
     def watch():
@@ -187,6 +200,7 @@ def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None,
         done.set()
         watcher.join()
     s1, n1 = batch_stats(url, model) if metrics else (0, 0)
+    f1, k1 = compute_stats(url, model) if metrics and c == 1 else (0, 0)
     contended = not quiet or bool(seen)
     batch = (s1 - s0) / (n1 - n0) if n1 > n0 else None
     row = dict(label=label, c=c, rps=rps, p50=p50, p90=p90, p99=p99, errors=errors, batch=batch)
@@ -202,6 +216,13 @@ def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None,
     f = lambda v, fmt: format(v, fmt) if v is not None else "-"
     print(f"{label + ('*' if contended else ''):<28}{c:>4}{rps:>10,.1f}{p50:>10.1f}{p90:>10.1f}{p99:>10.1f}{errors:>7}"
           f"{f(batch, '.2f'):>7}{f(ratio, '.3f'):>8}{f(of_best, '.3f'):>8}{f(overhead, '.1f'):>9}", flush=True)
+    if k1 > k0:
+        # Immune to the drift: the forwards this very run made, timed inside the server
+        # (means on both sides: /metrics has sums, and a mean is not biased by the tail).
+        forward = (f1 - f0) / (k1 - k0) * 1e6
+        row["served_overhead"] = wrk.mean - forward
+        print(f"   (this run: mean latency {wrk.mean / 1000:.2f} ms, mean forward timed in the server"
+              f" {forward / 1000:.2f} ms: {(wrk.mean - forward) / 1000:.2f} ms around the forward)", flush=True)
     return row
 
 

@@ -7,7 +7,7 @@ wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE") or "application/json"
 
 done = function(summary, latency, requests)
   local e = summary.errors
-  io.write(string.format("RESULT %d %d %d %.1f %.1f %.1f\n", summary.requests, summary.duration,
+  io.write(string.format("RESULT %d %d %d %.1f %.1f %.1f %.1f\n", summary.requests, summary.duration,
     e.connect + e.read + e.write + e.status + e.timeout,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.mean))
 end
