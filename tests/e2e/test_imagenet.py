@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import WASM, start_server, stop_server
+from conftest import WASM, start_server, stop_server, write_bundle
 
 MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
@@ -25,31 +25,19 @@ PROBES = [("probe", 256, 224), ("probe227", 240, 227)]
 
 
 def probe_bundle(repo, name, resize, crop):
-    d = os.path.join(repo, name, "1")
-    os.makedirs(os.path.join(d, "model"))
-    os.makedirs(os.path.join(d, "plugins"))
-    model = os.path.join(d, "model", "model.pt")
-    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_probe.py"), model,
-                    str(crop)], check=True)
-    shutil.copy(os.path.join(WASM, "imagenet_classifier.wasm"), os.path.join(d, "plugins", "handler.wasm"))
-    with open(os.path.join(d, "bundle.toml"), "w") as f:
-        f.write(f"""
-[bundle]
-name = "{name}"
-version = 1
-
-[model]
-backend = "torchscript"
-path = "model/model.pt"
-device = "cpu"
-inputs = [{{ name = "input", dtype = "fp32", shape = [-1, 3, {crop}, {crop}] }}]
-outputs = [{{ name = "logits", dtype = "fp32", shape = [-1, 16] }}]
-
+    d = write_bundle(repo, name,
+                     f'{{ name = "input", dtype = "fp32", shape = [-1, 3, {crop}, {crop}] }}',
+                     '{ name = "logits", dtype = "fp32", shape = [-1, 16] }', handler=f"""
 [handler]
 path = "plugins/handler.wasm"
 config = {{ top_k = "16", resize = "{resize}", crop = "{crop}" }}
 limits = {{ memory_mib = 64, cpu_ms = 2000 }}
 """)
+    os.makedirs(os.path.join(d, "plugins"))
+    model = os.path.join(d, "model", "model.pt")
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_probe.py"), model,
+                    str(crop)], check=True)
+    shutil.copy(os.path.join(WASM, "imagenet_classifier.wasm"), os.path.join(d, "plugins", "handler.wasm"))
     return torch.jit.load(model)
 
 

@@ -324,12 +324,7 @@ mod simd {
     use core::arch::wasm32::*;
 
     /// Normalises the whole groups of 16 pixels of `src`; returns how many pixels it did.
-    pub fn normalise(
-        src: &[u8],
-        out: [&mut [u8]; 3],
-        scale: &[f32; 3],
-        shift: &[f32; 3],
-    ) -> usize {
+    pub fn normalise(src: &[u8], out: [&mut [u8]; 3], scale: &[f32; 3], shift: &[f32; 3]) -> usize {
         let groups = src.len() / 48;
         assert!(out.iter().all(|o| o.len() >= groups * 64));
         let sc = scale.map(|x| f32x4_splat(x));
