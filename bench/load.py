@@ -102,12 +102,6 @@ def raw_limit(bundle, threads=1, parallel=1, seconds=1, input_file=None, batches
     return {int(b): (float(r), float(p50)) for b, r, p50 in re.findall(r"RAW (\d+) ([\d.]+) ([\d.]+)", out)}
 
 
-def compute_seconds(url, model):
-    m = re.search(rf'nnserve_compute_duration_seconds_sum{{model="{model}",version="1"}} ([\d.e+-]+)',
-                  requests.get(f"{url}/metrics").text)
-    return float(m.group(1)) if m else 0.0
-
-
 def saturation(args, bundle, image, tensor):
     """The saturation ratio, measured side by side: rounds of the raw limit at batch 8 (two
     settings) and nnserve with its default threads at c=16, alternating, so that this
@@ -129,11 +123,11 @@ def saturation(args, bundle, image, tensor):
             for model in models:
                 same = t2 if model.endswith("-bt1") else t1x2
                 wait_quiet()
-                c0 = compute_seconds(url, model)
+                c0, _ = compute_stats(url, model)
                 started = time.monotonic()
-                rps, errors, p50, _, p99 = wrk(url, f"/v1/models/{model}:infer", image, "image/jpeg", 16,
+                rps, errors, p50, _, p99, _ = wrk(url, f"/v1/models/{model}:infer", image, "image/jpeg", 16,
                                                args.seconds)
-                running = (compute_seconds(url, model) - c0) / (time.monotonic() - started)
+                running = (compute_stats(url, model)[0] - c0) / (time.monotonic() - started)
                 ratios[model].append((rps / same, rps / max(t2, t1x2)))
                 print(f"      {model}{'*' if busy() else ''}: {rps:.1f} req/s (p50 {p50 / 1000:.1f} ms,"
                       f" p99 {p99 / 1000:.1f} ms, {errors} errors), forward time / wall {running:.2f}:"
@@ -149,7 +143,7 @@ def saturation(args, bundle, image, tensor):
 def metric_sums(url, model, names):
     text = requests.get(f"{url}/metrics").text
     def val(name):
-        m = re.search(rf'{name}{{model="{model}",version="1"}} ([\d.e+]+)', text)
+        m = re.search(rf'{name}{{model="{model}",version="1"}} ([\d.e+-]+)', text)
         return float(m.group(1)) if m else 0.0
     return [val(n) for n in names]
 
@@ -170,8 +164,7 @@ def wrk(url, path, body_file, content_type, conns, seconds):
                          capture_output=True, text=True, env=env, check=True).stdout
     n, dur_us, errors, p50, p90, p99, mean = re.search(
         r"RESULT (\d+) (\d+) (\d+) ([\d.]+) ([\d.]+) ([\d.]+) ([\d.]+)", out).groups()
-    wrk.mean = float(mean)  # the last run's mean latency, us (for c=1's served overhead)
-    return int(n) / (int(dur_us) / 1e6), int(errors), float(p50), float(p90), float(p99)
+    return int(n) / (int(dur_us) / 1e6), int(errors), float(p50), float(p90), float(p99), float(mean)
 
 
 HEADER = (f"{'server / model':<28}{'c':>4}{'req/s':>10}{'p50 us':>10}{'p90 us':>10}{'p99 us':>10}{'errors':>7}"
@@ -195,7 +188,7 @@ def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None,
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
-        rps, errors, p50, p90, p99 = wrk(url, path, body, ctype, c, seconds)
+        rps, errors, p50, p90, p99, mean = wrk(url, path, body, ctype, c, seconds)
     finally:
         done.set()
         watcher.join()
@@ -220,9 +213,9 @@ def point(url, label, model, path, body, ctype, c, seconds, raw=None, best=None,
         # Immune to the drift: the forwards this very run made, timed inside the server
         # (means on both sides: /metrics has sums, and a mean is not biased by the tail).
         forward = (f1 - f0) / (k1 - k0) * 1e6
-        row["served_overhead"] = wrk.mean - forward
-        print(f"   (this run: mean latency {wrk.mean / 1000:.2f} ms, mean forward timed in the server"
-              f" {forward / 1000:.2f} ms: {(wrk.mean - forward) / 1000:.2f} ms around the forward)", flush=True)
+        row["served_overhead"] = mean - forward
+        print(f"   (this run: mean latency {mean / 1000:.2f} ms, mean forward timed in the server"
+              f" {forward / 1000:.2f} ms: {(mean - forward) / 1000:.2f} ms around the forward)", flush=True)
     return row
 
 
