@@ -268,6 +268,9 @@ def small_suite(args, tmp):
     server, url = start_nnserve(repo)
     ours = {}
     try:
+        with open(png, "rb") as f:
+            digits_answer = requests.post(f"{url}/v1/models/digits:infer", data=f.read(),
+                                          headers={"Content-Type": "image/png"}).json()["predictions"]
         print(HEADER)
         for model, path, body, ctype in (("mlp", "/v1/models/mlp:predict", mlp_body, "application/json"),
                                          ("mlp-nobatch", "/v1/models/mlp-nobatch:predict", mlp_body, "application/json"),
@@ -283,22 +286,44 @@ def small_suite(args, tmp):
         mlp_pt = os.path.join(EXAMPLES, "mlp", "1", "model", "model.pt")
         for name in ("mlp", "mlp-nobatch"):
             torchserve.archive(work, name, mlp_pt, "mlp_handler.py")
-        # Same batching as the mlp bundle (64 rows, nearly no extra wait: TorchServe 0.12 takes
-        # maxBatchDelay 0 as its 100 ms default, measured); 2 workers, 1 torch thread each.
+        torchserve.archive(work, "digits", os.path.join(EXAMPLES, "digits", "1", "model", "model.pt"),
+                           "digits_handler.py")
+        # Same batching as the bundles (mlp 64 rows, digits 32, nearly no extra wait:
+        # TorchServe 0.12 takes maxBatchDelay 0 as its 100 ms default, measured); 2 workers,
+        # 1 torch thread each.
         ts = torchserve.TorchServe(work, {"mlp": dict(workers=2, batch_size=64, max_batch_delay_ms=TS_DELAY_MS),
-                                          "mlp-nobatch": dict(workers=2, batch_size=1, max_batch_delay_ms=0)})
+                                          "mlp-nobatch": dict(workers=2, batch_size=1, max_batch_delay_ms=0),
+                                          "digits": dict(workers=2, batch_size=32, max_batch_delay_ms=TS_DELAY_MS)})
         peer = {}
         try:
             url = ts.start()
-            print(f"== TorchServe 0.12, 2 workers x 1 torch thread, mlp batch 64 / {TS_DELAY_MS} ms and no batching")
+            print(f"== TorchServe 0.12, 2 workers x 1 torch thread, mlp batch 64 / {TS_DELAY_MS} ms and no batching,"
+                  f" digits batch 32 / {TS_DELAY_MS} ms (a PIL handler: bench/torchserve_handlers/digits_handler.py)")
+            check_digits(url, png, digits_answer)
             print(HEADER)
-            for model in ("mlp", "mlp-nobatch"):
+            for model, body, ctype in (("mlp", mlp_body, "application/json"),
+                                       ("mlp-nobatch", mlp_body, "application/json"),
+                                       ("digits", png, "image/png")):
                 for c in (1, 8, 64):
-                    peer[(model, c)] = point(url, f"ts {model}", model, f"/predictions/{model}", mlp_body,
-                                             "application/json", c, args.seconds, raw[model], metrics=False)
+                    peer[(model, c)] = point(url, f"ts {model}", model, f"/predictions/{model}", body,
+                                             ctype, c, args.seconds, raw[model], metrics=False)
         finally:
             ts.stop()
-        ratios(ours, peer, "mlp")
+        ratios(ours, peer, "mlp and digits")
+
+
+def check_digits(url, png, ours):
+    """TorchServe's answer for the load's digit beside nnserve's: the same classes in the same
+    order, scores within 1e-3 (the two resize and round differently), or the comparison is void."""
+    with open(png, "rb") as f:
+        theirs = requests.post(f"{url}/predictions/digits", data=f.read(),
+                               headers={"Content-Type": "image/png"}).json()["predictions"]
+    same = [p["label"] for p in ours] == [p["label"] for p in theirs] and all(
+        abs(a["score"] - b["score"]) < 1e-3 for a, b in zip(ours, theirs))
+    print(f"   digits: nnserve {[(p['label'], round(p['score'], 4)) for p in ours]},"
+          f" TorchServe {[(p['label'], round(p['score'], 4)) for p in theirs]}: {'same' if same else 'DIFFERENT'}")
+    if not same:
+        sys.exit("the digits handlers disagree: fix bench/torchserve_handlers/digits_handler.py first")
 
 
 def check_agreement(url):
