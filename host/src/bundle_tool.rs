@@ -150,6 +150,14 @@ fn describe_dir(dir: &Path) -> anyhow::Result<String> {
                 match crate::plugin::describe(&b.file(&h.path)) {
                     Ok(d) => {
                         writeln!(s, "  exports {}", d.exports.join(", "))?;
+                        if let Some(start) = d.initial_memory {
+                            let hint = if start < crate::plugin::SMALL_INITIAL_MEMORY {
+                                " (small: link with -Clink-arg=--initial-memory=4194304, docs/plugins.md)"
+                            } else {
+                                ""
+                            };
+                            writeln!(s, "  initial memory {} KiB{hint}", start >> 10)?;
+                        }
                         let refused = crate::plugin::refused_imports(&d.imports, world);
                         for i in &d.imports {
                             let mark = if refused.contains(i) {

@@ -489,6 +489,26 @@ impl PluginRuntime {
         })?;
         check_imports(&self.engine, &component, world)
             .map_err(|e| anyhow::anyhow!("plugin {} is refused: {e}", spec.path))?;
+        if let Some(start) = initial_memory_bytes(&component) {
+            let cap = spec.limits.memory_mib << 20;
+            if start > cap {
+                anyhow::bail!(
+                    "plugin {} starts with {} KiB of linear memory, above its limits.memory_mib = {}: \
+                     raise memory_mib in bundle.toml or link the plugin with a smaller --initial-memory",
+                    spec.path,
+                    start >> 10,
+                    spec.limits.memory_mib
+                );
+            }
+            if start < SMALL_INITIAL_MEMORY {
+                tracing::info!(
+                    "plugin {name} starts with {} KiB of linear memory: a request that allocates \
+                     more grows it, and the next instantiation pays an mprotect to shrink it back \
+                     (0.1-0.2 ms); link it with -Clink-arg=--initial-memory=4194304 (docs/plugins.md)",
+                    start >> 10
+                );
+            }
+        }
         let common = Common {
             ticker: self.ticker.clone(),
             name: name.clone(),
@@ -530,6 +550,29 @@ pub struct ComponentInfo {
     pub exports: Vec<String>,
     /// The imports nnserve would refuse.
     pub refused: Vec<String>,
+    /// The largest linear memory the component starts with, in bytes (None when it
+    /// cannot be known before instantiation).
+    pub initial_memory: Option<u64>,
+}
+
+/// A plugin that starts with less linear memory than this is told at load how to start
+/// with more (see [`initial_memory_bytes`]).
+pub const SMALL_INITIAL_MEMORY: u64 = 2 << 20;
+
+/// The largest initial linear memory of a component's core modules, in bytes.
+///
+/// It matters for speed: a guest that allocates past its initial memory grows it, and
+/// when the pooling allocator gives the slot to the next request it shrinks the
+/// accessible region back with `mprotect`, which on a multi-core host is a TLB
+/// shootdown (an IPI to every core running the process). The digits plugin paid two
+/// `mprotect`s per request, the imagenet-classifier two to nine: linked with
+/// `--initial-memory=4194304` (this repository's `.cargo/config.toml`) they pay none,
+/// and digits at 64 clients serves 25 % more (bench/README.md, session 6).
+pub fn initial_memory_bytes(component: &Component) -> Option<u64> {
+    component
+        .resources_required()?
+        .max_initial_memory_size
+        .map(|pages| pages << 16)
 }
 
 /// Compiles a component (without running it) and lists its imports and exports.
@@ -555,6 +598,7 @@ pub fn describe(path: &Path) -> anyhow::Result<ComponentInfo> {
         refused: refused_imports(&imports, world),
         imports,
         exports,
+        initial_memory: initial_memory_bytes(&component),
     })
 }
 

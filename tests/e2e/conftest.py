@@ -148,6 +148,8 @@ def server(tmp_path_factory):
     plugin_bundle(repo, "slow", "misbehave.wasm", 'mode = "loop"', "memory_mib = 64, cpu_ms = 60000")
     plugin_bundle(repo, "hog", "misbehave.wasm", 'mode = "alloc"', "memory_mib = 16, cpu_ms = 5000")
     plugin_bundle(repo, "forbidden", "forbidden_import.wasm")
+    # Starts with more linear memory (4 MiB, .cargo/config.toml) than its cap allows.
+    plugin_bundle(repo, "tinymem", "misbehave.wasm", 'mode = "echo"', "memory_mib = 2, cpu_ms = 100")
     warm = [{"route": "/v1/models/warm:infer", "content_type": "text/plain", "body": "hello"},
             {"route": "/v1/models/warm:predict", "body": {"instances": [[1, 2, 3, 4]]}},
             {"route": "/v2/models/warm/infer", "body": {"inputs": [

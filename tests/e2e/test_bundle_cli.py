@@ -32,6 +32,17 @@ def test_pack_is_deterministic_and_inspect_shows_the_same_digest(tmp_path):
         assert "assets/labels.txt" in shown.stdout
 
 
+def test_plugins_built_here_start_with_4_mib_of_linear_memory():
+    """.cargo/config.toml links every plugin with --initial-memory=4194304, so a request's
+    allocations do not grow memory and the next instantiation pays no mprotect; inspect
+    shows it, and would point at docs/plugins.md for a smaller start."""
+    for bundle, world in (("digits", "handler "), ("mlp-ab", "router  ")):
+        shown = nnserve("bundle", "inspect", os.path.join(EXAMPLES, bundle, "1"))
+        assert shown.returncode == 0, shown.stderr
+        plugin = shown.stdout.split(world, 1)[1]
+        assert "  initial memory 4096 KiB\n" in plugin, shown.stdout
+
+
 def test_pack_refuses_a_plugin_that_imports_sockets(tmp_path):
     repo = str(tmp_path / "repo")
     plugin_bundle(repo, "forbidden", "forbidden_import.wasm")

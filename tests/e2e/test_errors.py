@@ -135,6 +135,17 @@ def test_a_plugin_importing_sockets_is_refused_at_load_naming_the_import(server,
     still_serving(server, http)
 
 
+def test_a_plugin_starting_above_its_memory_cap_is_refused_at_load(server, http):
+    r = http.get(f"{server.url}/v1/models/tinymem")
+    (status,) = r.json()["model_version_status"]
+    assert status["state"] == "END"
+    message = status["status"]["error_message"]
+    assert "starts with 4096 KiB of linear memory" in message, status
+    assert "limits.memory_mib = 2" in message
+    check(http.post(f"{server.url}/v1/models/tinymem:infer", data=b"x"), 503, "not available")
+    still_serving(server, http)
+
+
 def test_an_invalid_bundle_is_reported_with_its_path_and_reason(server, http):
     r = http.get(f"{server.url}/v1/models/broken")
     (status,) = r.json()["model_version_status"]
