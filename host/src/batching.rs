@@ -118,6 +118,9 @@ impl Drop for Waiting<'_> {
             if let Ok(Msg::Lead(..)) = rx.try_recv() {
                 self.batcher.pass_lead();
             }
+            // The request leaves the queue now, not when a leader next looks: rows of
+            // callers that are gone must not fill the queue and turn others away (429).
+            self.batcher.drop_cancelled();
         }
     }
 }
@@ -133,6 +136,9 @@ pub struct Stats {
 pub struct Batcher {
     policy: Policy,
     state: Mutex<State>,
+    /// Woken when a request is queued, for a leader waiting to fill its batch
+    /// (`batch_timeout_micros`).
+    queued: tokio::sync::Notify,
     stats: Mutex<Stats>,
     metrics: VersionMetrics,
 }
@@ -158,6 +164,7 @@ impl Batcher {
                 queued_rows: 0,
                 leaders: 0,
             }),
+            queued: tokio::sync::Notify::new(),
             stats: Mutex::new(Stats::default()),
         }
     }
@@ -218,6 +225,9 @@ impl Batcher {
                 });
                 st.queued_rows += rows;
                 self.metrics.set_queue_depth(st.queue.len());
+                if !self.policy.batch_timeout.is_zero() {
+                    self.queued.notify_waiters();
+                }
                 Err(rx)
             }
         };
@@ -261,7 +271,7 @@ impl Batcher {
         }
         let _pass = PassOnDrop(self);
         if !self.policy.batch_timeout.is_zero() && rows < self.policy.max_batch_size {
-            self.wait_to_fill().await;
+            self.wait_to_fill(rows).await;
         }
         let followers = self.take_batch(&inputs, self.policy.max_batch_size - rows);
         let now = Instant::now();
@@ -288,15 +298,47 @@ impl Batcher {
         own
     }
 
-    /// With `batch_timeout_micros`, an idle device waits up to that long for a fuller
-    /// batch (tokio's timer is too coarse for microseconds, so this yields in a loop).
-    async fn wait_to_fill(&self) {
+    /// With `batch_timeout_micros`, an idle device waits up to that long for a batch of
+    /// `max_batch_size` rows (its leader's `own` rows and the queued ones), and runs as
+    /// soon as there are that many. It sleeps until a request is queued while more than
+    /// 2 ms are left; tokio's timer counts in whole milliseconds, so the last stretch
+    /// yields in a loop instead, for a deadline kept to the microsecond.
+    async fn wait_to_fill(&self, own: usize) {
         let until = Instant::now() + self.policy.batch_timeout;
-        while Instant::now() < until {
-            if self.state.lock().unwrap().queued_rows >= self.policy.max_batch_size {
+        loop {
+            let notified = self.queued.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.state.lock().unwrap().queued_rows + own >= self.policy.max_batch_size {
                 return;
             }
-            tokio::task::yield_now().await;
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            let left = until - now;
+            if left > Duration::from_millis(2) {
+                let _ = tokio::time::timeout(left - Duration::from_millis(1), notified).await;
+            } else {
+                tokio::task::yield_now().await;
+            }
+        }
+    }
+
+    /// Removes the queued requests whose caller has gone away.
+    fn drop_cancelled(&self) {
+        let mut st = self.state.lock().unwrap();
+        let mut freed = 0;
+        st.queue.retain(|t| {
+            let gone = t.tx.is_closed();
+            if gone {
+                freed += t.rows;
+            }
+            !gone
+        });
+        if freed > 0 {
+            st.queued_rows -= freed;
+            self.metrics.set_queue_depth(st.queue.len());
         }
     }
 
@@ -495,7 +537,7 @@ mod tests {
         vec![Tensor::from_f32(vec![values.len() as i64, 2], &flat)]
     }
 
-    /// y = 2x + (batch size), so a test can see both the rows and the batch they ran in.
+    /// y = 2x; the batch sizes it ran are recorded in `sizes`.
     struct Doubler {
         sizes: Mutex<Vec<usize>>,
         delay: Duration,
@@ -731,6 +773,100 @@ mod tests {
         let bad = b.infer(rows(&[[-1.0, 0.0]]), &FailOnNegative).await;
         assert_eq!(bad.unwrap_err(), BatchError::Model("negative input".into()));
         assert!(b.infer(rows(&[[1.0, 0.0]]), &FailOnNegative).await.is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_cancelled_request_frees_its_place_in_the_queue_at_once() {
+        // Room for one queued row: the cancelled request must not keep it.
+        let b = Arc::new(Batcher::new(policy(1, &[], 1), VersionMetrics::default()));
+        let f = Doubler::new(300);
+        let (b1, f1) = (b.clone(), f.clone());
+        let running = tokio::spawn(async move { b1.infer(rows(&[[1.0, 1.0]]), &f1).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let (b2, f2) = (b.clone(), f.clone());
+        let queued = tokio::spawn(async move { b2.infer(rows(&[[2.0, 2.0]]), &f2).await });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        queued.abort();
+        assert!(queued.await.unwrap_err().is_cancelled());
+        assert_eq!(b.queue_depth(), 0);
+        // Still within the first forward: this one is queued, not refused.
+        let out = b.infer(rows(&[[3.0, 3.0]]), &f).await;
+        assert_eq!(values(&out), vec![6.0, 6.0]);
+        assert!(running.await.unwrap().is_ok());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_batch_timeout_ends_as_soon_as_the_batch_is_full() {
+        let mut p = policy(4, &[], 4);
+        p.batch_timeout = Duration::from_secs(30);
+        let b = Arc::new(Batcher::new(p, VersionMetrics::default()));
+        let f = Doubler::new(0);
+        let all = async {
+            let mut handles = Vec::new();
+            for i in 0..4 {
+                let (b, f) = (b.clone(), f.clone());
+                handles.push(tokio::spawn(async move {
+                    b.infer(rows(&[[i as f32, 0.0]]), &f).await
+                }));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            for (i, h) in handles.into_iter().enumerate() {
+                assert_eq!(values(&h.await.unwrap()), vec![2.0 * i as f64, 0.0]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("the leader's own row and three queued fill the batch: no 30 s wait");
+        assert_eq!(*f.sizes.lock().unwrap(), vec![4]);
+    }
+
+    #[tokio::test]
+    async fn a_lone_request_waits_the_batch_timeout_and_then_runs() {
+        let mut p = policy(4, &[], 4);
+        p.batch_timeout = Duration::from_millis(30);
+        let b = Batcher::new(p, VersionMetrics::default());
+        let f = Doubler::new(0);
+        let started = Instant::now();
+        let out = b.infer(rows(&[[1.0, 2.0]]), &f).await;
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        assert_eq!(values(&out), vec![2.0, 4.0]);
+        assert_eq!(*f.sizes.lock().unwrap(), vec![1]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_failing_forward_fails_every_caller_of_its_batch_and_no_other() {
+        struct FailOnNegative(Mutex<Vec<usize>>);
+        impl Forward for Arc<FailOnNegative> {
+            fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+                self.0.lock().unwrap().push(inputs[0].shape[0] as usize);
+                std::thread::sleep(Duration::from_millis(100));
+                if inputs[0].to_f64_vec().iter().any(|&v| v < 0.0) {
+                    return Err("negative input".into());
+                }
+                Ok(vec![("y".into(), inputs[0].clone())])
+            }
+        }
+        let f = Arc::new(FailOnNegative(Mutex::new(Vec::new())));
+        let b = Arc::new(Batcher::new(policy(4, &[], 4), VersionMetrics::default()));
+        let spawn = |v: f32| {
+            let (b, f) = (b.clone(), f.clone());
+            tokio::spawn(async move { b.infer(rows(&[[v, 0.0]]), &f).await })
+        };
+        let first = spawn(1.0);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        // Queued behind the first forward, these three run as one batch, which fails.
+        let mut batch = Vec::new();
+        for v in [2.0, -1.0, 3.0] {
+            batch.push(spawn(v));
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(first.await.unwrap().is_ok());
+        for h in batch {
+            let err = h.await.unwrap().unwrap_err();
+            assert_eq!(err, BatchError::Model("negative input".into()));
+        }
+        assert_eq!(*f.0.lock().unwrap(), vec![1, 3]);
+        assert!(spawn(4.0).await.unwrap().is_ok(), "the next batch runs");
     }
 
     #[test]
