@@ -100,7 +100,8 @@ pub struct VersionMetrics {
     pub queue_time: Option<Histogram>,
     /// Seconds of the forward.
     pub compute_time: Option<Histogram>,
-    /// Requests waiting in the batcher's queue.
+    /// Requests waiting for the forward: in the batcher's queue, or without batching
+    /// for a forward slot.
     pub queue_depth: Option<Gauge>,
     /// `nnserve_requests_total{outcome="ok"}` and the latency histogram of this version,
     /// held so a successful request records without a label lookup.
@@ -140,6 +141,16 @@ impl VersionMetrics {
     pub fn set_queue_depth(&self, depth: usize) {
         if let Some(g) = &self.queue_depth {
             g.set(depth as i64);
+        }
+    }
+    /// One more (`true`) or one fewer request waiting (a version without batching).
+    pub fn queue_step(&self, up: bool) {
+        if let Some(g) = &self.queue_depth {
+            if up {
+                g.inc();
+            } else {
+                g.dec();
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 //! tensor APIs and wasi-nn share) and the host side of the standard `wasi:nn` interface.
 //!
 //! `nn` knows the model's signature and the backend; it knows nothing of HTTP or of
-//! which plugin calls it. The batcher will sit inside [`Runner::infer`].
+//! which plugin calls it. The batcher sits inside [`Runner::forward`].
 //!
 //! ## The execution path and its hand-off
 //! A version runs at most `concurrency` forwards at once: one unless the model is
@@ -32,6 +32,12 @@ use wasmtime::component::{HasData, Resource, ResourceTable};
 /// Forwards whose moving average is above this run in `block_in_place`.
 pub const INLINE_LIMIT: Duration = Duration::from_micros(200);
 
+/// Without batching, this many requests per forward slot may wait for a version's
+/// forward; one more is refused as overload (429 with `Retry-After`), as a full batching
+/// queue is. It matches `max_enqueued_batches`' default of 64 batches, here of one
+/// request each: memory stays bounded however many clients connect.
+pub const WAITING_PER_SLOT: usize = 64;
+
 /// Why an inference failed: the caller's input, or the model.
 #[derive(Debug, Clone, PartialEq)]
 pub enum InferError {
@@ -59,6 +65,8 @@ pub struct Runner {
     inputs: Vec<TensorSpec>,
     /// Without batching: `concurrency` forwards at a time per version.
     gate: tokio::sync::Semaphore,
+    /// Without batching: requests waiting for the gate now.
+    waiting: std::sync::atomic::AtomicUsize,
     /// With `[batching]`: the dynamic batcher.
     batcher: Option<Batcher>,
     /// Exponential moving average of the forward time, nanoseconds.
@@ -83,6 +91,7 @@ impl Runner {
             model,
             inputs,
             gate: tokio::sync::Semaphore::new(concurrency),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             batcher: batching.map(|b| {
                 let policy = Policy {
                     num_batch_threads: concurrency,
@@ -126,9 +135,12 @@ impl Runner {
     }
 
     /// Requests waiting for this version's forward (the batcher's queue; without
-    /// batching, those waiting for the one-at-a-time gate are not counted).
+    /// batching, those waiting for a forward slot).
     pub fn queue_depth(&self) -> usize {
-        self.batcher.as_ref().map_or(0, Batcher::queue_depth)
+        match &self.batcher {
+            Some(b) => b.queue_depth(),
+            None => self.waiting.load(Ordering::Relaxed),
+        }
     }
 
     /// Orders named inputs as the model takes them and checks names, dtypes and shapes.
@@ -189,11 +201,22 @@ impl Runner {
                     BatchError::Model(m) => InferError::Model(m),
                 });
         }
-        let _turn = self
-            .gate
-            .acquire()
-            .await
-            .map_err(|_| InferError::Model("the model is being unloaded".into()))?;
+        let unloading = |_| InferError::Model("the model is being unloaded".into());
+        let _turn = match self.gate.try_acquire() {
+            Ok(turn) => {
+                self.metrics.observe_queue(Duration::ZERO);
+                turn
+            }
+            Err(tokio::sync::TryAcquireError::Closed) => return Err(unloading(())),
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                let limit = WAITING_PER_SLOT * self.threading.concurrency.max(1);
+                let _wait = Wait::enter(self, limit)?;
+                let since = Instant::now();
+                let turn = self.gate.acquire().await.map_err(|_| unloading(()))?;
+                self.metrics.observe_queue(since.elapsed());
+                turn
+            }
+        };
         self.run_model(inputs).map_err(InferError::Model)
     }
 
@@ -214,6 +237,43 @@ impl Runner {
         let next = if avg == 0 { took } else { (avg * 7 + took) / 8 };
         self.avg_forward_ns.store(next, Ordering::Relaxed);
         result
+    }
+}
+
+/// A request waiting for a forward slot (no batching): counted in `waiting` and the
+/// queue-depth gauge until it gets its turn or its client goes away.
+struct Wait<'a> {
+    runner: &'a Runner,
+    /// Whether the gauge counts it (a refused request is not).
+    counted: bool,
+}
+
+impl<'a> Wait<'a> {
+    fn enter(runner: &'a Runner, limit: usize) -> Result<Wait<'a>, InferError> {
+        let before = runner.waiting.fetch_add(1, Ordering::Relaxed);
+        // From here on, dropping it undoes the count.
+        let mut wait = Wait {
+            runner,
+            counted: false,
+        };
+        if before >= limit {
+            return Err(InferError::Overloaded(format!(
+                "the model is overloaded ({before} requests waiting for its forward, \
+                 {WAITING_PER_SLOT} per forward slot without [batching]); retry shortly"
+            )));
+        }
+        runner.metrics.queue_step(true);
+        wait.counted = true;
+        Ok(wait)
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        self.runner.waiting.fetch_sub(1, Ordering::Relaxed);
+        if self.counted {
+            self.runner.metrics.queue_step(false);
+        }
     }
 }
 
@@ -250,6 +310,8 @@ pub struct NnCtx {
     names: Vec<String>,
     runner: Option<Arc<Runner>>,
     pub host_time: Duration,
+    /// A `compute` was refused because the model's queue was full.
+    pub overloaded: bool,
 }
 
 impl NnCtx {
@@ -259,6 +321,7 @@ impl NnCtx {
             names: vec![model_name.to_string(), "default".to_string()],
             runner: Some(runner),
             host_time: Duration::ZERO,
+            overloaded: false,
         }
     }
 
@@ -268,6 +331,7 @@ impl NnCtx {
             names: Vec::new(),
             runner: None,
             host_time: Duration::ZERO,
+            overloaded: false,
         }
     }
 }
@@ -471,8 +535,12 @@ impl gen::inference::HostGraphExecutionContext for NnView<'_> {
             }
             Err(InferError::BadInput(m)) => self.fail(gen::errors::ErrorCode::InvalidArgument, m),
             Err(InferError::Model(m)) => self.fail(gen::errors::ErrorCode::RuntimeError, m),
-            // wasi-nn has no "busy" code; the SDK turns `timeout` into a 503.
-            Err(InferError::Overloaded(m)) => self.fail(gen::errors::ErrorCode::Timeout, m),
+            // wasi-nn has no "busy" code; the SDK turns `timeout` into `unavailable`,
+            // which the host answers as 429 when this flag is set (plugin::PluginError).
+            Err(InferError::Overloaded(m)) => {
+                self.ctx.overloaded = true;
+                self.fail(gen::errors::ErrorCode::Timeout, m)
+            }
         }
     }
 
@@ -583,6 +651,66 @@ mod tests {
         };
         assert_eq!(most_at_once(Some(&batching), 1).await, 1);
         assert_eq!(most_at_once(Some(&batching), 2).await, 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn without_batching_the_wait_for_a_forward_is_bounded_and_counted() {
+        /// Holds its forward slot for 300 ms on a 0, answers at once otherwise.
+        struct FirstSlow;
+        impl Model for FirstSlow {
+            fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+                if inputs[0].to_f64_vec()[0] == 0.0 {
+                    std::thread::sleep(Duration::from_millis(300));
+                }
+                Ok(inputs.into_iter().map(|t| ("out".to_string(), t)).collect())
+            }
+            fn device(&self) -> String {
+                "cpu".into()
+            }
+        }
+        let r = Arc::new(Runner::new(
+            Arc::new(FirstSlow),
+            vec![spec("x", DType::Fp32, &[-1, 1])],
+            None,
+            VersionMetrics::default(),
+            Threading {
+                concurrency: 1,
+                intra_op: IntraOp::Shared,
+            },
+        ));
+        let call = |v: f32| {
+            let r = r.clone();
+            tokio::spawn(async move {
+                let x = Tensor::from_f32(vec![1, 1], &[v]);
+                r.infer(vec![("x".into(), x)]).await
+            })
+        };
+        let first = call(0.0);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let rest: Vec<_> = (0..WAITING_PER_SLOT + 2).map(|_| call(1.0)).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            r.queue_depth(),
+            WAITING_PER_SLOT,
+            "waiting requests are counted"
+        );
+        assert!(first.await.unwrap().is_ok());
+        let mut refused = 0;
+        for c in rest {
+            match c.await.unwrap() {
+                Ok(_) => {}
+                Err(InferError::Overloaded(m)) => {
+                    assert!(m.contains("without [batching]"), "{m}");
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!(
+            refused, 2,
+            "the two beyond {WAITING_PER_SLOT} waiting are refused"
+        );
+        assert_eq!(r.queue_depth(), 0);
     }
 
     #[test]

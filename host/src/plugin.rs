@@ -161,12 +161,16 @@ pub enum PluginError {
     Deadline { plugin: String, deadline_ms: u64 },
     /// Every pooled instance slot is busy.
     Busy { plugin: String },
+    /// The plugin answered "unavailable" after its model's queue refused a `compute`
+    /// (wasi-nn has no "busy" code: the host sends `timeout`, the SDK makes it
+    /// `unavailable`): the client gets the 429 a full queue gives on the tensor APIs.
+    Overloaded(wit::Error),
 }
 
 impl std::fmt::Display for PluginError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            PluginError::Guest(e) => write!(f, "{}", e.message),
+            PluginError::Guest(e) | PluginError::Overloaded(e) => write!(f, "{}", e.message),
             PluginError::Trap { plugin, message } => write!(f, "plugin {plugin} trapped: {message}"),
             PluginError::CpuBudget { plugin, budget_ms } => write!(
                 f,
@@ -853,6 +857,11 @@ impl Plugin {
                 .map_err(|e| c.instantiate_error(&store, e))?;
             match instance.call_handle(&mut store, &request).await {
                 Ok(Ok(response)) => Ok(response),
+                Ok(Err(e))
+                    if e.code == wit::ErrorCode::Unavailable && store.data().nn.overloaded =>
+                {
+                    Err(PluginError::Overloaded(e))
+                }
                 Ok(Err(guest_error)) => Err(PluginError::Guest(guest_error)),
                 Err(e) => Err(c.trap(&store, e)),
             }

@@ -216,7 +216,9 @@ pub async fn route(
                 PluginError::CpuBudget { .. } => "cpu_budget",
                 PluginError::Deadline { .. } => "deadline",
                 PluginError::Busy { .. } => "busy",
-                PluginError::Trap { .. } | PluginError::Guest(_) => "trap",
+                PluginError::Trap { .. } | PluginError::Guest(_) | PluginError::Overloaded(_) => {
+                    "trap"
+                }
             };
             (reason, e.to_string())
         }

@@ -257,6 +257,7 @@ impl From<PluginError> for ApiError {
             PluginError::Trap { .. } => ApiError::Internal(msg),
             PluginError::CpuBudget { .. } | PluginError::Deadline { .. } => ApiError::Timeout(msg),
             PluginError::Busy { .. } => ApiError::Unavailable(msg),
+            PluginError::Overloaded(_) => ApiError::TooManyRequests(msg),
         }
     }
 }
