@@ -80,7 +80,29 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> anyhow::Result<ServerConfig> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("cannot read config file {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))
+        let c: ServerConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        c.check()
+            .map_err(|e| anyhow::anyhow!("config file {}: {e}", path.display()))?;
+        Ok(c)
+    }
+
+    /// What serde cannot check: the device names of `device_memory_mib` are the ones
+    /// versions report (`cpu`, `cuda:N`), so that no budget is silently never applied.
+    pub fn check(&self) -> anyhow::Result<()> {
+        for device in self.device_memory_mib.keys() {
+            let ok = device == "cpu"
+                || device
+                    .strip_prefix("cuda:")
+                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+            if !ok {
+                anyhow::bail!(
+                    "device_memory_mib names device '{device}'; budgets are per device as \
+                     versions run on it: \"cpu\" or \"cuda:N\" (write \"cuda:0\" for the first GPU)"
+                );
+            }
+        }
+        Ok(())
     }
 
     pub fn cores() -> usize {
@@ -133,5 +155,20 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn memory_budgets_name_devices_as_versions_report_them() {
+        let parse = |t: &str| toml::from_str::<ServerConfig>(t).unwrap().check();
+        assert!(parse("[device_memory_mib]\ncpu = 8\n\"cuda:0\" = 70000\n\"cuda:12\" = 1").is_ok());
+        for bad in ["cuda", "cuda0", "gpu", "cuda:", "cuda:x", "CPU"] {
+            let err = parse(&format!("[device_memory_mib]\n\"{bad}\" = 8"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(&format!("'{bad}'")) && err.contains("cuda:0"),
+                "{err}"
+            );
+        }
     }
 }

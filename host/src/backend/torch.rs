@@ -479,12 +479,25 @@ mod tests {
     }
 
     #[test]
-    fn cuda_request_without_cuda_is_a_clear_error() {
-        if tch::Cuda::device_count() > 0 {
-            return; // this check is for CPU-only machines; GPU machines test the CUDA path
+    fn a_cuda_device_the_machine_lacks_is_a_clear_error() {
+        let count = tch::Cuda::device_count() as usize;
+        // Any machine: one past the last device.
+        let err = select_device(DeviceSpec::Cuda(count))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(&format!("device cuda:{count}")), "{err}");
+        if count == 0 {
+            assert!(err.contains("CUDA is not available"), "{err}");
+            assert!(err.contains("device = \"auto\""), "{err}");
+            assert_eq!(select_device(DeviceSpec::Auto).unwrap(), Device::Cpu);
+        } else {
+            assert!(
+                err.contains(&format!("has {count} CUDA device(s)")),
+                "{err}"
+            );
+            assert_eq!(select_device(DeviceSpec::Auto).unwrap(), Device::Cuda(0));
+            assert_eq!(select_device(DeviceSpec::Cuda(0)).unwrap(), Device::Cuda(0));
         }
-        let err = select_device(DeviceSpec::Cuda(0)).unwrap_err().to_string();
-        assert!(err.contains("CUDA is not available"), "{err}");
-        assert_eq!(select_device(DeviceSpec::Auto).unwrap(), Device::Cpu);
+        assert_eq!(select_device(DeviceSpec::Cpu).unwrap(), Device::Cpu);
     }
 }
