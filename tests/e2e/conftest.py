@@ -148,6 +148,14 @@ def server(tmp_path_factory):
     plugin_bundle(repo, "slow", "misbehave.wasm", 'mode = "loop"', "memory_mib = 64, cpu_ms = 60000")
     plugin_bundle(repo, "hog", "misbehave.wasm", 'mode = "alloc"', "memory_mib = 16, cpu_ms = 5000")
     plugin_bundle(repo, "forbidden", "forbidden_import.wasm")
+    # A GPU no machine here has: refused at load with the reason, on CPU-only and GPU machines.
+    d = write_bundle(repo, "nogpu", *MLP_IO)
+    shutil.copy(MLP_MODEL, os.path.join(d, "model", "model.pt"))
+    toml = os.path.join(d, "bundle.toml")
+    with open(toml) as f:
+        text = f.read().replace('device = "cpu"', 'device = "cuda:64"')
+    with open(toml, "w") as f:
+        f.write(text)
     # Starts with more linear memory (4 MiB, .cargo/config.toml) than its cap allows.
     plugin_bundle(repo, "tinymem", "misbehave.wasm", 'mode = "echo"', "memory_mib = 2, cpu_ms = 100")
     warm = [{"route": "/v1/models/warm:infer", "content_type": "text/plain", "body": "hello"},

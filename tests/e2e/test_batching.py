@@ -33,6 +33,29 @@ def test_concurrent_predict_with_mixed_row_counts_equals_unbatched(server):
         np.testing.assert_allclose(y, model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
 
 
+def test_concurrent_v2_infer_with_mixed_row_counts_equals_unbatched(server):
+    model = torch.jit.load(MLP).eval()
+    rng = np.random.default_rng(8)
+    inputs = [rng.normal(size=(1 + i % 7, 4)).astype(np.float32) for i in range(160)]
+    rows0, _ = batch_sums(server, "mlp")
+
+    def call(x):
+        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32",
+                            "data": x.flatten().tolist()}]}
+        with requests.Session() as s:
+            r = s.post(f"{server.url}/v2/models/mlp/infer", json=body)
+            assert r.status_code == 200, r.text
+            (out,) = r.json()["outputs"]
+            return np.array(out["data"], dtype=np.float32).reshape(out["shape"])
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(call, inputs))
+    for x, y in zip(inputs, got):
+        np.testing.assert_allclose(y, model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    rows, _ = batch_sums(server, "mlp")
+    assert rows - rows0 == sum(len(x) for x in inputs), "every row went through the batcher"
+
+
 def test_concurrent_plugin_requests_equal_the_reference(server):
     labels = [str(d) for d in range(10)]
     ref = Reference(os.path.join(EXAMPLES, "digits", "1", "model", "model.pt"), labels)
@@ -44,8 +67,11 @@ def test_concurrent_plugin_requests_equal_the_reference(server):
         assert r.status_code == 200, r.text
         return [(p["label"], p["score"]) for p in r.json()["predictions"]]
 
+    rows_before, _ = batch_sums(server, "digits")
     with ThreadPoolExecutor(16) as pool:
         got = list(pool.map(call, bodies))
+    rows_after, _ = batch_sums(server, "digits")
+    assert rows_after - rows_before == 120, "every plugin compute went through the batcher"
     for body, answer in zip(bodies, got):
         want = ref.predict(body)
         assert [l for l, _ in answer] == [l for l, _ in want]
@@ -60,14 +86,78 @@ def metric_families(server):
     return {f.name: f for f in text_string_to_metric_families(r.text)}
 
 
+def batch_histogram(server, model):
+    """(rows, batches, batches of one row) of `model`'s nnserve_batch_size so far."""
+    samples = [s for s in metric_families(server)["nnserve_batch_size"].samples
+               if s.labels.get("model") == model and s.labels.get("version") == "1"]
+    value = lambda name, **labels: next(
+        (s.value for s in samples if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())), 0.0)
+    return (value("nnserve_batch_size_sum"), value("nnserve_batch_size_count"),
+            value("nnserve_batch_size_bucket", le="1.0"))
+
+
+def batch_sums(server, model):
+    rows, batches, _ = batch_histogram(server, model)
+    return rows, batches
+
+
 def test_metrics_parse_and_show_batches_larger_than_one(server):
-    # Runs after the concurrent tests above (same server): mlp formed real batches.
-    families = metric_families(server)
-    samples = [s for s in families["nnserve_batch_size"].samples
-               if s.labels.get("model") == "mlp" and s.labels.get("version") == "1"]
-    count = next(s.value for s in samples if s.name == "nnserve_batch_size_count")
-    ones = next(s.value for s in samples if s.name == "nnserve_batch_size_bucket" and s.labels["le"] == "1.0")
-    assert count > 0 and ones < count, f"every batch had one row: {samples}"
+    """heavy: a model of milliseconds, so 16 concurrent clients queue behind its forward."""
+    rows0, count0, ones0 = batch_histogram(server, "heavy")
+    body = {"instances": [np.zeros((1, 8, 8)).tolist()]}
+
+    def call(_):
+        r = requests.post(f"{server.url}/v1/models/heavy:predict", json=body)
+        assert r.status_code == 200, r.text
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(call, range(160)))
+    rows, count, ones = batch_histogram(server, "heavy")
+    assert rows - rows0 == 160
+    assert count - count0 < 160 and ones - ones0 < count - count0, \
+        f"every batch had one row: {count - count0} batches, {ones - ones0} of one row"
+
+
+def test_requests_whose_clients_leave_are_dropped_from_the_queue(server):
+    """40 clients each queue a full batch (32 rows) for heavy, whose forward takes
+    milliseconds, and hang up: the server drops their requests instead of running them,
+    and serves the next client at once."""
+    import socket
+    import time
+    rows0, batches0 = batch_sums(server, "heavy")
+    host, port = server.url.removeprefix("http://").split(":")
+    body = ('{"instances": %s}' % np.zeros((32, 1, 8, 8)).tolist()).encode()
+    head = (f"POST /v1/models/heavy:predict HTTP/1.1\r\nHost: {host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    socks = []
+    for _ in range(40):
+        s = socket.create_connection((host, int(port)))
+        s.sendall(head + body)
+        socks.append(s)
+
+    def queued():
+        return next(f.value for f in metric_families(server)["nnserve_queue_depth"].samples
+                    if f.labels.get("model") == "heavy")
+
+    deadline = time.monotonic() + 10
+    while queued() < 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    waiting = queued()
+    assert waiting >= 20, "the requests did not queue"
+    for s in socks:
+        s.close()
+    deadline = time.monotonic() + 10
+    while queued() > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    r = requests.post(f"{server.url}/v1/models/heavy:predict", json={"instances": np.zeros((1, 1, 8, 8)).tolist()})
+    assert r.status_code == 200, r.text
+    time.sleep(0.5)
+    rows, batches = batch_sums(server, "heavy")
+    ran = (rows - rows0 - 1) / 32
+    # Those running when the clients left finish, and a few more start before the server
+    # sees the connections close (the forwards hold both cores); most of those still
+    # queued must never run. Without the drop all 40 run.
+    assert ran < 40 - waiting / 2, f"{ran:.0f} of the 40 ran, though {waiting:.0f} were queued when their clients left"
 
 
 def test_request_counters_move_with_traffic(server):
@@ -103,3 +193,24 @@ def test_a_full_queue_answers_429_with_retry_after(server):
         if code == 429:
             assert retry == "1" and "queue is full" in j["error"]
     assert requests.post(f"{server.url}/v1/models/tinyqueue:predict", json=body).status_code == 200
+
+
+def test_a_full_queue_reached_through_a_plugin_answers_429_too(server):
+    """The plugin's compute is refused, the SDK answers `unavailable`, and the host, which
+    saw the refusal, gives the client the 429 of a full queue (not a 503)."""
+    (_, _), (x, _) = digits_data.split()
+    png = encode(render(x[0], 0), "PNG")
+
+    def call(_):
+        r = requests.post(f"{server.url}/v1/models/tinyqueue:infer", data=png)
+        return r.status_code, r.headers.get("retry-after"), r.json()
+
+    with ThreadPoolExecutor(24) as pool:
+        answers = list(pool.map(call, range(72)))
+    codes = [c for c, _, _ in answers]
+    assert set(codes) <= {200, 429}, codes
+    assert 429 in codes and 200 in codes, codes
+    for code, retry, j in answers:
+        if code == 429:
+            assert retry == "1" and "queue is full" in j["error"], j
+    assert requests.post(f"{server.url}/v1/models/tinyqueue:infer", data=png).status_code == 200

@@ -135,6 +135,18 @@ def test_a_plugin_importing_sockets_is_refused_at_load_naming_the_import(server,
     still_serving(server, http)
 
 
+def test_a_version_on_a_gpu_the_machine_lacks_is_refused_with_the_reason(server, http):
+    r = http.get(f"{server.url}/v1/models/nogpu")
+    (status,) = r.json()["model_version_status"]
+    assert status["state"] == "END"
+    message = status["status"]["error_message"]
+    assert "asks for device cuda:64" in message, status
+    assert "CUDA is not available" in message or "CUDA device(s)" in message, status
+    check(http.post(f"{server.url}/v1/models/nogpu:predict", json={"instances": [[1, 2, 3, 4]]}),
+          503, "not available")
+    still_serving(server, http)
+
+
 def test_a_plugin_starting_above_its_memory_cap_is_refused_at_load(server, http):
     r = http.get(f"{server.url}/v1/models/tinymem")
     (status,) = r.json()["model_version_status"]
