@@ -83,8 +83,9 @@ test: setup
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(REPO)/*/*/model
 
-# Benchmarks (not run by CI; bench/README.md): the ResNet-18 suite through the
-# imagenet-classifier plugin beside the raw limit and TorchServe 0.12, under wrk.
+# Benchmarks (not run by CI; bench/README.md): mlp, digits through its plugin, and the
+# ResNet-18 suite through the imagenet-classifier plugin, beside the raw limit and
+# TorchServe 0.12, under wrk.
 #   make bench [BENCH_ARGS="--seconds 5 --suite all --peer torchserve"]
 BENCH_ARGS ?= --seconds 5 --suite all --peer torchserve
 BENCH_WASM := $(WASM_DIR)/imagenet_classifier.wasm

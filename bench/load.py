@@ -9,14 +9,15 @@ same load; prints tables, asserts nothing.
        bench/make_resnet.py's bundles under bench/work/)
 
 small:  mlp (`:predict`, one row) with batching on and off, and digits (`:infer`, a PNG,
-        through its plugin), at concurrency 1, 8 and 64.
+        through its plugin), at concurrency 1, 8 and 64; with --peer torchserve the same
+        on TorchServe (digits through a PIL handler, bench/torchserve_handlers/).
 resnet: ResNet-18 (`:infer`, a 256x256 JPEG, through the imagenet-classifier plugin) with
         batching on (resnet18), off (resnet18-nobatch) and with one forward at a time
         (resnet18-bt1: num_batch_threads = 1), at concurrency 1, 2, 8, 16 and 64, with the
         server's default libtorch threads and with --torch-threads 2; first the raw limits
         on the served tensor (1 and 2 intra-op threads, and two OS threads forwarding at
         once), the plugin path in-process, the saturation rounds (raw limit and nnserve at
-        c=16 alternating), and a check that the plugin's top-5 matches torchvision's
+        c=64 alternating), and a check that the plugin's top-5 matches torchvision's
         preprocessing through the same model.
 saturation: only those rounds.
 
@@ -104,14 +105,17 @@ def raw_limit(bundle, threads=1, parallel=1, seconds=1, input_file=None, batches
 
 def saturation(args, bundle, image, tensor):
     """The saturation ratio, measured side by side: rounds of the raw limit at batch 8 (two
-    settings) and nnserve with its default threads at c=16, alternating, so that this
-    machine's drift (the forward varies by 10 % over minutes) hits both sides alike.
+    settings) and nnserve with its default threads at `--saturation-clients` (64: enough
+    that both forward slots always find a full batch of 8 queued; at 16 the batches
+    average under 5 rows, which measures batch formation, not saturation), alternating,
+    so that this machine's drift (the forward varies by 10 % over minutes) hits both
+    sides alike.
     resnet18 (the server's choice: a batch thread per core, the cores shared, so 1 libtorch
     thread each under load) is held against 2 forwards x 1 thread, resnet18-bt1
     (num_batch_threads = 1, so every core's thread in one forward) against 1 forward x 2."""
     models = args.saturation_models
     print(f"== Saturation side by side ({args.rounds} rounds): raw limit at batch 8 on the served tensor,"
-          f" then nnserve (default threads) at c=16 on {', '.join(models)}")
+          f" then nnserve (default threads) at c={args.saturation_clients} on {', '.join(models)}")
     server, url = start_nnserve(os.path.join(WORK, "repository"))
     ratios = {m: [] for m in models}
     try:
@@ -124,13 +128,16 @@ def saturation(args, bundle, image, tensor):
                 same = t2 if model.endswith("-bt1") else t1x2
                 wait_quiet()
                 c0, _ = compute_stats(url, model)
+                s0, n0 = batch_stats(url, model)
                 started = time.monotonic()
-                rps, errors, p50, _, p99, _ = wrk(url, f"/v1/models/{model}:infer", image, "image/jpeg", 16,
-                                               args.seconds)
+                rps, errors, p50, _, p99, _ = wrk(url, f"/v1/models/{model}:infer", image, "image/jpeg",
+                                               args.saturation_clients, args.seconds)
                 running = (compute_stats(url, model)[0] - c0) / (time.monotonic() - started)
+                s1, n1 = batch_stats(url, model)
+                batch = (s1 - s0) / max(n1 - n0, 1)
                 ratios[model].append((rps / same, rps / max(t2, t1x2)))
                 print(f"      {model}{'*' if busy() else ''}: {rps:.1f} req/s (p50 {p50 / 1000:.1f} ms,"
-                      f" p99 {p99 / 1000:.1f} ms, {errors} errors), forward time / wall {running:.2f}:"
+                      f" p99 {p99 / 1000:.1f} ms, {errors} errors), batch {batch:.2f}, forward time / wall {running:.2f}:"
                       f" {rps / same:.3f} of its raw setting, {rps / max(t2, t1x2):.3f} of the best", flush=True)
     finally:
         stop(server)
@@ -487,7 +494,9 @@ def main():
                     help="resnet: server --torch-threads settings to measure ('default': the server's own)")
     ap.add_argument("--rounds", type=int, default=3, help="resnet saturation: raw/nnserve rounds")
     ap.add_argument("--saturation-models", nargs="+", default=["resnet18", "resnet18-bt1"],
-                    help="resnet saturation: the bundles to load at c=16")
+                    help="resnet saturation: the bundles to load")
+    ap.add_argument("--saturation-clients", type=int, default=64,
+                    help="resnet saturation: wrk connections (64: full batches of 8 on both slots)")
     ap.add_argument("--resnet-concurrency", type=int, nargs="+", default=[1, 2, 8, 16, 64])
     ap.add_argument("--ts-defaults", action="store_true", help="also TorchServe with its default threads")
     args = ap.parse_args()
