@@ -118,8 +118,10 @@ impl Model {
     }
 }
 
-/// A wasi-nn error as a plugin error: invalid arguments are the client's fault (400),
-/// the rest are the server's (500).
+/// A wasi-nn error as a plugin error: invalid arguments are the client's fault (400), a
+/// name the host does not know is a 404, `timeout` (nnserve: the model's queue is full)
+/// is `unavailable`, which nnserve answers as 429 when it refused the compute for that,
+/// and the rest are the server's (500).
 fn nn_error(op: &str, e: errors::Error) -> Error {
     let msg = format!("wasi-nn {op} failed: {}", e.data());
     match e.code() {
