@@ -148,6 +148,13 @@ def server(tmp_path_factory):
     plugin_bundle(repo, "slow", "misbehave.wasm", 'mode = "loop"', "memory_mib = 64, cpu_ms = 60000")
     plugin_bundle(repo, "hog", "misbehave.wasm", 'mode = "alloc"', "memory_mib = 16, cpu_ms = 5000")
     plugin_bundle(repo, "forbidden", "forbidden_import.wasm")
+    # A model that stays busy for as long as a request asks (tests/e2e/make_gate.py), one
+    # request per batch: requests queue behind it for as long as a test needs.
+    d = write_bundle(repo, "gate", '{ name = "x", dtype = "fp32", shape = [-1, 1] }',
+                     '{ name = "y", dtype = "fp32", shape = [-1, 1] }',
+                     handler="[batching]\nmax_batch_size = 1\nnum_batch_threads = 1\n")
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_gate.py"),
+                    os.path.join(d, "model", "model.pt")], check=True)
     # A GPU no machine here has: refused at load with the reason, on CPU-only and GPU machines.
     d = write_bundle(repo, "nogpu", *MLP_IO)
     shutil.copy(MLP_MODEL, os.path.join(d, "model", "model.pt"))

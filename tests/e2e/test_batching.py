@@ -119,45 +119,46 @@ def test_metrics_parse_and_show_batches_larger_than_one(server):
 
 
 def test_requests_whose_clients_leave_are_dropped_from_the_queue(server):
-    """40 clients each queue a full batch (32 rows) for heavy, whose forward takes
-    milliseconds, and hang up: the server drops their requests instead of running them,
-    and serves the next client at once."""
+    """gate (tests/e2e/make_gate.py) runs one request per batch; a first request keeps it
+    busy for about two seconds, 40 clients queue behind it and hang up: once the first
+    is answered, the server runs none of theirs and serves the next client at once."""
     import socket
     import time
-    rows0, batches0 = batch_sums(server, "heavy")
+    rows0, _ = batch_sums(server, "gate")
     host, port = server.url.removeprefix("http://").split(":")
-    body = ('{"instances": %s}' % np.zeros((32, 1, 8, 8)).tolist()).encode()
-    head = (f"POST /v1/models/heavy:predict HTTP/1.1\r\nHost: {host}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    socks = []
-    for _ in range(40):
-        s = socket.create_connection((host, int(port)))
-        s.sendall(head + body)
-        socks.append(s)
+    url = f"{server.url}/v1/models/gate:predict"
+    with ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(requests.post, url, json={"instances": [[4000.0]]})
+        body = b'{"instances": [[1.0]]}'
+        head = (f"POST /v1/models/gate:predict HTTP/1.1\r\nHost: {host}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
 
-    def queued():
-        return next(f.value for f in metric_families(server)["nnserve_queue_depth"].samples
-                    if f.labels.get("model") == "heavy")
+        def queued():
+            return next(f.value for f in metric_families(server)["nnserve_queue_depth"].samples
+                        if f.labels.get("model") == "gate")
 
-    deadline = time.monotonic() + 10
-    while queued() < 20 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    waiting = queued()
-    assert waiting >= 20, "the requests did not queue"
-    for s in socks:
-        s.close()
-    deadline = time.monotonic() + 10
-    while queued() > 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    r = requests.post(f"{server.url}/v1/models/heavy:predict", json={"instances": np.zeros((1, 1, 8, 8)).tolist()})
-    assert r.status_code == 200, r.text
-    time.sleep(0.5)
-    rows, batches = batch_sums(server, "heavy")
-    ran = (rows - rows0 - 1) / 32
-    # Those running when the clients left finish, and a few more start before the server
-    # sees the connections close (the forwards hold both cores); most of those still
-    # queued must never run. Without the drop all 40 run.
-    assert ran < 40 - waiting / 2, f"{ran:.0f} of the 40 ran, though {waiting:.0f} were queued when their clients left"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and batch_sums(server, "gate")[0] == rows0:
+            time.sleep(0.01)  # the long forward has not started yet
+        socks = []
+        for _ in range(40):
+            s = socket.create_connection((host, int(port)))
+            s.sendall(head + body)
+            socks.append(s)
+        while queued() < 40 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert queued() == 40, "the 40 requests did not queue behind the long forward"
+        assert not busy.done(), "the long forward ended before the test could look (a very fast CPU?)"
+        for s in socks:
+            s.close()
+        r = busy.result(timeout=60)
+    assert r.status_code == 200 and r.json()["predictions"] == [[8000.0]], r.text
+    r = requests.post(url, json={"instances": [[3.0]]})
+    assert r.status_code == 200 and r.json()["predictions"] == [[6.0]], r.text
+    rows, _ = batch_sums(server, "gate")
+    ran = rows - rows0 - 2
+    assert ran < 5, f"{ran:.0f} of the 40 abandoned requests ran"
+    assert queued() == 0
 
 
 def test_request_counters_move_with_traffic(server):
