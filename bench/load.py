@@ -33,6 +33,7 @@ Every timed step first waits (up to 10 minutes) until no cargo, rustc or pytest 
 and the CPU is mostly idle, since other builds share the 2 cores; a row measured while one
 ran is marked `*`."""
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -127,24 +128,43 @@ def saturation(args, bundle, image, tensor):
             for model in models:
                 same = t2 if model.endswith("-bt1") else t1x2
                 wait_quiet()
-                c0, _ = compute_stats(url, model)
-                s0, n0 = batch_stats(url, model)
+                seconds = args.saturation_seconds
+                run = concurrent.futures.ThreadPoolExecutor(1).submit(
+                    wrk, url, f"/v1/models/{model}:infer", image, "image/jpeg", args.saturation_clients, seconds)
+                # The steady state, as the raw limit measures it after its warm-up: requests
+                # answered between 2 s after the start (the first batches form from clients
+                # arriving one by one) and 1 s before the end.
                 started = time.monotonic()
-                rps, errors, p50, _, p99, _ = wrk(url, f"/v1/models/{model}:infer", image, "image/jpeg",
-                                               args.saturation_clients, args.seconds)
-                running = (compute_stats(url, model)[0] - c0) / (time.monotonic() - started)
+                time.sleep(2)
+                w0, c0 = time.monotonic(), answered(url, model)
+                f0, _ = compute_stats(url, model)
+                s0, n0 = batch_stats(url, model)
+                time.sleep(max(0.0, started + seconds - 1 - time.monotonic()))
+                w1, c1 = time.monotonic(), answered(url, model)
+                f1, _ = compute_stats(url, model)
                 s1, n1 = batch_stats(url, model)
+                rps, errors, p50, _, p99, _ = run.result()
+                steady = (c1 - c0) / (w1 - w0)
+                running = (f1 - f0) / (w1 - w0)
                 batch = (s1 - s0) / max(n1 - n0, 1)
-                ratios[model].append((rps / same, rps / max(t2, t1x2)))
-                print(f"      {model}{'*' if busy() else ''}: {rps:.1f} req/s (p50 {p50 / 1000:.1f} ms,"
-                      f" p99 {p99 / 1000:.1f} ms, {errors} errors), batch {batch:.2f}, forward time / wall {running:.2f}:"
-                      f" {rps / same:.3f} of its raw setting, {rps / max(t2, t1x2):.3f} of the best", flush=True)
+                ratios[model].append((steady / same, steady / max(t2, t1x2)))
+                print(f"      {model}{'*' if busy() else ''}: {steady:.1f} req/s in the steady window"
+                      f" ({rps:.1f} over wrk's whole run; p50 {p50 / 1000:.1f} ms, p99 {p99 / 1000:.1f} ms,"
+                      f" {errors} errors), batch {batch:.2f}, forward time / wall {running:.2f}:"
+                      f" {steady / same:.3f} of its raw setting, {steady / max(t2, t1x2):.3f} of the best", flush=True)
     finally:
         stop(server)
     med = lambda v: sorted(v)[len(v) // 2]
     for model, v in ratios.items():
         print(f"   {model} median: {med([a for a, _ in v]):.3f} of the raw limit at its setting,"
               f" {med([b for _, b in v]):.3f} of the best raw setting of the same round")
+
+
+def answered(url, model):
+    """nnserve_requests_total{outcome="ok"} of `model` version 1."""
+    text = requests.get(f"{url}/metrics").text
+    m = re.search(rf'nnserve_requests_total{{model="{model}",version="1",outcome="ok"}} ([\d.e+-]+)', text)
+    return float(m.group(1)) if m else 0.0
 
 
 def metric_sums(url, model, names):
@@ -495,6 +515,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="resnet saturation: raw/nnserve rounds")
     ap.add_argument("--saturation-models", nargs="+", default=["resnet18", "resnet18-bt1"],
                     help="resnet saturation: the bundles to load")
+    ap.add_argument("--saturation-seconds", type=float, default=20,
+                    help="resnet saturation: wrk's run per model and round (the rate is taken from 2 s in to 1 s before its end)")
     ap.add_argument("--saturation-clients", type=int, default=64,
                     help="resnet saturation: wrk connections (64: full batches of 8 on both slots)")
     ap.add_argument("--resnet-concurrency", type=int, nargs="+", default=[1, 2, 8, 16, 64])
