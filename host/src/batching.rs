@@ -775,24 +775,80 @@ mod tests {
         assert!(b.infer(rows(&[[1.0, 0.0]]), &FailOnNegative).await.is_ok());
     }
 
+    /// A forward that holds its batch until the test releases it (values of 1.0 only),
+    /// fails on a negative value, and records the batch sizes it ran.
+    struct Held {
+        entered: AtomicUsize,
+        release: tokio::sync::Semaphore,
+        sizes: Mutex<Vec<usize>>,
+    }
+
+    impl Held {
+        fn new() -> Arc<Held> {
+            Arc::new(Held {
+                entered: AtomicUsize::new(0),
+                release: tokio::sync::Semaphore::new(0),
+                sizes: Mutex::new(Vec::new()),
+            })
+        }
+    }
+
+    impl Forward for Arc<Held> {
+        fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+            let v = inputs[0].to_f64_vec();
+            self.sizes.lock().unwrap().push(inputs[0].shape[0] as usize);
+            self.entered.fetch_add(1, Ordering::SeqCst);
+            if v[0] == 1.0 {
+                // A blocking wait on a tokio semaphore: forwards run on their own thread.
+                while self.release.try_acquire().is_err() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            if v.iter().any(|&x| x < 0.0) {
+                return Err("negative input".into());
+            }
+            Ok(vec![("y".into(), inputs[0].clone())])
+        }
+    }
+
+    /// Polls `cond` every millisecond for up to 10 s.
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_cancelled_request_frees_its_place_in_the_queue_at_once() {
         // Room for one queued row: the cancelled request must not keep it.
         let b = Arc::new(Batcher::new(policy(1, &[], 1), VersionMetrics::default()));
-        let f = Doubler::new(300);
+        let f = Held::new();
         let (b1, f1) = (b.clone(), f.clone());
         let running = tokio::spawn(async move { b1.infer(rows(&[[1.0, 1.0]]), &f1).await });
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        until("the first forward runs", || {
+            f.entered.load(Ordering::SeqCst) == 1
+        })
+        .await;
         let (b2, f2) = (b.clone(), f.clone());
         let queued = tokio::spawn(async move { b2.infer(rows(&[[2.0, 2.0]]), &f2).await });
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        until("the second request queues", || b.queue_depth() == 1).await;
         queued.abort();
         assert!(queued.await.unwrap_err().is_cancelled());
         assert_eq!(b.queue_depth(), 0);
-        // Still within the first forward: this one is queued, not refused.
-        let out = b.infer(rows(&[[3.0, 3.0]]), &f).await;
-        assert_eq!(values(&out), vec![6.0, 6.0]);
+        // The first forward still holds the model: this one is queued, not refused.
+        let (b3, f3) = (b.clone(), f.clone());
+        let third = tokio::spawn(async move { b3.infer(rows(&[[3.0, 3.0]]), &f3).await });
+        until("the third request queues", || b.queue_depth() == 1).await;
+        f.release.add_permits(1);
         assert!(running.await.unwrap().is_ok());
+        assert_eq!(values(&third.await.unwrap()), vec![3.0, 3.0]);
+        assert_eq!(
+            *f.sizes.lock().unwrap(),
+            vec![1, 1],
+            "the cancelled request never ran"
+        );
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -835,37 +891,30 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn a_failing_forward_fails_every_caller_of_its_batch_and_no_other() {
-        struct FailOnNegative(Mutex<Vec<usize>>);
-        impl Forward for Arc<FailOnNegative> {
-            fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
-                self.0.lock().unwrap().push(inputs[0].shape[0] as usize);
-                std::thread::sleep(Duration::from_millis(100));
-                if inputs[0].to_f64_vec().iter().any(|&v| v < 0.0) {
-                    return Err("negative input".into());
-                }
-                Ok(vec![("y".into(), inputs[0].clone())])
-            }
-        }
-        let f = Arc::new(FailOnNegative(Mutex::new(Vec::new())));
+        let f = Held::new();
         let b = Arc::new(Batcher::new(policy(4, &[], 4), VersionMetrics::default()));
         let spawn = |v: f32| {
             let (b, f) = (b.clone(), f.clone());
             tokio::spawn(async move { b.infer(rows(&[[v, 0.0]]), &f).await })
         };
         let first = spawn(1.0);
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        until("the first forward runs", || {
+            f.entered.load(Ordering::SeqCst) == 1
+        })
+        .await;
         // Queued behind the first forward, these three run as one batch, which fails.
         let mut batch = Vec::new();
-        for v in [2.0, -1.0, 3.0] {
+        for (i, v) in [2.0, -1.0, 3.0].into_iter().enumerate() {
             batch.push(spawn(v));
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            until("it queues", || b.queue_depth() == i + 1).await;
         }
+        f.release.add_permits(1);
         assert!(first.await.unwrap().is_ok());
         for h in batch {
             let err = h.await.unwrap().unwrap_err();
             assert_eq!(err, BatchError::Model("negative input".into()));
         }
-        assert_eq!(*f.0.lock().unwrap(), vec![1, 3]);
+        assert_eq!(*f.sizes.lock().unwrap(), vec![1, 3]);
         assert!(spawn(4.0).await.unwrap().is_ok(), "the next batch runs");
     }
 

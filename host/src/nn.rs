@@ -244,36 +244,31 @@ impl Runner {
 /// queue-depth gauge until it gets its turn or its client goes away.
 struct Wait<'a> {
     runner: &'a Runner,
-    /// Whether the gauge counts it (a refused request is not).
-    counted: bool,
 }
 
 impl<'a> Wait<'a> {
     fn enter(runner: &'a Runner, limit: usize) -> Result<Wait<'a>, InferError> {
-        let before = runner.waiting.fetch_add(1, Ordering::Relaxed);
-        // From here on, dropping it undoes the count.
-        let mut wait = Wait {
-            runner,
-            counted: false,
-        };
-        if before >= limit {
-            return Err(InferError::Overloaded(format!(
-                "the model is overloaded ({before} requests waiting for its forward, \
-                 {WAITING_PER_SLOT} per forward slot without [batching]); retry shortly"
-            )));
-        }
+        // Counted only when admitted, so refusals in flight do not crowd out the next one.
+        runner
+            .waiting
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .map_err(|n| {
+                InferError::Overloaded(format!(
+                    "the model is overloaded ({n} requests waiting for its forward, \
+                     {WAITING_PER_SLOT} per forward slot without [batching]); retry shortly"
+                ))
+            })?;
         runner.metrics.queue_step(true);
-        wait.counted = true;
-        Ok(wait)
+        Ok(Wait { runner })
     }
 }
 
 impl Drop for Wait<'_> {
     fn drop(&mut self) {
         self.runner.waiting.fetch_sub(1, Ordering::Relaxed);
-        if self.counted {
-            self.runner.metrics.queue_step(false);
-        }
+        self.runner.metrics.queue_step(false);
     }
 }
 
@@ -527,6 +522,8 @@ impl gen::inference::HostGraphExecutionContext for NnView<'_> {
         self.ctx.host_time += started.elapsed();
         match result {
             Ok(outputs) => {
+                // A refusal the plugin retried past is not why it may fail later.
+                self.ctx.overloaded = false;
                 let mut out = Vec::with_capacity(outputs.len());
                 for (name, t) in outputs {
                     out.push((name, self.table.push(to_wasi_tensor(t))?));
@@ -655,12 +652,19 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn without_batching_the_wait_for_a_forward_is_bounded_and_counted() {
-        /// Holds its forward slot for 300 ms on a 0, answers at once otherwise.
-        struct FirstSlow;
-        impl Model for FirstSlow {
+        /// Holds its forward slot on a 0 until released, answers at once otherwise.
+        #[derive(Default)]
+        struct FirstHeld {
+            entered: std::sync::atomic::AtomicBool,
+            release: std::sync::atomic::AtomicBool,
+        }
+        impl Model for FirstHeld {
             fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
                 if inputs[0].to_f64_vec()[0] == 0.0 {
-                    std::thread::sleep(Duration::from_millis(300));
+                    self.entered.store(true, Ordering::SeqCst);
+                    while !self.release.load(Ordering::SeqCst) {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
                 }
                 Ok(inputs.into_iter().map(|t| ("out".to_string(), t)).collect())
             }
@@ -668,8 +672,9 @@ mod tests {
                 "cpu".into()
             }
         }
+        let model = Arc::new(FirstHeld::default());
         let r = Arc::new(Runner::new(
-            Arc::new(FirstSlow),
+            model.clone(),
             vec![spec("x", DType::Fp32, &[-1, 1])],
             None,
             VersionMetrics::default(),
@@ -685,15 +690,26 @@ mod tests {
                 r.infer(vec![("x".into(), x)]).await
             })
         };
+        let deadline = Instant::now() + Duration::from_secs(10);
         let first = call(0.0);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        while !model.entered.load(Ordering::SeqCst) {
+            assert!(Instant::now() < deadline, "the first forward never ran");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        // The first forward holds the slot until released: 64 wait, 2 are refused.
         let rest: Vec<_> = (0..WAITING_PER_SLOT + 2).map(|_| call(1.0)).collect();
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        while r.queue_depth() < WAITING_PER_SLOT
+            || rest.iter().filter(|c| c.is_finished()).count() < 2
+        {
+            assert!(Instant::now() < deadline, "the calls never settled");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         assert_eq!(
             r.queue_depth(),
             WAITING_PER_SLOT,
             "waiting requests are counted"
         );
+        model.release.store(true, Ordering::SeqCst);
         assert!(first.await.unwrap().is_ok());
         let mut refused = 0;
         for c in rest {
