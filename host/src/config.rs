@@ -94,7 +94,8 @@ impl ServerConfig {
             let ok = device == "cpu"
                 || device
                     .strip_prefix("cuda:")
-                    .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .is_some_and(|n| format!("cuda:{n}") == *device);
             if !ok {
                 anyhow::bail!(
                     "device_memory_mib names device '{device}'; budgets are per device as \
@@ -161,7 +162,9 @@ mod tests {
     fn memory_budgets_name_devices_as_versions_report_them() {
         let parse = |t: &str| toml::from_str::<ServerConfig>(t).unwrap().check();
         assert!(parse("[device_memory_mib]\ncpu = 8\n\"cuda:0\" = 70000\n\"cuda:12\" = 1").is_ok());
-        for bad in ["cuda", "cuda0", "gpu", "cuda:", "cuda:x", "CPU"] {
+        for bad in [
+            "cuda", "cuda0", "gpu", "cuda:", "cuda:x", "CPU", "cuda:01", "cuda:+1",
+        ] {
             let err = parse(&format!("[device_memory_mib]\n\"{bad}\" = 8"))
                 .unwrap_err()
                 .to_string();

@@ -192,7 +192,7 @@ impl Metrics {
             );
             r.register(
                 "queue_duration_seconds",
-                "Time a request waited for its batch's forward",
+                "Time a request waited for its forward (its batch's, or a forward slot's)",
                 m.queue_time.clone(),
             );
             r.register(
@@ -207,7 +207,7 @@ impl Metrics {
             );
             r.register(
                 "queue_depth",
-                "Requests waiting in a version's batcher",
+                "Requests waiting for a version's forward",
                 m.queue_depth.clone(),
             );
             r.register("versions", "Model versions by state", m.versions.clone());

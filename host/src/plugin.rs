@@ -496,9 +496,15 @@ impl PluginRuntime {
         if let Some(start) = initial_memory_bytes(&component) {
             let cap = spec.limits.memory_mib << 20;
             if start > cap {
+                let need = start.div_ceil(1 << 20);
+                let fix = if need <= self.config.max_memory_mib {
+                    format!("set {world}.limits.memory_mib to at least {need} in bundle.toml, or ")
+                } else {
+                    String::new() // above what the server allows: only a smaller start helps
+                };
                 anyhow::bail!(
-                    "plugin {} starts with {} KiB of linear memory, above its limits.memory_mib = {}: \
-                     raise memory_mib in bundle.toml or link the plugin with a smaller --initial-memory",
+                    "plugin {} starts with {} KiB of linear memory, above its {world}.limits.memory_mib = {}: \
+                     {fix}link the plugin with a smaller -Clink-arg=--initial-memory (docs/plugins.md)",
                     spec.path,
                     start >> 10,
                     spec.limits.memory_mib

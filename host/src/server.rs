@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 /// Loads the repository and serves until ctrl-c or SIGTERM.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
+    config.check()?; // also for a config built in code, not read from a file
     let started = Instant::now();
     crate::backend::init_threads(config.intra_op_threads(), config.torch_inter_op_threads);
     let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {

@@ -153,7 +153,8 @@ def test_a_plugin_starting_above_its_memory_cap_is_refused_at_load(server, http)
     assert status["state"] == "END"
     message = status["status"]["error_message"]
     assert "starts with 4096 KiB of linear memory" in message, status
-    assert "limits.memory_mib = 2" in message
+    assert "handler.limits.memory_mib = 2" in message
+    assert "set handler.limits.memory_mib to at least 4" in message
     check(http.post(f"{server.url}/v1/models/tinymem:infer", data=b"x"), 503, "not available")
     still_serving(server, http)
 
