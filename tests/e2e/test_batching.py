@@ -120,8 +120,9 @@ def test_metrics_parse_and_show_batches_larger_than_one(server):
 
 def test_requests_whose_clients_leave_are_dropped_from_the_queue(server):
     """gate (tests/e2e/make_gate.py) runs one request per batch; a first request keeps it
-    busy for about two seconds, 40 clients queue behind it and hang up: once the first
-    is answered, the server runs none of theirs and serves the next client at once."""
+    busy for about two seconds, 40 clients queue behind it and hang up: their requests
+    leave the queue while the model is still busy, none of them runs, and the next client
+    is served at once."""
     import socket
     import time
     rows0, _ = batch_sums(server, "gate")
@@ -151,6 +152,10 @@ def test_requests_whose_clients_leave_are_dropped_from_the_queue(server):
         assert not busy.done(), "the long forward ended before the test could look (a very fast CPU?)"
         for s in socks:
             s.close()
+        # They leave the queue as their connections close, not when the model is free.
+        while queued() > 0 and not busy.done():
+            time.sleep(0.01)
+        assert not busy.done(), "the abandoned requests stayed queued until the long forward ended"
         r = busy.result(timeout=60)
     assert r.status_code == 200 and r.json()["predictions"] == [[8000.0]], r.text
     r = requests.post(url, json={"instances": [[3.0]]})
