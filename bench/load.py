@@ -129,12 +129,12 @@ def saturation(args, bundle, image, tensor):
                 same = t2 if model.endswith("-bt1") else t1x2
                 wait_quiet()
                 seconds = args.saturation_seconds
-                run = concurrent.futures.ThreadPoolExecutor(1).submit(
-                    wrk, url, f"/v1/models/{model}:infer", image, "image/jpeg", args.saturation_clients, seconds)
                 # The steady state, as the raw limit measures it after its warm-up: requests
                 # answered between 2 s after the start (the first batches form from clients
                 # arriving one by one) and 1 s before the end.
                 started = time.monotonic()
+                run = concurrent.futures.ThreadPoolExecutor(1).submit(
+                    wrk, url, f"/v1/models/{model}:infer", image, "image/jpeg", args.saturation_clients, seconds)
                 time.sleep(2)
                 w0, c0 = time.monotonic(), answered(url, model)
                 f0, _ = compute_stats(url, model)
@@ -515,13 +515,15 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="resnet saturation: raw/nnserve rounds")
     ap.add_argument("--saturation-models", nargs="+", default=["resnet18", "resnet18-bt1"],
                     help="resnet saturation: the bundles to load")
-    ap.add_argument("--saturation-seconds", type=float, default=20,
+    ap.add_argument("--saturation-seconds", type=int, default=20,
                     help="resnet saturation: wrk's run per model and round (the rate is taken from 2 s in to 1 s before its end)")
     ap.add_argument("--saturation-clients", type=int, default=64,
                     help="resnet saturation: wrk connections (64: full batches of 8 on both slots)")
     ap.add_argument("--resnet-concurrency", type=int, nargs="+", default=[1, 2, 8, 16, 64])
     ap.add_argument("--ts-defaults", action="store_true", help="also TorchServe with its default threads")
     args = ap.parse_args()
+    if args.saturation_seconds < 5:
+        ap.error("--saturation-seconds must be at least 5 (the rate is taken from 2 s in to 1 s before the end)")
     if not shutil.which("wrk"):
         sys.exit("wrk is not installed: apt-get install wrk")
     tmp = tempfile.mkdtemp()
