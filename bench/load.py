@@ -8,8 +8,8 @@ same load; prints tables, asserts nothing.
        the resnet suite and the peer need `make bench`'s set-up: bench/requirements.txt and
        bench/make_resnet.py's bundles under bench/work/)
 
-small:  mlp (`:predict`, one row) with batching on and off, and digits (`:infer`, a PNG,
-        through its plugin), at concurrency 1, 8 and 64; with --peer torchserve the same
+small:  mlp (`:predict`, one row) and digits (`:infer`, a PNG, through its plugin), each
+        with batching on and off, at concurrency 1, 8 and 64; with --peer torchserve the same
         on TorchServe (digits through a PIL handler, bench/torchserve_handlers/).
 resnet: ResNet-18 (`:infer`, a 256x256 JPEG, through the imagenet-classifier plugin) with
         batching on (resnet18), off (resnet18-nobatch) and with one forward at a time
@@ -269,17 +269,28 @@ def ratios(ours, peer, title):
             print(f"{key[0]:<22}{key[1]:>4}{row['rps'] / p['rps']:>13.2f}{row['p99'] / p['p99']:>11.3f}")
 
 
+def copy_without_batching(repo, name):
+    """examples/NAME as NAME-nobatch in `repo`, its [batching] table left out."""
+    d = os.path.join(repo, f"{name}-nobatch", "1")
+    shutil.copytree(os.path.join(EXAMPLES, name, "1"), d)
+    kept, skipping = [], False
+    with open(os.path.join(d, "bundle.toml")) as f:
+        for line in f:
+            if re.match(r"\[\w", line):
+                skipping = line.startswith("[batching]")
+            if not skipping:
+                kept.append(line)
+    text = "".join(kept).replace(f'name = "{name}"', f'name = "{name}-nobatch"', 1)
+    with open(os.path.join(d, "bundle.toml"), "w") as f:
+        f.write(text)
+
+
 def small_suite(args, tmp):
     repo = os.path.join(tmp, "repo")
     shutil.copytree(os.path.join(EXAMPLES, "mlp"), os.path.join(repo, "mlp"))
     shutil.copytree(os.path.join(EXAMPLES, "digits"), os.path.join(repo, "digits"))
-    nb = os.path.join(repo, "mlp-nobatch", "1")
-    shutil.copytree(os.path.join(EXAMPLES, "mlp", "1"), nb)
-    with open(os.path.join(nb, "bundle.toml")) as f:
-        text = f.read()
-    text = text.replace('name = "mlp"', 'name = "mlp-nobatch"').split("# Dynamic batching")[0]
-    with open(os.path.join(nb, "bundle.toml"), "w") as f:
-        f.write(text)
+    copy_without_batching(repo, "mlp")
+    copy_without_batching(repo, "digits")
     mlp_body = os.path.join(tmp, "mlp.json")
     with open(mlp_body, "w") as f:
         f.write('{"instances": [[1.0, 2.0, 3.0, 4.0]]}')
@@ -289,6 +300,7 @@ def small_suite(args, tmp):
     raw = {"mlp": raw_limit(os.path.join(EXAMPLES, "mlp", "1")),
            "digits": raw_limit(os.path.join(EXAMPLES, "digits", "1"))}
     raw["mlp-nobatch"] = raw["mlp"]
+    raw["digits-nobatch"] = raw["digits"]
     print(f"== {os.cpu_count()} cores; raw limit in-process (1 thread), rows/s (p50 per forward):")
     for m in ("mlp", "digits"):
         print(f"   {m:<7} " + "  ".join(f"b{b}: {r:,.0f} ({p:.1f} us)" for b, (r, p) in sorted(raw[m].items())))
@@ -301,7 +313,8 @@ def small_suite(args, tmp):
         print(HEADER)
         for model, path, body, ctype in (("mlp", "/v1/models/mlp:predict", mlp_body, "application/json"),
                                          ("mlp-nobatch", "/v1/models/mlp-nobatch:predict", mlp_body, "application/json"),
-                                         ("digits", "/v1/models/digits:infer", png, "image/png")):
+                                         ("digits", "/v1/models/digits:infer", png, "image/png"),
+                                         ("digits-nobatch", "/v1/models/digits-nobatch:infer", png, "image/png")):
             for c in (1, 8, 64):
                 ours[(model, c)] = point(url, model, model, path, body, ctype, c, args.seconds, raw[model])
     finally:
@@ -313,24 +326,28 @@ def small_suite(args, tmp):
         mlp_pt = os.path.join(EXAMPLES, "mlp", "1", "model", "model.pt")
         for name in ("mlp", "mlp-nobatch"):
             torchserve.archive(work, name, mlp_pt, "mlp_handler.py")
-        torchserve.archive(work, "digits", os.path.join(EXAMPLES, "digits", "1", "model", "model.pt"),
-                           "digits_handler.py")
+        for name in ("digits", "digits-nobatch"):
+            torchserve.archive(work, name, os.path.join(EXAMPLES, "digits", "1", "model", "model.pt"),
+                               "digits_handler.py")
         # Same batching as the bundles (mlp 64 rows, digits 32, nearly no extra wait:
         # TorchServe 0.12 takes maxBatchDelay 0 as its 100 ms default, measured); 2 workers,
         # 1 torch thread each.
         ts = torchserve.TorchServe(work, {"mlp": dict(workers=2, batch_size=64, max_batch_delay_ms=TS_DELAY_MS),
                                           "mlp-nobatch": dict(workers=2, batch_size=1, max_batch_delay_ms=0),
-                                          "digits": dict(workers=2, batch_size=32, max_batch_delay_ms=TS_DELAY_MS)})
+                                          "digits": dict(workers=2, batch_size=32, max_batch_delay_ms=TS_DELAY_MS),
+                                          "digits-nobatch": dict(workers=2, batch_size=1, max_batch_delay_ms=0)})
         peer = {}
         try:
             url = ts.start()
             print(f"== TorchServe 0.12, 2 workers x 1 torch thread, mlp batch 64 / {TS_DELAY_MS} ms and no batching,"
-                  f" digits batch 32 / {TS_DELAY_MS} ms (a PIL handler: bench/torchserve_handlers/digits_handler.py)")
+                  f" digits batch 32 / {TS_DELAY_MS} ms and no batching (a PIL handler:"
+                  " bench/torchserve_handlers/digits_handler.py)")
             check_digits(url, png, digits_answer)
             print(HEADER)
             for model, body, ctype in (("mlp", mlp_body, "application/json"),
                                        ("mlp-nobatch", mlp_body, "application/json"),
-                                       ("digits", png, "image/png")):
+                                       ("digits", png, "image/png"),
+                                       ("digits-nobatch", png, "image/png")):
                 for c in (1, 8, 64):
                     peer[(model, c)] = point(url, f"ts {model}", model, f"/predictions/{model}", body,
                                              ctype, c, args.seconds, raw[model], metrics=False)
