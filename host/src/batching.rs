@@ -396,7 +396,7 @@ impl Batcher {
             s.rows += counts.iter().sum::<usize>() as u64;
             s.padded_rows += padded as u64;
         }
-        self.metrics.observe_batch(counts.iter().sum());
+        self.metrics.observe_batch(counts.iter().sum(), padded);
         let fail = |msg: String| {
             counts
                 .iter()

@@ -82,6 +82,7 @@ pub struct Metrics {
     queue_time: HistogramFamily<VersionLabels>,
     compute_time: HistogramFamily<VersionLabels>,
     batch_size: HistogramFamily<VersionLabels>,
+    padding: Family<VersionLabels, Counter>,
     queue_depth: Family<VersionLabels, Gauge>,
     versions: Family<StateLabels, Gauge>,
     variant_requests: Family<VariantOutcomeLabels, Counter>,
@@ -96,6 +97,8 @@ pub struct Metrics {
 pub struct VersionMetrics {
     /// Rows per formed batch, before padding.
     pub batch_size: Option<Histogram>,
+    /// Zero rows added by padding to allowed batch sizes.
+    pub padding_rows: Option<Counter>,
     /// Seconds from entering the queue to the start of the forward.
     pub queue_time: Option<Histogram>,
     /// Seconds of the forward.
@@ -110,9 +113,15 @@ pub struct VersionMetrics {
 }
 
 impl VersionMetrics {
-    pub fn observe_batch(&self, rows: usize) {
+    /// A formed batch of `rows`, padded to `padded` rows.
+    pub fn observe_batch(&self, rows: usize, padded: usize) {
         if let Some(h) = &self.batch_size {
             h.observe(rows as f64);
+        }
+        if let (Some(c), Some(pad)) = (&self.padding_rows, padded.checked_sub(rows)) {
+            if pad > 0 {
+                c.inc_by(pad as u64);
+            }
         }
     }
     pub fn observe_queue(&self, waited: Duration) {
@@ -170,6 +179,7 @@ impl Metrics {
             queue_time: Family::new_with_constructor(seconds),
             compute_time: Family::new_with_constructor(seconds),
             batch_size: Family::new_with_constructor(batch_sizes),
+            padding: Family::default(),
             queue_depth: Family::default(),
             versions: Family::default(),
             variant_requests: Family::default(),
@@ -204,6 +214,11 @@ impl Metrics {
                 "batch_size",
                 "Rows per formed batch, before padding",
                 m.batch_size.clone(),
+            );
+            r.register(
+                "batch_padding_rows",
+                "Zero rows added to batches to reach an allowed batch size (computed, then dropped)",
+                m.padding.clone(),
             );
             r.register(
                 "queue_depth",
@@ -245,6 +260,7 @@ impl Metrics {
         let l = labels(model, version);
         VersionMetrics {
             batch_size: Some(self.batch_size.get_or_create(&l).clone()),
+            padding_rows: Some(self.padding.get_or_create(&l).clone()),
             queue_time: Some(self.queue_time.get_or_create(&l).clone()),
             compute_time: Some(self.compute_time.get_or_create(&l).clone()),
             queue_depth: Some(self.queue_depth.get_or_create(&l).clone()),
@@ -358,8 +374,8 @@ mod tests {
     fn metrics_encode_with_their_labels() {
         let m = Metrics::new();
         let v = m.version("mlp", 1);
-        v.observe_batch(3);
-        v.observe_batch(5);
+        v.observe_batch(3, 4);
+        v.observe_batch(5, 5);
         m.request("mlp", 1, "ok", Duration::from_micros(50));
         m.version_state("mlp", 1, None, "AVAILABLE");
         let text = m.encode();
@@ -369,6 +385,10 @@ mod tests {
         );
         assert!(
             text.contains("nnserve_batch_size_sum{model=\"mlp\",version=\"1\"} 8.0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nnserve_batch_padding_rows_total{model=\"mlp\",version=\"1\"} 1"),
             "{text}"
         );
         assert!(

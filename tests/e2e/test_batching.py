@@ -166,6 +166,25 @@ def test_requests_whose_clients_leave_are_dropped_from_the_queue(server):
     assert queued() == 0
 
 
+def test_padded_rows_are_counted_and_never_answered(server):
+    """mlp allows batches of 1, 2, 4, ...: a request of 3 rows alone runs as a batch of 4,
+    and the client gets its 3 rows."""
+    def padding():
+        fam = metric_families(server)["nnserve_batch_padding_rows"]
+        return sum(s.value for s in fam.samples if s.name == "nnserve_batch_padding_rows_total"
+                   and s.labels == {"model": "mlp", "version": "1"})
+
+    model = torch.jit.load(MLP).eval()
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    before = padding()
+    r = requests.post(f"{server.url}/v1/models/mlp:predict", json={"instances": x.tolist()})
+    assert r.status_code == 200, r.text
+    got = np.array(r.json()["predictions"], dtype=np.float32)
+    assert got.shape == (3, 3)
+    np.testing.assert_allclose(got, model(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    assert padding() == before + 1
+
+
 def test_request_counters_move_with_traffic(server):
     def ok_count():
         fam = metric_families(server)["nnserve_requests"]
