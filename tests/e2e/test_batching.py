@@ -230,8 +230,8 @@ def test_a_full_queue_reached_through_a_plugin_answers_429_too(server):
         r = requests.post(f"{server.url}/v1/models/tinyqueue:infer", data=png)
         return r.status_code, r.headers.get("retry-after"), r.json()
 
-    with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(call, range(72)))
+    with ThreadPoolExecutor(32) as pool:
+        answers = list(pool.map(call, range(128)))
     codes = [c for c, _, _ in answers]
     assert set(codes) <= {200, 429}, codes
     assert 429 in codes and 200 in codes, codes
