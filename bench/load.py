@@ -162,15 +162,14 @@ def saturation(args, bundle, image, tensor):
 
 def answered(url, model):
     """nnserve_requests_total{outcome="ok"} of `model` version 1."""
-    text = requests.get(f"{url}/metrics").text
-    m = re.search(rf'nnserve_requests_total{{model="{model}",version="1",outcome="ok"}} ([\d.e+-]+)', text)
-    return float(m.group(1)) if m else 0.0
+    return metric_sums(url, model, ["nnserve_requests_total"], ',outcome="ok"')[0]
 
 
-def metric_sums(url, model, names):
+def metric_sums(url, model, names, labels=""):
+    """Values of `names` for `model` version 1 (and any further `labels`) in /metrics."""
     text = requests.get(f"{url}/metrics").text
     def val(name):
-        m = re.search(rf'{name}{{model="{model}",version="1"}} ([\d.e+-]+)', text)
+        m = re.search(rf'{name}{{model="{model}",version="1"{labels}}} ([\d.e+-]+)', text)
         return float(m.group(1)) if m else 0.0
     return [val(n) for n in names]
 

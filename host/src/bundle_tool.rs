@@ -152,9 +152,12 @@ fn describe_dir(dir: &Path) -> anyhow::Result<String> {
                         writeln!(s, "  exports {}", d.exports.join(", "))?;
                         if let Some(start) = d.initial_memory {
                             let hint = if start < crate::plugin::SMALL_INITIAL_MEMORY {
-                                " (small: link with -Clink-arg=--initial-memory=4194304, docs/plugins.md)"
+                                format!(
+                                    " (small: link with {}, docs/plugins.md)",
+                                    crate::plugin::INITIAL_MEMORY_FLAG
+                                )
                             } else {
-                                ""
+                                String::new()
                             };
                             writeln!(s, "  initial memory {} KiB{hint}", start >> 10)?;
                         }

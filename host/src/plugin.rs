@@ -514,7 +514,7 @@ impl PluginRuntime {
                 tracing::info!(
                     "plugin {name} starts with {} KiB of linear memory: a request that allocates \
                      more grows it, and the next instantiation pays an mprotect to shrink it back \
-                     (0.1-0.2 ms); link it with -Clink-arg=--initial-memory=4194304 (docs/plugins.md)",
+                     (0.1-0.2 ms); link it with {INITIAL_MEMORY_FLAG} (docs/plugins.md)",
                     start >> 10
                 );
             }
@@ -568,6 +568,9 @@ pub struct ComponentInfo {
 /// A plugin that starts with less linear memory than this is told at load how to start
 /// with more (see [`initial_memory_bytes`]).
 pub const SMALL_INITIAL_MEMORY: u64 = 2 << 20;
+
+/// The link flag that gives a Rust plugin 4 MiB at start (docs/plugins.md).
+pub const INITIAL_MEMORY_FLAG: &str = "-Clink-arg=--initial-memory=4194304";
 
 /// The largest initial linear memory of a component's core modules, in bytes.
 ///

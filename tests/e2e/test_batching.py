@@ -204,20 +204,25 @@ def test_request_counters_move_with_traffic(server):
 def test_a_full_queue_answers_429_with_retry_after(server):
     """tinyqueue: a millisecond model, one row per batch, two batches of queue."""
     body = {"instances": [np.zeros((1, 8, 8)).tolist()]}
+    overload_429s(lambda: requests.post(f"{server.url}/v1/models/tinyqueue:predict", json=body), 24, 48)
 
+
+def overload_429s(post, threads, calls):
+    """`calls` of `post` from `threads` threads: some served, some refused with 429,
+    `Retry-After: 1` and the full queue named; then served again."""
     def call(_):
-        r = requests.post(f"{server.url}/v1/models/tinyqueue:predict", json=body)
+        r = post()
         return r.status_code, r.headers.get("retry-after"), r.json()
 
-    with ThreadPoolExecutor(24) as pool:
-        answers = list(pool.map(call, range(48)))
+    with ThreadPoolExecutor(threads) as pool:
+        answers = list(pool.map(call, range(calls)))
     codes = [c for c, _, _ in answers]
     assert set(codes) <= {200, 429}, codes
     assert 429 in codes and 200 in codes, codes
     for code, retry, j in answers:
         if code == 429:
-            assert retry == "1" and "queue is full" in j["error"]
-    assert requests.post(f"{server.url}/v1/models/tinyqueue:predict", json=body).status_code == 200
+            assert retry == "1" and "queue is full" in j["error"], j
+    assert post().status_code == 200
 
 
 def test_a_full_queue_reached_through_a_plugin_answers_429_too(server):
@@ -225,17 +230,4 @@ def test_a_full_queue_reached_through_a_plugin_answers_429_too(server):
     saw the refusal, gives the client the 429 of a full queue (not a 503)."""
     (_, _), (x, _) = digits_data.split()
     png = encode(render(x[0], 0), "PNG")
-
-    def call(_):
-        r = requests.post(f"{server.url}/v1/models/tinyqueue:infer", data=png)
-        return r.status_code, r.headers.get("retry-after"), r.json()
-
-    with ThreadPoolExecutor(32) as pool:
-        answers = list(pool.map(call, range(128)))
-    codes = [c for c, _, _ in answers]
-    assert set(codes) <= {200, 429}, codes
-    assert 429 in codes and 200 in codes, codes
-    for code, retry, j in answers:
-        if code == 429:
-            assert retry == "1" and "queue is full" in j["error"], j
-    assert requests.post(f"{server.url}/v1/models/tinyqueue:infer", data=png).status_code == 200
+    overload_429s(lambda: requests.post(f"{server.url}/v1/models/tinyqueue:infer", data=png), 32, 128)

@@ -135,24 +135,26 @@ def test_a_plugin_importing_sockets_is_refused_at_load_naming_the_import(server,
     still_serving(server, http)
 
 
-def test_a_version_on_a_gpu_the_machine_lacks_is_refused_with_the_reason(server, http):
-    r = http.get(f"{server.url}/v1/models/nogpu")
+def load_error(server, http, model):
+    """The load error of a version that never became AVAILABLE."""
+    r = http.get(f"{server.url}/v1/models/{model}")
     (status,) = r.json()["model_version_status"]
-    assert status["state"] == "END"
-    message = status["status"]["error_message"]
-    assert "asks for device cuda:64" in message, status
-    assert "CUDA is not available" in message or "CUDA device(s)" in message, status
+    assert status["state"] == "END", status
+    return status["status"]["error_message"]
+
+
+def test_a_version_on_a_gpu_the_machine_lacks_is_refused_with_the_reason(server, http):
+    message = load_error(server, http, "nogpu")
+    assert "asks for device cuda:64" in message, message
+    assert "CUDA is not available" in message or "CUDA device(s)" in message, message
     check(http.post(f"{server.url}/v1/models/nogpu:predict", json={"instances": [[1, 2, 3, 4]]}),
           503, "not available")
     still_serving(server, http)
 
 
 def test_a_plugin_starting_above_its_memory_cap_is_refused_at_load(server, http):
-    r = http.get(f"{server.url}/v1/models/tinymem")
-    (status,) = r.json()["model_version_status"]
-    assert status["state"] == "END"
-    message = status["status"]["error_message"]
-    assert "starts with 4096 KiB of linear memory" in message, status
+    message = load_error(server, http, "tinymem")
+    assert "starts with 4096 KiB of linear memory" in message, message
     assert "handler.limits.memory_mib = 2" in message
     assert "set handler.limits.memory_mib to at least 4" in message
     check(http.post(f"{server.url}/v1/models/tinymem:infer", data=b"x"), 503, "not available")
