@@ -143,7 +143,7 @@ impl DeviceBudget {
         DeviceBudget {
             limits: limits_mib
                 .iter()
-                .map(|(d, m)| (d.clone(), m << 20))
+                .map(|(d, m)| (d.clone(), m.saturating_mul(1 << 20)))
                 .collect(),
             used: Default::default(),
         }
@@ -813,8 +813,20 @@ fn warm_up(
                 if let Some(first) = shape.first_mut() {
                     *first = batch;
                 }
-                let bytes = crate::tensor::numel(&shape) * i.dtype.size();
-                Tensor::new(i.dtype, shape, vec![0; bytes]).map_err(anyhow::Error::msg)
+                // The manifest's shapes are the bundle author's: checked, and allocated
+                // with try_reserve so that an absurd one fails the load, not the process.
+                let bytes = crate::tensor::checked_bytes(&shape, i.dtype).ok_or_else(|| {
+                    anyhow::anyhow!("input '{}': the declared shape {:?} is too large", i.name, i.shape)
+                })?;
+                let mut zeros = Vec::new();
+                zeros.try_reserve_exact(bytes).map_err(|_| {
+                    anyhow::anyhow!(
+                        "input '{}': a warm-up batch of shape {shape:?} needs {bytes} bytes, which cannot be allocated; check the declared shape",
+                        i.name
+                    )
+                })?;
+                zeros.resize(bytes, 0);
+                Tensor::new(i.dtype, shape, zeros).map_err(anyhow::Error::msg)
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
         let started = Instant::now();

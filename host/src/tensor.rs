@@ -113,9 +113,23 @@ pub struct Tensor {
     pub data: Vec<u8>,
 }
 
-/// Number of elements of a shape (1 for a scalar).
+/// Number of elements of a shape (1 for a scalar), or `None` when a dimension is
+/// negative or the product does not fit in `usize`. Shapes from requests, plugins and
+/// manifests go through this (or [`Tensor::new`]) before anything is sized from them.
+pub fn checked_numel(shape: &[i64]) -> Option<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(usize::try_from(d).ok()?))
+}
+
+/// Bytes of a tensor of `shape` and `dtype`, checked as [`checked_numel`].
+pub fn checked_bytes(shape: &[i64], dtype: DType) -> Option<usize> {
+    checked_numel(shape)?.checked_mul(dtype.size())
+}
+
+/// Number of elements of a shape already checked (a [`Tensor`]'s, or a part of it).
 pub fn numel(shape: &[i64]) -> usize {
-    shape.iter().map(|&d| d.max(0) as usize).product()
+    checked_numel(shape).unwrap_or(usize::MAX)
 }
 
 impl Tensor {
@@ -124,7 +138,10 @@ impl Tensor {
         if shape.iter().any(|&d| d < 0) {
             return Err(format!("shape {shape:?} has a negative dimension"));
         }
-        let want = numel(&shape) * dtype.size();
+        // Checked: a shape such as [2^62, 4] would otherwise wrap to 0 bytes and pass
+        // with no data, and whatever sizes buffers from the shape would then overrun.
+        let want = checked_bytes(&shape, dtype)
+            .ok_or_else(|| format!("shape {shape:?} of {dtype} is too large"))?;
         if data.len() != want {
             return Err(format!(
                 "shape {shape:?} of {dtype} needs {want} bytes, got {}",
@@ -209,6 +226,19 @@ mod tests {
         let err = Tensor::new(DType::Fp32, vec![2, 3], vec![0; 20]).unwrap_err();
         assert!(err.contains("needs 24 bytes, got 20"), "{err}");
         assert!(Tensor::new(DType::Int8, vec![-1], vec![]).is_err());
+    }
+
+    #[test]
+    fn shapes_whose_size_overflows_are_refused_not_wrapped() {
+        // 2^62 * 4 elements wraps to 0 in unchecked arithmetic: empty data would pass.
+        let err = Tensor::new(DType::Fp32, vec![1 << 62, 4], vec![]).unwrap_err();
+        assert!(err.contains("too large"), "{err}");
+        let err = Tensor::new(DType::Int64, vec![1, 1 << 61], vec![]).unwrap_err();
+        assert!(err.contains("too large"), "{err}");
+        assert_eq!(checked_numel(&[1 << 62, 4]), None);
+        assert_eq!(checked_numel(&[3, 0, 5]), Some(0));
+        assert_eq!(checked_bytes(&[2, 3], DType::Fp64), Some(48));
+        assert!(Tensor::new(DType::Fp32, vec![0, 4], vec![]).is_ok());
     }
 
     #[test]

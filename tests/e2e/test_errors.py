@@ -24,6 +24,17 @@ def v2_body(name="input", shape=(1, 4), datatype="FP32", data=(1, 2, 3, 4)):
     return {"inputs": [{"name": name, "shape": list(shape), "datatype": datatype, "data": list(data)}]}
 
 
+def deep(n, depth):
+    """Nested lists whose first elements claim n^depth values while the body holds few:
+    a shape taken from first elements alone must not size anything."""
+    v = 1.0
+    for _ in range(depth):
+        v = [v] + [[]] * (n - 1)
+    return v
+
+
+HUGE = 1 << 62  # times 4 values per row, wraps to 0 in unchecked 64-bit arithmetic
+
 CASES = {
     "unknown model (v1)": ("post", "/v1/models/nope:predict", GOOD_PREDICT, 404, ["model 'nope' is not found"]),
     "unknown model (v2)": ("post", "/v2/models/nope/infer", v2_body(), 404, ["model 'nope' is not found"]),
@@ -38,6 +49,9 @@ CASES = {
     "wrong shape (v1)": ("post", "/v1/models/mlp:predict", {"instances": [[1, 2, 3]]}, 400, ["input 'input' has shape [1, 3]", "[-1, 4]"]),
     "wrong shape (v2)": ("post", "/v2/models/mlp/infer", v2_body(shape=(2, 2)), 400, ["input 'input' has shape [2, 2]"]),
     "data does not fit shape (v2)": ("post", "/v2/models/mlp/infer", v2_body(shape=(2, 4)), 400, ["has 4 values but its shape [2, 4] needs 8"]),
+    "shape whose size overflows (v2)": ("post", "/v2/models/mlp/infer", v2_body(shape=(HUGE, 4), data=()), 400, ["shape [4611686018427387904, 4]", "does not fit"]),
+    "ragged nesting that claims 10^21 values (v1 columnar)": ("post", "/v1/models/mlp:predict", {"inputs": deep(1000, 7)}, 400, ["ragged"]),
+    "ragged nesting that claims 10^21 values (v1 rows)": ("post", "/v1/models/mlp:predict", {"instances": deep(1000, 7)}, 400, ["ragged"]),
     "ragged rows": ("post", "/v1/models/mlp:predict", {"instances": [[1, 2, 3, 4], [1, 2]]}, 400, ["ragged"]),
     "wrong dtype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="INT64"), 400, ["dtype int64", "expects fp32"]),
     "unsupported datatype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="BYTES"), 400, ["BYTES"]),
@@ -72,6 +86,10 @@ def test_binary_tensor_framing_errors(server, http):
     r = http.post(f"{server.url}/v2/models/mlp/infer", data=head + b"\0" * 8,
                   headers={"Inference-Header-Content-Length": str(len(head))})
     check(r, 400, "binary_data_size 16 but only 8 bytes")
+    head = b'{"inputs":[{"name":"input","shape":[%d,4],"datatype":"FP32","parameters":{"binary_data_size":0}}]}' % HUGE
+    r = http.post(f"{server.url}/v2/models/mlp/infer", data=head,
+                  headers={"Inference-Header-Content-Length": str(len(head))})
+    check(r, 400, "does not fit")
     still_serving(server, http)
 
 

@@ -1,7 +1,7 @@
 //! JSON and Triton-binary encodings of tensors, shared by the TF Serving and KServe
 //! routes. Errors are messages for a 400 and name the tensor.
 
-use crate::tensor::{numel, DType, Tensor};
+use crate::tensor::{checked_bytes, numel, DType, Tensor};
 use serde_json::Value;
 
 /// Reads a (possibly nested) JSON array of numbers as a tensor of `dtype`, inferring
@@ -16,7 +16,10 @@ pub fn tensor_from_json(name: &str, value: &Value, dtype: DType) -> Result<Tenso
             None => break,
         }
     }
-    let mut data = Vec::with_capacity(numel(&shape) * dtype.size());
+    // The shape comes from the first element of each level, before the rest is checked:
+    // only a hint, capped, so that a small ragged body cannot ask for a huge buffer.
+    let hint = checked_bytes(&shape, dtype).unwrap_or(0).min(1 << 20);
+    let mut data = Vec::with_capacity(hint);
     flatten(name, value, &shape, dtype, &mut data)?;
     Tensor::new(dtype, shape, data).map_err(|e| format!("input '{name}': {e}"))
 }

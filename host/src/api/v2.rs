@@ -5,7 +5,7 @@
 use super::codec::{self, write_flat_json};
 use super::{infer_within, ApiError, AppState};
 use crate::lifecycle::Servable;
-use crate::tensor::{numel, DType, Tensor};
+use crate::tensor::{checked_numel, DType, Tensor};
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -341,7 +341,12 @@ fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiErro
             input.shape
         )));
     }
-    let want = numel(&input.shape);
+    let want = checked_numel(&input.shape).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "input '{name}' has shape {:?}, whose element count does not fit in memory",
+            input.shape
+        ))
+    })?;
     if let Some(size) = input.parameters.get("binary_data_size") {
         let size = size.as_u64().ok_or_else(|| {
             ApiError::BadRequest(format!("input '{name}': binary_data_size must be a number"))
