@@ -291,10 +291,20 @@ impl Inner {
 
     fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
         let _no_grad = tch::no_grad_guard();
-        let args: Vec<IValue> = inputs
+        let args = inputs
             .iter()
-            .map(|t| IValue::Tensor(to_tch(t).to_device(self.device)))
-            .collect();
+            .map(|t| {
+                let on_device = to_tch(t)?.f_to_device(self.device).map_err(|e| {
+                    // Out of memory on a GPU shared with other models lands here.
+                    format!(
+                        "moving the inputs to {:?} failed: {}",
+                        self.device,
+                        first_line(&e.to_string())
+                    )
+                })?;
+                Ok(IValue::Tensor(on_device))
+            })
+            .collect::<Result<Vec<IValue>, String>>()?;
         let value = self.module.forward_is(&args).map_err(|e| {
             // libtorch's messages carry a C++ backtrace; the first lines say what failed.
             let msg = e.to_string();
@@ -315,7 +325,12 @@ impl super::Model for TorchModel {
         };
         if threads == 1 || self.inner.device != Device::Cpu {
             use_threads(1);
-            return self.inner.forward(inputs);
+            // On the caller's thread (a runtime worker): a panic in tch must fail this
+            // forward with a message, as on the pool's threads, not unwind the request.
+            return std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.inner.forward(inputs)
+            }))
+            .unwrap_or_else(|_| Err("the forward failed (a panic in libtorch)".into()));
         }
         let inner = self.inner.clone();
         let cores = super::cores();
@@ -366,8 +381,19 @@ fn dtype_of(k: Kind) -> Option<DType> {
     DType::ALL.into_iter().find(|&d| kind_of(d) == k)
 }
 
-fn to_tch(t: &Tensor) -> tch::Tensor {
-    tch::Tensor::from_data_size(&t.data, &t.shape, kind_of(t.dtype))
+fn to_tch(t: &Tensor) -> Result<tch::Tensor, String> {
+    tch::Tensor::f_from_data_size(&t.data, &t.shape, kind_of(t.dtype)).map_err(|e| {
+        format!(
+            "making a libtorch tensor of shape {:?} failed: {}",
+            t.shape,
+            first_line(&e.to_string())
+        )
+    })
+}
+
+/// libtorch's messages carry a C++ backtrace after their first line.
+fn first_line(msg: &str) -> &str {
+    msg.lines().next().unwrap_or(msg)
 }
 
 fn from_tch(t: &tch::Tensor) -> Result<Tensor, String> {
@@ -377,7 +403,15 @@ fn from_tch(t: &tch::Tensor) -> Result<Tensor, String> {
             t.kind()
         )
     })?;
-    let t = t.to_device(Device::Cpu).contiguous();
+    let t = t
+        .f_to_device(Device::Cpu)
+        .and_then(|t| t.f_contiguous())
+        .map_err(|e| {
+            format!(
+                "copying an output back from the model's device failed: {}",
+                first_line(&e.to_string())
+            )
+        })?;
     let shape = t.size();
     let numel = t.numel();
     let mut data = vec![0u8; numel * dtype.size()];
@@ -402,7 +436,7 @@ mod tests {
     #[test]
     fn tensors_round_trip_through_libtorch() {
         let t = Tensor::from_f32(vec![2, 2], &[1.0, 2.0, 3.0, -4.5]);
-        let back = from_tch(&to_tch(&t)).unwrap();
+        let back = from_tch(&to_tch(&t).unwrap()).unwrap();
         assert_eq!(back, t);
         let i = Tensor::new(
             DType::Int64,
@@ -410,7 +444,7 @@ mod tests {
             [1i64, -2, 3].iter().flat_map(|v| v.to_le_bytes()).collect(),
         )
         .unwrap();
-        assert_eq!(from_tch(&to_tch(&i)).unwrap(), i);
+        assert_eq!(from_tch(&to_tch(&i).unwrap()).unwrap(), i);
     }
 
     fn thread_name() -> String {
