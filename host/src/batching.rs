@@ -98,6 +98,9 @@ struct State {
     queued_rows: usize,
     /// Leaders running now (at most `num_batch_threads`).
     leaders: usize,
+    /// Leaders waiting to fill their batch (`batch_timeout_micros`): at most one. While
+    /// one waits, new requests queue for it instead of taking another free slot.
+    filling: usize,
 }
 
 /// A queued request's wait for its answer or the lead. A leader may send the lead in the
@@ -163,6 +166,7 @@ impl Batcher {
                 queue: VecDeque::new(),
                 queued_rows: 0,
                 leaders: 0,
+                filling: 0,
             }),
             queued: tokio::sync::Notify::new(),
             stats: Mutex::new(Stats::default()),
@@ -204,10 +208,18 @@ impl Batcher {
     async fn submit<F: Forward>(&self, inputs: Vec<Tensor>, rows: usize, forward: &F) -> Outputs {
         let queued = {
             let mut st = self.state.lock().unwrap();
-            if st.leaders < self.policy.num_batch_threads {
-                // The device is free: lead at once, no queueing, no hand-off.
+            if st.leaders < self.policy.num_batch_threads && st.filling == 0 {
+                // The device is free: lead at once, no queueing, no hand-off. With a
+                // batch timeout, an idle device may wait to fill this batch; while it
+                // does, the requests that arrive queue for it (the branch below) rather
+                // than each taking a free slot and waiting on its own.
                 st.leaders += 1;
-                Ok(inputs)
+                let fill =
+                    !self.policy.batch_timeout.is_zero() && rows < self.policy.max_batch_size;
+                if fill {
+                    st.filling += 1;
+                }
+                Ok((inputs, fill))
             } else {
                 let limit = self.policy.max_enqueued_batches * self.policy.max_batch_size;
                 if st.queued_rows + rows > limit {
@@ -232,7 +244,7 @@ impl Batcher {
             }
         };
         match queued {
-            Ok(inputs) => self.lead(inputs, rows, Instant::now(), forward).await,
+            Ok((inputs, fill)) => self.lead(inputs, rows, Instant::now(), fill, forward).await,
             Err(rx) => {
                 // Dropping this future (the client went away) drops the wait: leaders then
                 // skip the task, and a lead that reached it in the meantime is passed on.
@@ -244,8 +256,10 @@ impl Batcher {
                 waiting.rx = None;
                 match msg {
                     Ok(Msg::Done(out)) => out,
+                    // A lead passed on from a finished batch: the device is free and this
+                    // request was queued, so it runs at once, without the batch timeout.
                     Ok(Msg::Lead(inputs, rows, queued_at)) => {
-                        self.lead(inputs, rows, queued_at, forward).await
+                        self.lead(inputs, rows, queued_at, false, forward).await
                     }
                     Err(_) => Err(BatchError::Model("the batcher dropped the request".into())),
                 }
@@ -255,11 +269,14 @@ impl Batcher {
 
     /// Runs one batch as the leader: this caller's rows first, then the oldest queued
     /// requests that fit; answers the others, passes the lead on, returns its own rows.
+    /// `fill`: this leader found the device idle and counts in `State::filling`; it waits
+    /// up to the batch timeout for more rows.
     async fn lead<F: Forward>(
         &self,
         inputs: Vec<Tensor>,
         rows: usize,
         queued_at: Instant,
+        fill: bool,
         forward: &F,
     ) -> Outputs {
         // Whatever happens below, the lead must move on, or the queue would wedge.
@@ -270,7 +287,16 @@ impl Batcher {
             }
         }
         let _pass = PassOnDrop(self);
-        if !self.policy.batch_timeout.is_zero() && rows < self.policy.max_batch_size {
+        if fill {
+            // Counted in `filling` by `submit`; uncounted when the wait ends or is
+            // cancelled with its caller.
+            struct Filling<'a>(&'a Batcher);
+            impl Drop for Filling<'_> {
+                fn drop(&mut self) {
+                    self.0.state.lock().unwrap().filling -= 1;
+                }
+            }
+            let _filling = Filling(self);
             self.wait_to_fill(rows).await;
         }
         let followers = self.take_batch(&inputs, self.policy.max_batch_size - rows);
@@ -362,23 +388,43 @@ impl Batcher {
             rows += t.rows;
             batch.push(t);
         }
+        self.lead_on_free_slots(&mut st);
         self.metrics.set_queue_depth(st.queue.len());
         batch
+    }
+
+    /// Requests that queued while a leader filled its batch, and did not fit in it, go to
+    /// the slots that are free, at once. (With no batch timeout nothing queues while a
+    /// slot is free, and this finds nothing to do.)
+    fn lead_on_free_slots(&self, st: &mut State) {
+        while st.leaders < self.policy.num_batch_threads && st.filling == 0 {
+            let Some(t) = st.queue.pop_front() else { break };
+            st.queued_rows -= t.rows;
+            if t.tx.send(Msg::Lead(t.inputs, t.rows, t.queued_at)).is_ok() {
+                st.leaders += 1;
+            }
+        }
     }
 
     /// Hands the lead, with its inputs, to the oldest queued request whose caller is still
     /// there; with none, frees the device.
     fn pass_lead(&self) {
         let mut st = self.state.lock().unwrap();
+        // The oldest queued request takes this slot at once, even while another slot's
+        // leader waits to fill its batch: a free slot never idles beside queued work.
+        let mut passed = false;
         while let Some(t) = st.queue.pop_front() {
             st.queued_rows -= t.rows;
-            self.metrics.set_queue_depth(st.queue.len());
-            match t.tx.send(Msg::Lead(t.inputs, t.rows, t.queued_at)) {
-                Ok(()) => return,
-                Err(_) => continue, // its caller went away
-            }
+            if t.tx.send(Msg::Lead(t.inputs, t.rows, t.queued_at)).is_ok() {
+                passed = true;
+                break;
+            } // else its caller went away
         }
-        st.leaders -= 1;
+        if !passed {
+            st.leaders -= 1;
+        }
+        self.lead_on_free_slots(&mut st);
+        self.metrics.set_queue_depth(st.queue.len());
     }
 
     /// One forward over a batch of `padded` rows made of requests of `counts` rows;
@@ -503,11 +549,30 @@ fn concat_rows(requests: &[&[Tensor]], padded: usize) -> Vec<Tensor> {
         .collect()
 }
 
-/// Rejoins the outputs of a split request along dim 0.
+/// Rejoins the outputs of a split request along dim 0. The parts must agree on the
+/// outputs' names, dtypes and non-batch dimensions (a model whose output size depends on
+/// its input cannot have a request split): otherwise the request fails with the reason.
 fn join_rows(parts: Vec<Vec<(String, Tensor)>>) -> Outputs {
     let mut iter = parts.into_iter();
     let mut joined = iter.next().unwrap_or_default();
     for part in iter {
+        let agree = part.len() == joined.len()
+            && joined.iter().zip(&part).all(|((n, a), (m, b))| {
+                n == m && a.dtype == b.dtype && a.shape[1..] == b.shape[1..]
+            });
+        if !agree {
+            let shapes = |p: &[(String, Tensor)]| {
+                p.iter()
+                    .map(|(n, t)| format!("{n} {:?}", t.shape))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            return Err(BatchError::Model(format!(
+                "the request had more rows than max_batch_size and was split, but the model's outputs for its parts differ ({} and {}), so they cannot be rejoined; send at most max_batch_size rows per request",
+                shapes(&joined),
+                shapes(&part)
+            )));
+        }
         for ((_, acc), (_, t)) in joined.iter_mut().zip(part) {
             acc.shape[0] += t.shape[0];
             acc.data.extend_from_slice(&t.data);
@@ -874,6 +939,84 @@ mod tests {
             .await
             .expect("the leader's own row and three queued fill the batch: no 30 s wait");
         assert_eq!(*f.sizes.lock().unwrap(), vec![4]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn with_several_slots_requests_fill_the_waiting_batch_instead_of_each_waiting() {
+        // Two forward slots and a long timeout: the first request waits to fill its
+        // batch, and the next three must join it, not take the free slot and wait 30 s
+        // for a batch of their own.
+        let mut p = policy(4, &[], 4);
+        p.batch_timeout = Duration::from_secs(30);
+        p.num_batch_threads = 2;
+        let b = Arc::new(Batcher::new(p, VersionMetrics::default()));
+        let f = Doubler::new(0);
+        let all = async {
+            let mut handles = Vec::new();
+            for i in 0..4 {
+                let (b, f) = (b.clone(), f.clone());
+                handles.push(tokio::spawn(async move {
+                    b.infer(rows(&[[i as f32, 0.0]]), &f).await
+                }));
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            for (i, h) in handles.into_iter().enumerate() {
+                assert_eq!(values(&h.await.unwrap()), vec![2.0 * i as f64, 0.0]);
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all)
+            .await
+            .expect("four rows fill one batch of four: no 30 s wait");
+        assert_eq!(*f.sizes.lock().unwrap(), vec![4]);
+        let st = b.state.lock().unwrap();
+        assert_eq!((st.leaders, st.filling), (0, 0));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_lead_passed_to_queued_requests_runs_them_without_the_batch_timeout() {
+        // The timeout is the extra wait of an idle device only: when a batch finishes,
+        // what queued meanwhile runs at once.
+        let mut p = policy(2, &[], 4);
+        p.batch_timeout = Duration::from_secs(30);
+        let b = Arc::new(Batcher::new(p, VersionMetrics::default()));
+        let f = Held::new();
+        let (b1, f1) = (b.clone(), f.clone());
+        // Two rows fill the batch: it runs at once, and holds the model.
+        let first =
+            tokio::spawn(async move { b1.infer(rows(&[[1.0, 1.0], [1.0, 1.0]]), &f1).await });
+        until("the first forward runs", || {
+            f.entered.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let (b2, f2) = (b.clone(), f.clone());
+        let queued = tokio::spawn(async move { b2.infer(rows(&[[2.0, 2.0]]), &f2).await });
+        until("the second request queues", || b.queue_depth() == 1).await;
+        f.release.add_permits(1);
+        assert!(first.await.unwrap().is_ok());
+        let out = tokio::time::timeout(Duration::from_secs(10), queued)
+            .await
+            .expect("the queued request runs when the device frees, not 30 s later")
+            .unwrap();
+        assert_eq!(values(&out), vec![2.0, 2.0]);
+        assert_eq!(*f.sizes.lock().unwrap(), vec![2, 1]);
+    }
+
+    #[test]
+    fn split_parts_whose_outputs_differ_are_refused_not_joined() {
+        let part = |rows: i64, width: i64| {
+            vec![(
+                "y".to_string(),
+                Tensor::from_f32(vec![rows, width], &vec![0.0; (rows * width) as usize]),
+            )]
+        };
+        let joined = join_rows(vec![part(4, 3), part(2, 3)]).unwrap();
+        assert_eq!(joined[0].1.shape, vec![6, 3]);
+        assert_eq!(joined[0].1.data.len(), 6 * 3 * 4);
+        let err = join_rows(vec![part(4, 10), part(2, 7)])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("y [4, 10] and y [2, 7]"), "{err}");
+        assert!(err.contains("max_batch_size"), "{err}");
     }
 
     #[tokio::test]
