@@ -431,6 +431,78 @@ impl Registry {
         );
     }
 
+    /// Publishes a version that just loaded, unless its state moved on while it loaded:
+    /// an unload or delete meanwhile (END) means it must not serve, and a concurrent load
+    /// of the same version that published first (AVAILABLE) keeps serving; this copy is
+    /// then dropped (releasing its memory reservation) and the one serving is returned.
+    fn publish_loaded(&self, servable: Arc<Servable>) -> Result<Arc<Servable>, String> {
+        let (model, v) = (servable.name().to_string(), servable.version());
+        {
+            let models = self.models.read().unwrap();
+            let entry = models.get(&model);
+            match entry.and_then(|e| e.status.get(&v)).map(|s| s.state) {
+                Some(State::Loading) => {}
+                _ => {
+                    if let Some(serving) = entry.and_then(|e| e.available.get(&v)) {
+                        return Ok(serving.clone());
+                    }
+                    return Err(format!(
+                        "version {v} of '{model}' was unloaded or deleted while it loaded; it does not serve"
+                    ));
+                }
+            }
+        }
+        self.publish(servable.clone());
+        Ok(servable)
+    }
+
+    /// Records a failed load, unless a concurrent load of the same version has published
+    /// it meanwhile (a failed duplicate must not mark a serving version END).
+    fn record_load_failure(&self, model: &str, version: u64, msg: String) {
+        let serving = self
+            .models
+            .read()
+            .unwrap()
+            .get(model)
+            .is_some_and(|e| e.available.contains_key(&version));
+        if !serving {
+            self.set_status(model, version, State::End, Some(msg));
+        }
+    }
+
+    /// A retired version's last request finished: END, and its per-version metric series
+    /// are removed, unless it was loaded again meanwhile (LOADING or AVAILABLE: the new
+    /// copy owns the status and shares the series).
+    fn retired(&self, model: &str, version: u64) -> bool {
+        let mut models = self.models.write().unwrap();
+        let Some(entry) = models.get_mut(model) else {
+            return false;
+        };
+        let unloading = entry
+            .status
+            .get(&version)
+            .is_some_and(|s| s.state == State::Unloading);
+        if !unloading || entry.available.contains_key(&version) {
+            return false;
+        }
+        self.metrics.version_state(
+            model,
+            version,
+            Some(State::Unloading.as_str()),
+            State::End.as_str(),
+        );
+        entry.status.insert(
+            version,
+            VersionStatus {
+                version,
+                state: State::End,
+                error: None,
+            },
+        );
+        self.metrics.forget_version(model, version);
+        true
+    }
+
     pub(crate) fn publish(&self, servable: Arc<Servable>) {
         let mut models = self.models.write().unwrap();
         let entry = models.entry(servable.name().to_string()).or_default();
@@ -508,8 +580,9 @@ impl Registry {
                     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
                 }
                 drop(servable);
-                registry.set_status(&name, version, State::End, None);
-                tracing::info!(model = %name, version, "version retired (END)");
+                if registry.retired(&name, version) {
+                    tracing::info!(model = %name, version, "version retired (END)");
+                }
             });
         }
     }
@@ -584,12 +657,13 @@ pub async fn load_and_publish(
                 plugin = servable.handler.as_ref().map(|p| p.name()).unwrap_or("-"),
                 took = ?started.elapsed(), "version AVAILABLE"
             );
-            registry.publish(servable.clone());
-            Ok(servable)
+            registry.publish_loaded(servable).inspect_err(|msg| {
+                tracing::warn!(model = %model, version, "{msg}");
+            })
         }
         Err(msg) => {
             tracing::warn!(model = %model, version, "version failed to load: {msg}");
-            registry.set_status(&model, version, State::End, Some(msg.clone()));
+            registry.record_load_failure(&model, version, msg.clone());
             Err(msg)
         }
     }
@@ -849,6 +923,84 @@ mod tests {
     fn policy(text: &str) -> Result<VersionPolicy, String> {
         let v: toml::Value = toml::from_str(&format!("p = {text}")).unwrap();
         VersionPolicy::from_toml(&v["p"])
+    }
+
+    /// A servable with no model or plugin: enough for the registry's bookkeeping.
+    fn bare(name: &str, version: u64) -> Arc<Servable> {
+        let text = format!("[bundle]\nname = \"{name}\"\nversion = {version}\n");
+        let bundle = Bundle {
+            dir: std::path::PathBuf::from("/nonexistent"),
+            manifest: crate::bundle::parse_manifest(&text).unwrap(),
+        };
+        Arc::new(Servable {
+            id: id_of(&bundle),
+            bundle,
+            runner: None,
+            handler: None,
+            endpoint: None,
+            reservation: None,
+        })
+    }
+
+    fn state(r: &Registry, model: &str, v: u64) -> State {
+        r.status(model)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.version == v)
+            .unwrap()
+            .state
+    }
+
+    #[tokio::test]
+    async fn a_version_loaded_again_while_it_retires_stays_available() {
+        let r = Arc::new(Registry::new(
+            Arc::new(Metrics::new()),
+            DeviceBudget::default(),
+        ));
+        let old = bare("m", 1);
+        r.set_status("m", 1, State::Loading, None);
+        r.publish_loaded(old.clone()).unwrap();
+        let in_flight = old.clone(); // a slow request still holds the old copy
+        let gone = Arc::downgrade(&old);
+        drop(old);
+        r.retire_version("m", 1);
+        assert_eq!(state(&r, "m", 1), State::Unloading);
+        // Loaded again while the old copy's last request runs.
+        r.set_status("m", 1, State::Loading, None);
+        let new = r.publish_loaded(bare("m", 1)).unwrap();
+        drop(in_flight);
+        // The retire task drops the old copy and settles its state in one step (this
+        // runtime has one thread): once the copy is gone, the task has finished.
+        while gone.upgrade().is_some() {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+        assert_eq!(state(&r, "m", 1), State::Available, "the new copy serves");
+        assert!(Arc::ptr_eq(&r.resolve("m", Some(1)).unwrap(), &new));
+    }
+
+    #[test]
+    fn a_load_that_finishes_after_an_unload_or_a_rival_load_does_not_publish() {
+        let r = Arc::new(Registry::new(
+            Arc::new(Metrics::new()),
+            DeviceBudget::default(),
+        ));
+        // Unloaded (or deleted) while loading: the finished load must not serve.
+        r.set_status("m", 1, State::Loading, None);
+        r.retire_version("m", 1);
+        let Err(err) = r.publish_loaded(bare("m", 1)) else {
+            panic!("published after an unload")
+        };
+        assert!(err.contains("unloaded or deleted while it loaded"), "{err}");
+        assert!(r.resolve("m", Some(1)).is_err());
+        assert_eq!(state(&r, "m", 1), State::End);
+        // Two loads of version 2 at once: the first publishes; the second neither replaces
+        // it nor, when it fails, marks it END.
+        r.set_status("m", 2, State::Loading, None);
+        let first = r.publish_loaded(bare("m", 2)).unwrap();
+        let second = r.publish_loaded(bare("m", 2)).unwrap();
+        assert!(Arc::ptr_eq(&first, &second));
+        r.record_load_failure("m", 2, "over the budget".into());
+        assert_eq!(state(&r, "m", 2), State::Available);
     }
 
     #[test]

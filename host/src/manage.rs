@@ -405,10 +405,14 @@ impl Manager {
             )));
         };
         self.unloaded.lock().unwrap().insert(model.to_string());
-        for s in statuses
-            .iter()
-            .filter(|s| s.state == lifecycle::State::Available)
-        {
+        // A version still loading is marked END too, so that it does not serve when its
+        // load finishes.
+        for s in statuses.iter().filter(|s| {
+            matches!(
+                s.state,
+                lifecycle::State::Available | lifecycle::State::Loading
+            )
+        }) {
             self.registry.retire_version(model, s.version);
         }
         Ok(())

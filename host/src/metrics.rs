@@ -63,6 +63,10 @@ pub struct EndpointLabels {
     pub endpoint: String,
 }
 
+/// Every value of the `outcome` label of `nnserve_requests_total` (the API's errors map
+/// onto these; a unit test there checks it).
+pub const OUTCOMES: [&str; 5] = ["ok", "client_error", "server_error", "overload", "timeout"];
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn seconds() -> Histogram {
@@ -337,7 +341,9 @@ impl Metrics {
             .observe(took.as_secs_f64());
     }
 
-    /// Moves a version from one state to another in the `versions` gauge.
+    /// Moves a version from one state to another in the `versions` gauge. A version has
+    /// one series there, for its current state: the old state's series is removed rather
+    /// than left at 0, so uploads do not pile up zero series.
     pub fn version_state(&self, model: &str, version: u64, from: Option<&str>, to: &str) {
         let key = |state: &str| StateLabels {
             model: model.to_string(),
@@ -345,9 +351,30 @@ impl Metrics {
             state: state.to_string(),
         };
         if let Some(from) = from {
-            self.versions.get_or_create(&key(from)).dec();
+            self.versions.remove(&key(from));
         }
-        self.versions.get_or_create(&key(to)).inc();
+        self.versions.get_or_create(&key(to)).set(1);
+    }
+
+    /// Removes the execution series of a version that has been retired (requests by
+    /// outcome, latencies, batch sizes, queue depth): a server that takes many uploads
+    /// would otherwise export every version it ever served. Its `nnserve_versions` series
+    /// stays, at END.
+    pub fn forget_version(&self, model: &str, version: u64) {
+        let l = labels(model, version);
+        for outcome in OUTCOMES {
+            self.requests.remove(&OutcomeLabels {
+                model: l.model.clone(),
+                version: l.version.clone(),
+                outcome: outcome.to_string(),
+            });
+        }
+        self.latency.remove(&l);
+        self.queue_time.remove(&l);
+        self.compute_time.remove(&l);
+        self.batch_size.remove(&l);
+        self.padding.remove(&l);
+        self.queue_depth.remove(&l);
     }
 
     /// The OpenMetrics text of every metric.
@@ -400,5 +427,34 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn a_retired_version_keeps_only_its_end_state_series() {
+        let m = Metrics::new();
+        let v = m.version("mlp", 1);
+        v.observe_batch(2, 2);
+        m.request("mlp", 1, "ok", Duration::from_micros(50));
+        m.request("mlp", 1, "overload", Duration::from_micros(5));
+        m.version_state("mlp", 1, None, "LOADING");
+        m.version_state("mlp", 1, Some("LOADING"), "AVAILABLE");
+        m.version("mlp", 2).observe_batch(1, 1);
+        m.version_state("mlp", 1, Some("AVAILABLE"), "UNLOADING");
+        m.version_state("mlp", 1, Some("UNLOADING"), "END");
+        m.forget_version("mlp", 1);
+        let text = m.encode();
+        let v1: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("version=\"1\""))
+            .collect();
+        assert_eq!(
+            v1,
+            vec!["nnserve_versions{model=\"mlp\",version=\"1\",state=\"END\"} 1"],
+            "{text}"
+        );
+        assert!(
+            text.contains("nnserve_batch_size_count{model=\"mlp\",version=\"2\"} 1"),
+            "the other version's series stay: {text}"
+        );
     }
 }

@@ -115,6 +115,11 @@ def test_hot_swap_under_load_drops_no_request(live):
     while status(live).get("1") != "END" and time.time() < deadline:
         time.sleep(0.05)
     assert status(live) == {"2": "AVAILABLE", "1": "END"}
+    # The retired version's series are gone from /metrics but its END state; v2's stay.
+    text = requests.get(f"{live.url}/metrics").text
+    mlp = [l for l in text.splitlines() if 'model="mlp"' in l]
+    assert [l for l in mlp if 'version="1"' in l] == ['nnserve_versions{model="mlp",version="1",state="END"} 1'], mlp
+    assert any(l.startswith("nnserve_requests_total{") and 'version="2"' in l for l in mlp), mlp
     # Stored atomically, with its record beside the version directories.
     assert os.path.isfile(os.path.join(live.repo, "mlp", "2", "bundle.toml"))
     assert os.path.isfile(os.path.join(live.repo, "mlp", ".meta", "2.json"))

@@ -622,3 +622,34 @@ async fn shutdown_signal() {
     }
     tracing::info!("shutting down: finishing requests in flight");
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_maps_to_an_outcome_the_metrics_know() {
+        // A retired version's series are removed outcome by outcome (metrics::OUTCOMES):
+        // an outcome missing there would stay exported forever.
+        let m = String::new;
+        for e in [
+            ApiError::BadRequest(m()),
+            ApiError::NotFound(m()),
+            ApiError::UnsupportedMediaType(m()),
+            ApiError::Internal(m()),
+            ApiError::Unauthorized(m()),
+            ApiError::Conflict(m()),
+            ApiError::TooLarge(m()),
+            ApiError::TooManyRequests(m()),
+            ApiError::Unavailable(m()),
+            ApiError::Timeout(m()),
+        ] {
+            assert!(
+                crate::metrics::OUTCOMES.contains(&e.outcome()),
+                "{}",
+                e.outcome()
+            );
+        }
+        assert!(crate::metrics::OUTCOMES.contains(&outcome_of(&Ok::<(), ApiError>(()))));
+    }
+}
