@@ -137,6 +137,19 @@ impl Drop for Reservation {
     }
 }
 
+/// A load refused by a device's memory budget: the bundle is fine, the server has no
+/// room for it now (an upload answers 409 with this, not 400).
+#[derive(Debug)]
+pub struct BudgetExceeded(pub String);
+
+impl std::fmt::Display for BudgetExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BudgetExceeded {}
+
 impl DeviceBudget {
     /// Budgets in MiB per device name.
     pub fn new(limits_mib: &BTreeMap<String, u64>) -> DeviceBudget {
@@ -159,14 +172,27 @@ impl DeviceBudget {
         let mut used = self.used.lock().unwrap();
         let now = used.get(device).copied().unwrap_or(0);
         if let Some(&limit) = self.limits.get(device) {
+            let mib = |b: u64| b.div_ceil(1 << 20);
+            if bytes > limit {
+                return Err(BudgetExceeded(format!(
+                    "{what} needs about {} MiB on {device}, more than its whole budget of {} MiB \
+                     (device_memory_mib in the server config): raise that budget to at least {} MiB",
+                    mib(bytes),
+                    limit >> 20,
+                    mib(bytes)
+                ))
+                .into());
+            }
             if now + bytes > limit {
-                anyhow::bail!(
+                return Err(BudgetExceeded(format!(
                     "{what} needs about {} MiB on {device}, but {} of its {} MiB budget are in use \
-                     (device_memory_mib in the server config): unload a version or raise the budget",
-                    bytes.div_ceil(1 << 20),
-                    now.div_ceil(1 << 20),
+                     (device_memory_mib in the server config): unload a version or raise the budget \
+                     (replacing a version needs room for both while requests move over)",
+                    mib(bytes),
+                    mib(now),
                     limit >> 20
-                );
+                ))
+                .into());
             }
         }
         used.insert(device.to_string(), now + bytes);

@@ -37,6 +37,8 @@ pub enum UploadError {
     Invalid(Vec<String>),
     /// 409: that version exists with other content.
     Conflict(String),
+    /// 409: a device's memory budget has no room for the model now.
+    NoRoom(String),
     /// 413.
     TooLarge(String),
     /// 404.
@@ -137,9 +139,16 @@ impl Manager {
             lifecycle::load_version(&probe, &rt, metrics, Some(&budget))
         })
         .await
-        .map_err(internal)?
-        .map(Arc::new)
-        .map_err(|e| format!("the bundle does not load: {e:#}"));
+        .map_err(internal)?;
+        if let Err(e) = &loaded {
+            if let Some(full) = e.downcast_ref::<lifecycle::BudgetExceeded>() {
+                // Not the bundle's fault: nothing is recorded against the version.
+                return Err(UploadError::NoRoom(full.to_string()));
+            }
+        }
+        let loaded = loaded
+            .map(Arc::new)
+            .map_err(|e| format!("the bundle does not load: {e:#}"));
         let warmed = match (loaded, self.warmup.get()) {
             (Ok(s), Some(hook)) => hook(s.clone()).await.map(|_| s),
             (other, _) => other,

@@ -9,7 +9,7 @@ import numpy as np
 import requests
 
 from conftest import start_server, stop_server
-from test_upload import ROW, expected, mlp_bundle, status
+from test_upload import ROW, TOKEN, auth, expected, mlp_bundle, pack, status
 
 
 def wait_for(cond, timeout=20):
@@ -128,13 +128,25 @@ def test_a_device_memory_budget_refuses_what_would_not_fit(tmp_path):
     heavy_bundle(repo)  # about 33 MB of weights
     config = tmp_path / "nnserve.toml"
     config.write_text("poll_interval_ms = 0\n[device_memory_mib]\ncpu = 8\n")
-    s = start_server(repo, tmp, "--config", str(config))
+    s = start_server(repo, tmp, "--config", str(config), "--admin-token", TOKEN)
     try:
         (st,) = requests.get(f"{s.url}/v1/models/heavy").json()["model_version_status"]
         assert st["state"] == "END"
-        assert "heavy@1 needs about" in st["status"]["error_message"]
-        assert "device_memory_mib" in st["status"]["error_message"]
+        msg = st["status"]["error_message"]
+        assert "heavy@1 needs about" in msg and "device_memory_mib" in msg
+        assert "more than its whole budget of 8 MiB" in msg and "raise that budget to at least" in msg
         assert status(s) == {"1": "AVAILABLE"}
+        assert requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
+        # An upload that does not fit is not an invalid bundle: 409 with the numbers, and
+        # nothing stored or recorded for it.
+        heavy2 = os.path.join(tmp, "up")
+        heavy_bundle(heavy2, name="big")
+        archive = pack(os.path.join(heavy2, "big", "1"), os.path.join(tmp, "big.tar.gz"))
+        r = requests.post(f"{s.url}/v1/models/big/versions", data=archive, headers=auth())
+        assert r.status_code == 409, r.text
+        assert "big@1 needs about" in r.json()["error"] and "invalid bundle" not in r.json()["error"]
+        assert not os.path.exists(os.path.join(repo, "big"))
+        assert requests.get(f"{s.url}/v1/models/big").status_code == 404
         assert requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW}).status_code == 200
     finally:
         stop_server(s)

@@ -339,7 +339,7 @@ pub(crate) fn manage_error(e: crate::manage::UploadError) -> ApiError {
         UploadError::Invalid(reasons) => {
             ApiError::BadRequest(format!("invalid bundle: {}", reasons.join("; ")))
         }
-        UploadError::Conflict(m) => ApiError::Conflict(m),
+        UploadError::Conflict(m) | UploadError::NoRoom(m) => ApiError::Conflict(m),
         UploadError::TooLarge(m) => ApiError::TooLarge(m),
         UploadError::NotFound(m) => ApiError::NotFound(m),
         UploadError::Internal(m) => ApiError::Internal(m),
