@@ -383,7 +383,12 @@ impl PluginRuntime {
         let mut c = Config::new();
         c.wasm_component_model(true)
             .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
+            // A plugin's `compute` that leads a batch runs the model's forward (libtorch,
+            // or the CUDA driver) on this call's fiber stack, below whatever the guest's
+            // wasm used (up to `max_wasm_stack`, 512 KiB). 4 MiB leaves that forward more
+            // than the 2 MiB a runtime worker thread has; untouched pages cost nothing.
+            .async_stack_size(4 << 20);
         // For plugin authors and us: `NNSERVE_WASM_PERFMAP=1` writes /tmp/perf-PID.map,
         // so that `perf record`/`perf report` name the guest's functions (docs/plugins.md).
         if std::env::var_os("NNSERVE_WASM_PERFMAP").is_some_and(|v| v != "0") {

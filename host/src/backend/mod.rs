@@ -74,6 +74,9 @@ pub fn threading(
     let cores = cores();
     let compute_bound = matches!(forward, Some(t) if t >= PARALLEL_FROM);
     let intra_op = match fixed {
+        // What the forward really uses: on a GPU one CPU thread, whatever was configured
+        // (the status API reports this).
+        Some(_) if !on_cpu => IntraOp::Fixed(1),
         Some(n) => IntraOp::Fixed(n.max(1)),
         // A GPU forward keeps its CPU thread waiting on the device, not computing: it
         // must not take a share of the cores from the CPU models' forwards.
@@ -175,6 +178,11 @@ mod tests {
         assert_eq!(threading(None, slow, None, true), t(cores, IntraOp::Shared));
         // On a GPU: one forward at a time, on one CPU thread.
         assert_eq!(threading(None, slow, None, false), t(1, IntraOp::Fixed(1)));
+        // --torch-threads does not apply there: the status reports the one thread used.
+        assert_eq!(
+            threading(Some(4), slow, None, false),
+            t(1, IntraOp::Fixed(1))
+        );
         // The bundle's num_batch_threads is kept as written.
         assert_eq!(threading(None, slow, Some(1), true), t(1, IntraOp::Shared));
         assert_eq!(
