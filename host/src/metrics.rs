@@ -65,7 +65,14 @@ pub struct EndpointLabels {
 
 /// Every value of the `outcome` label of `nnserve_requests_total` (the API's errors map
 /// onto these; a unit test there checks it).
-pub const OUTCOMES: [&str; 5] = ["ok", "client_error", "server_error", "overload", "timeout"];
+pub const OUTCOMES: [&str; 6] = [
+    "ok",
+    "client_error",
+    "server_error",
+    "overload",
+    "timeout",
+    "cancelled",
+];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 

@@ -126,6 +126,7 @@ def test_requests_whose_clients_leave_are_dropped_from_the_queue(server):
     import socket
     import time
     rows0, _ = batch_sums(server, "gate")
+    cancelled0 = gate_cancelled(server)
     host, port = server.url.removeprefix("http://").split(":")
     url = f"{server.url}/v1/models/gate:predict"
     with ThreadPoolExecutor(1) as pool:
@@ -164,6 +165,15 @@ def test_requests_whose_clients_leave_are_dropped_from_the_queue(server):
     ran = rows - rows0 - 2
     assert ran < 5, f"{ran:.0f} of the 40 abandoned requests ran"
     assert queued() == 0
+    # Counted as such in the requests metric.
+    cancelled = gate_cancelled(server) - cancelled0
+    assert 40 - ran <= cancelled <= 40, f"{cancelled} of the 40 abandoned requests counted as cancelled"
+
+
+def gate_cancelled(server):
+    fam = metric_families(server)["nnserve_requests"]
+    return sum(s.value for s in fam.samples if s.name == "nnserve_requests_total"
+               and s.labels.get("model") == "gate" and s.labels.get("outcome") == "cancelled")
 
 
 def test_padded_rows_are_counted_and_never_answered(server):

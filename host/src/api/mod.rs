@@ -346,6 +346,48 @@ pub(crate) fn manage_error(e: crate::manage::UploadError) -> ApiError {
     }
 }
 
+/// Counts a request to a resolved version in the metrics once it ends: with its outcome
+/// when it finishes ([`Recording::finish`]), or as `cancelled` when its future is dropped
+/// first (the client went away: hyper drops the handler when the connection closes).
+struct Recording<'a> {
+    state: &'a AppState,
+    target: &'a crate::lifecycle::Servable,
+    started: Instant,
+    done: bool,
+}
+
+impl<'a> Recording<'a> {
+    fn start(state: &'a AppState, target: &'a crate::lifecycle::Servable) -> Self {
+        Recording {
+            state,
+            target,
+            started: Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish<T>(mut self, result: &Result<T, ApiError>) {
+        self.done = true;
+        record(self.state, self.target, self.started, result);
+    }
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.state.metrics.request(
+                self.target.name(),
+                self.target.version(),
+                CANCELLED,
+                self.started.elapsed(),
+            );
+        }
+    }
+}
+
+/// The outcome of a request whose client went away before its answer.
+const CANCELLED: &str = "cancelled";
+
 /// Counts a finished request to a resolved version in the metrics.
 fn record<T>(
     state: &AppState,
@@ -465,9 +507,9 @@ pub(crate) async fn serve_inference(
     };
     let Some(endpoint_servable) = endpoint_servable else {
         let target = target.expect("a model when not an endpoint");
-        let started = Instant::now();
+        let recording = Recording::start(state, &target);
         let result = run_verb(state, &verb, &target, &method, &headers, body).await;
-        record(state, &target, started, &result);
+        recording.finish(&result);
         return Ok(with_variant(result, &target));
     };
     let endpoint = endpoint_servable.endpoint.as_ref().expect("filtered above");
@@ -530,9 +572,9 @@ pub(crate) async fn serve_inference(
         .routing_stats
         .get(&endpoint.name, &routed.variant, window);
     let guard = stats.start();
-    let t0 = Instant::now();
+    let recording = Recording::start(state, &target);
     let result = run_verb(state, &verb, &target, &method, &headers, body).await;
-    record(state, &target, t0, &result);
+    recording.finish(&result);
     guard.finish(is_server_error(&result));
     state.metrics.variant_request(
         &endpoint.name,
@@ -651,5 +693,6 @@ mod tests {
             );
         }
         assert!(crate::metrics::OUTCOMES.contains(&outcome_of(&Ok::<(), ApiError>(()))));
+        assert!(crate::metrics::OUTCOMES.contains(&CANCELLED));
     }
 }
