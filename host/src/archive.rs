@@ -87,6 +87,13 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                 continue;
             }
         };
+        // Each symlink is checked where its path says it is; an entry whose path goes
+        // through a symlink made by an earlier entry would land elsewhere (a chain such as
+        // `a -> .`, `a/b -> ..`, `a/b/c -> ..` climbs out one level per link).
+        if let Err(why) = not_through_symlink(dest, &rel) {
+            reasons.push(format!("`{raw}`: {why}"));
+            continue;
+        }
         let target = dest.join(&rel);
         let kind = entry.header().entry_type();
         let size = entry.header().size().unwrap_or(u64::MAX);
@@ -128,8 +135,12 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                 // A hard link names another entry of the archive; we copy that file.
                 Some(link) => {
                     let link = String::from_utf8_lossy(&link).into_owned();
+                    let plain_file = |src: &Path| {
+                        not_through_symlink(dest, src).is_ok()
+                            && fs::symlink_metadata(dest.join(src)).is_ok_and(|m| m.is_file())
+                    };
                     match safe_relative(&link) {
-                        Ok(Some(src)) if dest.join(&src).is_file() => ensure_parent(&target)
+                        Ok(Some(src)) if plain_file(&src) => ensure_parent(&target)
                             .and_then(|_| {
                                 fs::copy(dest.join(&src), &target)
                                     .map(|n| {
@@ -139,7 +150,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                                     .map_err(|e| e.to_string())
                             }),
                         Ok(_) => Err(format!(
-                            "hard link to `{link}`, which is not a file earlier in the archive"
+                            "hard link to `{link}`, which is not a plain file earlier in the archive"
                         )),
                         Err(why) => Err(format!("hard link to `{link}`: {why}")),
                     }
@@ -156,6 +167,11 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
         if let Err(why) = result {
             reasons.push(format!("`{raw}`: {why}"));
         }
+    }
+    if reasons.is_empty() {
+        // Links inside links: each was checked alone; what they resolve to together must
+        // stay inside the bundle too (`x -> a/..` with `a -> ..` leaves it).
+        reasons.extend(links_that_leave(dest));
     }
     if reasons.is_empty() {
         lift_single_directory(dest)
@@ -211,6 +227,45 @@ fn link_inside(at: &Path, link: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Refuses a path whose parent directories include a symlink (made by an earlier entry).
+fn not_through_symlink(dest: &Path, rel: &Path) -> Result<(), String> {
+    let mut at = dest.to_path_buf();
+    let parents = rel.components().count().saturating_sub(1);
+    for c in rel.components().take(parents) {
+        at.push(c);
+        if fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+            let link = at.strip_prefix(dest).unwrap_or(&at).display().to_string();
+            return Err(format!(
+                "goes through the symlink `{link}`; entries may not be placed through links"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Symlinks of the unpacked tree that resolve outside it or nowhere, as reasons.
+fn links_that_leave(dest: &Path) -> Vec<String> {
+    let Ok(root) = fs::canonicalize(dest) else {
+        return vec!["cannot resolve the unpacked bundle's directory".into()];
+    };
+    let Ok(files) = list_files(dest) else {
+        return vec!["cannot list the unpacked bundle".into()];
+    };
+    files
+        .iter()
+        .filter(|(_, meta)| meta.file_type().is_symlink())
+        .filter_map(|(rel, _)| match fs::canonicalize(dest.join(rel)) {
+            Ok(real) if real.starts_with(&root) => None,
+            Ok(_) => Some(format!(
+                "`{rel}`: the symlink resolves outside the bundle (through other links)"
+            )),
+            Err(_) => Some(format!(
+                "`{rel}`: the symlink leads to nothing in the bundle"
+            )),
+        })
+        .collect()
 }
 
 fn ensure_parent(target: &Path) -> Result<(), String> {
@@ -473,6 +528,63 @@ mod tests {
         assert!(reasons[0].contains("`up`") && reasons[0].contains("outside"));
         assert!(reasons[1].contains("`abs`") && reasons[1].contains("absolute"));
         assert!(dir.path().join("dest/assets/ok").is_symlink());
+        nothing_outside(&dir);
+    }
+
+    #[test]
+    fn chains_of_symlinks_cannot_place_or_point_anything_outside() {
+        use tar::EntryType::{Link, Symlink};
+        // Each link alone stays inside; together they climb out one level per link.
+        let bytes = craft(&[
+            file("bundle.toml", b"x"),
+            ("a", Symlink, b"", Some(".")),
+            ("a/b", Symlink, b"", Some("..")),
+            ("a/b/c", Symlink, b"", Some("..")),
+            file("a/b/c/escaped.txt", b"PWNED"),
+            ("a/b/c/hl", Link, b"", Some("bundle.toml")),
+            ("pulled", Link, b"", Some("a/b/bundle.toml")),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        let reasons = r.unwrap_err();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("`a/b`") && r.contains("through the symlink `a`")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("escaped.txt")),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons.iter().any(|r| r.contains("`pulled`")),
+            "{reasons:?}"
+        );
+        nothing_outside(&dir);
+        // A link through another link, both created at the root: refused after unpacking.
+        let bytes = craft(&[
+            file("bundle.toml", b"x"),
+            ("a", Symlink, b"", Some("..")),
+            ("x", Symlink, b"", Some("a/..")),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        let reasons = r.unwrap_err();
+        assert!(reasons.iter().any(|r| r.contains("`a`")), "{reasons:?}");
+        nothing_outside(&dir);
+        let bytes = craft(&[
+            file("bundle.toml", b"x"),
+            ("d", tar::EntryType::Directory, b"", None),
+            ("d/up", Symlink, b"", Some("..")),
+            ("x", Symlink, b"", Some("d/up/d/up/..")),
+        ]);
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        let reasons = r.unwrap_err();
+        assert!(
+            reasons
+                .iter()
+                .any(|r| r.contains("`x`") && r.contains("outside")),
+            "{reasons:?}"
+        );
         nothing_outside(&dir);
     }
 
