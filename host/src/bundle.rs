@@ -388,6 +388,11 @@ impl WarmupRequest {
 }
 
 /// Parses a manifest; the error names the field and line, as the TOML parser reports.
+/// The most bytes one input of one batch may take, checked at validation (the largest
+/// batch, `max_batch_size` rows, is also what a version warms up with). 1 GiB holds, for
+/// example, 1,365 RGB images of 224x224 or 341 of 512x512 in fp32.
+pub const MAX_BATCH_INPUT_BYTES: usize = 1 << 30;
+
 pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
     toml::from_str(text).map_err(|e| format!("bundle.toml: {}", e.to_string().trim_end()))
 }
@@ -481,6 +486,29 @@ impl Manifest {
                     r.push(format!(
                         "batching needs a batch dimension: input '{}' has shape {:?}, whose first size must be -1",
                         t.name, t.shape
+                    ));
+                }
+            }
+        }
+        // The largest batch the server builds (and warms up with, on zeros) must fit in
+        // memory: a declared shape of [-1, 4e12] or a max_batch_size of 1e8 would
+        // otherwise take the process down at load.
+        if let Some(m) = &self.model {
+            let rows = self
+                .batching
+                .as_ref()
+                .map_or(1, |b| b.max_batch_size.max(1)) as i64;
+            for t in &m.inputs {
+                let mut shape: Vec<i64> = t.shape.iter().map(|&d| d.max(1)).collect();
+                if let Some(first) = shape.first_mut() {
+                    *first = if t.shape[0] == -1 { rows } else { *first };
+                }
+                let bytes = crate::tensor::checked_bytes(&shape, t.dtype);
+                if bytes.is_none_or(|b| b > MAX_BATCH_INPUT_BYTES) {
+                    r.push(format!(
+                        "model.inputs '{}': a batch of shape {shape:?} (max_batch_size rows, -1 taken as 1) is over the {} MiB a batch input may take; check the declared shape and max_batch_size",
+                        t.name,
+                        MAX_BATCH_INPUT_BYTES >> 20
                     ));
                 }
             }
@@ -759,6 +787,35 @@ weight = 10
 path = "plugins/router.wasm"
 config = { shadow = "b" }
 "#;
+
+    #[test]
+    fn a_batch_input_must_fit_in_memory() {
+        let manifest = |shape: &str, batching: &str| {
+            parse_manifest(&format!(
+                "[bundle]\nname = \"m\"\nversion = 1\n[model]\nbackend = \"torchscript\"\npath = \"model/model.pt\"\n\
+                 inputs = [{{ name = \"x\", dtype = \"fp32\", shape = {shape} }}]\n{batching}"
+            ))
+            .unwrap()
+            .check()
+        };
+        assert_eq!(manifest("[-1, 4]", ""), Vec::<String>::new());
+        let huge = manifest("[-1, 4000000000000]", "");
+        assert!(
+            huge.len() == 1 && huge[0].contains("over the 1024 MiB a batch input may take"),
+            "{huge:?}"
+        );
+        let rows = manifest("[-1, 4]", "[batching]\nmax_batch_size = 100000000\n");
+        assert!(
+            rows.iter().any(|r| r.contains("[100000000, 4]")),
+            "{rows:?}"
+        );
+        assert_eq!(
+            manifest("[-1, 3, 224, 224]", "[batching]\nmax_batch_size = 64\n"),
+            Vec::<String>::new()
+        );
+        let overflow = manifest("[-1, 4611686018427387904, 4]", "");
+        assert_eq!(overflow.len(), 1, "{overflow:?}");
+    }
 
     #[test]
     fn parses_an_endpoint_manifest() {
