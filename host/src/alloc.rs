@@ -29,6 +29,30 @@ pub fn tune() {
     }
 }
 
+static COLLECT_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Gives memory freed after a large transient allocation (a big JSON body's values) back
+/// to the kernel once the purge delay has passed. mimalloc purges only when it is called
+/// again, so on a server that goes idle after such a request the memory stayed resident:
+/// 2.2 GB after one 60 MiB body of numbers, for good. At most one collection is pending
+/// at a time; it runs on a blocking thread. Call from within the runtime.
+pub fn collect_after_delay() {
+    use std::sync::atomic::Ordering;
+    if COLLECT_PENDING.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    tokio::spawn(async {
+        let delay = std::env::var("MIMALLOC_PURGE_DELAY")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(PURGE_DELAY_MS as u64);
+        tokio::time::sleep(std::time::Duration::from_millis(delay + 500)).await;
+        COLLECT_PENDING.store(false, Ordering::Release);
+        // SAFETY: mi_collect only frees what no allocation uses.
+        tokio::task::spawn_blocking(|| unsafe { libmimalloc_sys::mi_collect(true) });
+    });
+}
+
 /// Whether the environment sets the purge delay, as mimalloc reads it.
 fn set_in_environment() -> bool {
     std::env::vars_os().any(|(k, _)| {

@@ -40,6 +40,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         max_request_bytes: config.max_request_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         routing_stats: Default::default(),
+        json_gate: Arc::new(api::JsonGate::new(config.max_request_bytes)),
     };
     // Warm-up requests go through the real request path, which needs the state.
     let hook = api::warmup_hook(state.clone());

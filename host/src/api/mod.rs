@@ -36,6 +36,42 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Live stats of endpoint variants, handed to routers.
     pub routing_stats: Arc<crate::routing::StatsBook>,
+    /// Bounds the JSON bodies parsed at once (see [`JsonGate`]).
+    pub json_gate: Arc<JsonGate>,
+}
+
+/// JSON numbers parse into `serde_json::Value`s of 32 bytes and more each, so a body of
+/// `0,0,0,...` takes about 30 times its size while it is turned into tensors: four 60 MiB
+/// bodies at once took 5.7 GB. Bodies from [`JsonGate::LARGE`] bytes up take their size
+/// from a budget of `max_request_bytes` while they are parsed, so the bodies being parsed
+/// at once are never more than one of the largest allowed; small bodies pass freely.
+pub struct JsonGate {
+    budget: tokio::sync::Semaphore,
+    capacity: u32,
+}
+
+impl JsonGate {
+    pub const LARGE: usize = 1 << 20;
+
+    pub fn new(max_request_bytes: usize) -> JsonGate {
+        let capacity = max_request_bytes.clamp(Self::LARGE, u32::MAX as usize) as u32;
+        JsonGate {
+            budget: tokio::sync::Semaphore::new(capacity as usize),
+            capacity,
+        }
+    }
+
+    /// Waits until a body of `len` bytes may be parsed; hold the permit until its values
+    /// are dropped. `None` for a small body.
+    pub async fn enter(&self, len: usize) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        if len < Self::LARGE {
+            return None;
+        }
+        let n = (len.min(u32::MAX as usize) as u32).min(self.capacity);
+        let permit = self.budget.acquire_many(n).await.ok();
+        crate::alloc::collect_after_delay();
+        permit
+    }
 }
 
 /// Copies in flight to one shadow variant past which further copies are dropped
@@ -668,6 +704,31 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn large_json_bodies_are_parsed_within_one_max_request_of_memory() {
+        let gate = JsonGate::new(64 << 20);
+        assert!(gate.enter(1000).await.is_none(), "small bodies pass freely");
+        let a = gate
+            .enter(40 << 20)
+            .await
+            .expect("a large body takes its size");
+        let blocked = tokio::time::timeout(Duration::from_millis(50), gate.enter(40 << 20)).await;
+        assert!(
+            blocked.is_err(),
+            "two 40 MiB bodies may not be parsed at once under 64 MiB"
+        );
+        let small = gate.enter(20 << 20).await;
+        assert!(small.is_some(), "a 20 MiB one still fits beside it");
+        drop((a, small));
+        assert!(
+            gate.enter(64 << 20).await.is_some(),
+            "one body of the largest size fits"
+        );
+        // A limit beyond u32 bytes still admits the largest body.
+        let huge = JsonGate::new(usize::MAX);
+        assert!(huge.enter(usize::MAX).await.is_some());
+    }
 
     #[test]
     fn every_error_maps_to_an_outcome_the_metrics_know() {

@@ -393,6 +393,7 @@ pub(super) async fn predict(
     body: &[u8],
 ) -> Result<Response, ApiError> {
     let spec = servable.model_spec();
+    let parsing = state.json_gate.enter(body.len()).await;
     let req: Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;
     let Value::Object(mut req) = req else {
@@ -414,6 +415,8 @@ pub(super) async fn predict(
             ))
         }
     };
+    drop(req);
+    drop(parsing); // the JSON values are gone; the tensors are compact
     let outputs = infer_within(state, headers, servable.runner(), inputs).await?;
     let mut out = Vec::with_capacity(256);
     if row_format {

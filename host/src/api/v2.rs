@@ -209,13 +209,17 @@ pub(super) async fn infer_resolved(
         }
         None => (body, &[][..]),
     };
-    let req: InferRequest = serde_json::from_slice(json_part)
+    let parsing = state.json_gate.enter(json_part.len()).await;
+    let mut req: InferRequest = serde_json::from_slice(json_part)
         .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
 
     let mut inputs = Vec::with_capacity(req.inputs.len());
     for input in &req.inputs {
         inputs.push((input.name.clone(), decode_input(input, &mut tail)?));
     }
+    // The JSON values of the inputs are gone once decoded; the tensors are compact.
+    req.inputs = Vec::new();
+    drop(parsing);
     if !tail.is_empty() {
         return Err(ApiError::BadRequest(format!(
             "{} bytes of binary data are left over after the inputs' binary_data_size",
