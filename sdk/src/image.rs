@@ -30,7 +30,18 @@ pub fn decode(bytes: &[u8], max_side: u32, max_alloc: u64) -> Result<DynamicImag
     limits.max_image_height = Some(max_side);
     limits.max_alloc = Some(max_alloc);
     reader.limits(limits);
-    reader
-        .decode()
-        .map_err(|e| Error::bad_request(format!("cannot decode the image: {e}")))
+    reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(_) => Error::bad_request(too_large(max_side, max_alloc)),
+        e => Error::bad_request(format!("cannot decode the image: {e}")),
+    })
+}
+
+/// The 400 for an image past the caps, with the caps in it.
+fn too_large(max_side: u32, max_alloc: u64) -> String {
+    format!(
+        "the image is too large for this model: at most {max_side} pixels a side and {} MiB decoded \
+         (about {:.1} megapixels of RGB); send a smaller image",
+        max_alloc >> 20,
+        max_alloc as f64 / 3.0 / 1e6
+    )
 }

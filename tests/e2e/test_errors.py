@@ -33,6 +33,15 @@ def deep(n, depth):
     return v
 
 
+def png(width, height):
+    """A solid grey PNG: a few KB, however many pixels."""
+    import io
+    from PIL import Image
+    out = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 90, 90)).save(out, format="PNG")
+    return out.getvalue()
+
+
 HUGE = 1 << 62  # times 4 values per row, wraps to 0 in unchecked 64-bit arithmetic
 
 CASES = {
@@ -58,6 +67,10 @@ CASES = {
     "non-numbers": ("post", "/v1/models/mlp:predict", {"instances": [["a", 2, 3, 4]]}, 400, ["\"a\""]),
     "not an image": ("post", "/v1/models/digits:infer", b"this is text", 400, ["not a PNG or JPEG"]),
     "truncated image": ("post", "/v1/models/digits:infer", b"\x89PNG\r\n\x1a\n\x00\x00", 400, ["image"]),
+    # 27 MB decoded: within the old 32 MiB cap, but the plugin's working copies then ran it
+    # out of its 64 MiB (a 500 naming the memory cap).
+    "image too large for the plugin": ("post", "/v1/models/digits:infer", png(3000, 3000), 400, ["too large for this model", "4096 pixels a side", "12 MiB decoded"]),
+    "image wider than the plugin takes": ("post", "/v1/models/digits:infer", png(5000, 4), 400, ["too large for this model"]),
     "empty body to the plugin": ("post", "/v1/models/digits:infer", b"", 400, ["empty body"]),
     ":infer without a plugin": ("post", "/v1/models/mlp:infer", b"x", 400, ["no handler plugin"]),
     "unknown verb": ("post", "/v1/models/mlp:classify", GOOD_PREDICT, 404, [":classify"]),

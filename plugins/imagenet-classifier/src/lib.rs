@@ -149,7 +149,9 @@ struct Rgb {
 }
 
 fn decode_rgb(bytes: &[u8]) -> Result<Rgb, Error> {
-    let img = nnserve_sdk::image::decode(bytes, MAX_SIDE, 48 << 20)?;
+    // 24 MiB decoded (8 megapixels of RGB): a grey or RGBA image is converted to RGB
+    // while it is still held, beside the body, all within `memory_mib = 64`.
+    let img = nnserve_sdk::image::decode(bytes, MAX_SIDE, 24 << 20)?;
     // A JPEG decodes to RGB8 already: `into_rgb8` then moves the buffer, no copy.
     let rgb = img.into_rgb8();
     Ok(Rgb {
