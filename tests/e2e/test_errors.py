@@ -61,6 +61,7 @@ CASES = {
     "shape whose size overflows (v2)": ("post", "/v2/models/mlp/infer", v2_body(shape=(HUGE, 4), data=()), 400, ["shape [4611686018427387904, 4]", "does not fit"]),
     "ragged nesting that claims 10^21 values (v1 columnar)": ("post", "/v1/models/mlp:predict", {"inputs": deep(1000, 7)}, 400, ["ragged"]),
     "ragged nesting that claims 10^21 values (v1 rows)": ("post", "/v1/models/mlp:predict", {"instances": deep(1000, 7)}, 400, ["ragged"]),
+    "an input twice (v2)": ("post", "/v2/models/mlp/infer", {"inputs": v2_body()["inputs"] * 2}, 400, ["input 'input' appears twice"]),
     "ragged rows": ("post", "/v1/models/mlp:predict", {"instances": [[1, 2, 3, 4], [1, 2]]}, 400, ["ragged"]),
     "wrong dtype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="INT64"), 400, ["dtype int64", "expects fp32"]),
     "unsupported datatype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="BYTES"), 400, ["BYTES"]),
@@ -103,6 +104,14 @@ def test_binary_tensor_framing_errors(server, http):
     r = http.post(f"{server.url}/v2/models/mlp/infer", data=head,
                   headers={"Inference-Header-Content-Length": str(len(head))})
     check(r, 400, "does not fit")
+    head = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","data":[1,2,3,4],"parameters":{"binary_data_size":16}}]}'
+    r = http.post(f"{server.url}/v2/models/mlp/infer", data=head + b"\0" * 16,
+                  headers={"Inference-Header-Content-Length": str(len(head))})
+    check(r, 400, "both \"data\" and a binary_data_size")
+    head = b'{"inputs":[{"name":"input","shape":[1,4],"datatype":"FP32","parameters":{"binary_data_size":-16}}]}'
+    r = http.post(f"{server.url}/v2/models/mlp/infer", data=head,
+                  headers={"Inference-Header-Content-Length": str(len(head))})
+    check(r, 400, "binary_data_size must be a non-negative integer, not -16")
     still_serving(server, http)
 
 

@@ -213,8 +213,14 @@ pub(super) async fn infer_resolved(
     let mut req: InferRequest = serde_json::from_slice(json_part)
         .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
 
-    let mut inputs = Vec::with_capacity(req.inputs.len());
+    let mut inputs: Vec<(String, Tensor)> = Vec::with_capacity(req.inputs.len());
     for input in &req.inputs {
+        if inputs.iter().any(|(n, _)| *n == input.name) {
+            return Err(ApiError::BadRequest(format!(
+                "input '{}' appears twice in the request",
+                input.name
+            )));
+        }
         inputs.push((input.name.clone(), decode_input(input, &mut tail)?));
     }
     // The JSON values of the inputs are gone once decoded; the tensors are compact.
@@ -353,8 +359,15 @@ fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiErro
     })?;
     if let Some(size) = input.parameters.get("binary_data_size") {
         let size = size.as_u64().ok_or_else(|| {
-            ApiError::BadRequest(format!("input '{name}': binary_data_size must be a number"))
+            ApiError::BadRequest(format!(
+                "input '{name}': binary_data_size must be a non-negative integer, not {size}"
+            ))
         })? as usize;
+        if input.data.is_some() {
+            return Err(ApiError::BadRequest(format!(
+                "input '{name}' has both \"data\" and a binary_data_size parameter; send one"
+            )));
+        }
         let bytes = codec::take_binary(tail, size, name).map_err(ApiError::BadRequest)?;
         return Tensor::new(dtype, input.shape.clone(), bytes.to_vec())
             .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")));
