@@ -59,6 +59,15 @@ impl Default for VersionPolicy {
 
 impl VersionPolicy {
     /// From the config file: `"all"`, `{ latest = N }` or `{ specific = [..] }`.
+    /// The policy as the config writes it: `latest = 1`, `all`, `specific = [3, 5]`.
+    pub fn describe(&self) -> String {
+        match self {
+            VersionPolicy::Latest(n) => format!("latest = {n}"),
+            VersionPolicy::All => "all".into(),
+            VersionPolicy::Specific(v) => format!("specific = {v:?}"),
+        }
+    }
+
     pub fn from_toml(v: &toml::Value) -> Result<VersionPolicy, String> {
         let bad = || {
             format!(
@@ -370,6 +379,15 @@ impl Registry {
             .get(label)
             .copied()
             .ok_or_else(|| ResolveError::UnknownLabel(model.to_string(), label.to_string()))
+    }
+
+    /// The versions of a model serving now, lowest first.
+    pub fn available_versions(&self, model: &str) -> Vec<u64> {
+        let models = self.models.read().unwrap();
+        models
+            .get(model)
+            .map(|e| e.available.keys().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Every label of a model.

@@ -56,6 +56,13 @@ pub struct Stored {
     /// False when the same content was stored already (an idempotent re-upload).
     #[serde(skip)]
     pub created: bool,
+    /// The version's state once the upload is done: AVAILABLE, or END when the model's
+    /// version policy does not serve it (an older version under `latest N`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    /// Why a stored version does not serve, and what to do.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 fn internal(e: impl std::fmt::Display) -> UploadError {
@@ -109,6 +116,8 @@ impl Manager {
             version,
             digest: digest.clone(),
             created: true,
+            state: None,
+            note: None,
         };
         if self.root.join(model).join(version.to_string()).exists() {
             return match repository::read_meta(&self.root, model, version) {
@@ -176,11 +185,29 @@ impl Manager {
         };
         servable.bundle.dir =
             repository::install(&self.root, model, version, &unpacked, &meta).map_err(internal)?;
-        tracing::info!(model, version, digest = %stored.digest, "version uploaded and AVAILABLE");
         self.registry.publish(Arc::new(servable));
-        self.registry
-            .retire_unwanted(model, self.policies.get(model));
-        Ok(stored)
+        let policy = self.policies.get(model);
+        self.registry.retire_unwanted(model, policy);
+        if self.registry.resolve(model, Some(version)).is_ok() {
+            tracing::info!(model, version, digest = %stored.digest, "version uploaded and AVAILABLE");
+            return Ok(Stored {
+                state: Some("AVAILABLE"),
+                ..stored
+            });
+        }
+        // Stored, but the policy serves other versions (e.g. `latest 1` and a newer one).
+        let note = format!(
+            "version {version} is stored but not served: the model's version policy ({}) serves {:?}; \
+             give it a label, or change the policy ([policies] or latest_versions in the config)",
+            policy.describe(),
+            self.registry.available_versions(model)
+        );
+        tracing::info!(model, version, "version uploaded; {note}");
+        Ok(Stored {
+            state: Some("END"),
+            note: Some(note),
+            ..stored
+        })
     }
 }
 

@@ -97,6 +97,7 @@ def test_hot_swap_under_load_drops_no_request(live):
     assert r.status_code == 201, r.text
     body = r.json()
     assert body["name"] == "mlp" and body["version"] == 2 and body["digest"].startswith("sha256:")
+    assert body["state"] == "AVAILABLE" and "note" not in body
     time.sleep(1.0)
     stop.set()
     for t in threads:
@@ -124,6 +125,31 @@ def test_hot_swap_under_load_drops_no_request(live):
     assert os.path.isfile(os.path.join(live.repo, "mlp", "2", "bundle.toml"))
     assert os.path.isfile(os.path.join(live.repo, "mlp", ".meta", "2.json"))
     assert not os.listdir(os.path.join(live.repo, ".tmp"))
+
+
+def test_an_upload_the_version_policy_does_not_serve_says_so(live):
+    """Under `latest = 1`, an upload older than the version serving is stored, not served,
+    and the answer says it (it said "stored and serving")."""
+    def bundle(version):
+        # A model of its own, so that the other tests' mlp versions stay as they are.
+        d = mlp_bundle(live.tmp, version, seed=version)
+        toml = os.path.join(d, "bundle.toml")
+        with open(toml) as f:
+            text = f.read().replace('name = "mlp"', 'name = "older"')
+        with open(toml, "w") as f:
+            f.write(text)
+        return pack(d, os.path.join(live.tmp, f"older-{version}.tar.gz"))
+
+    r = requests.post(f"{live.url}/v1/models/older/versions", data=bundle(7), headers=auth())
+    assert r.status_code == 201 and r.json()["state"] == "AVAILABLE", r.text
+    r = requests.post(f"{live.url}/v1/models/older/versions", data=bundle(6), headers=auth())
+    assert r.status_code == 201, r.text
+    body = r.json()
+    assert body["state"] == "END", body
+    assert "not served" in body["note"] and "latest = 1" in body["note"] and "[7]" in body["note"], body
+    assert os.path.isfile(os.path.join(live.repo, "older", "6", "bundle.toml"))
+    r = requests.post(f"{live.url}/v1/models/older/versions/6:predict", json={"instances": ROW})
+    assert r.status_code in (404, 503), r.text
 
 
 def test_reupload_is_idempotent_and_other_content_conflicts(live):
