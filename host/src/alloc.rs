@@ -29,6 +29,14 @@ pub fn tune() {
     }
 }
 
+/// For a thread about to exit after heavy allocation (a model load compiles its plugins
+/// with Cranelift): gives its freed memory back now. A heap abandoned by an exiting thread
+/// kept its pages, and each upload of a bundle with a handler left about 45 MB resident.
+pub fn release_thread_memory() {
+    // SAFETY: mi_collect only frees what no allocation uses.
+    unsafe { libmimalloc_sys::mi_collect(true) }
+}
+
 static COLLECT_PENDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Gives memory freed after a large transient allocation (a big JSON body's values) back

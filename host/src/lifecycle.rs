@@ -648,6 +648,7 @@ pub async fn in_background<T: Send + 'static>(
                 libc::setpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t, 10);
             }
             let _ = tx.send(f());
+            crate::alloc::release_thread_memory();
         })?;
     rx.await
         .map_err(|_| anyhow::anyhow!("the loader thread panicked"))
