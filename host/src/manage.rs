@@ -35,6 +35,8 @@ pub struct Manager {
 pub enum UploadError {
     /// 400, with every reason.
     Invalid(Vec<String>),
+    /// 400, for a request that is not a bundle (a label's name).
+    BadRequest(String),
     /// 409: that version exists with other content.
     Conflict(String),
     /// 409: a device's memory budget has no room for the model now.
@@ -221,14 +223,19 @@ impl Manager {
         force: bool,
     ) -> Result<(), UploadError> {
         if !crate::bundle::valid_name(label) {
-            return Err(UploadError::Invalid(vec![format!(
+            return Err(UploadError::BadRequest(format!(
                 "label {label:?} must match [a-z0-9][a-z0-9._-]*"
-            )]));
+            )));
+        }
+        if self.registry.status(model).is_none() {
+            return Err(UploadError::NotFound(format!(
+                "model '{model}' is not found"
+            )));
         }
         if force && !self.root.join(model).join(version.to_string()).is_dir() {
-            return Err(UploadError::Invalid(vec![format!(
+            return Err(UploadError::NotFound(format!(
                 "version {version} of '{model}' is not stored"
-            )]));
+            )));
         }
         self.registry
             .set_label(model, label, version, force)

@@ -115,6 +115,33 @@ def test_binary_tensor_framing_errors(server, http):
     still_serving(server, http)
 
 
+def test_http_level_errors_are_json_and_say_what_to_do(server, http):
+    import socket
+    # A deadline header that is not a number is refused, not ignored.
+    r = http.post(f"{server.url}/v1/models/mlp:predict", json=GOOD_PREDICT, headers={"x-nnserve-timeout-ms": "abc"})
+    check(r, 400, "x-nnserve-timeout-ms must be a whole number of milliseconds")
+    # Errors axum answers itself come as {"error": ...} too.
+    r = http.put(f"{server.url}/v2/models/mlp/infer", data=b"{}")
+    check(r, 405, "does not take this method")
+    r = http.post(f"{server.url}/v2/models/mlp/infer", data=b"x" * (64 * 1024 * 1024 + 1))
+    check(r, 413, "over 67108864 bytes (max_request_bytes)")
+    # A declared length over the limit is refused before the body is sent.
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"POST /v1/models/mlp:predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {70 * 1024 * 1024}\r\n\r\n".encode())
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 413"), head
+    # A broken chunked body is the client's error (400), not "too large".
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(f"POST /v1/models/mlp:predict HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                  f"Transfer-Encoding: chunked\r\n\r\nzz\r\n{{}}\r\n0\r\n\r\n".encode())
+        head = s.recv(4096).decode()
+    assert head.startswith("HTTP/1.1 400"), head
+    assert "could not be read" in head, head
+    still_serving(server, http)
+
+
 def test_a_plugin_that_traps_gives_500_naming_it(server, http):
     r = http.post(f"{server.url}/v1/models/trap:infer", data=b"x")
     check(r, 500, "plugin trap@1 (plugins/handler.wasm) trapped")

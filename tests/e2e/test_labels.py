@@ -38,6 +38,18 @@ def test_labels_route_persist_and_guard_deletes(setup):
         assert np.allclose(predict(s, "/labels/canary"), out[2], atol=1e-5)
         r = requests.post(f"{s.url}/v1/models/mlp/labels/nope:predict", json={"instances": ROW})
         assert r.status_code == 404 and "label 'nope' is not assigned" in r.json()["error"]
+        # The status by label is the labelled version's alone (it listed every version).
+        r = requests.get(f"{s.url}/v1/models/mlp/labels/canary")
+        assert [v["version"] for v in r.json()["model_version_status"]] == ["2"], r.text
+        assert requests.get(f"{s.url}/v1/models/mlp/labels/nope").status_code == 404
+        # Label errors say what is wrong, with the status that fits (not "invalid bundle").
+        r = requests.put(f"{s.url}/v1/models/mlp/labels/Bad!", json={"version": 2})
+        assert r.status_code == 400 and "must match" in r.json()["error"], r.text
+        assert "invalid bundle" not in r.json()["error"]
+        r = requests.put(f"{s.url}/v1/models/nope/labels/x", json={"version": 1})
+        assert r.status_code == 404 and "model 'nope' is not found" in r.json()["error"], r.text
+        r = requests.put(f"{s.url}/v1/models/mlp/labels/x", json={"version": 99, "force": True})
+        assert r.status_code == 404 and "version 99 of 'mlp' is not stored" in r.json()["error"], r.text
 
         # A new version: the labelled v2 stays loaded whatever the policy says.
         archive = pack(mlp_bundle(tmp, 3, seed=2), os.path.join(tmp, "mlp-3.tar.gz"))

@@ -86,13 +86,21 @@ pub const TIMEOUT_HEADER: &str = "x-nnserve-timeout-ms";
 
 impl AppState {
     /// The deadline for this request: the server's, or the client's if lower.
-    fn deadline(&self, headers: &HeaderMap) -> Duration {
-        headers
-            .get(TIMEOUT_HEADER)
-            .and_then(|v| v.to_str().ok())
+    fn deadline(&self, headers: &HeaderMap) -> Result<Duration, ApiError> {
+        let Some(v) = headers.get(TIMEOUT_HEADER) else {
+            return Ok(self.request_timeout);
+        };
+        let ms = v
+            .to_str()
+            .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(|ms| Duration::from_millis(ms).min(self.request_timeout))
-            .unwrap_or(self.request_timeout)
+            .ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "{TIMEOUT_HEADER} must be a whole number of milliseconds, not {:?}",
+                    String::from_utf8_lossy(v.as_bytes())
+                ))
+            })?;
+        Ok(Duration::from_millis(ms).min(self.request_timeout))
     }
 }
 
@@ -136,7 +144,11 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
             post(v2::infer_version),
         )
         .fallback(not_found)
-        .layer(DefaultBodyLimit::max(max_body_bytes));
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            errors_as_json,
+        ));
     // The per-request log line costs a middleware layer on every request; add it only
     // when debug logging is on (it is chosen at start-up).
     let router = if tracing::enabled!(tracing::Level::DEBUG) {
@@ -145,6 +157,54 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         router
     };
     router.with_state(state)
+}
+
+/// Errors that axum itself answers (a body over the limit, a path that is not UTF-8, a
+/// method a route does not take) come as plain text or with no body; every error of this
+/// API is `{"error": message}`. Inference answers (which name their version in
+/// `x-nnserve-variant`, and may be a plugin's own error page) pass untouched.
+async fn errors_as_json(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    resp: Response,
+) -> Response {
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || resp.headers().contains_key(VARIANT_HEADER)
+        || resp
+            .headers()
+            .get(axum::http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/json"))
+    {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is over {} bytes (max_request_bytes)",
+            state.max_request_bytes
+        ),
+        StatusCode::METHOD_NOT_ALLOWED => match parts
+            .headers
+            .get(axum::http::header::ALLOW)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(allow) => format!("this route does not take this method; it takes {allow}"),
+            None => "this route does not take this method (the routes: docs/http-api.md)".into(),
+        },
+        _ if text.is_empty() => status.canonical_reason().unwrap_or("error").to_string(),
+        _ => text,
+    };
+    let mut resp = (status, axum::Json(serde_json::json!({ "error": message }))).into_response();
+    for name in [axum::http::header::ALLOW, axum::http::header::RETRY_AFTER] {
+        if let Some(v) = parts.headers.get(&name) {
+            resp.headers_mut().insert(name, v.clone());
+        }
+    }
+    resp
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
@@ -376,6 +436,7 @@ pub(crate) fn manage_error(e: crate::manage::UploadError) -> ApiError {
             ApiError::BadRequest(format!("invalid bundle: {}", reasons.join("; ")))
         }
         UploadError::Conflict(m) | UploadError::NoRoom(m) => ApiError::Conflict(m),
+        UploadError::BadRequest(m) => ApiError::BadRequest(m),
         UploadError::TooLarge(m) => ApiError::TooLarge(m),
         UploadError::NotFound(m) => ApiError::NotFound(m),
         UploadError::Internal(m) => ApiError::Internal(m),
@@ -561,7 +622,7 @@ pub(crate) async fn serve_inference(
         &state.routing_stats,
         &state.metrics,
         meta,
-        state.deadline(&headers),
+        state.deadline(&headers)?,
     )
     .await
     .map_err(|e| {
@@ -666,7 +727,7 @@ async fn infer_within(
     runner: &crate::nn::Runner,
     inputs: Vec<(String, crate::tensor::Tensor)>,
 ) -> Result<Vec<(String, crate::tensor::Tensor)>, ApiError> {
-    let deadline = state.deadline(headers);
+    let deadline = state.deadline(headers)?;
     match tokio::time::timeout(deadline, runner.infer(inputs)).await {
         Ok(r) => Ok(r?),
         Err(_) => Err(ApiError::Timeout(format!(

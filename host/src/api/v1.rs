@@ -96,9 +96,14 @@ pub async fn get_model(
         .registry
         .status(&t.model)
         .ok_or_else(|| ApiError::NotFound(format!("model '{}' is not found", t.model)))?;
+    // `/labels/{l}`: the version the label points at (TF Serving's GetModelStatus).
+    let version = match &t.label {
+        Some(l) => Some(state.registry.label(&t.model, l)?),
+        None => t.version,
+    };
     let list: Vec<Value> = statuses
         .iter()
-        .filter(|s| t.version.is_none_or(|v| v == s.version))
+        .filter(|s| version.is_none_or(|v| v == s.version))
         .map(|s| {
             json!({
                 "version": s.version.to_string(),
@@ -113,7 +118,7 @@ pub async fn get_model(
     if list.is_empty() {
         return Err(ApiError::NotFound(format!(
             "version {} of model '{}' is not found",
-            t.version.unwrap_or(0),
+            version.unwrap_or(0),
             t.model
         )));
     }
@@ -158,13 +163,30 @@ pub async fn post_model(
     if let Some(model) = rest.strip_suffix("/versions").filter(|m| !m.contains('/')) {
         return upload(&state, model, &headers, body).await;
     }
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_request_bytes as u64) {
+        // Refused before reading (and before a `100 Continue`): the client need not send it.
+        return Err(ApiError::TooLarge(format!(
+            "the request body is over {} bytes (max_request_bytes)",
+            state.max_request_bytes
+        )));
+    }
     let body = axum::body::to_bytes(body, state.max_request_bytes)
         .await
         .map_err(|e| {
-            ApiError::TooLarge(format!(
-                "the request body is over {} bytes (max_request_bytes): {e}",
-                state.max_request_bytes
-            ))
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if over {
+                ApiError::TooLarge(format!(
+                    "the request body is over {} bytes (max_request_bytes)",
+                    state.max_request_bytes
+                ))
+            } else {
+                ApiError::BadRequest(format!("the request body could not be read: {e}"))
+            }
         })?;
     let t = parse_target(&rest)?;
     let verb = t.verb.as_deref();
@@ -354,7 +376,7 @@ pub(super) async fn plugin_infer(
             "model '{m}' has no handler plugin; send tensors to /v1/models/{m}:predict or /v2/models/{m}/infer"
         ))
     })?;
-    let deadline = state.deadline(&headers);
+    let deadline = state.deadline(&headers)?;
     let request = wit::Request {
         method: method.to_string(),
         path: format!("/v1/models/{rest}"),
