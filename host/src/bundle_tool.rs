@@ -251,17 +251,27 @@ pub fn push(file: &Path, server: &str, token: Option<&str>) -> anyhow::Result<St
     let body = resp.body_mut().read_to_string().unwrap_or_default();
     let json: serde_json::Value = serde_json::from_str(&body).unwrap_or(serde_json::Value::Null);
     match status {
-        200 | 201 => Ok(format!(
-            "{} {}@{} digest {}",
-            if status == 201 {
-                "stored"
-            } else {
-                "already stored"
-            },
-            json["name"].as_str().unwrap_or("?"),
-            json["version"],
-            json["digest"].as_str().unwrap_or("?")
-        )),
+        200 | 201 => {
+            let mut line = format!(
+                "{} {}@{} digest {}",
+                if status == 201 {
+                    "stored"
+                } else {
+                    "already stored"
+                },
+                json["name"].as_str().unwrap_or("?"),
+                json["version"],
+                json["digest"].as_str().unwrap_or("?")
+            );
+            if let Some(state) = json["state"].as_str() {
+                line.push_str(&format!(", {state}"));
+            }
+            // The server says why a stored version does not serve (its version policy).
+            if let Some(note) = json["note"].as_str() {
+                line.push_str(&format!("\n{note}"));
+            }
+            Ok(line)
+        }
         _ => anyhow::bail!(
             "the server refused the bundle ({status}): {}",
             json["error"].as_str().unwrap_or(body.trim())

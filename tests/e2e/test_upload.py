@@ -275,7 +275,7 @@ def test_bundle_push_uploads_with_the_cli(tmp_path):
         assert r.returncode != 0 and "401" in r.stderr, r.stderr
         r = subprocess.run(push + ["--token", TOKEN], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
-        assert re.match(r"stored mlp@2 digest sha256:[0-9a-f]{64}", r.stdout), r.stdout
+        assert re.match(r"stored mlp@2 digest sha256:[0-9a-f]{64}, AVAILABLE", r.stdout), r.stdout
         r = subprocess.run(push + ["--token", TOKEN], capture_output=True, text=True)
         assert r.stdout.startswith("already stored mlp@2"), r.stdout
         y = requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW}).json()["predictions"]
