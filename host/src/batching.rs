@@ -388,20 +388,23 @@ impl Batcher {
             rows += t.rows;
             batch.push(t);
         }
-        self.lead_on_free_slots(&mut st);
+        self.lead_on_free_slots(&mut st, false);
         self.metrics.set_queue_depth(st.queue.len());
         batch
     }
 
-    /// Requests that queued while a leader filled its batch, and did not fit in it, go to
-    /// the slots that are free, at once. (With no batch timeout nothing queues while a
-    /// slot is free, and this finds nothing to do.)
-    fn lead_on_free_slots(&self, st: &mut State) {
-        while st.leaders < self.policy.num_batch_threads && st.filling == 0 {
+    /// Queued requests go to the slots that are free, oldest first, while no leader is
+    /// filling its batch; `one_anyway`: the first free slot is taken even while one is
+    /// (a slot freed by a finished batch). Requests whose caller went away are dropped.
+    /// With no batch timeout, nothing queues while a slot is free: this hands a freed
+    /// slot to the oldest queued request, or finds nothing to do.
+    fn lead_on_free_slots(&self, st: &mut State, mut one_anyway: bool) {
+        while st.leaders < self.policy.num_batch_threads && (one_anyway || st.filling == 0) {
             let Some(t) = st.queue.pop_front() else { break };
             st.queued_rows -= t.rows;
             if t.tx.send(Msg::Lead(t.inputs, t.rows, t.queued_at)).is_ok() {
                 st.leaders += 1;
+                one_anyway = false;
             }
         }
     }
@@ -410,20 +413,10 @@ impl Batcher {
     /// there; with none, frees the device.
     fn pass_lead(&self) {
         let mut st = self.state.lock().unwrap();
+        st.leaders -= 1;
         // The oldest queued request takes this slot at once, even while another slot's
         // leader waits to fill its batch: a free slot never idles beside queued work.
-        let mut passed = false;
-        while let Some(t) = st.queue.pop_front() {
-            st.queued_rows -= t.rows;
-            if t.tx.send(Msg::Lead(t.inputs, t.rows, t.queued_at)).is_ok() {
-                passed = true;
-                break;
-            } // else its caller went away
-        }
-        if !passed {
-            st.leaders -= 1;
-        }
-        self.lead_on_free_slots(&mut st);
+        self.lead_on_free_slots(&mut st, true);
         self.metrics.set_queue_depth(st.queue.len());
     }
 
@@ -916,10 +909,12 @@ mod tests {
         );
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-    async fn a_batch_timeout_ends_as_soon_as_the_batch_is_full() {
+    /// Four one-row requests, 5 ms apart, into batches of four with a 30 s timeout and
+    /// `slots` forward slots: they must run as one batch of four within 10 s.
+    async fn four_rows_fill_one_batch(slots: usize, why: &str) -> Arc<Batcher> {
         let mut p = policy(4, &[], 4);
         p.batch_timeout = Duration::from_secs(30);
+        p.num_batch_threads = slots;
         let b = Arc::new(Batcher::new(p, VersionMetrics::default()));
         let f = Doubler::new(0);
         let all = async {
@@ -937,8 +932,18 @@ mod tests {
         };
         tokio::time::timeout(Duration::from_secs(10), all)
             .await
-            .expect("the leader's own row and three queued fill the batch: no 30 s wait");
+            .expect(why);
         assert_eq!(*f.sizes.lock().unwrap(), vec![4]);
+        b
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_batch_timeout_ends_as_soon_as_the_batch_is_full() {
+        four_rows_fill_one_batch(
+            1,
+            "the leader's own row and three queued fill the batch: no 30 s wait",
+        )
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -946,28 +951,7 @@ mod tests {
         // Two forward slots and a long timeout: the first request waits to fill its
         // batch, and the next three must join it, not take the free slot and wait 30 s
         // for a batch of their own.
-        let mut p = policy(4, &[], 4);
-        p.batch_timeout = Duration::from_secs(30);
-        p.num_batch_threads = 2;
-        let b = Arc::new(Batcher::new(p, VersionMetrics::default()));
-        let f = Doubler::new(0);
-        let all = async {
-            let mut handles = Vec::new();
-            for i in 0..4 {
-                let (b, f) = (b.clone(), f.clone());
-                handles.push(tokio::spawn(async move {
-                    b.infer(rows(&[[i as f32, 0.0]]), &f).await
-                }));
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            for (i, h) in handles.into_iter().enumerate() {
-                assert_eq!(values(&h.await.unwrap()), vec![2.0 * i as f64, 0.0]);
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(10), all)
-            .await
-            .expect("four rows fill one batch of four: no 30 s wait");
-        assert_eq!(*f.sizes.lock().unwrap(), vec![4]);
+        let b = four_rows_fill_one_batch(2, "four rows fill one batch of four: no 30 s wait").await;
         let st = b.state.lock().unwrap();
         assert_eq!((st.leaders, st.filling), (0, 0));
     }

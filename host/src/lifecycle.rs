@@ -462,6 +462,18 @@ impl Registry {
     fn set_status(&self, model: &str, version: u64, state: State, error: Option<String>) {
         let mut models = self.models.write().unwrap();
         let entry = models.entry(model.to_string()).or_default();
+        self.record_state(entry, model, version, state, error);
+    }
+
+    /// Moves a version to `state` in its model's entry (held locked) and in the metrics.
+    fn record_state(
+        &self,
+        entry: &mut ModelEntry,
+        model: &str,
+        version: u64,
+        state: State,
+        error: Option<String>,
+    ) {
         let old = entry.status.get(&version).map(|s| s.state.as_str());
         self.metrics
             .version_state(model, version, old, state.as_str());
@@ -481,36 +493,27 @@ impl Registry {
     /// then dropped (releasing its memory reservation) and the one serving is returned.
     fn publish_loaded(&self, servable: Arc<Servable>) -> Result<Arc<Servable>, String> {
         let (model, v) = (servable.name().to_string(), servable.version());
-        {
-            let models = self.models.read().unwrap();
-            let entry = models.get(&model);
-            match entry.and_then(|e| e.status.get(&v)).map(|s| s.state) {
-                Some(State::Loading) => {}
-                _ => {
-                    if let Some(serving) = entry.and_then(|e| e.available.get(&v)) {
-                        return Ok(serving.clone());
-                    }
-                    return Err(format!(
-                        "version {v} of '{model}' was unloaded or deleted while it loaded; it does not serve"
-                    ));
-                }
-            }
+        let mut models = self.models.write().unwrap();
+        let entry = models.entry(model.clone()).or_default();
+        if entry.status.get(&v).map(|s| s.state) != Some(State::Loading) {
+            return match entry.available.get(&v) {
+                Some(serving) => Ok(serving.clone()),
+                None => Err(format!(
+                    "version {v} of '{model}' was unloaded or deleted while it loaded; it does not serve"
+                )),
+            };
         }
-        self.publish(servable.clone());
+        self.publish_in(entry, servable.clone());
         Ok(servable)
     }
 
     /// Records a failed load, unless a concurrent load of the same version has published
     /// it meanwhile (a failed duplicate must not mark a serving version END).
     fn record_load_failure(&self, model: &str, version: u64, msg: String) {
-        let serving = self
-            .models
-            .read()
-            .unwrap()
-            .get(model)
-            .is_some_and(|e| e.available.contains_key(&version));
-        if !serving {
-            self.set_status(model, version, State::End, Some(msg));
+        let mut models = self.models.write().unwrap();
+        let entry = models.entry(model.to_string()).or_default();
+        if !entry.available.contains_key(&version) {
+            self.record_state(entry, model, version, State::End, Some(msg));
         }
     }
 
@@ -529,20 +532,7 @@ impl Registry {
         if !unloading || entry.available.contains_key(&version) {
             return false;
         }
-        self.metrics.version_state(
-            model,
-            version,
-            Some(State::Unloading.as_str()),
-            State::End.as_str(),
-        );
-        entry.status.insert(
-            version,
-            VersionStatus {
-                version,
-                state: State::End,
-                error: None,
-            },
-        );
+        self.record_state(entry, model, version, State::End, None);
         self.metrics.forget_version(model, version);
         true
     }
@@ -550,18 +540,13 @@ impl Registry {
     pub(crate) fn publish(&self, servable: Arc<Servable>) {
         let mut models = self.models.write().unwrap();
         let entry = models.entry(servable.name().to_string()).or_default();
+        self.publish_in(entry, servable);
+    }
+
+    /// AVAILABLE in its model's entry (held locked): requests resolve to it from now.
+    fn publish_in(&self, entry: &mut ModelEntry, servable: Arc<Servable>) {
         let v = servable.version();
-        let old = entry.status.get(&v).map(|s| s.state.as_str());
-        self.metrics
-            .version_state(servable.name(), v, old, State::Available.as_str());
-        entry.status.insert(
-            v,
-            VersionStatus {
-                version: v,
-                state: State::Available,
-                error: None,
-            },
-        );
+        self.record_state(entry, servable.name(), v, State::Available, None);
         entry.available.insert(v, servable);
     }
 }
