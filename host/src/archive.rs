@@ -27,6 +27,12 @@ pub struct Limits {
     pub max_total_bytes: u64,
     /// Entries of any kind.
     pub max_entries: usize,
+    /// Past [`Limits::ratio_floor`] unpacked bytes, at most this many per compressed byte
+    /// read: a 4 MB archive of zeros no longer writes gigabytes before a limit stops it.
+    /// Model weights compress about 1.1:1 and text about 5:1; gzip's own limit is 1032:1.
+    pub max_ratio: u64,
+    /// Unpacked bytes allowed whatever the ratio.
+    pub ratio_floor: u64,
 }
 
 impl Default for Limits {
@@ -36,8 +42,104 @@ impl Default for Limits {
             max_file_bytes: 4 << 30,
             max_total_bytes: 8 << 30,
             max_entries: 10_000,
+            max_ratio: 100,
+            ratio_floor: 64 << 20,
         }
     }
+}
+
+/// The largest PAX extended header or GNU long-name/long-link entry: the `tar` crate
+/// reads these whole into memory before any limit sees an entry (a 1 MB upload
+/// declaring a 1 GiB PAX header took the server from 0.6 to 3.8 GB). Real ones hold a
+/// path or two and a few attributes.
+pub const MAX_META_ENTRY_BYTES: u64 = 64 << 10;
+
+/// The most problems an unpack reports; past it, their count.
+const MAX_REASONS: usize = 20;
+
+/// What the first bytes of an upload say.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Start {
+    /// A gzip stream whose first block is a valid tar header.
+    Tar,
+    /// Too few bytes to tell yet.
+    NeedMore,
+}
+
+/// Compressed bytes after which the first tar header must have appeared.
+pub const START_BYTES: usize = 64 << 10;
+
+/// Checks the first bytes of an upload before anything is spooled to disk: the gzip
+/// magic, and that what they decompress to starts with a valid tar header. `whole` says
+/// whether `prefix` is the entire upload.
+pub fn check_start(prefix: &[u8], whole: bool) -> Result<Start, String> {
+    const HOW: &str =
+        "make one with `nnserve bundle pack DIR` or `tar -C DIR -czf bundle.tar.gz .`";
+    if prefix.len() < 2 && !whole {
+        return Ok(Start::NeedMore);
+    }
+    if prefix.len() < 2 || prefix[..2] != [0x1f, 0x8b] {
+        return Err(format!(
+            "the upload is not a .tar.gz archive (it does not start with gzip's magic bytes); {HOW}"
+        ));
+    }
+    let mut block = [0u8; 512];
+    let mut got = 0;
+    let mut gz = GzDecoder::new(prefix);
+    while got < block.len() {
+        match gz.read(&mut block[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            // A prefix cut mid-stream ends with an unexpected EOF: judge what came out.
+            Err(_) if !whole && prefix.len() < START_BYTES => return Ok(Start::NeedMore),
+            Err(e) => {
+                return Err(format!(
+                    "the upload is not a valid gzip stream ({e}); {HOW}"
+                ))
+            }
+        }
+    }
+    if got < block.len() && !whole && prefix.len() < START_BYTES {
+        return Ok(Start::NeedMore);
+    }
+    if got < block.len() {
+        return Err(if whole {
+            format!("the archive is too short to hold a tar header; {HOW}")
+        } else {
+            format!("the archive's first 64 KiB do not decompress to a tar header; {HOW}")
+        });
+    }
+    if block.iter().all(|&b| b == 0) {
+        return Err(format!("the archive is empty; {HOW}"));
+    }
+    if !header_checksum_ok(&block) {
+        return Err(format!(
+            "the gzip stream does not hold a tar archive (the first header's checksum is wrong); {HOW}"
+        ));
+    }
+    Ok(Start::Tar)
+}
+
+/// A tar header's checksum: the sum of its bytes with the checksum field as spaces.
+fn header_checksum_ok(block: &[u8; 512]) -> bool {
+    let field = &block[148..156];
+    let text = String::from_utf8_lossy(field);
+    let Ok(stored) = u32::from_str_radix(text.trim_matches(|c: char| c == ' ' || c == '\0'), 8)
+    else {
+        return false;
+    };
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                b' ' as u32
+            } else {
+                b as u32
+            }
+        })
+        .sum();
+    sum == stored
 }
 
 /// What an unpack wrote.
@@ -53,11 +155,19 @@ pub struct Unpacked {
 pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpacked, Vec<String>> {
     let mut reasons = Vec::new();
     let mut done = Unpacked::default();
+    let compressed = std::rc::Rc::new(std::cell::Cell::new(0u64));
     let counted = LimitedReader {
         inner: archive,
         left: limits.max_archive_bytes,
+        read: compressed.clone(),
     };
-    let mut tar = tar::Archive::new(GzDecoder::new(counted));
+    let mut tar = tar::Archive::new(HeaderGuard::new(GzDecoder::new(counted)));
+    // Unpacked bytes allowed so far: the floor, or the ratio to the compressed bytes read.
+    let allowed = || {
+        limits
+            .ratio_floor
+            .max(compressed.get().saturating_mul(limits.max_ratio))
+    };
     let entries = tar
         .entries()
         .map_err(|e| vec![format!("not a .tar.gz archive: {e}")])?;
@@ -78,8 +188,10 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
             ));
             break;
         }
-        let raw = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
-        let rel = match safe_relative(&raw) {
+        let path = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        // Every message shows the name bounded: a 65 KB long name was echoed whole.
+        let raw = crate::names::bounded(&path);
+        let rel = match safe_relative(&path) {
             Ok(Some(p)) => p,
             Ok(None) => continue, // "." or "./"
             Err(why) => {
@@ -114,7 +226,15 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                     ));
                     break;
                 }
-                write_file(&mut entry, &target, size).map(|n| {
+                write_file(
+                    &mut entry,
+                    &target,
+                    size,
+                    done.bytes,
+                    &allowed,
+                    limits.max_ratio,
+                )
+                .map(|n| {
                     done.files += 1;
                     done.bytes += n;
                 })
@@ -122,6 +242,10 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
             tar::EntryType::Symlink => match entry.link_name_bytes() {
                 Some(link) => {
                     let link = String::from_utf8_lossy(&link).into_owned();
+                    if link.len() > 4096 {
+                        reasons.push(format!("`{raw}`: a symlink target of {} bytes", link.len()));
+                        continue;
+                    }
                     link_inside(&rel, &link)
                         .map_err(|why| format!("symlink to `{link}` {why}"))
                         .and_then(|_| {
@@ -135,6 +259,13 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                 // A hard link names another entry of the archive; we copy that file.
                 Some(link) => {
                     let link = String::from_utf8_lossy(&link).into_owned();
+                    if link.len() > 4096 {
+                        reasons.push(format!(
+                            "`{raw}`: a hard link target of {} bytes",
+                            link.len()
+                        ));
+                        continue;
+                    }
                     let plain_file = |src: &Path| {
                         not_through_symlink(dest, src).is_ok()
                             && fs::symlink_metadata(dest.join(src)).is_ok_and(|m| m.is_file())
@@ -173,6 +304,11 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
         // stay inside the bundle too (`x -> a/..` with `a -> ..` leaves it).
         reasons.extend(links_that_leave(dest));
     }
+    if reasons.len() > MAX_REASONS {
+        let more = reasons.len() - MAX_REASONS;
+        reasons.truncate(MAX_REASONS);
+        reasons.push(format!("and {more} more problems"));
+    }
     if reasons.is_empty() {
         lift_single_directory(dest)
             .map_err(|e| vec![format!("cannot arrange the unpacked bundle: {e}")])?;
@@ -188,7 +324,10 @@ fn read_error(e: io::Error, limits: &Limits) -> String {
             "the archive is larger than the limit of {} bytes",
             limits.max_archive_bytes
         )
+    } else if let Some(m) = meta_too_large(&e) {
+        m.to_string()
     } else {
+        let e = crate::names::log_safe(&e.to_string(), 200);
         format!("the archive is corrupt or not a .tar.gz: {e}")
     }
 }
@@ -275,7 +414,17 @@ fn ensure_parent(target: &Path) -> Result<(), String> {
     }
 }
 
-fn write_file(entry: &mut impl Read, target: &Path, size: u64) -> Result<u64, String> {
+/// Writes one file of `size` bytes; `before` bytes were unpacked before it, and the
+/// total may not pass `allowed()` (the compression-ratio bound, see [`Limits`]) at any
+/// point of the copy.
+fn write_file(
+    entry: &mut impl Read,
+    target: &Path,
+    size: u64,
+    before: u64,
+    allowed: &dyn Fn() -> u64,
+    ratio: u64,
+) -> Result<u64, String> {
     ensure_parent(target)?;
     // `create_new`: a second entry with the same path, or a path through a symlink made
     // earlier, must not overwrite anything.
@@ -284,9 +433,27 @@ fn write_file(entry: &mut impl Read, target: &Path, size: u64) -> Result<u64, St
         .create_new(true)
         .open(target)
         .map_err(|e| e.to_string())?;
-    let n = io::copy(&mut entry.take(size), &mut f).map_err(|e| e.to_string())?;
+    let mut entry = entry.take(size);
+    let mut buf = vec![0u8; 256 << 10];
+    let mut written = 0u64;
+    loop {
+        let n = match entry.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        };
+        written += n as u64;
+        if before + written > allowed() {
+            return Err(format!(
+                "the archive unpacks to more than {ratio} times its compressed size; \
+                 a bundle this compressible is refused (a gzip bomb looks like this)"
+            ));
+        }
+        f.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+    }
     f.sync_all().map_err(|e| e.to_string())?;
-    Ok(n)
+    Ok(written)
 }
 
 /// An archive made with `tar -czf b.tar.gz bundle/` has everything under `bundle/`.
@@ -312,6 +479,8 @@ fn lift_single_directory(dest: &Path) -> io::Result<()> {
 struct LimitedReader<R> {
     inner: R,
     left: u64,
+    /// Compressed bytes read so far, for the compression-ratio bound.
+    read: std::rc::Rc<std::cell::Cell<u64>>,
 }
 
 impl<R: Read> Read for LimitedReader<R> {
@@ -324,6 +493,143 @@ impl<R: Read> Read for LimitedReader<R> {
             ));
         }
         self.left -= n as u64;
+        self.read.set(self.read.get() + n as u64);
+        Ok(n)
+    }
+}
+
+/// The [`MetaTooLarge`] behind an error of the `tar` crate, which may wrap ours.
+fn meta_too_large(e: &io::Error) -> Option<&MetaTooLarge> {
+    let mut at: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
+    while let Some(err) = at {
+        if let Some(m) = err.downcast_ref::<MetaTooLarge>() {
+            return Some(m);
+        }
+        at = match err.downcast_ref::<io::Error>() {
+            Some(io) => io.get_ref().map(|e| e as _),
+            None => err.source(),
+        };
+    }
+    None
+}
+
+/// A PAX or GNU long-name header entry over [`MAX_META_ENTRY_BYTES`].
+#[derive(Debug)]
+struct MetaTooLarge {
+    kind: &'static str,
+    size: u64,
+}
+
+impl std::fmt::Display for MetaTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the archive has a {} of {} bytes; at most {} are accepted",
+            self.kind, self.size, MAX_META_ENTRY_BYTES
+        )
+    }
+}
+
+impl std::error::Error for MetaTooLarge {}
+
+/// Watches the decompressed tar stream as the `tar` crate reads it and stops it at a
+/// PAX extended header (`x`, `g`) or GNU long-name/long-link entry (`L`, `K`) larger
+/// than [`MAX_META_ENTRY_BYTES`], before the crate reads one into memory. Hand-written:
+/// the crate has no such limit. It follows the framing: a 512-byte header, then the
+/// entry's data padded to 512, then the next header; an all-zero block is the end.
+struct HeaderGuard<R> {
+    inner: R,
+    /// Offset of the stream passed on so far.
+    at: u64,
+    /// Offset of the next header block.
+    next_header: u64,
+    /// The header being read, when `at` is inside one.
+    header: Vec<u8>,
+}
+
+impl<R: Read> HeaderGuard<R> {
+    fn new(inner: R) -> Self {
+        HeaderGuard {
+            inner,
+            at: 0,
+            next_header: 0,
+            header: Vec::with_capacity(512),
+        }
+    }
+
+    /// Looks at a complete header block: where the next one is, and whether it is a
+    /// metadata entry over the bound.
+    fn on_header(&mut self) -> io::Result<()> {
+        let h = &self.header;
+        let start = self.next_header;
+        if h.iter().all(|&b| b == 0) {
+            self.next_header = start + 512;
+            return Ok(());
+        }
+        let size = header_size(&h[124..136]).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "a tar header with an unreadable size",
+            )
+        })?;
+        let kind = match h[156] {
+            b'x' => Some("PAX extended header"),
+            b'g' => Some("PAX global header"),
+            b'L' => Some("GNU long name"),
+            b'K' => Some("GNU long link name"),
+            _ => None,
+        };
+        if let Some(kind) = kind.filter(|_| size > MAX_META_ENTRY_BYTES) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                MetaTooLarge { kind, size },
+            ));
+        }
+        self.next_header = start
+            .saturating_add(512)
+            .saturating_add(size.div_ceil(512).saturating_mul(512));
+        Ok(())
+    }
+}
+
+/// A tar header's size field: octal text, or GNU's base-256 when the high bit is set.
+fn header_size(field: &[u8]) -> Option<u64> {
+    if field[0] & 0x80 != 0 {
+        let mut v: u64 = (field[0] & 0x7f) as u64;
+        for &b in &field[1..] {
+            v = v.checked_mul(256)?.checked_add(b as u64)?;
+        }
+        return Some(v);
+    }
+    let text = std::str::from_utf8(field).ok()?;
+    let text = text.trim_matches(|c: char| c == ' ' || c == '\0');
+    if text.is_empty() {
+        return Some(0);
+    }
+    u64::from_str_radix(text, 8).ok()
+}
+
+impl<R: Read> Read for HeaderGuard<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut i = 0;
+        while i < n {
+            let at = self.at + i as u64;
+            if at < self.next_header {
+                // Entry data: skip to the next header, or the end of what was read.
+                let skip = (self.next_header - at).min((n - i) as u64) as usize;
+                i += skip;
+                continue;
+            }
+            let take = (512 - self.header.len()).min(n - i);
+            self.header.extend_from_slice(&buf[i..i + take]);
+            i += take;
+            if self.header.len() == 512 {
+                self.on_header()?;
+                self.header.clear();
+            }
+        }
+        self.at += n as u64;
         Ok(n)
     }
 }
@@ -619,6 +925,7 @@ mod tests {
             max_file_bytes: 4,
             max_total_bytes: 6,
             max_entries: 3,
+            ..Limits::default()
         };
         let (_d, r) = unpack_bytes(&craft(&[file("big", b"12345")]), &limits);
         assert!(r.unwrap_err()[0].contains("over the limit of 4 bytes per file"));
@@ -659,6 +966,142 @@ mod tests {
             !dir.path().join("dest/bomb").exists(),
             "nothing of it was written"
         );
+    }
+
+    /// A raw tar header block of `kind` declaring `size` bytes (the data need not follow).
+    fn raw_header(name: &str, kind: u8, size: u64) -> Vec<u8> {
+        let mut h = tar::Header::new_ustar();
+        h.set_path(name).unwrap();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.as_mut_bytes()[156] = kind;
+        h.set_cksum();
+        h.as_bytes().to_vec()
+    }
+
+    fn gzip(bytes: &[u8]) -> Vec<u8> {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        gz.write_all(bytes).unwrap();
+        gz.finish().unwrap()
+    }
+
+    #[test]
+    fn metadata_headers_are_bounded_before_they_are_read() {
+        for kind in [b'x', b'g', b'L', b'K'] {
+            // Declares 1 GiB of PAX (or long-name) data, and sends 1 MiB of it.
+            let mut tar = raw_header("././@PaxHeader", kind, 1 << 30);
+            tar.extend(std::iter::repeat_n(b'a', 1 << 20));
+            let (_d, r) = unpack_bytes(&gzip(&tar), &Limits::default());
+            let reasons = r.unwrap_err();
+            assert!(
+                reasons[0].contains("of 1073741824 bytes; at most 65536"),
+                "{reasons:?}"
+            );
+        }
+        // A 65 KB long name within the bound is shown bounded.
+        let long = "n".repeat(60_000);
+        let mut pax = Vec::new();
+        let record = format!("path={long}\n");
+        let len = record.len() + 6; // "NNNNN " prefix, 5 digits and a space
+        pax.extend(format!("{len} {record}").as_bytes());
+        let mut tar = raw_header("pax", b'x', pax.len() as u64);
+        tar.extend(&pax);
+        tar.resize(tar.len().div_ceil(512) * 512, 0);
+        tar.extend(raw_header("ignored", b'3', 0)); // a char device, refused
+        tar.extend([0u8; 1024]);
+        let (_d, r) = unpack_bytes(&gzip(&tar), &Limits::default());
+        let reasons = r.unwrap_err();
+        let all = reasons.join("; ");
+        assert!(all.len() < 400 && all.contains("(60000 bytes)"), "{all}");
+    }
+
+    #[test]
+    fn long_names_in_gnu_and_pax_entries_pass_the_header_guard() {
+        // `pack` writes GNU long-name entries for paths over 100 bytes; the guard must
+        // follow the framing through them and the files' data.
+        let src = tempfile::tempdir().unwrap();
+        let deep = format!("assets/{}/{}", "d".repeat(120), "f".repeat(150));
+        fs::create_dir_all(src.path().join(&deep).parent().unwrap()).unwrap();
+        fs::write(src.path().join(&deep), vec![3u8; 70_000]).unwrap();
+        fs::write(src.path().join("bundle.toml"), "[bundle]").unwrap();
+        let mut a = Vec::new();
+        pack(src.path(), &mut a, |_| {}).unwrap();
+        let (dir, r) = unpack_bytes(&a, &Limits::default());
+        r.unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("dest").join(&deep)).unwrap().len(),
+            70_000
+        );
+        // A PAX path record followed by its file.
+        let mut pax = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        h.set_size(5);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        pax.append_pax_extensions([("path", deep.as_bytes())])
+            .unwrap();
+        h.set_path("short").unwrap();
+        h.set_cksum();
+        pax.append(&h, &b"hello"[..]).unwrap();
+        let bytes = gzip(&pax.into_inner().unwrap());
+        let (dir, r) = unpack_bytes(&bytes, &Limits::default());
+        r.unwrap();
+        assert_eq!(
+            fs::read(dir.path().join("dest").join(&deep)).unwrap(),
+            b"hello"
+        );
+    }
+
+    #[test]
+    fn reasons_are_bounded_in_number() {
+        let names: Vec<String> = (0..100).map(|i| format!("../x{i}")).collect();
+        let entries: Vec<_> = names.iter().map(|n| file(n.as_str(), b"")).collect();
+        let (_d, r) = unpack_bytes(&craft(&entries), &Limits::default());
+        let reasons = r.unwrap_err();
+        assert_eq!(reasons.len(), MAX_REASONS + 1);
+        assert_eq!(reasons.last().unwrap(), "and 80 more problems");
+    }
+
+    #[test]
+    fn a_highly_compressible_archive_stops_at_the_ratio() {
+        // 48 MiB of zeros: under every size limit, but 1000:1.
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut b = tar::Builder::new(gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(48 << 20);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "zeros", io::repeat(0).take(48 << 20))
+            .unwrap();
+        let bytes = b.into_inner().unwrap().finish().unwrap();
+        let limits = Limits {
+            ratio_floor: 1 << 20,
+            ..Limits::default()
+        };
+        let (dir, r) = unpack_bytes(&bytes, &limits);
+        assert!(r.unwrap_err()[0].contains("more than 100 times"));
+        let written = fs::metadata(dir.path().join("dest/zeros")).map_or(0, |m| m.len());
+        // The bound counts compressed bytes as the decoder reads them, ahead of what it
+        // has inflated by its input buffer (32 KiB here): 100 x that, past the floor.
+        assert!(written <= 8 << 20, "{written} bytes written");
+        // The same under the default floor of 64 MiB unpacks.
+        let (_d, r) = unpack_bytes(&bytes, &Limits::default());
+        r.unwrap();
+    }
+
+    #[test]
+    fn the_start_of_an_upload_is_checked_before_it_is_spooled() {
+        let good = craft(&[file("bundle.toml", b"x")]);
+        assert_eq!(check_start(&good, true), Ok(Start::Tar));
+        assert_eq!(check_start(&good[..10], false), Ok(Start::NeedMore));
+        assert_eq!(check_start(&good[..1], false), Ok(Start::NeedMore));
+        let not_gzip = check_start(b"PK\x03\x04 a zip", false).unwrap_err();
+        assert!(not_gzip.contains("not a .tar.gz"), "{not_gzip}");
+        let not_tar = check_start(&gzip(&[7u8; 4096]), true).unwrap_err();
+        assert!(not_tar.contains("checksum"), "{not_tar}");
+        let empty = check_start(&gzip(&[0u8; 1024]), true).unwrap_err();
+        assert!(empty.contains("empty"), "{empty}");
+        assert!(check_start(&gzip(b"short"), true).is_err());
     }
 
     #[test]

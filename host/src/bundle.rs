@@ -96,7 +96,7 @@ impl VariantSpec {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BundleInfo {
-    /// `[a-z0-9][a-z0-9._-]*`, at most 128 characters.
+    /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 128 characters (`names::valid_name`).
     pub name: String,
     /// A positive integer, monotonic per name.
     pub version: u64,
@@ -181,6 +181,17 @@ pub struct PluginLimits {
     /// Guest CPU time, ms: counted only while plugin code runs (not during `compute`).
     #[serde(default = "default_cpu_ms")]
     pub cpu_ms: u64,
+    /// Host memory the plugin's wasi-nn resources may hold at once (the tensors it
+    /// creates, a model's outputs), MiB. Default: `memory_mib`.
+    #[serde(default)]
+    pub host_memory_mib: Option<u64>,
+}
+
+impl PluginLimits {
+    /// `host_memory_mib`, or its default.
+    pub fn host_memory_mib(&self) -> u64 {
+        self.host_memory_mib.unwrap_or(self.memory_mib)
+    }
 }
 
 impl Default for PluginLimits {
@@ -188,6 +199,7 @@ impl Default for PluginLimits {
         PluginLimits {
             memory_mib: default_memory_mib(),
             cpu_ms: default_cpu_ms(),
+            host_memory_mib: None,
         }
     }
 }
@@ -394,29 +406,35 @@ impl WarmupRequest {
 pub const MAX_BATCH_INPUT_BYTES: usize = 1 << 30;
 
 pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
-    toml::from_str(text).map_err(|e| format!("bundle.toml: {}", e.to_string().trim_end()))
+    toml::from_str(text).map_err(|e| {
+        // One line that names the place: the parser's own rendering spans several, with
+        // the source line and a caret under it.
+        let line = e.span().map(|s| {
+            text.as_bytes()[..s.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        });
+        let message = e.message().trim_end().replace('\n', " ");
+        match line {
+            Some(n) => format!("bundle.toml line {n}: {message}"),
+            None => format!("bundle.toml: {message}"),
+        }
+    })
 }
 
-/// Does `name` follow the naming rule for bundles and tensors?
-pub fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    matches!(chars.next(), Some(c) if c.is_ascii_lowercase() || c.is_ascii_digit())
-        && name.len() <= 128
-        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "._-".contains(c))
-}
+pub use crate::names::valid_name;
 
 impl Manifest {
     /// Checks that do not touch the file system. Returns every reason found.
     pub fn check(&self) -> Vec<String> {
         let mut r = Vec::new();
-        if !valid_name(&self.bundle.name) {
-            r.push(format!(
-                "bundle.name {:?} must match [a-z0-9][a-z0-9._-]* (at most 128 characters)",
-                self.bundle.name
-            ));
+        if let Err(e) = crate::names::check_name("bundle.name", &self.bundle.name) {
+            r.push(e);
         }
-        if self.bundle.version == 0 {
-            r.push("bundle.version must be a positive integer".to_string());
+        if let Err(e) = crate::names::check_version(self.bundle.version) {
+            r.push(format!("bundle.version: {e}"));
         }
         if self.endpoint.is_some() || self.router.is_some() || !self.variants.is_empty() {
             self.check_endpoint(&mut r);
@@ -571,11 +589,8 @@ impl Manifest {
         let mut names = std::collections::HashSet::new();
         for v in &self.variants {
             let name = v.name();
-            if !valid_name(&v.model) {
-                r.push(format!(
-                    "variants: model {:?} is not a valid model name",
-                    v.model
-                ));
+            if let Err(e) = crate::names::check_name("variants: model", &v.model) {
+                r.push(e);
             }
             if v.model == self.bundle.name {
                 r.push(format!(
@@ -583,10 +598,8 @@ impl Manifest {
                     v.model
                 ));
             }
-            if !valid_name(name) {
-                r.push(format!(
-                    "variants: name {name:?} must match [a-z0-9][a-z0-9._-]*"
-                ));
+            if let Err(e) = crate::names::check_name("variants: name", name) {
+                r.push(e);
             }
             if !names.insert(name) {
                 r.push(format!(
@@ -598,8 +611,8 @@ impl Manifest {
                     "variants '{name}': give a version or a label, not both"
                 ));
             }
-            if v.version == Some(0) {
-                r.push(format!("variants '{name}': version must be positive"));
+            if let Some(Err(e)) = v.version.map(crate::names::check_version) {
+                r.push(format!("variants '{name}': {e}"));
             }
         }
         if let Some(d) = &e.default_variant {
@@ -706,6 +719,17 @@ outputs = [{ name = "output", dtype = "fp32", shape = [-1, 3] }]
         assert_eq!(model.inputs[0].dtype, DType::Fp32);
         assert_eq!(model.inputs[0].shape, vec![-1, 4]);
         assert!(m.check().is_empty(), "{:?}", m.check());
+    }
+
+    #[test]
+    fn a_manifest_error_is_one_line_naming_the_line() {
+        let err =
+            parse_manifest("[bundle]\nname = \"x\"\nversion = 1\nflavour = \"odd\"\n").unwrap_err();
+        assert!(
+            err.starts_with("bundle.toml line 4: unknown field `flavour`"),
+            "{err}"
+        );
+        assert!(!err.contains('\n'), "{err}");
     }
 
     #[test]
@@ -904,7 +928,8 @@ config = { shadow = "b" }
         assert!(valid_name("resnet18"));
         assert!(valid_name("a.b-c_d"));
         assert!(!valid_name("-a"));
-        assert!(!valid_name("Upper"));
+        assert!(valid_name("ResNet50"));
+        assert!(!valid_name(".."));
         assert!(!valid_name(""));
         assert_eq!(DeviceSpec::parse("cuda:1"), Ok(DeviceSpec::Cuda(1)));
         assert_eq!(DeviceSpec::parse("cuda"), Ok(DeviceSpec::Cuda(0)));

@@ -30,8 +30,20 @@ pub struct ServerConfig {
     /// Plugin instances that may run at once, over all plugins; beyond it requests get
     /// 503 with Retry-After.
     pub plugin_instance_slots: u32,
-    /// The largest memory cap a bundle's plugin may ask for, MiB.
+    /// The largest memory cap a bundle's plugin may ask for, MiB (its linear memory, and
+    /// the host memory its tensors take).
     pub plugin_max_memory_mib: u64,
+    /// The largest CPU budget per request a bundle's plugin may ask for, ms.
+    pub plugin_max_cpu_ms: u64,
+    /// All plugin memory together, MiB: the linear memories of every running instance
+    /// and the host memory their tensors take. A plugin that would go past it traps with
+    /// a 503 (retry). 0: a quarter of the machine's memory, at least 256 MiB.
+    pub plugin_memory_total_mib: u64,
+    /// Largest answer the server builds, bytes (tensor APIs, plugin bodies); checked
+    /// before the answer is built.
+    pub max_response_bytes: usize,
+    /// Uploads unpacked and checked at once; more wait their turn (never refused for it).
+    pub max_concurrent_uploads: usize,
     /// Tokio worker threads for HTTP and plugins. 0: one per core.
     pub http_threads: usize,
     /// Largest bundle archive accepted by an upload, bytes.
@@ -64,6 +76,10 @@ impl Default for ServerConfig {
             torch_inter_op_threads: 1,
             plugin_instance_slots: 256,
             plugin_max_memory_mib: 512,
+            plugin_max_cpu_ms: 60_000,
+            plugin_memory_total_mib: 0,
+            max_response_bytes: 256 << 20,
+            max_concurrent_uploads: 2,
             http_threads: 0,
             max_upload_bytes: 4 << 30,
             admin_token: None,
@@ -104,6 +120,22 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// All plugin memory together, bytes (`plugin_memory_total_mib`, or its default).
+    pub fn plugin_memory_total_bytes(&self) -> u64 {
+        if self.plugin_memory_total_mib > 0 {
+            return self.plugin_memory_total_mib.saturating_mul(1 << 20);
+        }
+        // SAFETY: sysconf has no memory effects.
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let physical = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
+        (physical / 4).max(256 << 20)
     }
 
     pub fn cores() -> usize {

@@ -28,6 +28,7 @@ pub mod config;
 pub mod lifecycle;
 pub mod manage;
 pub mod metrics;
+pub mod names;
 pub mod nn;
 pub mod plugin;
 pub mod repository;

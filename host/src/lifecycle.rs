@@ -266,7 +266,16 @@ impl Servable {
 pub struct VersionStatus {
     pub version: u64,
     pub state: State,
+    /// The full error (a failed load's libtorch error with its stack frames, paths):
+    /// for the log and authenticated answers; others get [`VersionStatus::public_error`].
     pub error: Option<String>,
+}
+
+impl VersionStatus {
+    /// The error as an unauthenticated caller may see it (`names::public_reason`).
+    pub fn public_error(&self) -> Option<String> {
+        self.error.as_deref().map(crate::names::public_reason)
+    }
 }
 
 #[derive(Default)]
@@ -346,7 +355,7 @@ impl Registry {
                         .status
                         .values()
                         .next_back()
-                        .and_then(|s| s.error.clone())
+                        .and_then(VersionStatus::public_error)
                         .unwrap_or_else(|| "no version is AVAILABLE".into());
                     let v = entry.status.keys().next_back().copied().unwrap_or(0);
                     ResolveError::NotAvailable(name.to_string(), v, why)
@@ -360,8 +369,7 @@ impl Registry {
                     Some(s) => ResolveError::NotAvailable(
                         name.to_string(),
                         v,
-                        s.error
-                            .clone()
+                        s.public_error()
                             .unwrap_or_else(|| format!("it is {}", s.state.as_str())),
                     ),
                 }),
@@ -701,6 +709,7 @@ pub async fn load_and_publish(
 
 /// Records a version that failed to load or warm up (an upload that was refused).
 pub fn record_failure(registry: &Registry, model: &str, version: u64, msg: &str) {
+    tracing::warn!(model, version, "upload refused: {msg}");
     registry.set_status(model, version, State::End, Some(msg.to_string()));
 }
 

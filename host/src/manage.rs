@@ -29,6 +29,39 @@ pub struct Manager {
     pub warmup: std::sync::OnceLock<lifecycle::WarmupHook>,
     /// Models unloaded on request (Triton's repository API): the poller leaves them.
     pub unloaded: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    /// Uploads at once, and the versions being stored now.
+    pub uploads: Uploads,
+}
+
+/// Bounds uploads: `max_concurrent_uploads` are spooled, unpacked and checked at once
+/// (so scratch disk use is at most that many times an archive and its unpacked files),
+/// and later ones wait their turn rather than being refused, so that a second upload of
+/// a version being stored meets its 409, never a 429.
+pub struct Uploads {
+    slots: tokio::sync::Semaphore,
+    /// (model, version) being stored now.
+    storing: std::sync::Mutex<std::collections::BTreeSet<(String, u64)>>,
+}
+
+impl Uploads {
+    pub fn new(at_once: usize) -> Uploads {
+        Uploads {
+            slots: tokio::sync::Semaphore::new(at_once.max(1)),
+            storing: Default::default(),
+        }
+    }
+}
+
+/// A version being stored, released when the upload ends however it ends.
+struct Storing<'a> {
+    uploads: &'a Uploads,
+    key: (String, u64),
+}
+
+impl Drop for Storing<'_> {
+    fn drop(&mut self) {
+        self.uploads.storing.lock().unwrap().remove(&self.key);
+    }
 }
 
 #[derive(Debug)]
@@ -77,15 +110,38 @@ impl Manager {
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
+        crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
+        let _slot = self.uploads.slots.acquire().await.map_err(internal)?;
+        let broke_off = |e: E| UploadError::Invalid(vec![format!("the upload broke off: {e}")]);
+        // 0. The first bytes must be a gzip'd tar before anything is written to disk.
+        let mut head = Vec::new();
+        let ended = loop {
+            let chunk = body.next().await;
+            let whole = chunk.is_none();
+            if let Some(chunk) = chunk {
+                head.extend_from_slice(&chunk.map_err(broke_off)?);
+            }
+            if head.len() as u64 > self.limits.max_archive_bytes {
+                return Err(UploadError::TooLarge(format!(
+                    "the archive is larger than the upload limit of {} bytes (max_upload_bytes)",
+                    self.limits.max_archive_bytes
+                )));
+            }
+            match archive::check_start(&head, whole).map_err(|e| UploadError::Invalid(vec![e]))? {
+                archive::Start::Tar => break whole,
+                archive::Start::NeedMore => continue,
+            }
+        };
         let scratch = repository::scratch(&self.root).map_err(internal)?;
         // 1. Stream the archive to disk, never whole in memory.
         let archive_path = scratch.path().join("bundle.tar.gz");
         let mut file =
             std::io::BufWriter::new(std::fs::File::create(&archive_path).map_err(internal)?);
-        let mut size = 0u64;
-        while let Some(chunk) = body.next().await {
-            let chunk = chunk
-                .map_err(|e| UploadError::Invalid(vec![format!("the upload broke off: {e}")]))?;
+        file.write_all(&head).map_err(internal)?;
+        let mut size = head.len() as u64;
+        drop(head);
+        while let Some(chunk) = if ended { None } else { body.next().await } {
+            let chunk = chunk.map_err(broke_off)?;
             size += chunk.len() as u64;
             if size > self.limits.max_archive_bytes {
                 return Err(UploadError::TooLarge(format!(
@@ -113,6 +169,17 @@ impl Manager {
             )]));
         }
         let version = bundle.version();
+        let key = (model.to_string(), version);
+        if !self.uploads.storing.lock().unwrap().insert(key.clone()) {
+            return Err(UploadError::Conflict(format!(
+                "version {version} of '{model}' is being uploaded by another request now; \
+                 retry once it is done (the same archive is then accepted as stored)"
+            )));
+        }
+        let _storing = Storing {
+            uploads: &self.uploads,
+            key,
+        };
         let stored = Stored {
             name: model.to_string(),
             version,
@@ -121,7 +188,7 @@ impl Manager {
             state: None,
             note: None,
         };
-        if self.root.join(model).join(version.to_string()).exists() {
+        if self.is_stored(model, version) {
             return match repository::read_meta(&self.root, model, version) {
                 Some(m) if m.digest == digest => Ok(Stored { created: false, ..stored }),
                 Some(m) => Err(UploadError::Conflict(format!(
@@ -214,6 +281,11 @@ impl Manager {
 }
 
 impl Manager {
+    /// Whether `<repo>/<model>/<version>/` exists (false for a name that is not valid).
+    fn is_stored(&self, model: &str, version: u64) -> bool {
+        repository::version_dir(&self.root, model, version).is_ok_and(|d| d.is_dir())
+    }
+
     /// Points a label at a version and stores it.
     pub fn set_label(
         &self,
@@ -222,17 +294,15 @@ impl Manager {
         version: u64,
         force: bool,
     ) -> Result<(), UploadError> {
-        if !crate::bundle::valid_name(label) {
-            return Err(UploadError::BadRequest(format!(
-                "label {label:?} must match [a-z0-9][a-z0-9._-]*"
-            )));
-        }
+        crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
+        crate::names::check_name("label", label).map_err(UploadError::BadRequest)?;
+        crate::names::check_version(version).map_err(UploadError::BadRequest)?;
         if self.registry.status(model).is_none() {
             return Err(UploadError::NotFound(format!(
                 "model '{model}' is not found"
             )));
         }
-        if force && !self.root.join(model).join(version.to_string()).is_dir() {
+        if force && !self.is_stored(model, version) {
             return Err(UploadError::NotFound(format!(
                 "version {version} of '{model}' is not stored"
             )));
@@ -246,7 +316,9 @@ impl Manager {
     /// Deletes a stored version: out of service first (requests in flight finish), then
     /// off the disk. A labelled version must lose its labels first.
     pub fn delete(&self, model: &str, version: u64) -> Result<(), UploadError> {
-        if !self.root.join(model).join(version.to_string()).is_dir() {
+        crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
+        crate::names::check_version(version).map_err(UploadError::BadRequest)?;
+        if !self.is_stored(model, version) {
             return Err(UploadError::NotFound(format!(
                 "version {version} of '{model}' is not stored"
             )));
@@ -409,6 +481,7 @@ impl Manager {
 impl Manager {
     /// Triton's `load`: the versions the model's policy wants, from the repository.
     pub async fn load_model(&self, model: &str) -> Result<(), UploadError> {
+        crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
         self.unloaded.lock().unwrap().remove(model);
         let root = self.root.clone();
         let (entries, _) = tokio::task::spawn_blocking(move || repository::scan(&root))
@@ -442,6 +515,7 @@ impl Manager {
     /// Triton's `unload`: every loaded version out of service (requests in flight finish);
     /// the poller leaves the model alone until it is loaded again.
     pub fn unload_model(&self, model: &str) -> Result<(), UploadError> {
+        crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
         let Some(statuses) = self.registry.status(model) else {
             return Err(UploadError::NotFound(format!(
                 "model '{model}' is not found"

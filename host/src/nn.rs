@@ -299,24 +299,103 @@ pub struct NnError {
     data: String,
 }
 
-/// Per-request wasi-nn state: which graphs `load-by-name` may return, and the time
-/// spent in host calls (which the plugin's CPU budget does not count).
+/// Per-request wasi-nn state: which graphs `load-by-name` may return, the time spent in
+/// host calls (which the plugin's CPU budget does not count), and the host memory its
+/// resources hold.
 pub struct NnCtx {
     names: Vec<String>,
     runner: Option<Arc<Runner>>,
     pub host_time: Duration,
     /// A `compute` was refused because the model's queue was full.
     pub overloaded: bool,
+    memory: HostMemory,
 }
 
+/// Host memory that a plugin's wasi-nn resources hold (tensors it creates, a model's
+/// outputs, graphs, errors): at most `budget` bytes per request (`limits.host_memory_mib`),
+/// each byte also charged to the server-wide plugin memory pool while it is held. A
+/// plugin capped at 64 MiB of linear memory made 64 host tensors of 32 MiB before this.
+struct HostMemory {
+    budget: u64,
+    used: u64,
+    pool: Option<Arc<crate::plugin::MemoryPool>>,
+}
+
+/// What a resource costs beside its data: the table slot and the value's own fields.
+const RESOURCE_OVERHEAD: u64 = 64;
+
+impl HostMemory {
+    fn charge(&mut self, bytes: u64) -> Result<(), wasmtime::Error> {
+        if self.used.saturating_add(bytes) > self.budget {
+            return Err(wasmtime::Error::new(HostMemoryExceeded {
+                budget_mib: self.budget >> 20,
+            }));
+        }
+        if let Some(pool) = &self.pool {
+            if !pool.try_charge(bytes) {
+                return Err(wasmtime::Error::new(crate::plugin::PoolExhausted {
+                    cap_mib: pool.cap() >> 20,
+                }));
+            }
+        }
+        self.used += bytes;
+        Ok(())
+    }
+
+    fn release(&mut self, bytes: u64) {
+        let bytes = bytes.min(self.used);
+        self.used -= bytes;
+        if let Some(pool) = &self.pool {
+            pool.release(bytes);
+        }
+    }
+}
+
+impl Drop for HostMemory {
+    fn drop(&mut self) {
+        let used = self.used;
+        self.release(used);
+    }
+}
+
+/// A plugin's wasi-nn resources would hold more host memory than its budget.
+#[derive(Debug)]
+pub struct HostMemoryExceeded {
+    pub budget_mib: u64,
+}
+
+impl std::fmt::Display for HostMemoryExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "its tensors needed more host memory than its budget of {} MiB \
+             (limits.host_memory_mib in bundle.toml; drop tensors it no longer needs)",
+            self.budget_mib
+        )
+    }
+}
+
+impl std::error::Error for HostMemoryExceeded {}
+
 impl NnCtx {
-    /// `load-by-name` answers `model_name` and `default` with `runner`, nothing else.
-    pub fn new(model_name: &str, runner: Arc<Runner>) -> NnCtx {
+    /// `load-by-name` answers `model_name` and `default` with `runner`, nothing else;
+    /// its resources may hold `host_budget` bytes, charged to `pool` too.
+    pub fn new(
+        model_name: &str,
+        runner: Arc<Runner>,
+        host_budget: u64,
+        pool: Arc<crate::plugin::MemoryPool>,
+    ) -> NnCtx {
         NnCtx {
             names: vec![model_name.to_string(), "default".to_string()],
             runner: Some(runner),
             host_time: Duration::ZERO,
             overloaded: false,
+            memory: HostMemory {
+                budget: host_budget,
+                used: 0,
+                pool: Some(pool),
+            },
         }
     }
 
@@ -327,7 +406,17 @@ impl NnCtx {
             runner: None,
             host_time: Duration::ZERO,
             overloaded: false,
+            memory: HostMemory {
+                budget: 1 << 20,
+                used: 0,
+                pool: None,
+            },
         }
+    }
+
+    /// Host bytes the request's resources hold now.
+    pub fn host_bytes(&self) -> u64 {
+        self.memory.used
     }
 }
 
@@ -359,8 +448,50 @@ type NnResult<T> = wasmtime::Result<Result<T, Resource<NnError>>>;
 
 impl NnView<'_> {
     fn fail<T>(&mut self, code: gen::errors::ErrorCode, data: String) -> NnResult<T> {
-        let e = self.table.push(NnError { code, data })?;
+        let e = self.push(NnError { code, data })?;
         Ok(Err(e))
+    }
+
+    /// Pushes a resource, charging its host memory (a trap when over the budget).
+    fn push<T: Charged + Send + 'static>(&mut self, value: T) -> wasmtime::Result<Resource<T>> {
+        self.ctx.memory.charge(value.host_bytes())?;
+        Ok(self.table.push(value)?)
+    }
+
+    /// Deletes a resource, releasing its host memory.
+    fn delete<T: Charged + 'static>(&mut self, r: Resource<T>) -> wasmtime::Result<T> {
+        let value = self.table.delete(r)?;
+        self.ctx.memory.release(value.host_bytes());
+        Ok(value)
+    }
+}
+
+/// A wasi-nn resource's host memory, as charged while it is held.
+trait Charged {
+    fn host_bytes(&self) -> u64;
+}
+
+impl Charged for HostTensor {
+    fn host_bytes(&self) -> u64 {
+        RESOURCE_OVERHEAD + self.data.len() as u64 + 4 * self.dims.len() as u64
+    }
+}
+
+impl Charged for NnError {
+    fn host_bytes(&self) -> u64 {
+        RESOURCE_OVERHEAD + self.data.len() as u64
+    }
+}
+
+impl Charged for Graph {
+    fn host_bytes(&self) -> u64 {
+        RESOURCE_OVERHEAD
+    }
+}
+
+impl Charged for ExecContext {
+    fn host_bytes(&self) -> u64 {
+        RESOURCE_OVERHEAD
     }
 }
 
@@ -435,15 +566,18 @@ impl gen::graph::Host for NnView<'_> {
             .as_ref()
             .filter(|_| self.ctx.names.contains(&name))
         {
-            let g = self.table.push(Graph {
+            let g = Graph {
                 runner: runner.clone(),
-            })?;
-            Ok(Ok(g))
+            };
+            Ok(Ok(self.push(g)?))
         } else {
             let known = self.ctx.names.join("\", \"");
             self.fail(
                 gen::errors::ErrorCode::NotFound,
-                format!("no graph named \"{name}\" is available to this plugin (try \"{known}\")"),
+                format!(
+                    "no graph named {} is available to this plugin (try \"{known}\")",
+                    crate::names::shown(&name)
+                ),
             )
         }
     }
@@ -455,11 +589,11 @@ impl gen::graph::HostGraph for NnView<'_> {
         graph: Resource<Graph>,
     ) -> NnResult<Resource<ExecContext>> {
         let runner = self.table.get(&graph)?.runner.clone();
-        Ok(Ok(self.table.push(ExecContext { runner })?))
+        Ok(Ok(self.push(ExecContext { runner })?))
     }
 
     fn drop(&mut self, graph: Resource<Graph>) -> wasmtime::Result<()> {
-        self.table.delete(graph)?;
+        self.delete(graph)?;
         Ok(())
     }
 }
@@ -473,7 +607,7 @@ impl gen::tensor::HostTensor for NnView<'_> {
         ty: gen::tensor::TensorType,
         data: Vec<u8>,
     ) -> wasmtime::Result<Resource<HostTensor>> {
-        Ok(self.table.push(HostTensor { dims, ty, data })?)
+        self.push(HostTensor { dims, ty, data })
     }
 
     fn dimensions(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<Vec<u32>> {
@@ -489,7 +623,7 @@ impl gen::tensor::HostTensor for NnView<'_> {
     }
 
     fn drop(&mut self, t: Resource<HostTensor>) -> wasmtime::Result<()> {
-        self.table.delete(t)?;
+        self.delete(t)?;
         Ok(())
     }
 }
@@ -505,14 +639,14 @@ impl gen::inference::HostGraphExecutionContext for NnView<'_> {
         let runner = self.table.get(&ctx)?.runner.clone();
         let mut named = Vec::with_capacity(inputs.len());
         for (name, res) in inputs {
-            let t = self.table.delete(res)?;
+            let t = self.delete(res)?;
             let shape = t.dims.iter().map(|&d| d as i64).collect();
             match Tensor::new(host_dtype(t.ty), shape, t.data) {
                 Ok(tensor) => named.push((name, tensor)),
                 Err(e) => {
                     return self.fail(
                         gen::errors::ErrorCode::InvalidArgument,
-                        format!("input '{name}': {e}"),
+                        format!("input {}: {e}", crate::names::shown(&name)),
                     )
                 }
             }
@@ -526,7 +660,7 @@ impl gen::inference::HostGraphExecutionContext for NnView<'_> {
                 self.ctx.overloaded = false;
                 let mut out = Vec::with_capacity(outputs.len());
                 for (name, t) in outputs {
-                    out.push((name, self.table.push(to_wasi_tensor(t))?));
+                    out.push((name, self.push(to_wasi_tensor(t))?));
                 }
                 Ok(Ok(out))
             }
@@ -542,7 +676,7 @@ impl gen::inference::HostGraphExecutionContext for NnView<'_> {
     }
 
     fn drop(&mut self, ctx: Resource<ExecContext>) -> wasmtime::Result<()> {
-        self.table.delete(ctx)?;
+        self.delete(ctx)?;
         Ok(())
     }
 }
@@ -559,7 +693,7 @@ impl gen::errors::HostError for NnView<'_> {
     }
 
     fn drop(&mut self, e: Resource<NnError>) -> wasmtime::Result<()> {
-        self.table.delete(e)?;
+        self.delete(e)?;
         Ok(())
     }
 }

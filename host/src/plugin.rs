@@ -24,8 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder, UpdateDeadline,
+    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, UpdateDeadline,
 };
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -57,8 +56,12 @@ const GRANTED: &[&str] = &[
 pub struct RuntimeConfig {
     /// Plugin instances that may run at once, over all plugins; more get a 503.
     pub instance_slots: u32,
-    /// The largest memory cap a bundle may ask for, MiB.
+    /// The largest memory cap a bundle may ask for, MiB (linear and host memory each).
     pub max_memory_mib: u64,
+    /// The largest CPU budget per request a bundle may ask for, ms.
+    pub max_cpu_ms: u64,
+    /// All plugin memory together (linear memories and host tensors), bytes.
+    pub total_memory_bytes: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -66,6 +69,8 @@ impl Default for RuntimeConfig {
         RuntimeConfig {
             instance_slots: 256,
             max_memory_mib: 512,
+            max_cpu_ms: 60_000,
+            total_memory_bytes: 4 << 30,
         }
     }
 }
@@ -76,6 +81,134 @@ pub struct PluginRuntime {
     linker: Linker<PluginState>,
     config: RuntimeConfig,
     ticker: Arc<Ticker>,
+    memory: Arc<MemoryPool>,
+}
+
+/// All plugin memory together: every running instance's linear memory and the host
+/// memory its wasi-nn resources hold are charged here while they exist, so that 256
+/// instance slots of up to 512 MiB each are not the bound; `plugin_memory_total_mib` is.
+#[derive(Debug)]
+pub struct MemoryPool {
+    used: std::sync::atomic::AtomicU64,
+    cap: u64,
+}
+
+impl MemoryPool {
+    pub fn new(cap: u64) -> MemoryPool {
+        MemoryPool {
+            used: Default::default(),
+            cap,
+        }
+    }
+
+    /// Charges `bytes`, or refuses (charging nothing) when the pool would go past its cap.
+    pub fn try_charge(&self, bytes: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                u.checked_add(bytes).filter(|&n| n <= self.cap)
+            })
+            .is_ok()
+    }
+
+    pub fn release(&self, bytes: u64) {
+        self.used.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    /// Bytes charged now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+
+    pub fn cap(&self) -> u64 {
+        self.cap
+    }
+}
+
+/// A plugin's linear memory would pass its `limits.memory_mib`.
+#[derive(Debug)]
+pub struct MemoryCapReached {
+    pub cap_mib: u64,
+}
+
+impl std::fmt::Display for MemoryCapReached {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "it needed more than its memory cap of {} MiB (limits.memory_mib in bundle.toml)",
+            self.cap_mib
+        )
+    }
+}
+
+impl std::error::Error for MemoryCapReached {}
+
+/// All plugins together hold the server's whole plugin memory: not this plugin's fault,
+/// a 503 to retry.
+#[derive(Debug)]
+pub struct PoolExhausted {
+    pub cap_mib: u64,
+}
+
+impl std::fmt::Display for PoolExhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the plugins running now hold all of the server's plugin memory ({} MiB, plugin_memory_total_mib); retry shortly",
+            self.cap_mib
+        )
+    }
+}
+
+impl std::error::Error for PoolExhausted {}
+
+/// A store's resource limiter: the plugin's memory cap, with every byte of linear
+/// memory also charged to the server-wide [`MemoryPool`] until the store is dropped.
+struct Limiter {
+    cap: usize,
+    charged: u64,
+    pool: Arc<MemoryPool>,
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap || maximum.is_some_and(|m| desired > m) {
+            return Err(wasmtime::Error::new(MemoryCapReached {
+                cap_mib: (self.cap >> 20) as u64,
+            }));
+        }
+        let more = desired.saturating_sub(current) as u64;
+        if !self.pool.try_charge(more) {
+            return Err(wasmtime::Error::new(PoolExhausted {
+                cap_mib: self.pool.cap() >> 20,
+            }));
+        }
+        self.charged += more;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(maximum.is_none_or(|m| desired <= m))
+    }
+
+    fn instances(&self) -> usize {
+        32
+    }
+}
+
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        self.pool.release(self.charged);
+    }
 }
 
 impl Drop for PluginRuntime {
@@ -161,6 +294,8 @@ pub enum PluginError {
     Deadline { plugin: String, deadline_ms: u64 },
     /// Every pooled instance slot is busy.
     Busy { plugin: String },
+    /// The plugins running now hold all of the server's plugin memory.
+    MemoryFull { plugin: String, message: String },
     /// The plugin answered "unavailable" after its model's queue refused a `compute`
     /// (wasi-nn has no "busy" code: the host sends `timeout`, the SDK makes it
     /// `unavailable`): the client gets the 429 a full queue gives on the tensor APIs.
@@ -184,6 +319,7 @@ impl std::fmt::Display for PluginError {
                 f,
                 "all plugin instance slots are busy (plugin {plugin}); retry shortly"
             ),
+            PluginError::MemoryFull { plugin, message } => write!(f, "plugin {plugin}: {message}"),
         }
     }
 }
@@ -192,7 +328,8 @@ impl std::fmt::Display for PluginError {
 pub struct PluginState {
     table: ResourceTable,
     wasi: WasiCtx,
-    limits: StoreLimits,
+    limits: Limiter,
+    log: LogBudget,
     nn: NnCtx,
     host: Arc<HostInfo>,
     cpu: CpuMeter,
@@ -320,8 +457,44 @@ impl wasmtime_wasi_io::IoView for PluginState {
     }
 }
 
+/// Log lines one request (or one router call) of a plugin may write; past it lines are
+/// dropped and counted, and the count is logged once the call ends. A looping plugin
+/// wrote 1.3 GB of log in 30 s before this.
+pub const LOG_LINES_PER_CALL: u32 = 64;
+
+/// The longest log line a plugin may write, bytes; longer ones are cut, with their length.
+pub const LOG_LINE_BYTES: usize = 4096;
+
+/// One call's log lines: written and dropped.
+#[derive(Debug, Default)]
+struct LogBudget {
+    written: u32,
+    dropped: u32,
+}
+
+impl PluginState {
+    /// Logs, once a call ends, how many of its log lines were dropped; resets the count.
+    fn flush_log(&mut self) {
+        if self.log.dropped > 0 {
+            tracing::warn!(
+                plugin = %self.host.plugin,
+                "dropped {} log lines of one call (at most {LOG_LINES_PER_CALL} per call)",
+                self.log.dropped
+            );
+        }
+        self.log = LogBudget::default();
+    }
+}
+
 impl host_api::Host for PluginState {
     fn log(&mut self, level: host_api::LogLevel, message: String) -> wasmtime::Result<()> {
+        if self.log.written >= LOG_LINES_PER_CALL {
+            self.log.dropped += 1;
+            return Ok(());
+        }
+        self.log.written += 1;
+        // A newline in a message would forge a log line of its own: escaped.
+        let message = crate::names::log_safe(&message, LOG_LINE_BYTES);
         let plugin = &self.host.plugin;
         match level {
             host_api::LogLevel::Trace => tracing::trace!(plugin, "{message}"),
@@ -416,9 +589,15 @@ impl PluginRuntime {
         Ok(PluginRuntime {
             engine,
             linker,
+            memory: Arc::new(MemoryPool::new(config.total_memory_bytes)),
             config,
             ticker,
         })
+    }
+
+    /// All plugin memory together, as charged now.
+    pub fn memory(&self) -> &Arc<MemoryPool> {
+        &self.memory
     }
 
     /// Compiles and checks a bundle's handler plugin. Blocking (compilation takes
@@ -484,9 +663,23 @@ impl PluginRuntime {
         let name = format!("{}@{} ({})", bundle.name(), bundle.version(), spec.path);
         if spec.limits.memory_mib > self.config.max_memory_mib {
             anyhow::bail!(
-                "{world}.limits.memory_mib = {} is above the server's maximum of {} MiB",
+                "{world}.limits.memory_mib = {} is above the server's maximum of {} MiB (plugin_max_memory_mib)",
                 spec.limits.memory_mib,
                 self.config.max_memory_mib
+            );
+        }
+        if spec.limits.host_memory_mib() > self.config.max_memory_mib {
+            anyhow::bail!(
+                "{world}.limits.host_memory_mib = {} is above the server's maximum of {} MiB (plugin_max_memory_mib)",
+                spec.limits.host_memory_mib(),
+                self.config.max_memory_mib
+            );
+        }
+        if spec.limits.cpu_ms > self.config.max_cpu_ms {
+            anyhow::bail!(
+                "{world}.limits.cpu_ms = {} is above the server's maximum of {} ms (plugin_max_cpu_ms)",
+                spec.limits.cpu_ms,
+                self.config.max_cpu_ms
             );
         }
         let path = bundle.file(&spec.path);
@@ -525,6 +718,7 @@ impl PluginRuntime {
             }
         }
         let common = Common {
+            memory: self.memory.clone(),
             ticker: self.ticker.clone(),
             name: name.clone(),
             limits: spec.limits,
@@ -670,6 +864,7 @@ struct Common {
     limits: PluginLimits,
     host: Arc<HostInfo>,
     ticker: Arc<Ticker>,
+    memory: Arc<MemoryPool>,
 }
 
 impl Common {
@@ -680,11 +875,12 @@ impl Common {
             table: ResourceTable::new(),
             // No preopens, no environment, no arguments; stdio goes nowhere.
             wasi: WasiCtx::builder().build(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size((self.limits.memory_mib as usize) << 20)
-                .trap_on_grow_failure(true)
-                .instances(32)
-                .build(),
+            limits: Limiter {
+                cap: (self.limits.memory_mib as usize) << 20,
+                charged: 0,
+                pool: self.memory.clone(),
+            },
+            log: LogBudget::default(),
             nn,
             host: self.host.clone(),
             cpu: CpuMeter::new(Instant::now()),
@@ -719,6 +915,7 @@ impl Common {
     /// Re-arms a reused store for one more call: a full CPU budget from now.
     fn rearm(&self, store: &mut Store<PluginState>) {
         let s = store.data_mut();
+        s.flush_log();
         s.cpu = CpuMeter::new(Instant::now());
         s.nn.host_time = Duration::ZERO;
         s.cpu_exhausted = false;
@@ -745,19 +942,32 @@ impl Common {
                 budget_ms: self.limits.cpu_ms,
             };
         }
-        let mut message = format!("{e}");
-        if let Some(trap) = e.downcast_ref::<wasmtime::Trap>() {
-            message = format!("{trap}");
+        let cause = |f: &dyn Fn(&(dyn std::error::Error + 'static)) -> Option<String>| {
+            e.chain().find_map(f)
+        };
+        if let Some(message) = cause(&|c| c.downcast_ref::<PoolExhausted>().map(|p| p.to_string()))
+        {
+            return PluginError::MemoryFull {
+                plugin: self.name.clone(),
+                message,
+            };
         }
-        if format!("{e:?}").contains("forcing trap when growing memory") {
-            message = format!(
-                "it needed more than its memory cap of {} MiB (limits.memory_mib in bundle.toml)",
-                self.limits.memory_mib
-            );
-        }
+        let known = cause(&|c| {
+            c.downcast_ref::<MemoryCapReached>()
+                .map(|m| m.to_string())
+                .or_else(|| {
+                    c.downcast_ref::<crate::nn::HostMemoryExceeded>()
+                        .map(|m| m.to_string())
+                })
+        });
+        let message = match (known, e.downcast_ref::<wasmtime::Trap>()) {
+            (Some(m), _) => m,
+            (None, Some(trap)) => format!("{trap}"),
+            (None, None) => format!("{e}"),
+        };
         PluginError::Trap {
             plugin: self.name.clone(),
-            message,
+            message: crate::names::log_safe(&message, 1024),
         }
     }
 
@@ -834,10 +1044,9 @@ impl RouterPlugin {
                     (store, instance)
                 }
             };
-            let decision = instance
-                .call_route(&mut store, meta, variants)
-                .await
-                .map_err(|e| c.trap(&store, e))?;
+            let decision = instance.call_route(&mut store, meta, variants).await;
+            store.data_mut().flush_log();
+            let decision = decision.map_err(|e| c.trap(&store, e))?;
             let mut idle = self.idle.lock().unwrap();
             if idle.len() < ROUTER_IDLE {
                 idle.push((store, instance));
@@ -862,14 +1071,21 @@ impl Plugin {
     ) -> Result<wit::Response, PluginError> {
         let c = &self.common;
         c.within(deadline, async {
-            let nn = NnCtx::new(&self.model_name, self.runner.clone());
+            let nn = NnCtx::new(
+                &self.model_name,
+                self.runner.clone(),
+                c.limits.host_memory_mib() << 20,
+                c.memory.clone(),
+            );
             let mut store = c.store(self.pre.engine(), nn);
             let instance = self
                 .pre
                 .instantiate_async(&mut store)
                 .await
                 .map_err(|e| c.instantiate_error(&store, e))?;
-            match instance.call_handle(&mut store, &request).await {
+            let result = instance.call_handle(&mut store, &request).await;
+            store.data_mut().flush_log();
+            match result {
                 Ok(Ok(response)) => Ok(response),
                 Ok(Err(e))
                     if e.code == wit::ErrorCode::Unavailable && store.data().nn.overloaded =>
@@ -917,6 +1133,17 @@ mod tests {
         let mut m = CpuMeter::new(t0);
         let next = m.check(ms(1003), Duration::from_millis(1000), allot, budget);
         assert_eq!((next, m.guest), (Next::Yield, Duration::from_millis(3)));
+    }
+
+    #[test]
+    fn the_plugin_memory_pool_refuses_past_its_cap_and_takes_releases() {
+        let pool = MemoryPool::new(100);
+        assert!(pool.try_charge(60));
+        assert!(!pool.try_charge(41), "over the cap");
+        assert_eq!(pool.used(), 60, "a refusal charges nothing");
+        assert!(pool.try_charge(40));
+        pool.release(60);
+        assert!(pool.try_charge(60));
     }
 
     #[test]

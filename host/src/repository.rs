@@ -3,8 +3,45 @@
 //! This module lists what the repository holds; it does not load anything. Entries
 //! whose directory names are not a model name and a positive version are reported,
 //! not skipped silently.
+//!
+//! Every path the server reads, writes or removes in the repository is made by
+//! [`model_dir`] or [`version_dir`], which check the model name and the version
+//! (`names`) and prove the result lies inside the repository: a name from a URL such as
+//! `..` never reaches the file system.
 
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::{Component, Path, PathBuf};
+
+/// `<root>/<model>`, for a valid model name only.
+pub fn model_dir(root: &Path, model: &str) -> io::Result<PathBuf> {
+    crate::names::check_name("model name", model)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    inside(root, root.join(model))
+}
+
+/// `<root>/<model>/<version>`, for a valid model name and version only.
+pub fn version_dir(root: &Path, model: &str, version: u64) -> io::Result<PathBuf> {
+    crate::names::check_version(version)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    inside(root, model_dir(root, model)?.join(version.to_string()))
+}
+
+/// `path` when it is `root` followed by plain components only (no `..`, no root, no
+/// prefix): the proof, independent of how the names were checked, that nothing this
+/// module makes climbs out.
+fn inside(root: &Path, path: PathBuf) -> io::Result<PathBuf> {
+    let plain = path
+        .strip_prefix(root)
+        .is_ok_and(|rest| rest.components().all(|c| matches!(c, Component::Normal(_))));
+    if plain {
+        Ok(path)
+    } else {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the path would leave the repository",
+        ))
+    }
+}
 
 /// A version directory found in the repository.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,10 +74,10 @@ pub fn scan(root: &Path) -> anyhow::Result<(Vec<Entry>, Vec<Problem>)> {
             continue;
         }
         let name = model.file_name().to_string_lossy().into_owned();
-        if !crate::bundle::valid_name(&name) {
+        if let Err(reason) = crate::names::check_name("model name", &name) {
             problems.push(Problem {
                 path: model.path(),
-                reason: format!("{name:?} is not a valid model name ([a-z0-9][a-z0-9._-]*)"),
+                reason,
             });
             continue;
         }
@@ -50,15 +87,15 @@ pub fn scan(root: &Path) -> anyhow::Result<(Vec<Entry>, Vec<Problem>)> {
             if !version.file_type()?.is_dir() || vname.starts_with('.') {
                 continue;
             }
-            match vname.parse::<u64>() {
-                Ok(v) if v > 0 && !vname.starts_with('0') => entries.push(Entry {
+            match crate::names::parse_version(&vname) {
+                Ok(v) => entries.push(Entry {
                     model: name.clone(),
                     version: v,
                     dir: version.path(),
                 }),
-                _ => problems.push(Problem {
+                Err(reason) => problems.push(Problem {
                     path: version.path(),
-                    reason: format!("{vname:?} is not a version number (a positive integer)"),
+                    reason,
                 }),
             }
         }
@@ -79,7 +116,9 @@ mod tests {
             "mlp/2",
             "digits/1",
             "mlp/latest",
-            "Bad/1",
+            "mlp/9223372036854775808",
+            "ResNet50/3",
+            "bad name/1",
             ".hidden/1",
         ] {
             std::fs::create_dir_all(dir.path().join(p)).unwrap();
@@ -91,9 +130,42 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            vec![("digits".into(), 1), ("mlp".into(), 1), ("mlp".into(), 2)]
+            vec![
+                ("ResNet50".into(), 3),
+                ("digits".into(), 1),
+                ("mlp".into(), 1),
+                ("mlp".into(), 2)
+            ]
         );
-        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert_eq!(problems.len(), 3, "{problems:?}");
+    }
+
+    #[test]
+    fn paths_from_names_never_leave_the_repository() {
+        let root = Path::new("/srv/repo");
+        assert_eq!(
+            version_dir(root, "mlp", 3).unwrap(),
+            Path::new("/srv/repo/mlp/3")
+        );
+        for bad in ["..", ".", "", "a/b", "../x", "/etc", ".meta", "a\\b"] {
+            assert!(model_dir(root, bad).is_err(), "{bad:?}");
+            assert!(version_dir(root, bad, 1).is_err(), "{bad:?}");
+        }
+        assert!(version_dir(root, "mlp", 0).is_err());
+        assert!(version_dir(root, "mlp", u64::MAX).is_err());
+        assert!(inside(root, root.join("a/../..")).is_err());
+        // Every writer goes through them.
+        let dir = tempfile::tempdir().unwrap();
+        let labels = std::collections::BTreeMap::from([("x".to_string(), 1)]);
+        assert!(write_labels(dir.path(), "..", &labels).is_err());
+        assert!(remove(dir.path(), "..", 7).is_err());
+        let meta = VersionMeta {
+            digest: "d".into(),
+            size: 0,
+            uploaded_at: 0,
+        };
+        assert!(install(dir.path(), "..", 1, dir.path(), &meta).is_err());
+        assert!(read_meta(dir.path(), "..", 1).is_none());
     }
 
     #[test]
@@ -116,15 +188,17 @@ pub struct VersionMeta {
     pub uploaded_at: u64,
 }
 
-fn meta_path(root: &Path, model: &str, version: u64) -> PathBuf {
-    root.join(model)
+fn meta_path(root: &Path, model: &str, version: u64) -> io::Result<PathBuf> {
+    crate::names::check_version(version)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    Ok(model_dir(root, model)?
         .join(".meta")
-        .join(format!("{version}.json"))
+        .join(format!("{version}.json")))
 }
 
 /// Writes a version's record atomically (write, then rename).
 fn write_meta(root: &Path, model: &str, version: u64, meta: &VersionMeta) -> std::io::Result<()> {
-    let path = meta_path(root, model, version);
+    let path = meta_path(root, model, version)?;
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(meta)?)?;
@@ -132,7 +206,7 @@ fn write_meta(root: &Path, model: &str, version: u64, meta: &VersionMeta) -> std
 }
 
 pub fn read_meta(root: &Path, model: &str, version: u64) -> Option<VersionMeta> {
-    let text = std::fs::read(meta_path(root, model, version)).ok()?;
+    let text = std::fs::read(meta_path(root, model, version).ok()?).ok()?;
     serde_json::from_slice(&text).ok()
 }
 
@@ -160,10 +234,10 @@ pub fn install(
     unpacked: &Path,
     meta: &VersionMeta,
 ) -> std::io::Result<PathBuf> {
+    let target = version_dir(root, model, version)?;
     write_meta(root, model, version, meta)?;
-    let target = root.join(model).join(version.to_string());
     std::fs::rename(unpacked, &target)?;
-    sync_dir(&root.join(model));
+    sync_dir(&model_dir(root, model)?);
     Ok(target)
 }
 
@@ -173,13 +247,14 @@ fn sync_dir(dir: &Path) {
     }
 }
 
-fn labels_path(root: &Path, model: &str) -> PathBuf {
-    root.join(model).join(".meta").join("labels.json")
+fn labels_path(root: &Path, model: &str) -> io::Result<PathBuf> {
+    Ok(model_dir(root, model)?.join(".meta").join("labels.json"))
 }
 
 /// A model's labels (label to version), as last stored.
 pub fn read_labels(root: &Path, model: &str) -> std::collections::BTreeMap<String, u64> {
-    std::fs::read(labels_path(root, model))
+    labels_path(root, model)
+        .and_then(std::fs::read)
         .ok()
         .and_then(|t| serde_json::from_slice(&t).ok())
         .unwrap_or_default()
@@ -191,7 +266,7 @@ pub fn write_labels(
     model: &str,
     labels: &std::collections::BTreeMap<String, u64>,
 ) -> std::io::Result<()> {
-    let path = labels_path(root, model);
+    let path = labels_path(root, model)?;
     std::fs::create_dir_all(path.parent().expect("has a parent"))?;
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_vec_pretty(labels)?)?;
@@ -201,12 +276,13 @@ pub fn write_labels(
 /// Removes a stored version: renamed into the scratch area first (one step, so it is
 /// never half-present), then deleted with its record.
 pub fn remove(root: &Path, model: &str, version: u64) -> std::io::Result<()> {
-    let dir = root.join(model).join(version.to_string());
+    let dir = version_dir(root, model, version)?;
+    let meta = meta_path(root, model, version)?;
     let area = root.join(".tmp");
     std::fs::create_dir_all(&area)?;
     let gone = area.join(format!("deleted-{model}-{version}-{}", std::process::id()));
     std::fs::rename(&dir, &gone)?;
-    let _ = std::fs::remove_file(meta_path(root, model, version));
+    let _ = std::fs::remove_file(meta);
     std::fs::remove_dir_all(gone)
 }
 

@@ -215,7 +215,7 @@ pub async fn route(
             let reason = match e {
                 PluginError::CpuBudget { .. } => "cpu_budget",
                 PluginError::Deadline { .. } => "deadline",
-                PluginError::Busy { .. } => "busy",
+                PluginError::Busy { .. } | PluginError::MemoryFull { .. } => "busy",
                 PluginError::Trap { .. } | PluginError::Guest(_) | PluginError::Overloaded(_) => {
                     "trap"
                 }

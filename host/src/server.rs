@@ -15,6 +15,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {
         instance_slots: config.plugin_instance_slots,
         max_memory_mib: config.plugin_max_memory_mib,
+        max_cpu_ms: config.plugin_max_cpu_ms,
+        total_memory_bytes: config.plugin_memory_total_bytes(),
     })?);
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let budget = lifecycle::DeviceBudget::new(&config.device_memory_mib);
@@ -31,6 +33,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         policies: policies.clone(),
         warmup: Default::default(),
         unloaded: Default::default(),
+        uploads: crate::manage::Uploads::new(config.max_concurrent_uploads),
     });
     let state = AppState {
         metrics,
@@ -38,6 +41,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         manager: manager.clone(),
         admin_token: config.admin_token.as_deref().map(Arc::from),
         max_request_bytes: config.max_request_bytes,
+        max_response_bytes: config.max_response_bytes,
+        max_upload_bytes: config.max_upload_bytes,
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         routing_stats: Default::default(),
         json_gate: Arc::new(api::JsonGate::new(config.max_request_bytes)),

@@ -101,6 +101,20 @@ class Server:
         with open(self.log_path) as f:
             return f.read()
 
+    def rss_mib(self):
+        """The server's resident memory now, MiB."""
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS")
+
+    @property
+    def address(self):
+        """(host, port) of the listener."""
+        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        return host, int(port)
+
 
 def start_server(repo, tmp, *args):
     log_path = os.path.join(tmp, "server.log")
@@ -172,6 +186,16 @@ def server(tmp_path_factory):
     plugin_bundle(repo, "warm", "misbehave.wasm", 'mode = "echo"', warmup=warm)
     plugin_bundle(repo, "coldtrap", "misbehave.wasm", 'mode = "trap"',
                   warmup=[{"route": "/v1/models/coldtrap:infer", "body_base64": "aGk="}])
+    # Plugins that break the rules of the sandbox (tests/e2e/test_hardening.py).
+    plugin_bundle(repo, "tensors", "misbehave.wasm", 'mode = "tensors"', "memory_mib = 64, cpu_ms = 5000")
+    plugin_bundle(repo, "framing", "misbehave.wasm", 'mode = "framing"')
+    plugin_bundle(repo, "status101", "misbehave.wasm", 'mode = "status", status = "101"')
+    plugin_bundle(repo, "logflood", "misbehave.wasm", 'mode = "logflood"', "memory_mib = 64, cpu_ms = 5000")
+    plugin_bundle(repo, "greedy", "misbehave.wasm", 'mode = "echo"', "memory_mib = 64, cpu_ms = 600000")
+    # A model file libtorch cannot read: its error carries stack frames and paths.
+    d = write_bundle(repo, "badmodel", *MLP_IO)
+    with open(os.path.join(d, "model", "model.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 not a torchscript archive" + bytes(2000))
     multi_io_bundles(repo)
     heavy_bundle(repo)
     heavy_bundle(repo, "tinyqueue", "max_batch_size = 1\nmax_enqueued_batches = 2")

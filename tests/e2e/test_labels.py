@@ -44,7 +44,7 @@ def test_labels_route_persist_and_guard_deletes(setup):
         assert requests.get(f"{s.url}/v1/models/mlp/labels/nope").status_code == 404
         # Label errors say what is wrong, with the status that fits (not "invalid bundle").
         r = requests.put(f"{s.url}/v1/models/mlp/labels/Bad!", json={"version": 2})
-        assert r.status_code == 400 and "must match" in r.json()["error"], r.text
+        assert r.status_code == 400 and "is not valid" in r.json()["error"], r.text
         assert "invalid bundle" not in r.json()["error"]
         r = requests.put(f"{s.url}/v1/models/nope/labels/x", json={"version": 1})
         assert r.status_code == 404 and "model 'nope' is not found" in r.json()["error"], r.text

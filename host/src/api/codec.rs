@@ -113,6 +113,30 @@ pub fn write_json(out: &mut Vec<u8>, t: &Tensor, row: Option<usize>) {
     write_level(out, t, shape, size, &mut index);
 }
 
+/// The most bytes `t` can take written as JSON, nested or flat: every element at its
+/// dtype's widest text (an f32 as `-1.1754944e-38`), a comma each, and the brackets.
+/// Answers are checked against `max_response_bytes` with it before they are built.
+pub fn json_bound(t: &Tensor) -> u64 {
+    let width: u64 = match t.dtype {
+        DType::Bool => 5,
+        DType::Uint8 => 3,
+        DType::Int8 => 4,
+        DType::Int16 => 6,
+        DType::Int32 => 11,
+        DType::Int64 => 20,
+        DType::Fp16 | DType::Bf16 | DType::Fp32 => 15,
+        DType::Fp64 => 24,
+    };
+    let (mut arrays, mut outer) = (0u64, 1u64);
+    for &d in &t.shape {
+        arrays = arrays.saturating_add(outer);
+        outer = outer.saturating_mul(d.max(0) as u64);
+    }
+    (t.numel() as u64)
+        .saturating_mul(width + 1)
+        .saturating_add(arrays.saturating_mul(2))
+}
+
 /// Writes a flat JSON array of all elements (KServe v2's `data`).
 pub fn write_flat_json(out: &mut Vec<u8>, t: &Tensor) {
     out.push(b'[');
@@ -245,6 +269,42 @@ mod tests {
         assert!(err.contains("integer"), "{err}");
         let err = tensor_from_json("x", &json!([300]), DType::Uint8).unwrap_err();
         assert!(err.contains("out of range"), "{err}");
+    }
+
+    #[test]
+    fn json_bounds_hold_the_widest_values() {
+        let cases = [
+            Tensor::from_f32(
+                vec![2, 1, 3],
+                &[-1.1754944e-38, f32::MIN, f32::NAN, 0.1, -1e-45, 1.0],
+            ),
+            Tensor::new(
+                DType::Int64,
+                vec![3],
+                [i64::MIN, -1, i64::MAX]
+                    .iter()
+                    .flat_map(|v| v.to_le_bytes())
+                    .collect(),
+            )
+            .unwrap(),
+            Tensor::new(
+                DType::Fp64,
+                vec![1, 1],
+                (-2.2250738585072014e-308f64).to_le_bytes().to_vec(),
+            )
+            .unwrap(),
+            Tensor::new(DType::Bool, vec![2], vec![0, 0]).unwrap(),
+        ];
+        for t in &cases {
+            let (mut nested, mut flat) = (Vec::new(), Vec::new());
+            write_json(&mut nested, t, None);
+            write_flat_json(&mut flat, t);
+            let bound = json_bound(t);
+            assert!(
+                nested.len() as u64 <= bound && flat.len() as u64 <= bound,
+                "{t:?}: {bound}"
+            );
+        }
     }
 
     #[test]

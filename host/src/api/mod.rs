@@ -31,6 +31,10 @@ pub struct AppState {
     pub admin_token: Option<Arc<str>>,
     /// Largest inference request body.
     pub max_request_bytes: usize,
+    /// Largest answer to build (tensor APIs and plugin bodies).
+    pub max_response_bytes: usize,
+    /// Largest upload body (a bundle archive).
+    pub max_upload_bytes: u64,
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The request's wall-clock deadline unless the client asks for less.
     pub request_timeout: Duration,
@@ -352,7 +356,7 @@ impl From<PluginError> for ApiError {
             },
             PluginError::Trap { .. } => ApiError::Internal(msg),
             PluginError::CpuBudget { .. } | PluginError::Deadline { .. } => ApiError::Timeout(msg),
-            PluginError::Busy { .. } => ApiError::Unavailable(msg),
+            PluginError::Busy { .. } | PluginError::MemoryFull { .. } => ApiError::Unavailable(msg),
             PluginError::Overloaded(_) => ApiError::TooManyRequests(msg),
         }
     }
@@ -409,6 +413,18 @@ pub fn warmup_hook(state: AppState) -> crate::lifecycle::WarmupHook {
     })
 }
 
+/// A model or endpoint name from a URL, checked against the naming rule before the
+/// request goes anywhere (`names`): `..` or `a/b` never reaches the registry or a path.
+pub(crate) fn model_name(name: &str) -> Result<&str, ApiError> {
+    crate::names::check_name("model name", name).map_err(ApiError::BadRequest)?;
+    Ok(name)
+}
+
+/// A version from a URL: 1 to 2^63-1, as TF Serving and Triton number versions.
+pub(crate) fn version_param(text: &str) -> Result<u64, ApiError> {
+    crate::names::parse_version(text).map_err(ApiError::BadRequest)
+}
+
 /// The management API needs `Authorization: Bearer <token>` when a token is configured.
 fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(token) = &state.admin_token else {
@@ -425,6 +441,22 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
             "the management API needs `Authorization: Bearer <token>` (the server's --admin-token)"
                 .into(),
         )),
+    }
+}
+
+/// Whether the caller proved it is the administrator: a token is configured and the
+/// request carries it. Only then do answers show full internal errors (a failed load's
+/// libtorch error with paths and stack frames); everyone else gets the public reason.
+pub(crate) fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    state.admin_token.is_some() && check_admin(state, headers).is_ok()
+}
+
+/// A version's error as this caller may see it (see [`is_admin`]).
+pub(crate) fn error_for(admin: bool, status: &crate::lifecycle::VersionStatus) -> Option<String> {
+    if admin {
+        status.error.clone()
+    } else {
+        status.public_error()
     }
 }
 
@@ -718,6 +750,61 @@ fn with_variant(result: Result<Response, ApiError>, target: &Servable) -> Respon
         resp.headers_mut().insert(VARIANT_HEADER, v);
     }
     resp
+}
+
+/// The request's `Content-Length`, when it has one.
+pub(crate) fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
+
+/// Reads an inference request's body, at most `max_request_bytes`. A `Content-Length`
+/// over the limit is refused before anything is read (and before a `100 Continue`), so a
+/// client declaring a huge body gets its 413 at once instead of a wait for the body.
+pub(crate) async fn read_body(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: axum::body::Body,
+) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::TooLarge(format!(
+            "the request body is over {} bytes (max_request_bytes)",
+            state.max_request_bytes
+        ))
+    };
+    if declared_length(headers).is_some_and(|n| n > state.max_request_bytes as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, state.max_request_bytes)
+        .await
+        .map_err(|e| {
+            let over = std::error::Error::source(&e)
+                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            if over {
+                too_large()
+            } else {
+                ApiError::BadRequest(format!("the request body could not be read: {e}"))
+            }
+        })
+}
+
+/// Refuses an answer whose parts (upper bounds of their bytes) add up to more than
+/// `max_response_bytes`, before it is built.
+pub(crate) fn check_answer_size(
+    state: &AppState,
+    parts: impl IntoIterator<Item = u64>,
+) -> Result<(), ApiError> {
+    let bytes = parts.into_iter().fold(0u64, u64::saturating_add);
+    if bytes > state.max_response_bytes as u64 {
+        return Err(ApiError::Internal(format!(
+            "the answer would take up to {bytes} bytes, over the server's max_response_bytes of {}: \
+             ask for fewer rows or outputs, binary outputs (binary_data_output), or raise max_response_bytes",
+            state.max_response_bytes
+        )));
+    }
+    Ok(())
 }
 
 /// Runs a tensor-API inference within the request's deadline.

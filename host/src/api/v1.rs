@@ -2,7 +2,7 @@
 //! endpoint `:infer`. TF Serving puts the verb after a colon in the last segment, which
 //! a router cannot match, so the path is parsed here.
 
-use super::codec::{tensor_from_json, write_json};
+use super::codec::{self, tensor_from_json, write_json};
 use super::{infer_within, ApiError, AppState, Verb};
 use crate::lifecycle::Servable;
 use crate::tensor::Tensor;
@@ -34,31 +34,27 @@ fn parse_target(rest: &str) -> Result<Target, ApiError> {
     let segs: Vec<&str> = path.split('/').collect();
     let bad = || {
         ApiError::NotFound(format!(
-            "no route for /v1/models/{rest}; expected /v1/models/{{name}}[/versions/{{n}}|/labels/{{label}}][:predict|:infer|/metadata]"
+            "no route for /v1/models/{}; expected /v1/models/{{name}}[/versions/{{n}}|/labels/{{label}}][:predict|:infer|/metadata]",
+            crate::names::shown(rest)
         ))
     };
     let mut t = Target {
-        model: segs[0].to_string(),
+        model: super::model_name(segs[0])?.to_string(),
         version: None,
         label: None,
         metadata: false,
         verb,
     };
-    if t.model.is_empty() {
-        return Err(bad());
-    }
     let mut i = 1;
     match segs.get(i) {
         Some(&"versions") => {
-            let v = segs.get(i + 1).ok_or_else(bad)?;
-            t.version = Some(
-                v.parse()
-                    .map_err(|_| ApiError::BadRequest(format!("version '{v}' is not a number")))?,
-            );
+            t.version = Some(super::version_param(segs.get(i + 1).ok_or_else(bad)?)?);
             i += 2;
         }
         Some(&"labels") => {
-            t.label = Some(segs.get(i + 1).ok_or_else(bad)?.to_string());
+            let label = segs.get(i + 1).ok_or_else(bad)?;
+            crate::names::check_name("label", label).map_err(ApiError::BadRequest)?;
+            t.label = Some(label.to_string());
             i += 2;
         }
         _ => {}
@@ -81,7 +77,9 @@ fn resolve(state: &AppState, t: &Target) -> Result<Arc<Servable>, ApiError> {
 pub async fn get_model(
     State(state): State<AppState>,
     Path(rest): Path<String>,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    let admin = super::is_admin(&state, &headers);
     let t = parse_target(&rest)?;
     if let Some(verb) = &t.verb {
         return Err(ApiError::NotFound(format!(
@@ -110,7 +108,7 @@ pub async fn get_model(
                 "state": s.state.as_str(),
                 "status": {
                     "error_code": if s.error.is_some() { "UNKNOWN" } else { "OK" },
-                    "error_message": s.error.clone().unwrap_or_default(),
+                    "error_message": super::error_for(admin, s).unwrap_or_default(),
                 }
             })
         })
@@ -161,33 +159,9 @@ pub async fn post_model(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     if let Some(model) = rest.strip_suffix("/versions").filter(|m| !m.contains('/')) {
-        return upload(&state, model, &headers, body).await;
+        return upload(&state, super::model_name(model)?, &headers, body).await;
     }
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > state.max_request_bytes as u64) {
-        // Refused before reading (and before a `100 Continue`): the client need not send it.
-        return Err(ApiError::TooLarge(format!(
-            "the request body is over {} bytes (max_request_bytes)",
-            state.max_request_bytes
-        )));
-    }
-    let body = axum::body::to_bytes(body, state.max_request_bytes)
-        .await
-        .map_err(|e| {
-            let over = std::error::Error::source(&e)
-                .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
-            if over {
-                ApiError::TooLarge(format!(
-                    "the request body is over {} bytes (max_request_bytes)",
-                    state.max_request_bytes
-                ))
-            } else {
-                ApiError::BadRequest(format!("the request body could not be read: {e}"))
-            }
-        })?;
+    let body = super::read_body(&state, &headers, body).await?;
     let t = parse_target(&rest)?;
     let verb = t.verb.as_deref();
     if matches!(verb, Some("predict") | Some("infer")) {
@@ -221,7 +195,8 @@ pub async fn post_model(
 }
 
 /// `GET /v1/models`: every model, its versions with state, error and digest, and labels.
-pub async fn list_models(State(state): State<AppState>) -> Response {
+pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let admin = super::is_admin(&state, &headers);
     let root = &state.manager.root;
     let models: Vec<Value> = state
         .registry
@@ -235,7 +210,7 @@ pub async fn list_models(State(state): State<AppState>) -> Response {
                     let mut v = json!({
                         "version": s.version.to_string(),
                         "state": s.state.as_str(),
-                        "error": s.error,
+                        "error": super::error_for(admin, s),
                         "digest": meta.as_ref().map(|m| m.digest.clone()),
                         "uploaded_at": meta.as_ref().map(|m| m.uploaded_at),
                     });
@@ -349,6 +324,13 @@ async fn upload(
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
     super::check_admin(state, headers)?;
+    if super::declared_length(headers).is_some_and(|n| n > state.max_upload_bytes) {
+        // Refused before reading (and before a `100 Continue`).
+        return Err(ApiError::TooLarge(format!(
+            "the archive is larger than the upload limit of {} bytes (max_upload_bytes)",
+            state.max_upload_bytes
+        )));
+    }
     let stored = state
         .manager
         .receive(model, body.into_data_stream())
@@ -388,23 +370,71 @@ pub(super) async fn plugin_infer(
         body: body.to_vec(),
     };
     let r = plugin.handle(request, deadline).await?;
-    let status = if r.status == 0 { 200 } else { r.status };
-    let status = StatusCode::from_u16(status).map_err(|_| {
+    plugin_response(state, plugin.name(), r)
+}
+
+/// Headers that frame the HTTP message or concern one hop: the host owns them. A plugin
+/// that set `content-length: 5` on a 100-byte body corrupted the next answer on a
+/// keep-alive connection; these are dropped from a plugin's answer.
+const HOST_OWNED_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "host",
+    "date",
+];
+
+/// A plugin's answer as an HTTP response: a status in 200-599 (1xx would leave the
+/// connection in another protocol's state), valid header names and values, and no
+/// header the host owns ([`HOST_OWNED_HEADERS`], `proxy-*`). A plugin that breaks these
+/// rules gets a 500 that names it and the rule.
+fn plugin_response(state: &AppState, plugin: &str, r: wit::Response) -> Result<Response, ApiError> {
+    let refuse = |what: String| {
         ApiError::Internal(format!(
-            "plugin {} answered with an invalid status {status}",
-            plugin.name()
+            "plugin {plugin} answered with {what}; plugins answer statuses 200-599 with valid header names and values (docs/plugins.md)"
         ))
-    })?;
-    let mut resp = (status, r.body).into_response();
-    let h = resp.headers_mut();
+    };
+    let status = if r.status == 0 { 200 } else { r.status };
+    let status = StatusCode::from_u16(status)
+        .ok()
+        .filter(|s| (200..=599).contains(&s.as_u16()))
+        .ok_or_else(|| refuse(format!("status {status}")))?;
+    if r.body.len() > state.max_response_bytes {
+        return Err(ApiError::Internal(format!(
+            "plugin {plugin} answered with {} bytes, over the server's max_response_bytes of {}",
+            r.body.len(),
+            state.max_response_bytes
+        )));
+    }
+    let mut headers = HeaderMap::with_capacity(r.headers.len() + 1);
     for (k, v) in r.headers {
-        if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
-            h.append(k, v);
+        let name = HeaderName::try_from(k.as_str())
+            .map_err(|_| refuse(format!("the header name {}", crate::names::shown(&k))))?;
+        let value = HeaderValue::try_from(v.as_str()).map_err(|_| {
+            refuse(format!(
+                "header {name}: the value {}",
+                crate::names::shown(&v)
+            ))
+        })?;
+        let owned =
+            HOST_OWNED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-");
+        if owned {
+            tracing::debug!(plugin, header = %name, "dropped a header the host owns");
+            continue;
         }
+        headers.append(name, value);
     }
-    if let Some(ct) = r.content_type.and_then(|c| HeaderValue::try_from(c).ok()) {
-        h.insert(axum::http::header::CONTENT_TYPE, ct);
+    if let Some(ct) = r.content_type {
+        let value = HeaderValue::try_from(ct.as_str())
+            .map_err(|_| refuse(format!("the content type {}", crate::names::shown(&ct))))?;
+        headers.insert(axum::http::header::CONTENT_TYPE, value);
     }
+    let mut resp = (status, r.body).into_response();
+    resp.headers_mut().extend(headers);
     Ok(resp)
 }
 
@@ -440,6 +470,12 @@ pub(super) async fn predict(
     drop(req);
     drop(parsing); // the JSON values are gone; the tensors are compact
     let outputs = infer_within(state, headers, servable.runner(), inputs).await?;
+    super::check_answer_size(
+        state,
+        outputs
+            .iter()
+            .map(|(n, t)| codec::json_bound(t) + (n.len() as u64 * 6 + 8) * rows_of(t)),
+    )?;
     let mut out = Vec::with_capacity(256);
     if row_format {
         write_predictions(&mut out, &outputs)?;
@@ -546,6 +582,11 @@ fn only_input(spec: &crate::bundle::ModelSpec) -> Result<&crate::bundle::TensorS
     }
 }
 
+/// Rows of an output (dim 0), for the names a row-format answer repeats per row.
+fn rows_of(t: &Tensor) -> u64 {
+    t.shape.first().map_or(1, |&r| r.max(1) as u64)
+}
+
 /// `{"predictions": [...]}`: a row per instance, the bare value when the model has one
 /// output, else an object of named outputs.
 fn write_predictions(out: &mut Vec<u8>, outputs: &[(String, Tensor)]) -> Result<(), ApiError> {
@@ -627,6 +668,24 @@ mod tests {
             parse_target("mlp/versions/x"),
             Err(ApiError::BadRequest(_))
         ));
+        // Names and versions are checked before anything else.
+        for bad in [
+            "..",
+            "../versions/7",
+            "%2e%2e",
+            ".meta",
+            "mlp/labels/..",
+            "mlp/labels/a b",
+            "mlp/versions/0",
+            "mlp/versions/18446744073709551615",
+            "a\\b:predict",
+        ] {
+            assert!(
+                matches!(parse_target(bad), Err(ApiError::BadRequest(_))),
+                "{bad}"
+            );
+        }
+        assert_eq!(parse_target("ResNet50:predict").unwrap().model, "ResNet50");
         assert!(matches!(
             parse_target("mlp/bogus"),
             Err(ApiError::NotFound(_))

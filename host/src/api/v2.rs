@@ -6,7 +6,6 @@ use super::codec::{self, write_flat_json};
 use super::{infer_within, ApiError, AppState};
 use crate::lifecycle::Servable;
 use crate::tensor::{checked_numel, DType, Tensor};
-use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -33,10 +32,7 @@ pub async fn ready() -> Response {
     axum::Json(json!({ "ready": true })).into_response()
 }
 
-fn parse_version(v: &str) -> Result<u64, ApiError> {
-    v.parse()
-        .map_err(|_| ApiError::BadRequest(format!("version '{v}' is not a number")))
-}
+use super::{model_name, version_param as parse_version};
 
 fn metadata(state: &AppState, model: &str, version: Option<u64>) -> Result<Response, ApiError> {
     let s = super::resolve_model(state, model, version, None)?;
@@ -69,14 +65,14 @@ pub async fn model_metadata(
     State(state): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    metadata(&state, &model, None)
+    metadata(&state, model_name(&model)?, None)
 }
 
 pub async fn model_metadata_version(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    metadata(&state, &model, Some(parse_version(&version)?))
+    metadata(&state, model_name(&model)?, Some(parse_version(&version)?))
 }
 
 fn model_ready_impl(
@@ -99,14 +95,14 @@ pub async fn model_ready(
     State(state): State<AppState>,
     Path(model): Path<String>,
 ) -> Result<Response, ApiError> {
-    model_ready_impl(&state, &model, None)
+    model_ready_impl(&state, model_name(&model)?, None)
 }
 
 pub async fn model_ready_version(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    model_ready_impl(&state, &model, Some(parse_version(&version)?))
+    model_ready_impl(&state, model_name(&model)?, Some(parse_version(&version)?))
 }
 
 #[derive(Deserialize)]
@@ -142,8 +138,10 @@ pub async fn infer(
     State(state): State<AppState>,
     Path(model): Path<String>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    model_name(&model)?;
+    let body = super::read_body(&state, &headers, body).await?;
     let path = format!("/v2/models/{model}/infer");
     super::serve_inference(
         &state,
@@ -163,13 +161,16 @@ pub async fn infer_version(
     State(state): State<AppState>,
     Path((model, version)): Path<(String, String)>,
     headers: HeaderMap,
-    body: Bytes,
+    body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    model_name(&model)?;
+    let version = parse_version(&version)?;
+    let body = super::read_body(&state, &headers, body).await?;
     let path = format!("/v2/models/{model}/versions/{version}/infer");
     super::serve_inference(
         &state,
         &model,
-        Some(parse_version(&version)?),
+        Some(version),
         None,
         super::Verb::V2Infer,
         axum::http::Method::POST,
@@ -233,6 +234,23 @@ pub(super) async fn infer_resolved(
         )));
     }
 
+    // Requested outputs: each once (a name asked for 10,000 times made a 370 MB answer
+    // of a 244 KB request), and only the model's (checked before the forward).
+    let mut seen = std::collections::HashSet::new();
+    req.outputs.retain(|o| seen.insert(o.name.clone()));
+    let declared = &s.model_spec().outputs;
+    if let Some(o) = req
+        .outputs
+        .iter()
+        .find(|o| !declared.is_empty() && !declared.iter().any(|d| d.name == o.name))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "requested output {} does not exist; the model's outputs are {:?}",
+            crate::names::shown(&o.name),
+            declared.iter().map(|d| &d.name).collect::<Vec<_>>()
+        )));
+    }
+
     let outputs = infer_within(state, headers, s.runner(), inputs).await?;
 
     // Which outputs, and which of them as binary.
@@ -252,8 +270,8 @@ pub(super) async fn infer_resolved(
             .map(|o| {
                 let (n, t) = outputs.iter().find(|(n, _)| *n == o.name).ok_or_else(|| {
                     ApiError::BadRequest(format!(
-                        "requested output '{}' does not exist; the model's outputs are {:?}",
-                        o.name,
+                        "requested output {} does not exist; the model's outputs are {:?}",
+                        crate::names::shown(&o.name),
                         outputs.iter().map(|(n, _)| n).collect::<Vec<_>>()
                     ))
                 })?;
@@ -267,6 +285,17 @@ pub(super) async fn infer_resolved(
             .collect::<Result<_, ApiError>>()?
     };
 
+    super::check_answer_size(
+        state,
+        selected.iter().map(|(n, t, binary)| {
+            let data = if *binary {
+                t.data.len() as u64
+            } else {
+                codec::json_bound(t)
+            };
+            data + n.len() as u64 * 6 + 128
+        }),
+    )?;
     let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"{\"model_name\":");
     out.extend_from_slice(serde_json::to_string(s.name()).unwrap().as_bytes());
@@ -399,6 +428,7 @@ pub async fn repository_index(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     super::check_admin(&state, &headers)?;
+    let admin = super::is_admin(&state, &headers);
     let mut out = Vec::new();
     for (name, versions, _) in state.registry.list() {
         for v in versions {
@@ -407,7 +437,7 @@ pub async fn repository_index(
                 "name": name,
                 "version": v.version.to_string(),
                 "state": if ready { "READY" } else { "UNAVAILABLE" },
-                "reason": v.error.clone().unwrap_or_else(|| if ready { String::new() } else { v.state.as_str().to_string() }),
+                "reason": super::error_for(admin, &v).unwrap_or_else(|| if ready { String::new() } else { v.state.as_str().to_string() }),
             }));
         }
     }
@@ -420,6 +450,7 @@ pub async fn repository_load(
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    model_name(&model)?;
     super::check_admin(&state, &headers)?;
     state
         .manager
@@ -435,6 +466,7 @@ pub async fn repository_unload(
     Path(model): Path<String>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    model_name(&model)?;
     super::check_admin(&state, &headers)?;
     state
         .manager
