@@ -161,7 +161,9 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
         left: limits.max_archive_bytes,
         read: compressed.clone(),
     };
-    let mut tar = tar::Archive::new(HeaderGuard::new(GzDecoder::new(counted)));
+    let guard = HeaderGuard::new(GzDecoder::new(counted), compressed.clone(), limits);
+    let last_header = guard.last_header.clone();
+    let mut tar = tar::Archive::new(guard);
     // Unpacked bytes allowed so far: the floor, or the ratio to the compressed bytes read.
     let allowed = || {
         limits
@@ -180,6 +182,19 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                 break;
             }
         };
+        // The guard must have seen this entry's header where the tar crate read it, and
+        // the size it framed the entry with must be the one the crate uses: a PAX `size`
+        // record that differs (or anything else that moves the crate's framing) would
+        // let later headers pass the guard unchecked, so the archive is refused.
+        let framed = entry.header().entry_size().ok();
+        if entry.raw_header_position() != last_header.get() || framed != Some(entry.size()) {
+            reasons.push(
+                "the archive's framing is inconsistent (a PAX size record that differs from its \
+                 header's, or a sparse entry); repack it with `nnserve bundle pack`"
+                    .to_string(),
+            );
+            break;
+        }
         count += 1;
         if count > limits.max_entries {
             reasons.push(format!(
@@ -217,7 +232,7 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                         "`{raw}` is {size} bytes, over the limit of {} bytes per file",
                         limits.max_file_bytes
                     ));
-                    continue;
+                    break;
                 }
                 if done.bytes + size > limits.max_total_bytes {
                     reasons.push(format!(
@@ -226,18 +241,19 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                     ));
                     break;
                 }
-                write_file(
-                    &mut entry,
-                    &target,
-                    size,
-                    done.bytes,
-                    &allowed,
-                    limits.max_ratio,
-                )
-                .map(|n| {
-                    done.files += 1;
-                    done.bytes += n;
-                })
+                match write_file(&mut entry, &target, size) {
+                    Ok(n) => {
+                        done.files += 1;
+                        done.bytes += n;
+                        Ok(())
+                    }
+                    Err(why) => {
+                        // The stream itself failed (a bound of the guard, or corruption):
+                        // nothing after it can be read reliably.
+                        reasons.push(format!("`{raw}`: {why}"));
+                        break;
+                    }
+                }
             }
             tar::EntryType::Symlink => match entry.link_name_bytes() {
                 Some(link) => {
@@ -246,8 +262,9 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                         reasons.push(format!("`{raw}`: a symlink target of {} bytes", link.len()));
                         continue;
                     }
+                    let shown = crate::names::bounded(&link);
                     link_inside(&rel, &link)
-                        .map_err(|why| format!("symlink to `{link}` {why}"))
+                        .map_err(|why| format!("symlink to `{shown}` {why}"))
                         .and_then(|_| {
                             ensure_parent(&target)?;
                             std::os::unix::fs::symlink(&link, &target).map_err(|e| e.to_string())
@@ -270,20 +287,35 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
                         not_through_symlink(dest, src).is_ok()
                             && fs::symlink_metadata(dest.join(src)).is_ok_and(|m| m.is_file())
                     };
+                    let shown = crate::names::bounded(&link);
                     match safe_relative(&link) {
-                        Ok(Some(src)) if plain_file(&src) => ensure_parent(&target)
-                            .and_then(|_| {
+                        Ok(Some(src)) if plain_file(&src) => {
+                            // A copy writes data no compressed byte paid for: the same
+                            // bounds as a file's (one 64 MiB file linked 10,000 times
+                            // would write 640 GB).
+                            let len = fs::metadata(dest.join(&src)).map_or(u64::MAX, |m| m.len());
+                            let after = done.bytes.saturating_add(len);
+                            if after > limits.max_total_bytes || after > allowed() {
+                                reasons.push(format!(
+                                    "`{raw}`: hard links copy more than the archive may unpack to \
+                                     ({} bytes, or {} times its compressed size)",
+                                    limits.max_total_bytes, limits.max_ratio
+                                ));
+                                break;
+                            }
+                            ensure_parent(&target).and_then(|_| {
                                 fs::copy(dest.join(&src), &target)
                                     .map(|n| {
                                         done.files += 1;
                                         done.bytes += n;
                                     })
                                     .map_err(|e| e.to_string())
-                            }),
+                            })
+                        }
                         Ok(_) => Err(format!(
-                            "hard link to `{link}`, which is not a plain file earlier in the archive"
+                            "hard link to `{shown}`, which is not a plain file earlier in the archive"
                         )),
-                        Err(why) => Err(format!("hard link to `{link}`: {why}")),
+                        Err(why) => Err(format!("hard link to `{shown}`: {why}")),
                     }
                 }
                 None => Err("a hard link without a target".into()),
@@ -291,9 +323,14 @@ pub fn unpack(archive: impl Read, dest: &Path, limits: &Limits) -> Result<Unpack
             tar::EntryType::XGlobalHeader
             | tar::EntryType::XHeader
             | tar::EntryType::GNULongName => Ok(()),
-            other => Err(format!(
-                "is a {other:?} entry; bundles hold only files, directories and links inside them"
-            )),
+            other => {
+                // Refused, and the rest is not read: the tar crate frames some kinds
+                // (sparse entries) in ways the header guard does not follow.
+                reasons.push(format!(
+                    "`{raw}`: is a {other:?} entry; bundles hold only files, directories and links inside them"
+                ));
+                break;
+            }
         };
         if let Err(why) = result {
             reasons.push(format!("`{raw}`: {why}"));
@@ -324,8 +361,8 @@ fn read_error(e: io::Error, limits: &Limits) -> String {
             "the archive is larger than the limit of {} bytes",
             limits.max_archive_bytes
         )
-    } else if let Some(m) = meta_too_large(&e) {
-        m.to_string()
+    } else if let Some(m) = guard_refusal(&e) {
+        m
     } else {
         let e = crate::names::log_safe(&e.to_string(), 200);
         format!("the archive is corrupt or not a .tar.gz: {e}")
@@ -414,17 +451,9 @@ fn ensure_parent(target: &Path) -> Result<(), String> {
     }
 }
 
-/// Writes one file of `size` bytes; `before` bytes were unpacked before it, and the
-/// total may not pass `allowed()` (the compression-ratio bound, see [`Limits`]) at any
-/// point of the copy.
-fn write_file(
-    entry: &mut impl Read,
-    target: &Path,
-    size: u64,
-    before: u64,
-    allowed: &dyn Fn() -> u64,
-    ratio: u64,
-) -> Result<u64, String> {
+/// Writes one file of `size` bytes (the compression-ratio bound holds on the stream
+/// itself: [`HeaderGuard`]).
+fn write_file(entry: &mut impl Read, target: &Path, size: u64) -> Result<u64, String> {
     ensure_parent(target)?;
     // `create_new`: a second entry with the same path, or a path through a symlink made
     // earlier, must not overwrite anything.
@@ -433,25 +462,10 @@ fn write_file(
         .create_new(true)
         .open(target)
         .map_err(|e| e.to_string())?;
-    let mut entry = entry.take(size);
-    let mut buf = vec![0u8; 256 << 10];
-    let mut written = 0u64;
-    loop {
-        let n = match entry.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e.to_string()),
-        };
-        written += n as u64;
-        if before + written > allowed() {
-            return Err(format!(
-                "the archive unpacks to more than {ratio} times its compressed size; \
-                 a bundle this compressible is refused (a gzip bomb looks like this)"
-            ));
-        }
-        f.write_all(&buf[..n]).map_err(|e| e.to_string())?;
-    }
+    let written = io::copy(&mut entry.take(size), &mut f).map_err(|e| {
+        let e: io::Error = e;
+        guard_refusal(&e).unwrap_or_else(|| e.to_string())
+    })?;
     f.sync_all().map_err(|e| e.to_string())?;
     Ok(written)
 }
@@ -498,12 +512,15 @@ impl<R: Read> Read for LimitedReader<R> {
     }
 }
 
-/// The [`MetaTooLarge`] behind an error of the `tar` crate, which may wrap ours.
-fn meta_too_large(e: &io::Error) -> Option<&MetaTooLarge> {
+/// The [`HeaderGuard`]'s refusal behind an error of the `tar` crate, which may wrap it.
+fn guard_refusal(e: &io::Error) -> Option<String> {
     let mut at: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|e| e as _);
     while let Some(err) = at {
         if let Some(m) = err.downcast_ref::<MetaTooLarge>() {
-            return Some(m);
+            return Some(m.to_string());
+        }
+        if let Some(m) = err.downcast_ref::<Refused>() {
+            return Some(m.to_string());
         }
         at = match err.downcast_ref::<io::Error>() {
             Some(io) => io.get_ref().map(|e| e as _),
@@ -532,11 +549,40 @@ impl std::fmt::Display for MetaTooLarge {
 
 impl std::error::Error for MetaTooLarge {}
 
-/// Watches the decompressed tar stream as the `tar` crate reads it and stops it at a
-/// PAX extended header (`x`, `g`) or GNU long-name/long-link entry (`L`, `K`) larger
-/// than [`MAX_META_ENTRY_BYTES`], before the crate reads one into memory. Hand-written:
-/// the crate has no such limit. It follows the framing: a 512-byte header, then the
-/// entry's data padded to 512, then the next header; an all-zero block is the end.
+/// Other refusals of the [`HeaderGuard`].
+#[derive(Debug)]
+enum Refused {
+    /// More decompressed bytes than the ratio bound allows.
+    Ratio(u64),
+    /// A GNU sparse entry: the tar crate reads extension blocks the guard does not frame.
+    Sparse,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refused::Ratio(r) => write!(
+                f,
+                "the archive unpacks to more than {r} times its compressed size; \
+                 a bundle this compressible is refused (a gzip bomb looks like this)"
+            ),
+            Refused::Sparse => {
+                f.write_str("the archive has a GNU sparse entry; bundles hold plain files")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Watches the decompressed tar stream as the `tar` crate reads it. It stops the stream
+/// at a PAX extended header (`x`, `g`) or GNU long-name/long-link entry (`L`, `K`) larger
+/// than [`MAX_META_ENTRY_BYTES`], before the crate reads one into memory; at a GNU sparse
+/// entry; and once more bytes come out than the compression-ratio bound allows (every
+/// byte counts, also data the crate skips). Hand-written: the crate has no such limits.
+/// It follows the framing: a 512-byte header, then the entry's data padded to 512, then
+/// the next header; an all-zero block is the end. `unpack` checks that the crate's
+/// framing agrees with it at every entry ([`HeaderGuard::last_header`]).
 struct HeaderGuard<R> {
     inner: R,
     /// Offset of the stream passed on so far.
@@ -545,15 +591,25 @@ struct HeaderGuard<R> {
     next_header: u64,
     /// The header being read, when `at` is inside one.
     header: Vec<u8>,
+    /// Offset of the last header block seen whole.
+    last_header: std::rc::Rc<std::cell::Cell<u64>>,
+    /// Compressed bytes read so far, and the ratio bound over them.
+    compressed: std::rc::Rc<std::cell::Cell<u64>>,
+    max_ratio: u64,
+    ratio_floor: u64,
 }
 
 impl<R: Read> HeaderGuard<R> {
-    fn new(inner: R) -> Self {
+    fn new(inner: R, compressed: std::rc::Rc<std::cell::Cell<u64>>, limits: &Limits) -> Self {
         HeaderGuard {
             inner,
             at: 0,
             next_header: 0,
             header: Vec::with_capacity(512),
+            last_header: Default::default(),
+            compressed,
+            max_ratio: limits.max_ratio,
+            ratio_floor: limits.ratio_floor,
         }
     }
 
@@ -562,6 +618,10 @@ impl<R: Read> HeaderGuard<R> {
     fn on_header(&mut self) -> io::Result<()> {
         let h = &self.header;
         let start = self.next_header;
+        self.last_header.set(start);
+        if h[156] == b'S' {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, Refused::Sparse));
+        }
         if h.iter().all(|&b| b == 0) {
             self.next_header = start + 512;
             return Ok(());
@@ -630,6 +690,15 @@ impl<R: Read> Read for HeaderGuard<R> {
             }
         }
         self.at += n as u64;
+        let allowed = self
+            .ratio_floor
+            .max(self.compressed.get().saturating_mul(self.max_ratio));
+        if self.at > allowed {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                Refused::Ratio(self.max_ratio),
+            ));
+        }
         Ok(n)
     }
 }
@@ -1049,6 +1118,116 @@ mod tests {
         assert_eq!(
             fs::read(dir.path().join("dest").join(&deep)).unwrap(),
             b"hello"
+        );
+    }
+
+    /// A tar stream of raw blocks: headers made by [`raw_header`] and data padded to 512.
+    fn blocks(parts: &[Vec<u8>]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in parts {
+            out.extend(p);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.extend([0u8; 1024]);
+        out
+    }
+
+    fn pax_record(key: &str, value: &str) -> Vec<u8> {
+        let body = format!(" {key}={value}\n");
+        let mut len = body.len() + 1;
+        while len.to_string().len() + body.len() != len {
+            len += 1;
+        }
+        format!("{len}{body}").into_bytes()
+    }
+
+    #[test]
+    fn a_pax_size_record_cannot_move_the_framing_past_the_guard() {
+        // A PAX `size` makes the crate read 1536 bytes of data for a header declaring 0;
+        // inside them a fake header would send the guard 8 GiB ahead, and at the offset
+        // the crate reads next, a 1 GiB PAX header.
+        let record = pax_record("size", "1536");
+        let mut fake = raw_header("fake", b'0', 0);
+        fake[124..136].copy_from_slice(b"77777777777\0");
+        let mut fake_h = tar::Header::new_old();
+        fake_h.as_mut_bytes().copy_from_slice(&fake);
+        fake_h.set_cksum();
+        let tar = blocks(&[
+            raw_header("pax", b'x', record.len() as u64),
+            record,
+            raw_header("bundle.toml", b'0', 0),
+            fake_h.as_bytes().to_vec(),
+            vec![0u8; 1024],
+            raw_header("bomb", b'x', 1 << 30),
+        ]);
+        let (_d, r) = unpack_bytes(&gzip(&tar), &Limits::default());
+        let reasons = r.unwrap_err();
+        assert!(
+            reasons[0].contains("framing is inconsistent"),
+            "{reasons:?}"
+        );
+    }
+
+    #[test]
+    fn sparse_entries_are_refused_before_their_extension_blocks() {
+        let mut h = raw_header("sparse", b'S', 0);
+        h[482] = 1; // isextended: the crate would read a further 512-byte block
+        let mut header = tar::Header::new_old();
+        header.as_mut_bytes().copy_from_slice(&h);
+        header.set_cksum();
+        let tar = blocks(&[
+            header.as_bytes().to_vec(),
+            vec![0u8; 512],
+            raw_header("x", b'x', 1 << 30),
+        ]);
+        let (_d, r) = unpack_bytes(&gzip(&tar), &Limits::default());
+        assert!(r.unwrap_err()[0].contains("sparse"));
+    }
+
+    #[test]
+    fn hard_links_cannot_multiply_a_file_past_the_bounds() {
+        let mut entries = vec![file("bundle.toml", b"x"), file("big", &[7u8; 4096])];
+        let names: Vec<String> = (0..100).map(|i| format!("copy{i}")).collect();
+        entries.extend(
+            names
+                .iter()
+                .map(|n| (n.as_str(), tar::EntryType::Link, &b""[..], Some("big"))),
+        );
+        let limits = Limits {
+            max_total_bytes: 40_000,
+            ..Limits::default()
+        };
+        let (dir, r) = unpack_bytes(&craft(&entries), &limits);
+        assert!(r.unwrap_err()[0].contains("hard links copy more"));
+        let copies = fs::read_dir(dir.path().join("dest")).unwrap().count();
+        assert!(copies < 12, "{copies} files");
+    }
+
+    #[test]
+    fn skipped_data_counts_toward_the_ratio_bound() {
+        // A directory entry with 48 MiB of data: the tar crate skips the data, which is
+        // never written, and the decompressed stream stops at the ratio bound all the same.
+        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+        let mut b = tar::Builder::new(gz);
+        let mut h = tar::Header::new_gnu();
+        h.set_size(48 << 20);
+        h.set_mode(0o755);
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_cksum();
+        b.append_data(&mut h, "dir/", io::repeat(0).take(48 << 20))
+            .unwrap();
+        b.append_data(&mut tar::Header::new_gnu(), "after", &b""[..])
+            .unwrap();
+        let bytes = b.into_inner().unwrap().finish().unwrap();
+        let limits = Limits {
+            ratio_floor: 1 << 20,
+            ..Limits::default()
+        };
+        let (_d, r) = unpack_bytes(&bytes, &limits);
+        let reasons = r.unwrap_err();
+        assert!(
+            reasons.iter().any(|r| r.contains("more than 100 times")),
+            "{reasons:?}"
         );
     }
 

@@ -38,7 +38,7 @@ pub struct Manager {
 /// and later ones wait their turn rather than being refused, so that a second upload of
 /// a version being stored meets its 409, never a 429.
 pub struct Uploads {
-    slots: tokio::sync::Semaphore,
+    slots: Arc<tokio::sync::Semaphore>,
     /// (model, version) being stored now.
     storing: std::sync::Mutex<std::collections::BTreeSet<(String, u64)>>,
 }
@@ -46,7 +46,7 @@ pub struct Uploads {
 impl Uploads {
     pub fn new(at_once: usize) -> Uploads {
         Uploads {
-            slots: tokio::sync::Semaphore::new(at_once.max(1)),
+            slots: Arc::new(tokio::sync::Semaphore::new(at_once.max(1))),
             storing: Default::default(),
         }
     }
@@ -105,16 +105,25 @@ fn internal(e: impl std::fmt::Display) -> UploadError {
 }
 
 impl Manager {
-    pub async fn receive<S, E>(&self, model: &str, mut body: S) -> Result<Stored, UploadError>
+    /// Receives an uploaded archive and stores it as a new version. `admin`: the caller
+    /// proved it holds the token, and may see a failed load's full error.
+    pub async fn receive<S, E>(
+        self: &Arc<Self>,
+        model: &str,
+        mut body: S,
+        admin: bool,
+    ) -> Result<Stored, UploadError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
         E: std::fmt::Display,
     {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
-        let _slot = self.uploads.slots.acquire().await.map_err(internal)?;
         let broke_off = |e: E| UploadError::Invalid(vec![format!("the upload broke off: {e}")]);
-        // 0. The first bytes must be a gzip'd tar before anything is written to disk.
+        // 0. The first bytes must be a gzip'd tar before an upload slot is taken or
+        //    anything is written to disk. Checked again only when the head has doubled, so
+        //    an upload in one-byte pieces costs no more than one in large ones.
         let mut head = Vec::new();
+        let mut checked_at = 0;
         let ended = loop {
             let chunk = body.next().await;
             let whole = chunk.is_none();
@@ -127,11 +136,27 @@ impl Manager {
                     self.limits.max_archive_bytes
                 )));
             }
+            let check_now = whole
+                || head.len() >= (2 * checked_at).max(512)
+                || head.len() >= archive::START_BYTES;
+            if !check_now {
+                continue;
+            }
+            checked_at = head.len();
             match archive::check_start(&head, whole).map_err(|e| UploadError::Invalid(vec![e]))? {
                 archive::Start::Tar => break whole,
                 archive::Start::NeedMore => continue,
             }
         };
+        // Held by the work that follows, to its end: a client that goes away does not
+        // free the slot while its unpack or load still runs.
+        let slot = self
+            .uploads
+            .slots
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(internal)?;
         let scratch = repository::scratch(&self.root).map_err(internal)?;
         // 1. Stream the archive to disk, never whole in memory.
         let archive_path = scratch.path().join("bundle.tar.gz");
@@ -153,7 +178,27 @@ impl Manager {
         }
         file.flush().map_err(internal)?;
         drop(file);
+        // The rest runs to its end even if the client goes away (its threads cannot be
+        // cancelled), holding the upload slot and the scratch directory until then.
+        let this = self.clone();
+        let model = model.to_string();
+        tokio::spawn(async move {
+            let stored = this.store(&model, &scratch, archive_path, admin).await;
+            drop((slot, scratch));
+            stored
+        })
+        .await
+        .map_err(internal)?
+    }
 
+    /// Unpacks, checks, loads and installs a spooled archive (upload steps 2 to 4).
+    async fn store(
+        &self,
+        model: &str,
+        scratch: &tempfile::TempDir,
+        archive_path: PathBuf,
+        admin: bool,
+    ) -> Result<Stored, UploadError> {
         // 2. Unpack and check, off the async runtime.
         let unpacked = scratch.path().join("bundle");
         std::fs::create_dir(&unpacked).map_err(internal)?;
@@ -234,9 +279,14 @@ impl Manager {
         let servable = match warmed {
             Ok(s) => s,
             Err(msg) => {
-                // Visible in the status API, though nothing was stored.
+                // Visible in the status API, though nothing was stored; logged whole.
                 lifecycle::record_failure(&self.registry, model, version, &msg);
-                return Err(UploadError::Invalid(vec![msg]));
+                let shown = if admin {
+                    msg
+                } else {
+                    crate::names::public_reason(&msg)
+                };
+                return Err(UploadError::Invalid(vec![shown]));
             }
         };
         let mut servable = Arc::try_unwrap(servable).map_err(|_| {

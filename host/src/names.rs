@@ -74,20 +74,39 @@ pub fn parse_version(text: &str) -> Result<u64, String> {
 /// and past [`SHOWN_CHARS`] characters cut, with its length, so that an answer or a log
 /// line never grows with the input.
 pub fn shown(text: &str) -> String {
-    format!("\"{}\"", bounded(text))
+    format!("\"{}\"", cut(text, true))
 }
 
 /// [`shown`] without the quotes (for text already set off, as in `` `name` ``).
 pub fn bounded(text: &str) -> String {
+    cut(text, false)
+}
+
+fn cut(text: &str, quoted: bool) -> String {
     let mut out = String::with_capacity(text.len().min(SHOWN_CHARS) + 24);
     for (i, c) in text.chars().enumerate() {
         if i == SHOWN_CHARS {
             out.push_str(&format!("… ({} bytes)", text.len()));
             return out;
         }
-        push_escaped(&mut out, c);
+        if quoted && c == '"' {
+            out.push_str("\\\"");
+        } else {
+            push_escaped(&mut out, c);
+        }
     }
     out
+}
+
+/// A list from a request (a shape) as an error message may show it: its first 8 items,
+/// then how many there are.
+pub fn shown_list<T: std::fmt::Debug>(items: &[T]) -> String {
+    if items.len() <= 8 {
+        format!("{items:?}")
+    } else {
+        let head: Vec<String> = items[..8].iter().map(|i| format!("{i:?}")).collect();
+        format!("[{}, … ({} items)]", head.join(", "), items.len())
+    }
 }
 
 /// How many characters of untrusted text [`shown`] keeps.
@@ -169,7 +188,7 @@ fn without_path(word: &str) -> std::borrow::Cow<'_, str> {
 }
 
 fn push_escaped(out: &mut String, c: char) {
-    if c.is_control() || c == '"' {
+    if c.is_control() {
         out.extend(c.escape_default());
     } else {
         out.push(c);

@@ -152,7 +152,8 @@ impl Runner {
         let expected: Vec<&str> = self.inputs.iter().map(|s| s.name.as_str()).collect();
         if let Some((unknown, _)) = named.iter().find(|(n, _)| !expected.contains(&n.as_str())) {
             return Err(InferError::BadInput(format!(
-                "unknown input '{unknown}'; the model's inputs are {expected:?}"
+                "unknown input '{}'; the model's inputs are {expected:?}",
+                crate::names::bounded(unknown)
             )));
         }
         let mut ordered = Vec::with_capacity(self.inputs.len());
@@ -454,8 +455,13 @@ impl NnView<'_> {
 
     /// Pushes a resource, charging its host memory (a trap when over the budget).
     fn push<T: Charged + Send + 'static>(&mut self, value: T) -> wasmtime::Result<Resource<T>> {
-        self.ctx.memory.charge(value.host_bytes())?;
-        Ok(self.table.push(value)?)
+        let bytes = value.host_bytes();
+        let r = self.table.push(value)?;
+        if let Err(e) = self.ctx.memory.charge(bytes) {
+            self.table.delete(r)?;
+            return Err(e);
+        }
+        Ok(r)
     }
 
     /// Deletes a resource, releasing its host memory.

@@ -163,9 +163,14 @@ impl std::error::Error for PoolExhausted {}
 
 /// A store's resource limiter: the plugin's memory cap, with every byte of linear
 /// memory also charged to the server-wide [`MemoryPool`] until the store is dropped.
+///
+/// The cap holds for all of a store's memories together (a component may have two), and
+/// a growth the limiter allowed that then fails gives its charge back.
 struct Limiter {
     cap: usize,
     charged: u64,
+    /// The last growth charged, until it is known to have happened.
+    pending: u64,
     pool: Arc<MemoryPool>,
 }
 
@@ -176,19 +181,28 @@ impl wasmtime::ResourceLimiter for Limiter {
         desired: usize,
         maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        if desired > self.cap || maximum.is_some_and(|m| desired > m) {
+        let more = desired.saturating_sub(current) as u64;
+        let total = self.charged.saturating_add(more);
+        if total > self.cap as u64 || maximum.is_some_and(|m| desired > m) {
             return Err(wasmtime::Error::new(MemoryCapReached {
                 cap_mib: (self.cap >> 20) as u64,
             }));
         }
-        let more = desired.saturating_sub(current) as u64;
         if !self.pool.try_charge(more) {
             return Err(wasmtime::Error::new(PoolExhausted {
                 cap_mib: self.pool.cap() >> 20,
             }));
         }
-        self.charged += more;
+        self.charged = total;
+        self.pending = more;
         Ok(true)
+    }
+
+    fn memory_grow_failed(&mut self, _error: wasmtime::Error) -> wasmtime::Result<()> {
+        let undo = std::mem::take(&mut self.pending);
+        self.charged -= undo;
+        self.pool.release(undo);
+        Ok(())
     }
 
     fn table_growing(
@@ -878,6 +892,7 @@ impl Common {
             limits: Limiter {
                 cap: (self.limits.memory_mib as usize) << 20,
                 charged: 0,
+                pending: 0,
                 pool: self.memory.clone(),
             },
             log: LogBudget::default(),

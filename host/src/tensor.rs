@@ -211,7 +211,8 @@ pub fn check_shape(name: &str, declared: &[i64], shape: &[i64]) -> Result<(), St
         Ok(())
     } else {
         Err(format!(
-            "input '{name}' has shape {shape:?} but the model expects {declared:?} (-1 is any size)"
+            "input '{name}' has shape {} but the model expects {declared:?} (-1 is any size)",
+            crate::names::shown_list(shape)
         ))
     }
 }

@@ -77,6 +77,7 @@ def test_names_from_urls_are_checked_before_anything_else(server, method, path, 
 
 def test_upper_case_names_are_valid_and_versions_are_int64(server):
     assert raw(server, "GET", "/v2/models/ResNet50")[0] == 404  # a valid name, not served
+    assert raw(server, "GET", "/v2/models/Res%2FNet")[0] == 400
     top = 2**63 - 1
     assert raw(server, "GET", f"/v2/models/mlp/versions/{top}")[0] == 404
     for v in (2**63, 2**64 - 1, 10**30, 0):
@@ -284,15 +285,40 @@ def test_a_huge_content_length_is_413_at_once(server, path):
     assert took < 2, took
 
 
-def test_an_upload_that_is_not_a_tar_gz_is_refused_before_it_is_spooled(server):
+def read_answer(sock):
+    """One whole HTTP/1.1 answer (headers and a Content-Length body) from a socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next((line.split(b":")[1] for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), b"0"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return head + b"\r\n\r\n" + body
+
+
+@pytest.mark.parametrize("start", [b"J", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff"],
+                         ids=["not gzip", "gzip of no tar"])
+def test_an_upload_that_is_not_a_tar_gz_is_refused_before_it_is_spooled(server, start):
     repo = os.path.join(os.path.dirname(server.log_path), "repository")
     host, port = server.address
+    if start == b"J":
+        junk = b"J" * 70_000
+    else:  # a real gzip stream whose content is not tar, longer than the 64 KiB looked at
+        junk = gzip.compress(os.urandom(200_000), 0)[:70_000]
     with socket.create_connection((host, port), timeout=10) as s:
         s.sendall(b"POST /v1/models/junk/versions HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
-        junk = b"J" * 70_000  # more than the 64 KiB looked at; the rest never comes
-        s.sendall(b"%x\r\n" % len(junk) + junk + b"\r\n")
-        answer = s.recv(65536)
-    assert answer.startswith(b"HTTP/1.1 400") and b"not a .tar.gz" in answer, answer
+        s.sendall(b"%x\r\n" % len(junk) + junk + b"\r\n")  # the rest never comes
+        answer = read_answer(s)
+    assert answer.startswith(b"HTTP/1.1 400"), answer
+    assert b"not a .tar.gz" in answer or b"does not hold a tar archive" in answer, answer
     scratch = os.path.join(repo, ".tmp")
     assert not os.path.exists(scratch) or not os.listdir(scratch)
 

@@ -56,7 +56,10 @@ fn flatten(
 
 /// Appends one JSON scalar as an element of `dtype`.
 pub fn push_scalar(name: &str, v: &Value, dtype: DType, out: &mut Vec<u8>) -> Result<(), String> {
-    let bad = || format!("input '{name}' holds {v} where a {dtype} value was expected");
+    let bad = || {
+        let v = crate::names::bounded(&v.to_string());
+        format!("input '{name}' holds {v} where a {dtype} value was expected")
+    };
     if dtype == DType::Bool {
         let b = match v {
             Value::Bool(b) => *b,

@@ -83,7 +83,9 @@ pub async fn get_model(
     let t = parse_target(&rest)?;
     if let Some(verb) = &t.verb {
         return Err(ApiError::NotFound(format!(
-            "GET /v1/models/{rest}: the :{verb} verb needs POST"
+            "GET /v1/models/{}: the :{} verb needs POST",
+            crate::names::bounded(&rest),
+            crate::names::bounded(verb)
         )));
     }
     if t.metadata {
@@ -186,10 +188,12 @@ pub async fn post_model(
     }
     match verb {
         Some(other) => Err(ApiError::NotFound(format!(
-            "unknown verb ':{other}'; nnserve serves :predict (tensors as JSON) and :infer (the bundle's handler plugin)"
+            "unknown verb ':{}'; nnserve serves :predict (tensors as JSON) and :infer (the bundle's handler plugin)",
+            crate::names::bounded(other)
         ))),
         None => Err(ApiError::NotFound(format!(
-            "POST /v1/models/{rest} needs a verb: :predict or :infer"
+            "POST /v1/models/{} needs a verb: :predict or :infer",
+            crate::names::bounded(&rest)
         ))),
     }
 }
@@ -252,7 +256,8 @@ pub async fn put_model(
     let t = parse_target(&rest)?;
     let (Some(label), None) = (&t.label, &t.verb) else {
         return Err(ApiError::NotFound(format!(
-            "PUT /v1/models/{rest}: labels are set with PUT /v1/models/{{name}}/labels/{{label}}"
+            "PUT /v1/models/{}: labels are set with PUT /v1/models/{{name}}/labels/{{label}}",
+            crate::names::bounded(&rest)
         )));
     };
     let b: LabelBody = serde_json::from_slice(&body)
@@ -277,7 +282,8 @@ pub async fn delete_model(
     let t = parse_target(&rest)?;
     let (Some(version), None, None, false) = (t.version, &t.label, &t.verb, t.metadata) else {
         return Err(ApiError::NotFound(format!(
-            "DELETE /v1/models/{rest}: versions are deleted with DELETE /v1/models/{{name}}/versions/{{n}}"
+            "DELETE /v1/models/{}: versions are deleted with DELETE /v1/models/{{name}}/versions/{{n}}",
+            crate::names::bounded(&rest)
         )));
     };
     state
@@ -333,7 +339,11 @@ async fn upload(
     }
     let stored = state
         .manager
-        .receive(model, body.into_data_stream())
+        .receive(
+            model,
+            body.into_data_stream(),
+            super::is_admin(state, headers),
+        )
         .await
         .map_err(super::manage_error)?;
     let status = if stored.created {
@@ -530,7 +540,8 @@ fn rows_to_tensors(
             .find(|k| !spec.inputs.iter().any(|i| &i.name == *k))
         {
             return Err(ApiError::BadRequest(format!(
-                "unknown input '{unknown}'; the model's inputs are {:?}",
+                "unknown input '{}'; the model's inputs are {:?}",
+                crate::names::bounded(unknown),
                 spec.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
             )));
         }
@@ -554,7 +565,8 @@ fn columns_to_tensors(
                     .map(|i| i.dtype)
                     .ok_or_else(|| {
                         ApiError::BadRequest(format!(
-                            "unknown input '{name}'; the model's inputs are {:?}",
+                            "unknown input '{}'; the model's inputs are {:?}",
+                            crate::names::bounded(&name),
                             spec.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
                         ))
                     })?;

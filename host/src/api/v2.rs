@@ -215,11 +215,12 @@ pub(super) async fn infer_resolved(
         .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
 
     let mut inputs: Vec<(String, Tensor)> = Vec::with_capacity(req.inputs.len());
+    let mut names = std::collections::HashSet::with_capacity(req.inputs.len());
     for input in &req.inputs {
-        if inputs.iter().any(|(n, _)| *n == input.name) {
+        if !names.insert(input.name.as_str()) {
             return Err(ApiError::BadRequest(format!(
-                "input '{}' appears twice in the request",
-                input.name
+                "input {} appears twice in the request",
+                crate::names::shown(&input.name)
             )));
         }
         inputs.push((input.name.clone(), decode_input(input, &mut tail)?));
@@ -366,30 +367,31 @@ pub(super) async fn infer_resolved(
 }
 
 fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiError> {
-    let name = &input.name;
+    // Everything of the request quoted back is bounded (names::shown).
+    let name = &crate::names::bounded(&input.name);
+    let shape = crate::names::shown_list(&input.shape);
     let dtype = DType::from_v2_name(&input.datatype).ok_or_else(|| {
         ApiError::BadRequest(format!(
-            "input '{name}' has datatype {:?}, which nnserve does not support (use one of {})",
-            input.datatype,
+            "input '{name}' has datatype {}, which nnserve does not support (use one of {})",
+            crate::names::shown(&input.datatype),
             DType::ALL.map(|d| d.v2_name()).join(", ")
         ))
     })?;
     if input.shape.iter().any(|&d| d < 0) {
         return Err(ApiError::BadRequest(format!(
-            "input '{name}' has a negative size in shape {:?}",
-            input.shape
+            "input '{name}' has a negative size in shape {shape}"
         )));
     }
     let want = checked_numel(&input.shape).ok_or_else(|| {
         ApiError::BadRequest(format!(
-            "input '{name}' has shape {:?}, whose element count does not fit in memory",
-            input.shape
+            "input '{name}' has shape {shape}, whose element count does not fit in memory"
         ))
     })?;
     if let Some(size) = input.parameters.get("binary_data_size") {
         let size = size.as_u64().ok_or_else(|| {
             ApiError::BadRequest(format!(
-                "input '{name}': binary_data_size must be a non-negative integer, not {size}"
+                "input '{name}': binary_data_size must be a non-negative integer, not {}",
+                crate::names::bounded(&size.to_string())
             ))
         })? as usize;
         if input.data.is_some() {
@@ -409,9 +411,8 @@ fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiErro
     let flat = codec::tensor_from_json(name, data, dtype).map_err(ApiError::BadRequest)?;
     if flat.numel() != want {
         return Err(ApiError::BadRequest(format!(
-            "input '{name}' has {} values but its shape {:?} needs {want}",
-            flat.numel(),
-            input.shape
+            "input '{name}' has {} values but its shape {shape} needs {want}",
+            flat.numel()
         )));
     }
     Ok(Tensor {
