@@ -35,7 +35,13 @@ help:
 	@echo "make test                    set up and run every test"
 	@echo "make setup                   only set up (venv, wasm target, plugins, models, release build)"
 
-setup: $(STAMPS)/wasm-target $(STAMPS)/venv plugins models build
+setup: $(STAMPS)/wasm-target $(STAMPS)/venv $(STAMPS)/test-tools plugins models build
+
+# Debian packages the tests use: openssl makes the TLS test's certificate.
+$(STAMPS)/test-tools:
+	@mkdir -p $(STAMPS)
+	@command -v openssl >/dev/null || (apt-get update -q && apt-get install -y openssl)
+	@touch $@
 
 $(STAMPS)/wasm-target:
 	@mkdir -p $(STAMPS)

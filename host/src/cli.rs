@@ -55,9 +55,12 @@ pub enum BundleCommand {
         /// The server's base URL, e.g. http://127.0.0.1:8080
         #[arg(long, short = 's', env = "NNSERVE_SERVER")]
         server: String,
-        /// Bearer token for the management API (the server's --admin-token)
-        #[arg(long, short = 't', env = "NNSERVE_ADMIN_TOKEN")]
+        /// Bearer token for the management API (visible in `ps`: prefer --token-file)
+        #[arg(long, short = 't', env = "NNSERVE_ADMIN_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// A file holding the bearer token (the server's --admin-token-file)
+        #[arg(long, env = "NNSERVE_ADMIN_TOKEN_FILE", conflicts_with = "token")]
+        token_file: Option<PathBuf>,
     },
     /// Show a bundle's manifest, model signature, plugin imports, files and digest.
     Inspect {
@@ -94,9 +97,33 @@ pub struct ServeArgs {
     #[arg(long)]
     pub torch_interop_threads: Option<usize>,
 
-    /// Bearer token required by the management API (uploads) [default: none]
-    #[arg(long, env = "NNSERVE_ADMIN_TOKEN")]
+    /// Bearer token required by the management API; visible in `ps`, so prefer
+    /// --admin-token-file [default: none]
+    #[arg(long, env = "NNSERVE_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
+
+    /// A file holding the management API's bearer token (trailing newline ignored)
+    #[arg(long, env = "NNSERVE_ADMIN_TOKEN_FILE", conflicts_with = "admin_token")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Who may use the management API (uploads, deletes, labels, Triton load/unload):
+    /// off (no such routes), token (the admin token required), open (no token)
+    /// [default: token when a token is given, open on a loopback address without one; a
+    /// non-loopback address with neither refuses to start]
+    #[arg(long, value_enum)]
+    pub management: Option<crate::config::Management>,
+
+    /// TLS certificate chain (PEM) for the listener; needs --tls-key
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM) for the listener; needs --tls-cert
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// On SIGTERM or ctrl-c, seconds that requests in service get to finish [default: 10]
+    #[arg(long)]
+    pub grace_seconds: Option<u64>,
 
     /// Log filter, as RUST_LOG (e.g. info, debug, nnserve=debug) [default: info]
     #[arg(long, env = "RUST_LOG", default_value = "info")]
@@ -126,7 +153,22 @@ impl ServeArgs {
             c.torch_inter_op_threads = t;
         }
         if let Some(t) = &self.admin_token {
-            c.admin_token = Some(t.clone());
+            c.admin_token = Some(crate::config::Secret(t.clone()));
+            c.admin_token_file = None;
+        }
+        if let Some(f) = &self.admin_token_file {
+            c.admin_token_file = Some(f.clone());
+            c.admin_token = None;
+        }
+        if let Some(m) = self.management {
+            c.management = Some(m);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            c.tls_cert = Some(cert.clone());
+            c.tls_key = Some(key.clone());
+        }
+        if let Some(g) = self.grace_seconds {
+            c.grace_seconds = g;
         }
         Ok(c)
     }

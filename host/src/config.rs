@@ -6,6 +6,39 @@ use serde::Deserialize;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+/// A secret from the config: never shown by `Debug` (so it cannot reach a log line).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(hidden)")
+    }
+}
+
+/// Who may use the management API.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Management {
+    /// No management route at all (for images and manifests: the repository is the truth).
+    Off,
+    /// The admin token is required.
+    Token,
+    /// No token needed (a loopback listener for development).
+    Open,
+}
+
+impl Management {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Management::Off => "off",
+            Management::Token => "token",
+            Management::Open => "open",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -37,7 +70,8 @@ pub struct ServerConfig {
     pub plugin_max_cpu_ms: u64,
     /// All plugin memory together, MiB: the linear memories of every running instance
     /// and the host memory their tensors take. A plugin that would go past it traps with
-    /// a 503 (retry). 0: a quarter of the machine's memory, at least 256 MiB.
+    /// a 503 (retry). 0: a quarter of the machine's memory (or of the container's cgroup
+    /// limit), at least 256 MiB.
     pub plugin_memory_total_mib: u64,
     /// Largest answer the server builds, bytes (tensor APIs, plugin bodies); checked
     /// before the answer is built.
@@ -49,8 +83,32 @@ pub struct ServerConfig {
     /// Largest bundle archive accepted by an upload, bytes.
     pub max_upload_bytes: u64,
     /// Bearer token the management API requires (uploads); none: no token needed.
-    /// Inference routes never need it.
-    pub admin_token: Option<String>,
+    /// Inference routes never need it. Prefer `admin_token_file`: a flag shows in `ps`.
+    pub admin_token: Option<Secret>,
+    /// A file whose content (trailing newline stripped) is the admin token.
+    pub admin_token_file: Option<PathBuf>,
+    /// The management API (uploads, deletes, labels, Triton load/unload): `off` (no such
+    /// route at all), `token` (the admin token required) or `open` (no token). Unset:
+    /// `token` when a token is configured, `open` on a loopback listener without one; a
+    /// non-loopback listener with neither refuses to start.
+    pub management: Option<Management>,
+    /// TLS for the listener: a PEM certificate chain and its private key.
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    /// A waiting connection that has begun a request must complete its headers within
+    /// this many ms of the start of the wait (a fresh connection counts), ms.
+    pub header_read_timeout_ms: u64,
+    /// A connection idle between requests (nothing sent since the last answer) is closed
+    /// after this many ms.
+    pub keep_alive_timeout_ms: u64,
+    /// A request body that stops arriving for this many ms fails (408).
+    pub body_read_timeout_ms: u64,
+    /// Open connections at most; 0: as many as fit below the file-descriptor limit
+    /// (raised to its hard limit at start) with 256 to spare. At the cap the oldest
+    /// waiting connection is closed to admit a new one.
+    pub max_connections: usize,
+    /// On SIGTERM or ctrl-c, requests in service get this long to finish, s.
+    pub grace_seconds: u64,
     /// Version policy `latest = N` for models without their own: the newest N versions
     /// of each model stay loaded.
     pub latest_versions: usize,
@@ -83,6 +141,15 @@ impl Default for ServerConfig {
             http_threads: 0,
             max_upload_bytes: 4 << 30,
             admin_token: None,
+            admin_token_file: None,
+            management: None,
+            tls_cert: None,
+            tls_key: None,
+            header_read_timeout_ms: 10_000,
+            keep_alive_timeout_ms: 75_000,
+            body_read_timeout_ms: 10_000,
+            max_connections: 0,
+            grace_seconds: 10,
             latest_versions: 1,
             policies: Default::default(),
             poll_interval_ms: 2000,
@@ -104,8 +171,20 @@ impl ServerConfig {
     }
 
     /// What serde cannot check: the device names of `device_memory_mib` are the ones
-    /// versions report (`cpu`, `cuda:N`), so that no budget is silently never applied.
+    /// versions report (`cpu`, `cuda:N`), so that no budget is silently never applied;
+    /// TLS needs both files; timeouts are positive.
     pub fn check(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.tls_cert.is_some() == self.tls_key.is_some(),
+            "TLS needs both --tls-cert and --tls-key"
+        );
+        for (key, v) in [
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("keep_alive_timeout_ms", self.keep_alive_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
+        ] {
+            anyhow::ensure!(v > 0, "{key} must be positive");
+        }
         for device in self.device_memory_mib.keys() {
             let ok = device == "cpu"
                 || device
@@ -135,7 +214,84 @@ impl ServerConfig {
             )
         };
         let physical = (pages.max(0) as u64).saturating_mul(page.max(0) as u64);
-        (physical / 4).max(256 << 20)
+        // In a container the cgroup's limit is the machine (v2, then v1).
+        let cgroup = [
+            "/sys/fs/cgroup/memory.max",
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+        ]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|t| t.trim().parse::<u64>().ok())
+        .min()
+        .unwrap_or(u64::MAX);
+        (physical.min(cgroup) / 4).max(256 << 20)
+    }
+
+    /// The admin token, from `admin_token` or the file `admin_token_file`.
+    pub fn admin_token(&self) -> anyhow::Result<Option<String>> {
+        match (&self.admin_token, &self.admin_token_file) {
+            (Some(_), Some(_)) => anyhow::bail!(
+                "both an admin token and an admin token file are given; keep one (the file keeps it out of `ps`)"
+            ),
+            (Some(t), None) => {
+                anyhow::ensure!(!t.0.is_empty(), "the admin token is empty");
+                Ok(Some(t.0.clone()))
+            }
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|e| {
+                    anyhow::anyhow!("cannot read the admin token file {}: {e}", path.display())
+                })?;
+                let token = text.trim_end_matches(['\n', '\r']);
+                anyhow::ensure!(
+                    !token.is_empty(),
+                    "the admin token file {} is empty",
+                    path.display()
+                );
+                Ok(Some(token.to_string()))
+            }
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// Who may manage, as configured or by default (see `management`); refuses a
+    /// non-loopback listener whose management would be open by default.
+    pub fn management(&self, token: bool) -> anyhow::Result<Management> {
+        match self.management {
+            Some(Management::Token) if !token => anyhow::bail!(
+                "--management token needs a token: give --admin-token-file PATH (or NNSERVE_ADMIN_TOKEN_FILE)"
+            ),
+            Some(m) => Ok(m),
+            None if token => Ok(Management::Token),
+            None if self.listen.ip().is_loopback() => Ok(Management::Open),
+            None => anyhow::bail!(
+                "refusing to listen on {} with the management API (uploads, deletes, labels) open to the network: \
+                 give --admin-token-file PATH to require a token, or --management off to serve without it \
+                 (--management open allows it without a token, on purpose)",
+                self.listen
+            ),
+        }
+    }
+
+    /// The connection policy (`connections::Limits`), with the fd limit raised.
+    pub fn connection_limits(&self) -> crate::connections::Limits {
+        let fit = crate::connections::connections_that_fit();
+        let max_connections = match self.max_connections {
+            0 => fit,
+            n if n > fit => {
+                tracing::warn!(
+                    "max_connections = {n} does not fit below the file-descriptor limit; using {fit} (raise `ulimit -n`)"
+                );
+                fit
+            }
+            n => n,
+        };
+        crate::connections::Limits {
+            header_read_timeout: std::time::Duration::from_millis(self.header_read_timeout_ms),
+            keep_alive_timeout: std::time::Duration::from_millis(self.keep_alive_timeout_ms),
+            body_read_timeout: std::time::Duration::from_millis(self.body_read_timeout_ms),
+            max_connections,
+            grace: std::time::Duration::from_secs(self.grace_seconds),
+        }
     }
 
     pub fn cores() -> usize {

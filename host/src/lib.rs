@@ -25,6 +25,7 @@ pub mod bundle;
 pub mod bundle_tool;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod lifecycle;
 pub mod manage;
 pub mod metrics;

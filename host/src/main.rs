@@ -28,7 +28,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             file,
             server,
             token,
+            token_file,
         }) => {
+            let token = match token_file {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
+                        })?
+                        .trim_end_matches(['\n', '\r'])
+                        .to_string(),
+                ),
+                None => token,
+            };
             println!(
                 "{}",
                 nnserve::bundle_tool::push(&file, &server, token.as_deref())?
@@ -48,11 +60,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             // OpenMP's wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is read by libgomp when
             // it loads, before main: only the environment the server starts in sets it
             // (docs/configuration.md, Threads).
-            tokio::runtime::Builder::new_multi_thread()
+            let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(config.worker_threads())
                 .enable_all()
-                .build()?
-                .block_on(nnserve::server::run(config))
+                .build()?;
+            let result = runtime.block_on(nnserve::server::run(config));
+            if result.is_ok() {
+                // Shutdown has answered or cut every request already. A forward that was
+                // cut may still run on its thread, and dropping the runtime would wait
+                // for it (or libtorch's static destructors would run beside it): leave
+                // at once instead, with everything written out.
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+                let _ = std::io::stderr().flush();
+                // SAFETY: _exit ends the process without running atexit handlers.
+                unsafe { libc::_exit(0) };
+            }
+            result
         }
     }
 }

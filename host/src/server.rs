@@ -10,6 +10,20 @@ use std::time::{Duration, Instant};
 /// Loads the repository and serves until ctrl-c or SIGTERM.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     config.check()?; // also for a config built in code, not read from a file
+                     // Refusals that need no model come first: a misconfigured server stops at once.
+    let token = config.admin_token()?;
+    let management = config.management(token.is_some())?;
+    if management == crate::config::Management::Open && !config.listen.ip().is_loopback() {
+        tracing::warn!(
+            listen = %config.listen,
+            "the management API (uploads, deletes, labels) is open to the network without a token (--management open)"
+        );
+    }
+    let tls = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::connections::tls_acceptor(cert, key)?),
+        _ => None,
+    };
+    let limits = config.connection_limits();
     let started = Instant::now();
     crate::backend::init_threads(config.intra_op_threads(), config.torch_inter_op_threads);
     let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {
@@ -39,7 +53,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         metrics,
         registry: registry.clone(),
         manager: manager.clone(),
-        admin_token: config.admin_token.as_deref().map(Arc::from),
+        admin_token: token.as_deref().map(api::TokenDigest::of),
+        management,
         max_request_bytes: config.max_request_bytes,
         max_response_bytes: config.max_response_bytes,
         max_upload_bytes: config.max_upload_bytes,
@@ -67,22 +82,54 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         "repository loaded: {}",
         report.loaded.join(", ")
     );
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot listen on {}: {e} (pick another with --listen)",
-                config.listen
-            )
-        })?;
+    let listener = listen(config.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}: {e} (pick another with --listen)",
+            config.listen
+        )
+    })?;
     let addr = listener.local_addr()?;
     if config.poll_interval_ms > 0 {
         let interval = Duration::from_millis(config.poll_interval_ms);
         tokio::spawn(manager.clone().poll(interval));
     }
     let app = api::router(state, config.max_request_bytes);
-    tracing::info!(took = ?started.elapsed(), "ready");
+    tracing::info!(
+        took = ?started.elapsed(),
+        management = management.as_str(),
+        max_connections = limits.max_connections,
+        "ready"
+    );
     // Tests and scripts wait for this line on stdout; keep its shape.
-    println!("nnserve listening on http://{addr}");
-    api::serve(listener, app).await
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    println!("nnserve listening on {scheme}://{addr}");
+    crate::connections::serve(listener, app, limits, tls, shutdown_signal()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Binds the listener with a deep accept queue: a burst of connections (2,000 at once in
+/// the slowloris test) overflowed the default 1,024, and a dropped SYN costs its client a
+/// one-second retransmission. The kernel caps it at `net.core.somaxconn`.
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(8192)
+}
+
+/// Resolves on ctrl-c or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("installing the SIGTERM handler");
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term.recv() => {},
+    }
+    tracing::info!("shutting down: no new connections");
 }

@@ -112,23 +112,23 @@ class Server:
     @property
     def address(self):
         """(host, port) of the listener."""
-        host, port = self.url.removeprefix("http://").rsplit(":", 1)
+        host, port = self.url.split("://", 1)[1].rsplit(":", 1)
         return host, int(port)
 
 
-def start_server(repo, tmp, *args):
+def start_server(repo, tmp, *args, listen="127.0.0.1:0", env=None, preexec_fn=None):
     log_path = os.path.join(tmp, "server.log")
     log = open(log_path, "w")
     proc = subprocess.Popen(
-        [NNSERVE, "serve", "--repository", repo, "--listen", "127.0.0.1:0", *args],
-        stdout=subprocess.PIPE, stderr=log, text=True)
+        [NNSERVE, "serve", "--repository", repo, "--listen", listen, *args],
+        stdout=subprocess.PIPE, stderr=log, text=True, env=env, preexec_fn=preexec_fn)
     deadline = time.time() + 120
     url = None
     while time.time() < deadline:
         line = proc.stdout.readline()
         if not line:
             break
-        m = re.search(r"listening on (http://\S+)", line)
+        m = re.search(r"listening on (https?://\S+)", line)
         if m:
             url = m.group(1)
             break

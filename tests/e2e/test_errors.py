@@ -61,7 +61,7 @@ CASES = {
     "shape whose size overflows (v2)": ("post", "/v2/models/mlp/infer", v2_body(shape=(HUGE, 4), data=()), 400, ["shape [4611686018427387904, 4]", "does not fit"]),
     "ragged nesting that claims 10^21 values (v1 columnar)": ("post", "/v1/models/mlp:predict", {"inputs": deep(1000, 7)}, 400, ["ragged"]),
     "ragged nesting that claims 10^21 values (v1 rows)": ("post", "/v1/models/mlp:predict", {"instances": deep(1000, 7)}, 400, ["ragged"]),
-    "an input twice (v2)": ("post", "/v2/models/mlp/infer", {"inputs": v2_body()["inputs"] * 2}, 400, ["input 'input' appears twice"]),
+    "an input twice (v2)": ("post", "/v2/models/mlp/infer", {"inputs": v2_body()["inputs"] * 2}, 400, ['input "input" appears twice']),
     "ragged rows": ("post", "/v1/models/mlp:predict", {"instances": [[1, 2, 3, 4], [1, 2]]}, 400, ["ragged"]),
     "wrong dtype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="INT64"), 400, ["dtype int64", "expects fp32"]),
     "unsupported datatype (v2)": ("post", "/v2/models/mlp/infer", v2_body(datatype="BYTES"), 400, ["BYTES"]),

@@ -27,8 +27,10 @@ use std::time::{Duration, Instant};
 pub struct AppState {
     pub registry: Arc<Registry>,
     pub manager: Arc<crate::manage::Manager>,
-    /// The management API's bearer token, when one is configured.
-    pub admin_token: Option<Arc<str>>,
+    /// The digest of the management API's bearer token, when one is configured.
+    pub admin_token: Option<TokenDigest>,
+    /// Who may manage (`off`: the routes are not mounted at all).
+    pub management: crate::config::Management,
     /// Largest inference request body.
     pub max_request_bytes: usize,
     /// Largest answer to build (tensor APIs and plugin bodies).
@@ -108,30 +110,55 @@ impl AppState {
     }
 }
 
-/// Builds the whole HTTP surface.
+/// The admin token as compared: its sha256, so that the comparison takes the same time
+/// whatever the given token's length and content (`subtle`).
+#[derive(Clone)]
+pub struct TokenDigest([u8; 32]);
+
+impl TokenDigest {
+    pub fn of(token: &str) -> TokenDigest {
+        use sha2::Digest;
+        TokenDigest(sha2::Sha256::digest(token.as_bytes()).into())
+    }
+
+    fn matches(&self, given: &str) -> bool {
+        use subtle::ConstantTimeEq;
+        TokenDigest::of(given).0.ct_eq(&self.0).into()
+    }
+}
+
+/// Builds the whole HTTP surface. Under `management = off` no management route exists:
+/// uploads, deletes, labels and Triton's repository routes answer 404 or 405.
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let managed = state.management != crate::config::Management::Off;
+    let models = get(v1::get_model).post(v1::post_model);
+    let models = if managed {
+        models.put(v1::put_model).delete(v1::delete_model)
+    } else {
+        models
+    };
     let router = Router::new()
         .route("/v1/models", get(v1::list_models))
-        .route(
-            "/v1/models/{*rest}",
-            get(v1::get_model)
-                .post(v1::post_model)
-                .put(v1::put_model)
-                .delete(v1::delete_model),
-        )
+        .route("/v1/models/{*rest}", models)
         .route("/metrics", get(metrics))
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
-        .route("/v2/health/ready", get(v2::ready))
-        .route("/v2/repository/index", post(v2::repository_index))
-        .route(
-            "/v2/repository/models/{model}/load",
-            post(v2::repository_load),
-        )
-        .route(
-            "/v2/repository/models/{model}/unload",
-            post(v2::repository_unload),
-        )
+        .route("/v2/health/ready", get(v2::ready));
+    let router = if managed {
+        router
+            .route("/v2/repository/index", post(v2::repository_index))
+            .route(
+                "/v2/repository/models/{model}/load",
+                post(v2::repository_load),
+            )
+            .route(
+                "/v2/repository/models/{model}/unload",
+                post(v2::repository_unload),
+            )
+    } else {
+        router
+    };
+    let router = router
         .route("/v2/models/{model}", get(v2::model_metadata))
         .route("/v2/models/{model}/ready", get(v2::model_ready))
         .route("/v2/models/{model}/infer", post(v2::infer))
@@ -252,6 +279,8 @@ pub enum ApiError {
     Conflict(String),
     /// 413.
     TooLarge(String),
+    /// 408: the request body stopped arriving.
+    SlowClient(String),
     /// 429 with `Retry-After`: a model's queue is full.
     TooManyRequests(String),
     /// 503 with `Retry-After`.
@@ -269,7 +298,8 @@ impl ApiError {
             | ApiError::UnsupportedMediaType(_)
             | ApiError::Unauthorized(_)
             | ApiError::Conflict(_)
-            | ApiError::TooLarge(_) => "client_error",
+            | ApiError::TooLarge(_)
+            | ApiError::SlowClient(_) => "client_error",
             ApiError::Internal(_) => "server_error",
             ApiError::TooManyRequests(_) | ApiError::Unavailable(_) => "overload",
             ApiError::Timeout(_) => "timeout",
@@ -285,6 +315,7 @@ impl ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::SlowClient(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -301,6 +332,7 @@ impl ApiError {
             | ApiError::Unauthorized(m)
             | ApiError::Conflict(m)
             | ApiError::TooLarge(m)
+            | ApiError::SlowClient(m)
             | ApiError::Unavailable(m)
             | ApiError::Timeout(m) => m,
         }
@@ -425,20 +457,28 @@ pub(crate) fn version_param(text: &str) -> Result<u64, ApiError> {
     crate::names::parse_version(text).map_err(ApiError::BadRequest)
 }
 
-/// The management API needs `Authorization: Bearer <token>` when a token is configured.
+/// Whether this request may manage: always under `open`, with `Authorization: Bearer
+/// <token>` under `token`, never under `off` (its routes are not even mounted).
 fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.admin_token else {
-        return Ok(());
+    use crate::config::Management;
+    let token = match (state.management, &state.admin_token) {
+        (Management::Open, _) => return Ok(()),
+        (Management::Off, _) | (Management::Token, None) => {
+            return Err(ApiError::NotFound(
+                "the management API is off on this server (--management off)".into(),
+            ))
+        }
+        (Management::Token, Some(token)) => token,
     };
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match given {
-        Some(g) if g.as_bytes() == token.as_bytes() => Ok(()),
+        Some(g) if token.matches(g) => Ok(()),
         Some(_) => Err(ApiError::Unauthorized("the bearer token is wrong".into())),
         None => Err(ApiError::Unauthorized(
-            "the management API needs `Authorization: Bearer <token>` (the server's --admin-token)"
+            "the management API needs `Authorization: Bearer <token>` (the server's --admin-token-file)"
                 .into(),
         )),
     }
@@ -448,7 +488,7 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
 /// request carries it. Only then do answers show full internal errors (a failed load's
 /// libtorch error with paths and stack frames); everyone else gets the public reason.
 pub(crate) fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
-    state.admin_token.is_some() && check_admin(state, headers).is_ok()
+    state.management == crate::config::Management::Token && check_admin(state, headers).is_ok()
 }
 
 /// A version's error as this caller may see it (see [`is_admin`]).
@@ -782,6 +822,13 @@ pub(crate) async fn read_body(
         .map_err(|e| {
             let over = std::error::Error::source(&e)
                 .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if let Some(t) = c.downcast_ref::<crate::connections::BodyTimeout>() {
+                    return ApiError::SlowClient(t.to_string());
+                }
+                cause = c.source();
+            }
             if over {
                 too_large()
             } else {
@@ -822,31 +869,6 @@ async fn infer_within(
             deadline.as_millis()
         ))),
     }
-}
-
-/// Serves the API on `listener` until ctrl-c or SIGTERM.
-pub async fn serve(listener: tokio::net::TcpListener, app: Router) -> anyhow::Result<()> {
-    use axum::serve::ListenerExt;
-    // Answers are written whole (one writev), so Nagle's algorithm can only hold one back
-    // behind an unacknowledged earlier answer: turn it off.
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
-    Ok(())
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down: finishing requests in flight");
 }
 
 #[cfg(test)]
@@ -891,6 +913,7 @@ mod tests {
             ApiError::Unauthorized(m()),
             ApiError::Conflict(m()),
             ApiError::TooLarge(m()),
+            ApiError::SlowClient(m()),
             ApiError::TooManyRequests(m()),
             ApiError::Unavailable(m()),
             ApiError::Timeout(m()),
