@@ -158,6 +158,35 @@ impl Default for ServerConfig {
     }
 }
 
+/// A token must be printable ASCII without spaces: a client sends it in a header, where
+/// anything else is refused or trimmed, and it could never match.
+fn check_token(token: &str) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        token.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+        "the admin token must be printable ASCII without spaces (e.g. `openssl rand -hex 32`)"
+    );
+    if token.len() < 16 {
+        tracing::warn!(
+            "the admin token is {} characters long; use at least 16 (e.g. `openssl rand -hex 32`)",
+            token.len()
+        );
+    }
+    Ok(())
+}
+
+/// Warns when others than the owner may read the token file (as ssh does for keys).
+fn check_token_file_mode(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(meta) = std::fs::metadata(path) {
+        if meta.permissions().mode() & 0o077 != 0 {
+            tracing::warn!(
+                "the admin token file {} can be read by others than its owner; `chmod 600` it",
+                path.display()
+            );
+        }
+    }
+}
+
 impl ServerConfig {
     /// Reads a config file; unknown keys are errors that name them.
     pub fn from_file(path: &Path) -> anyhow::Result<ServerConfig> {
@@ -234,19 +263,22 @@ impl ServerConfig {
                 "both an admin token and an admin token file are given; keep one (the file keeps it out of `ps`)"
             ),
             (Some(t), None) => {
-                anyhow::ensure!(!t.0.is_empty(), "the admin token is empty");
-                Ok(Some(t.0.clone()))
+                anyhow::ensure!(!t.0.trim().is_empty(), "the admin token is empty");
+                check_token(t.0.trim())?;
+                Ok(Some(t.0.trim().to_string()))
             }
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path).map_err(|e| {
                     anyhow::anyhow!("cannot read the admin token file {}: {e}", path.display())
                 })?;
-                let token = text.trim_end_matches(['\n', '\r']);
+                check_token_file_mode(path);
+                let token = text.trim_start_matches('\u{feff}').trim();
                 anyhow::ensure!(
                     !token.is_empty(),
                     "the admin token file {} is empty",
                     path.display()
                 );
+                check_token(token)?;
                 Ok(Some(token.to_string()))
             }
             (None, None) => Ok(None),

@@ -36,7 +36,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         .map_err(|e| {
                             anyhow::anyhow!("cannot read the token file {}: {e}", path.display())
                         })?
-                        .trim_end_matches(['\n', '\r'])
+                        .trim_start_matches('\u{feff}')
+                        .trim()
                         .to_string(),
                 ),
                 None => token,

@@ -41,6 +41,9 @@ pub struct Uploads {
     slots: Arc<tokio::sync::Semaphore>,
     /// (model, version) being stored now.
     storing: std::sync::Mutex<std::collections::BTreeSet<(String, u64)>>,
+    /// Stores running now (past their body), and a signal when one ends.
+    running: std::sync::atomic::AtomicUsize,
+    ended: tokio::sync::Notify,
 }
 
 impl Uploads {
@@ -48,7 +51,45 @@ impl Uploads {
         Uploads {
             slots: Arc::new(tokio::sync::Semaphore::new(at_once.max(1))),
             storing: Default::default(),
+            running: Default::default(),
+            ended: tokio::sync::Notify::new(),
         }
+    }
+
+    /// Waits until no store runs, at most `within`; false when some still run.
+    pub async fn settle(&self, within: std::time::Duration) -> bool {
+        use std::sync::atomic::Ordering;
+        let all_ended = async {
+            loop {
+                let ended = self.ended.notified();
+                if self.running.load(Ordering::Acquire) == 0 {
+                    return;
+                }
+                ended.await;
+            }
+        };
+        tokio::time::timeout(within, all_ended).await.is_ok()
+    }
+}
+
+/// A store running, counted until it ends.
+struct Running<'a>(&'a Uploads);
+
+impl<'a> Running<'a> {
+    fn start(uploads: &'a Uploads) -> Running<'a> {
+        uploads
+            .running
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Running(uploads)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0
+            .running
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -78,6 +119,8 @@ pub enum UploadError {
     TooLarge(String),
     /// 404.
     NotFound(String),
+    /// 408: the body stopped arriving.
+    SlowClient(String),
     /// 500.
     Internal(String),
 }
@@ -115,10 +158,20 @@ impl Manager {
     ) -> Result<Stored, UploadError>
     where
         S: Stream<Item = Result<bytes::Bytes, E>> + Unpin,
-        E: std::fmt::Display,
+        E: std::error::Error + 'static,
     {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
-        let broke_off = |e: E| UploadError::Invalid(vec![format!("the upload broke off: {e}")]);
+        let broke_off = |e: E| {
+            // A body that stopped arriving is the client's slowness (408), not a bad bundle.
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+            while let Some(c) = cause {
+                if let Some(t) = c.downcast_ref::<crate::connections::BodyTimeout>() {
+                    return UploadError::SlowClient(t.to_string());
+                }
+                cause = c.source();
+            }
+            UploadError::Invalid(vec![format!("the upload broke off: {e}")])
+        };
         // 0. The first bytes must be a gzip'd tar before an upload slot is taken or
         //    anything is written to disk. Checked again only when the head has doubled, so
         //    an upload in one-byte pieces costs no more than one in large ones.
@@ -183,8 +236,9 @@ impl Manager {
         let this = self.clone();
         let model = model.to_string();
         tokio::spawn(async move {
+            let running = Running::start(&this.uploads);
             let stored = this.store(&model, &scratch, archive_path, admin).await;
-            drop((slot, scratch));
+            drop((slot, scratch, running));
             stored
         })
         .await

@@ -169,6 +169,23 @@ mod tests {
     }
 
     #[test]
+    fn install_makes_the_model_directory_and_records_after_the_rename() {
+        let root = tempfile::tempdir().unwrap();
+        let unpacked = root.path().join("unpacked");
+        std::fs::create_dir(&unpacked).unwrap();
+        std::fs::write(unpacked.join("bundle.toml"), "x").unwrap();
+        let meta = VersionMeta {
+            digest: "sha256:x".into(),
+            size: 1,
+            uploaded_at: 0,
+        };
+        let dir = install(root.path(), "fresh", 3, &unpacked, &meta).unwrap();
+        assert_eq!(dir, root.path().join("fresh/3"));
+        assert!(dir.join("bundle.toml").is_file());
+        assert_eq!(read_meta(root.path(), "fresh", 3), Some(meta));
+    }
+
+    #[test]
     fn a_missing_repository_says_what_to_do() {
         let err = scan(Path::new("/nonexistent/repo"))
             .unwrap_err()
@@ -225,7 +242,7 @@ pub fn clear_scratch(root: &Path) {
 }
 
 /// Moves an unpacked, checked bundle into `<repo>/<model>/<version>/` with one rename,
-/// after writing its metadata. A crash before the rename leaves the old state; after it,
+/// then writes its record. A crash before the rename leaves the old state; after it,
 /// the new one.
 pub fn install(
     root: &Path,
@@ -235,9 +252,12 @@ pub fn install(
     meta: &VersionMeta,
 ) -> std::io::Result<PathBuf> {
     let target = version_dir(root, model, version)?;
-    write_meta(root, model, version, meta)?;
+    std::fs::create_dir_all(model_dir(root, model)?)?;
     std::fs::rename(unpacked, &target)?;
     sync_dir(&model_dir(root, model)?);
+    // After the rename: a record never exists without its version (a crash between the
+    // two leaves a version without one, which `ensure_meta` records at its next load).
+    write_meta(root, model, version, meta)?;
     Ok(target)
 }
 

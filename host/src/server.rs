@@ -24,6 +24,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         _ => None,
     };
     let limits = config.connection_limits();
+    // From here on SIGTERM and ctrl-c stop the server cleanly (exit 0), also while the
+    // repository loads.
+    let signals = install_signals()?;
     let started = Instant::now();
     crate::backend::init_threads(config.intra_op_threads(), config.torch_inter_op_threads);
     let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {
@@ -68,14 +71,20 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 
     tracing::info!(repository = %config.repository.display(), "loading the repository");
     crate::repository::clear_scratch(&config.repository);
-    let report = lifecycle::load_repository(
+    let loading = lifecycle::load_repository(
         &config.repository,
         runtime,
         &registry,
         &policies,
         Some(&hook),
-    )
-    .await?;
+    );
+    let report = tokio::select! {
+        report = loading => report?,
+        _ = nth_signal(signals.clone(), 1) => {
+            tracing::info!("stopped while loading the repository");
+            return Ok(());
+        }
+    };
     tracing::info!(
         loaded = report.loaded.len(),
         failed = report.failed.len(),
@@ -103,9 +112,55 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // Tests and scripts wait for this line on stdout; keep its shape.
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("nnserve listening on {scheme}://{addr}");
-    crate::connections::serve(listener, app, limits, tls, shutdown_signal()).await?;
+    let grace = limits.grace;
+    crate::connections::serve(
+        listener,
+        app,
+        limits,
+        tls,
+        nth_signal(signals.clone(), 1),
+        nth_signal(signals.clone(), 2),
+    )
+    .await?;
+    // An upload past its body runs to its end (its store is not cut half-way): give the
+    // ones still storing the same grace.
+    if !manager.uploads.settle(grace).await {
+        tracing::warn!(
+            "uploads still storing after the grace period are cut; their versions are not stored"
+        );
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// SIGTERM and ctrl-c, handled from the moment this is called: the count so far.
+fn install_signals() -> anyhow::Result<tokio::sync::watch::Receiver<u32>> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (tx, rx) = tokio::sync::watch::channel(0u32);
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = interrupt.recv() => {},
+            }
+            tx.send_modify(|n| *n += 1);
+            if *tx.borrow() == 1 {
+                tracing::info!(
+                    "shutting down: no new connections (a second signal cuts requests in service)"
+                );
+            }
+        }
+    });
+    Ok(rx)
+}
+
+/// Resolves once `n` signals have arrived.
+async fn nth_signal(mut signals: tokio::sync::watch::Receiver<u32>, n: u32) {
+    if signals.wait_for(|&count| count >= n).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Binds the listener with a deep accept queue: a burst of connections (2,000 at once in
@@ -120,16 +175,4 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(8192)
-}
-
-/// Resolves on ctrl-c or SIGTERM.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .expect("installing the SIGTERM handler");
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term.recv() => {},
-    }
-    tracing::info!("shutting down: no new connections");
 }

@@ -90,9 +90,21 @@ def normal_latencies(url, n=20):
     return times
 
 
+def somaxconn():
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except OSError:
+        return 0
+
+
 @pytest.mark.parametrize("fd_limit", [None, 1024], ids=["default fd limit", "ulimit -n 1024"])
 def test_a_slowloris_of_2000_connections_does_not_delay_a_normal_client(tmp_path, fd_limit):
     raise_own_fd_limit(4096)
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 2200:
+        pytest.skip("this process may not open 2,200 files (ulimit -Hn)")
+    if somaxconn() < 2048:
+        pytest.skip("net.core.somaxconn is under 2,048: a burst of 2,000 connects overflows any accept queue")
     limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit))) if fd_limit else None
     s = start_server(mlp_repo(tmp_path), str(tmp_path), preexec_fn=limit)
     socks = []
@@ -155,21 +167,62 @@ def test_stalled_connections_are_closed_after_their_timeout(strict, case, sent, 
     predict_ok(strict.url)
 
 
-def test_an_idle_keep_alive_connection_is_closed_and_a_busy_one_is_not(strict):
+LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_an_idle_keep_alive_connection_is_closed_and_one_in_use_is_not(strict):
     host, port = strict.address
     with socket.create_connection((host, port)) as sock:
-        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(LIVE)
         sock.settimeout(5)
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         took = closed_within(sock, 10)
     print(f"idle keep-alive: closed after {took:.2f} s (keep_alive_timeout 1.5 s)")
     assert 1.2 <= took < 3.0, took
-    # A keep-alive connection used more often than the timeout stays open.
-    with requests.Session() as session:
-        for _ in range(4):
-            r = session.post(f"{strict.url}/v1/models/mlp:predict", data=PREDICT)
-            assert r.status_code == 200
+    # One connection used every 0.5 s, longer in all than both timeouts, stays open.
+    with socket.create_connection((host, port)) as sock:
+        sock.settimeout(5)
+        for _ in range(6):
+            sock.sendall(LIVE)
+            assert sock.recv(65536).startswith(b"HTTP/1.1 200")
             time.sleep(0.5)
+
+
+def test_a_connection_reused_after_a_long_idle_gets_the_whole_header_timeout(strict):
+    # Idle longer than the header timeout (1 s), under the keep-alive one (1.5 s); then a
+    # head in two parts: its clock starts at its first byte, not at the last answer.
+    host, port = strict.address
+    with socket.create_connection((host, port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(LIVE)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(1.2)
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        time.sleep(0.2)
+        sock.sendall(b"Host: x\r\n\r\n")
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+
+
+def test_a_trickled_body_gets_a_408_for_its_rate(strict):
+    # Each byte comes within the body timeout (1 s), so only the rate can stop it.
+    host, port = strict.address
+    with socket.create_connection((host, port)) as sock:
+        sock.sendall(b"POST /v1/models/mlp:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n")
+        sock.settimeout(0.5)
+        answer, started = b"", time.monotonic()
+        while time.monotonic() - started < 10 and not answer:
+            try:
+                sock.send(b" ")
+            except OSError:
+                break
+            try:
+                answer = sock.recv(65536)
+            except socket.timeout:
+                pass
+    took = time.monotonic() - started
+    print(f"trickled body: answered after {took:.2f} s")
+    assert answer.startswith(b"HTTP/1.1 408") and b"bytes/s" in answer, answer
+    assert took < 5, took
 
 
 def test_a_half_sent_body_gets_a_408_naming_the_timeout(strict):
@@ -235,7 +288,7 @@ def stalled(server):
 
 
 def test_sigterm_answers_requests_in_flight_closes_stalled_ones_and_exits_0(tmp_path):
-    s = start_server(gate_repo(tmp_path), str(tmp_path))
+    s = start_server(gate_repo(tmp_path), str(tmp_path), "--grace-seconds", "30")
     threads, answers = in_flight(s.url, 20, 400)
     socks = stalled(s)
     deadline = time.time() + 30
@@ -256,7 +309,41 @@ def test_sigterm_answers_requests_in_flight_closes_stalled_ones_and_exits_0(tmp_
     assert max(closed) < 1.0, closed
     assert answers == [200] * 20, answers
     assert s.proc.returncode == 0, s.log()
-    assert took < 10, took
+    assert took < 20, took
+
+
+def test_a_second_signal_cuts_at_once(tmp_path):
+    s = start_server(gate_repo(tmp_path), str(tmp_path), "--grace-seconds", "60")
+    threads, answers = in_flight(s.url, 2, 20000)
+    deadline = time.time() + 30
+    while queue_depth(s.url, "gate") < 1 and time.time() < deadline:
+        time.sleep(0.02)
+    s.proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + 10
+    while "shutting down" not in s.log() and time.time() < deadline:
+        time.sleep(0.02)
+    started = time.monotonic()
+    s.proc.send_signal(signal.SIGINT)
+    s.proc.wait(timeout=15)
+    took = time.monotonic() - started
+    for t in threads:
+        t.join()
+    assert s.proc.returncode == 0 and took < 3, (took, s.log())
+    assert "on a second signal" in s.log()
+
+
+def test_sigterm_while_the_repository_loads_exits_0(tmp_path):
+    repo = mlp_repo(tmp_path)
+    shutil.copytree(os.path.join(EXAMPLES, "digits"), os.path.join(repo, "digits"))
+    log_path = os.path.join(str(tmp_path), "server.log")
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([NNSERVE, "serve", "--repository", repo, "--listen", "127.0.0.1:0"],
+                                stdout=subprocess.DEVNULL, stderr=log)
+    deadline = time.time() + 30
+    while "loading the repository" not in open(log_path).read() and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, open(log_path).read()
 
 
 def test_requests_past_the_grace_period_are_cut_with_a_count(tmp_path):
@@ -292,16 +379,18 @@ def test_help_never_shows_a_token_from_the_environment():
 def test_a_public_listener_without_a_token_refuses_to_start(tmp_path):
     repo = mlp_repo(tmp_path)
     started = time.monotonic()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
     out = subprocess.run([NNSERVE, "serve", "--repository", repo, "--listen", "0.0.0.0:0"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode != 0
     assert "--admin-token-file" in out.stderr and "--management" in out.stderr, out.stderr
     assert time.monotonic() - started < 10, "it refused before loading the repository"
 
 
 def test_management_token_needs_a_token(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NNSERVE_")}
     out = subprocess.run([NNSERVE, "serve", "--repository", mlp_repo(tmp_path), "--management", "token"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode != 0 and "--admin-token-file" in out.stderr, out.stderr
 
 
@@ -343,6 +432,9 @@ def test_management_token_from_a_file_stays_out_of_ps(tmp_path):
         r = requests.put(f"{s.url}/v1/models/mlp/labels/stable", json={"version": 1},
                          headers={"Authorization": f"Bearer {token}"})
         assert r.status_code == 200, r.text
+        r = requests.put(f"{s.url}/v1/models/mlp/labels/stable", json={"version": 1},
+                         headers={"Authorization": f"bearer {token}"})  # the scheme is case-insensitive
+        assert r.status_code == 200, r.text
         assert token not in s.log()
     finally:
         stop_server(s)
@@ -361,6 +453,7 @@ def test_management_is_open_on_loopback_without_a_token(tmp_path):
 
 # --- TLS ----------------------------------------------------------------------------
 
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is missing (make setup installs it)")
 def test_tls_serves_with_a_certificate_the_test_made(tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",

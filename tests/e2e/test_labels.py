@@ -1,6 +1,7 @@
 """Labels route by name and keep their version loaded; they survive a restart; deleting a
 version takes it out of service; GET /v1/models lists everything."""
 import os
+import time
 import shutil
 
 import numpy as np
@@ -70,10 +71,17 @@ def test_labels_route_persist_and_guard_deletes(setup):
         assert requests.delete(f"{s.url}/v1/models/mlp/versions/2").status_code == 200
         assert not os.path.exists(os.path.join(repo, "mlp", "2"))
         assert requests.delete(f"{s.url}/v1/models/mlp/versions/2").status_code == 404
-        listing = requests.get(f"{s.url}/v1/models").json()["models"]
-        (mlp,) = [m for m in listing if m["name"] == "mlp"]
+        # A deleted version is UNLOADING until the requests that hold it finish (the
+        # retire task sees that within milliseconds, later on a loaded machine), then END.
+        deadline = time.time() + 10
+        while True:
+            listing = requests.get(f"{s.url}/v1/models").json()["models"]
+            (mlp,) = [m for m in listing if m["name"] == "mlp"]
+            states = {v["version"]: (v["state"], v["digest"]) for v in mlp["versions"]}
+            if states["2"][0] != "UNLOADING" or time.time() > deadline:
+                break
+            time.sleep(0.01)
         assert mlp["labels"] == {"canary": 3, "stable": 3}
-        states = {v["version"]: (v["state"], v["digest"]) for v in mlp["versions"]}
         assert states["3"][0] == "AVAILABLE" and states["3"][1].startswith("sha256:")
         assert states["2"][0] == "END"
     finally:

@@ -470,10 +470,13 @@ fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         }
         (Management::Token, Some(token)) => token,
     };
+    // The scheme is case-insensitive (RFC 9110); the token is compared as sent.
     let given = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(g) if token.matches(g) => Ok(()),
         Some(_) => Err(ApiError::Unauthorized("the bearer token is wrong".into())),
@@ -511,6 +514,7 @@ pub(crate) fn manage_error(e: crate::manage::UploadError) -> ApiError {
         UploadError::BadRequest(m) => ApiError::BadRequest(m),
         UploadError::TooLarge(m) => ApiError::TooLarge(m),
         UploadError::NotFound(m) => ApiError::NotFound(m),
+        UploadError::SlowClient(m) => ApiError::SlowClient(m),
         UploadError::Internal(m) => ApiError::Internal(m),
     }
 }
