@@ -1012,18 +1012,29 @@ mod tests {
         assert!(r.unwrap_err()[0].contains("larger than the limit of 10 bytes"));
     }
 
-    #[test]
-    fn a_gzip_bomb_stops_at_the_limit() {
-        // 256 MiB of zeros in one entry compresses to about 256 KiB.
+    /// A `.tar.gz` of one entry of `size` zero bytes (about 1000:1 compressed), then
+    /// an empty file `after`.
+    fn zeros(name: &str, size: u64, kind: tar::EntryType) -> Vec<u8> {
         let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
         let mut b = tar::Builder::new(gz);
         let mut h = tar::Header::new_gnu();
-        h.set_size(256 << 20);
+        h.set_size(size);
         h.set_mode(0o644);
+        h.set_entry_type(kind);
         h.set_cksum();
-        b.append_data(&mut h, "bomb", io::repeat(0).take(256 << 20))
+        b.append_data(&mut h, name, io::repeat(0).take(size))
             .unwrap();
-        let bytes = b.into_inner().unwrap().finish().unwrap();
+        let mut after = tar::Header::new_gnu();
+        after.set_size(0);
+        after.set_mode(0o644);
+        b.append_data(&mut after, "after", &b""[..]).unwrap();
+        b.into_inner().unwrap().finish().unwrap()
+    }
+
+    #[test]
+    fn a_gzip_bomb_stops_at_the_limit() {
+        // 256 MiB of zeros in one entry compresses to about 256 KiB.
+        let bytes = zeros("bomb", 256 << 20, tar::EntryType::Regular);
         assert!(bytes.len() < 2 << 20);
         let limits = Limits {
             max_file_bytes: 1 << 20,
@@ -1207,18 +1218,7 @@ mod tests {
     fn skipped_data_counts_toward_the_ratio_bound() {
         // A directory entry with 48 MiB of data: the tar crate skips the data, which is
         // never written, and the decompressed stream stops at the ratio bound all the same.
-        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        let mut b = tar::Builder::new(gz);
-        let mut h = tar::Header::new_gnu();
-        h.set_size(48 << 20);
-        h.set_mode(0o755);
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_cksum();
-        b.append_data(&mut h, "dir/", io::repeat(0).take(48 << 20))
-            .unwrap();
-        b.append_data(&mut tar::Header::new_gnu(), "after", &b""[..])
-            .unwrap();
-        let bytes = b.into_inner().unwrap().finish().unwrap();
+        let bytes = zeros("dir/", 48 << 20, tar::EntryType::Directory);
         let limits = Limits {
             ratio_floor: 1 << 20,
             ..Limits::default()
@@ -1244,15 +1244,7 @@ mod tests {
     #[test]
     fn a_highly_compressible_archive_stops_at_the_ratio() {
         // 48 MiB of zeros: under every size limit, but 1000:1.
-        let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
-        let mut b = tar::Builder::new(gz);
-        let mut h = tar::Header::new_gnu();
-        h.set_size(48 << 20);
-        h.set_mode(0o644);
-        h.set_cksum();
-        b.append_data(&mut h, "zeros", io::repeat(0).take(48 << 20))
-            .unwrap();
-        let bytes = b.into_inner().unwrap().finish().unwrap();
+        let bytes = zeros("zeros", 48 << 20, tar::EntryType::Regular);
         let limits = Limits {
             ratio_floor: 1 << 20,
             ..Limits::default()

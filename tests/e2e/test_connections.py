@@ -225,6 +225,25 @@ def test_a_trickled_body_gets_a_408_for_its_rate(strict):
     assert took < 5, took
 
 
+def test_a_partial_request_head_over_64_kib_is_refused_at_once(strict):
+    # hyper buffered up to ~400 KB of an unfinished head per connection; 20,000 of them
+    # would hold 8 GB. Past 64 KiB the head is refused (431) without waiting for the rest.
+    host, port = strict.address
+    with socket.create_connection((host, port)) as sock:
+        started = time.monotonic()
+        answer = b""
+        try:
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (100 << 10))
+            sock.settimeout(5)
+            answer = sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError):
+            pass  # the server closed with the rest of the head unread: a reset may overtake the 431
+        took = time.monotonic() - started
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431"), answer[:200]
+    assert took < 0.5, f"{took:.2f} s: it waited for the header timeout (1 s) instead"
+    predict_ok(strict.url)
+
+
 def test_a_half_sent_body_gets_a_408_naming_the_timeout(strict):
     host, port = strict.address
     with socket.create_connection((host, port)) as sock:
@@ -287,14 +306,27 @@ def stalled(server):
     return socks
 
 
+def wait_for_queue(url, model, depth):
+    """Waits (polling the server's own gauge) until `depth` requests queue behind a forward."""
+    deadline = time.time() + 30
+    while queue_depth(url, model) < depth and time.time() < deadline:
+        time.sleep(0.02)
+    assert queue_depth(url, model) >= depth
+
+
+def stopped_after(proc, sig):
+    """Sends `sig` and waits for the process; the seconds it took."""
+    started = time.monotonic()
+    proc.send_signal(sig)
+    proc.wait(timeout=30)
+    return time.monotonic() - started
+
+
 def test_sigterm_answers_requests_in_flight_closes_stalled_ones_and_exits_0(tmp_path):
     s = start_server(gate_repo(tmp_path), str(tmp_path), "--grace-seconds", "30")
     threads, answers = in_flight(s.url, 20, 400)
     socks = stalled(s)
-    deadline = time.time() + 30
-    while queue_depth(s.url, "gate") < 10 and time.time() < deadline:
-        time.sleep(0.02)  # polling the server's own gauge: requests are queued behind a forward
-    assert queue_depth(s.url, "gate") >= 10
+    wait_for_queue(s.url, "gate", 10)
     started = time.monotonic()
     s.proc.send_signal(signal.SIGTERM)
     closed = [closed_within(sock, 5) for sock in socks]
@@ -315,17 +347,12 @@ def test_sigterm_answers_requests_in_flight_closes_stalled_ones_and_exits_0(tmp_
 def test_a_second_signal_cuts_at_once(tmp_path):
     s = start_server(gate_repo(tmp_path), str(tmp_path), "--grace-seconds", "60")
     threads, answers = in_flight(s.url, 2, 20000)
-    deadline = time.time() + 30
-    while queue_depth(s.url, "gate") < 1 and time.time() < deadline:
-        time.sleep(0.02)
+    wait_for_queue(s.url, "gate", 1)
     s.proc.send_signal(signal.SIGTERM)
     deadline = time.time() + 10
     while "shutting down" not in s.log() and time.time() < deadline:
         time.sleep(0.02)
-    started = time.monotonic()
-    s.proc.send_signal(signal.SIGINT)
-    s.proc.wait(timeout=15)
-    took = time.monotonic() - started
+    took = stopped_after(s.proc, signal.SIGINT)
     for t in threads:
         t.join()
     assert s.proc.returncode == 0 and took < 3, (took, s.log())
@@ -349,13 +376,8 @@ def test_sigterm_while_the_repository_loads_exits_0(tmp_path):
 def test_requests_past_the_grace_period_are_cut_with_a_count(tmp_path):
     s = start_server(gate_repo(tmp_path), str(tmp_path), "--grace-seconds", "1")
     threads, answers = in_flight(s.url, 3, 20000)  # each batch runs for many seconds
-    deadline = time.time() + 30
-    while queue_depth(s.url, "gate") < 1 and time.time() < deadline:
-        time.sleep(0.02)
-    started = time.monotonic()
-    s.proc.send_signal(signal.SIGTERM)
-    s.proc.wait(timeout=15)
-    took = time.monotonic() - started
+    wait_for_queue(s.url, "gate", 1)
+    took = stopped_after(s.proc, signal.SIGTERM)
     for t in threads:
         t.join()
     print(f"grace 1 s: exit after {took:.2f} s, answers {answers}")
