@@ -4,7 +4,9 @@
 //!
 //! The modules follow a request's journey and a model's life (ARCHITECTURE.md):
 //! `api` → `routing` → `plugin` → `nn` → `backend`, and `repository` → `lifecycle`, which keeps the
-//! registry of loaded versions that `api` reads. `bundle` and `tensor` are shared
+//! registry of loaded versions that `api` reads. `connections` owns the listener's
+//! connections (timeouts, the cap, TLS, shutdown) beneath `api`. `bundle`, `tensor` and
+//! `names` (the naming rule and how untrusted text is shown back) are shared
 //! vocabulary; `wit` holds the generated bindings.
 //!
 //! The smallest use is the binary: `nnserve serve --repository DIR`. As a library:
