@@ -387,7 +387,7 @@ def test_all_plugins_together_are_bounded_by_plugin_memory_total(tmp_path):
         stop_server(s)
 
 
-def test_concurrent_uploads_wait_their_turn_and_a_same_version_race_is_409(tmp_path):
+def test_concurrent_uploads_wait_their_turn_and_a_same_version_race_is_never_429(tmp_path):
     from test_upload import mlp_bundle, pack
     repo = str(tmp_path / "repo")
     os.makedirs(repo)
