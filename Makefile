@@ -80,11 +80,14 @@ $(MODELS) &: examples/make_models.py examples/digits_data.py $(STAMPS)/venv
 run: setup
 	$(NNSERVE) serve --repository $(REPO) --listen $(LISTEN)
 
-test: setup
-	@echo "== Unit tests (same release profile as the server: no second build of the deps)"
-	cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-router-sdk
-	@echo "== End-to-end tests over HTTP"
-	$(PY) -m pytest -q tests/e2e
+# Each phase prints how long it took (CI has 90 minutes on 2 cores; keep an eye on them).
+PHASE = @start=$$(date +%s); trap 'echo "== $(1) took $$(( $$(date +%s) - start )) s"' EXIT;
+
+test:
+	$(call PHASE,setup) $(MAKE) --no-print-directory setup
+	$(call PHASE,unit tests) echo "== Unit tests (same release profile as the server: no second build of the deps)"; \
+		cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-router-sdk
+	$(call PHASE,end-to-end tests) echo "== End-to-end tests over HTTP"; $(PY) -m pytest -q tests/e2e
 
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(REPO)/*/*/model

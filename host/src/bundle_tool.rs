@@ -1,5 +1,9 @@
-//! The `nnserve bundle` commands: `pack` (check, then a deterministic `.tar.gz`) and
-//! `inspect` (what a bundle holds, from a directory or an archive).
+//! The `nnserve bundle` commands: `pack` (check, then a deterministic `.tar.gz`),
+//! `inspect` (what a bundle holds, from a directory or an archive) and `push` (upload an
+//! archive to a running server's management API).
+//!
+//! A client of the server's formats (`bundle`, `archive`, `plugin::describe`); it never
+//! reaches into a running server's state.
 
 use crate::archive::{self, Limits};
 use crate::bundle::Bundle;

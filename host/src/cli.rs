@@ -1,5 +1,8 @@
-//! The command line: `nnserve serve` and its flags. `--help` is the reference; keep it
-//! true to the code.
+//! The command line: `nnserve serve` and its flags, and the `nnserve bundle` commands
+//! (`pack`, `inspect`, `push`). `--help` is the reference; keep it true to the code.
+//!
+//! It only parses: flags become a `config::ServerConfig` (run by `server`) or a call into
+//! `bundle_tool`.
 
 use crate::config::ServerConfig;
 use clap::{Args, Parser, Subcommand};

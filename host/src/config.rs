@@ -112,8 +112,10 @@ pub struct ServerConfig {
     /// Version policy `latest = N` for models without their own: the newest N versions
     /// of each model stay loaded.
     pub latest_versions: usize,
-    /// Per-model version policies: `name = "all"`, `{ latest = N }` or `{ specific = [..] }`.
-    pub policies: std::collections::BTreeMap<String, toml::Value>,
+    /// Per-model version policies: `name = "all"`, `{ latest = N }` or `{ specific = [..] }`,
+    /// checked as the file is read.
+    #[serde(deserialize_with = "crate::lifecycle::policy::deserialize_policies")]
+    pub policies: std::collections::BTreeMap<String, crate::lifecycle::VersionPolicy>,
     /// How often the repository is scanned for versions copied in or removed by hand, ms
     /// (0: never). A new version directory is loaded once it has not changed for a full
     /// interval.
@@ -338,18 +340,12 @@ impl ServerConfig {
         }
     }
 
-    /// The version policies, checked.
-    pub fn policies(&self) -> anyhow::Result<crate::lifecycle::Policies> {
-        let mut per_model = std::collections::BTreeMap::new();
-        for (model, v) in &self.policies {
-            let p = crate::lifecycle::VersionPolicy::from_toml(v)
-                .map_err(|e| anyhow::anyhow!("policies.{model}: {e}"))?;
-            per_model.insert(model.clone(), p);
-        }
-        Ok(crate::lifecycle::Policies {
+    /// The version policies: the per-model ones and `latest_versions` for the others.
+    pub fn policies(&self) -> crate::lifecycle::Policies {
+        crate::lifecycle::Policies {
             default: crate::lifecycle::VersionPolicy::Latest(self.latest_versions.max(1)),
-            per_model,
-        })
+            per_model: self.policies.clone(),
+        }
     }
 
     pub fn worker_threads(&self) -> usize {

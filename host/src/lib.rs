@@ -29,7 +29,6 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod lifecycle;
-pub mod manage;
 pub mod metrics;
 pub mod names;
 pub mod nn;

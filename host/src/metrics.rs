@@ -363,6 +363,15 @@ impl Metrics {
         self.versions.get_or_create(&key(to)).set(1);
     }
 
+    /// Removes a version's state series (a refused upload the registry no longer keeps).
+    pub fn forget_state(&self, model: &str, version: u64, state: &str) {
+        self.versions.remove(&StateLabels {
+            model: model.to_string(),
+            version: version.to_string(),
+            state: state.to_string(),
+        });
+    }
+
     /// Removes the execution series of a version that has been retired (requests by
     /// outcome, latencies, batch sizes, queue depth): a server that takes many uploads
     /// would otherwise export every version it ever served. Its `nnserve_versions` series

@@ -1,8 +1,12 @@
-//! Where bundles live: a local directory `<repo>/<model>/<version>/bundle.toml`.
+//! The local repository's file layout: version directories
+//! `<repo>/<model>/<version>/bundle.toml`, the records beside them
+//! (`<repo>/<model>/.meta/`: digest and upload time per version, labels) and the scratch
+//! area uploads unpack in (`<repo>/.tmp`), with the writes that keep them consistent
+//! (install by one rename, remove by one rename out).
 //!
-//! This module lists what the repository holds; it does not load anything. Entries
-//! whose directory names are not a model name and a positive version are reported,
-//! not skipped silently.
+//! It lists and writes files; it never loads anything or decides what serves (that is
+//! `lifecycle`, whose `source` wraps it). Entries whose directory names are not a model
+//! name and a positive version are reported, not skipped silently.
 //!
 //! Every path the server reads, writes or removes in the repository is made by
 //! [`model_dir`] or [`version_dir`], which check the model name and the version
@@ -102,6 +106,32 @@ pub fn scan(root: &Path) -> anyhow::Result<(Vec<Entry>, Vec<Problem>)> {
     }
     entries.sort_by(|a, b| (&a.model, a.version).cmp(&(&b.model, b.version)));
     Ok((entries, problems))
+}
+
+/// The version directories of one model, lowest first; none for a name that is not
+/// valid or a model that is not there. Strays are left to [`scan`] to report.
+pub fn scan_model(root: &Path, model: &str) -> Vec<Entry> {
+    let Ok(dir) = model_dir(root, model) else {
+        return Vec::new();
+    };
+    let Ok(read) = std::fs::read_dir(&dir) else {
+        return Vec::new();
+    };
+    let mut entries: Vec<Entry> = read
+        .flatten()
+        .filter(|v| v.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|v| {
+            let name = v.file_name().to_string_lossy().into_owned();
+            let version = crate::names::parse_version(&name).ok()?;
+            Some(Entry {
+                model: model.to_string(),
+                version,
+                dir: v.path(),
+            })
+        })
+        .collect();
+    entries.sort_by_key(|e| e.version);
+    entries
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! An endpoint bundle (`[endpoint]`, `[[variants]]`, `[router]`) is loaded like a model
 //! bundle and lives in the same registry, under its own name. A request to the endpoint
 //! without an explicit version goes through [`route`]: the variants that resolve to an
-//! AVAILABLE model version are handed to the router with their weights and live stats
+//! AVAILABLE model version (`api` resolves them through the registry and passes them in
+//! as [`Candidate`]s, so this module never reaches into the model's life) are handed to the router with their weights and live stats
 //! ([`StatsBook`]); the router names the variant that answers and, optionally, shadow
 //! variants that get a copy. When the router fails (trap, CPU budget, unknown variant),
 //! the endpoint's `on_router_error` decides: the default variant answers (fail-open)
@@ -14,7 +15,6 @@
 //! [`InFlight`], so the live stats see every answer.
 
 use crate::bundle::{Bundle, EndpointSpec, RouterErrorPolicy, VariantSpec};
-use crate::lifecycle::{Registry, ResolveError, Servable};
 use crate::metrics::Metrics;
 use crate::plugin::{PluginError, PluginRuntime, RouterPlugin};
 use crate::wit::router as wr;
@@ -56,44 +56,29 @@ impl Endpoint {
         self.variants.iter().find(|v| v.name() == name)
     }
 
-    /// The model version a variant names now, following its label if it has one.
-    pub fn resolve_variant(
-        &self,
-        registry: &Registry,
-        v: &VariantSpec,
-    ) -> Result<Arc<Servable>, ResolveError> {
-        let version = match (&v.label, v.version) {
-            (Some(label), _) => Some(registry.label(&v.model, label)?),
-            (None, version) => version,
-        };
-        let s = registry.resolve(&v.model, version)?;
-        if s.endpoint.is_some() {
-            // An endpoint behind an endpoint would route twice; refused where it shows.
-            return Err(ResolveError::NotAvailable(
-                v.model.clone(),
-                s.version(),
-                "it is an endpoint, and a variant must be a model".into(),
-            ));
-        }
-        Ok(s)
-    }
-
-    /// The default variant's model: what the endpoint's metadata and ready routes
-    /// describe, and what answers when the router fails open.
-    pub fn default_target(&self, registry: &Registry) -> Result<Arc<Servable>, ResolveError> {
-        let v = self
-            .variant(&self.default_variant)
-            .expect("checked: default_variant names a variant");
-        self.resolve_variant(registry, v)
+    /// The default variant: what the endpoint's metadata and ready routes describe, and
+    /// what answers when the router fails open.
+    pub fn default(&self) -> &VariantSpec {
+        self.variant(&self.default_variant)
+            .expect("checked: default_variant names a variant")
     }
 }
 
+/// A variant that resolves to an available model version now, as the caller resolved
+/// it; `target` is the caller's handle to that version.
+pub struct Candidate<'a, T> {
+    pub variant: &'a VariantSpec,
+    pub version: u64,
+    pub queue_depth: usize,
+    pub target: T,
+}
+
 /// Where a request goes.
-pub struct Routed {
+pub struct Routed<T> {
     pub variant: String,
-    pub target: Arc<Servable>,
+    pub target: T,
     /// Variants that get a copy of the request.
-    pub shadows: Vec<(String, Arc<Servable>)>,
+    pub shadows: Vec<(String, T)>,
     /// Why the router chose so, or why the default variant serves.
     pub reason: Option<String>,
 }
@@ -122,24 +107,18 @@ pub struct Meta {
     pub headers: Vec<(String, String)>,
 }
 
-/// Asks the endpoint's router where this request goes.
-pub async fn route(
+/// Asks the endpoint's router where this request goes, among `available` (the variants
+/// that resolve now); `missing` says why the others do not.
+#[allow(clippy::too_many_arguments)]
+pub async fn route<T: Clone>(
     endpoint: &Endpoint,
-    registry: &Registry,
+    available: Vec<Candidate<'_, T>>,
+    missing: Vec<String>,
     book: &StatsBook,
     metrics: &Metrics,
     meta: Meta,
     deadline: Duration,
-) -> Result<Routed, RouteError> {
-    // The candidates: variants that resolve to an available model version.
-    let mut available: Vec<(&VariantSpec, Arc<Servable>)> = Vec::new();
-    let mut missing = Vec::new();
-    for v in &endpoint.variants {
-        match endpoint.resolve_variant(registry, v) {
-            Ok(s) => available.push((v, s)),
-            Err(e) => missing.push(format!("{}: {e}", v.name())),
-        }
-    }
+) -> Result<Routed<T>, RouteError> {
     if available.is_empty() {
         metrics.router_error(&endpoint.name, endpoint.router.name(), "no_variant");
         return Err(RouteError::NoVariant(format!(
@@ -151,15 +130,16 @@ pub async fn route(
     let window = Duration::from_millis(endpoint.spec.stats_window_ms);
     let variants: Vec<wr::Variant> = available
         .iter()
-        .map(|(v, s)| {
+        .map(|c| {
+            let v = c.variant;
             let stats = book.get(&endpoint.name, v.name(), window);
             wr::Variant {
                 name: v.name().to_string(),
-                model: s.name().to_string(),
-                version: s.version(),
+                model: v.model.clone(),
+                version: c.version,
                 label: v.label.clone(),
                 weight: v.weight,
-                stats: stats.snapshot(s.runner.as_ref().map_or(0, |r| r.queue_depth())),
+                stats: stats.snapshot(c.queue_depth),
             }
         })
         .collect();
@@ -179,7 +159,12 @@ pub async fn route(
     let decision = endpoint.router.route(&request, &variants, deadline).await;
     metrics.router_call(&endpoint.name, started.elapsed());
 
-    let find = |name: &str| available.iter().find(|(v, _)| v.name() == name);
+    let find = |name: &str| {
+        available
+            .iter()
+            .find(|c| c.variant.name() == name)
+            .map(|c| (c.variant, &c.target))
+    };
     let failure = match decision {
         Ok(d) => match find(&d.variant) {
             Some((v, s)) => {
@@ -205,7 +190,7 @@ pub async fn route(
                     d.variant,
                     available
                         .iter()
-                        .map(|(v, _)| v.name())
+                        .map(|c| c.variant.name())
                         .collect::<Vec<_>>()
                         .join(", ")
                 ),

@@ -2,6 +2,7 @@
 
 use crate::api::{self, AppState};
 use crate::config::ServerConfig;
+use crate::lifecycle::source::LocalSource;
 use crate::lifecycle::{self, Registry};
 use crate::plugin::{PluginRuntime, RuntimeConfig};
 use std::sync::Arc;
@@ -38,20 +39,23 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let budget = lifecycle::DeviceBudget::new(&config.device_memory_mib);
     let registry = Arc::new(Registry::new(metrics.clone(), budget));
-    let policies = config.policies()?;
-    let manager = Arc::new(crate::manage::Manager {
-        root: config.repository.clone(),
+    let loader = Arc::new(lifecycle::Loader {
         runtime: runtime.clone(),
-        registry: registry.clone(),
-        limits: crate::archive::Limits {
+        metrics: metrics.clone(),
+        budget: registry.budget.clone(),
+        warmup: Default::default(),
+    });
+    let manager = Arc::new(lifecycle::Manager::new(
+        LocalSource::new(config.repository.clone()),
+        registry.clone(),
+        loader.clone(),
+        config.policies(),
+        crate::archive::Limits {
             max_archive_bytes: config.max_upload_bytes,
             ..Default::default()
         },
-        policies: policies.clone(),
-        warmup: Default::default(),
-        unloaded: Default::default(),
-        uploads: crate::manage::Uploads::new(config.max_concurrent_uploads),
-    });
+        lifecycle::Uploads::new(config.max_concurrent_uploads),
+    ));
     let state = AppState {
         metrics,
         registry: registry.clone(),
@@ -67,17 +71,11 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     };
     // Warm-up requests go through the real request path, which needs the state.
     let hook = api::warmup_hook(state.clone());
-    let _ = manager.warmup.set(hook.clone());
+    let _ = loader.warmup.set(hook);
 
     tracing::info!(repository = %config.repository.display(), "loading the repository");
-    crate::repository::clear_scratch(&config.repository);
-    let loading = lifecycle::load_repository(
-        &config.repository,
-        runtime,
-        &registry,
-        &policies,
-        Some(&hook),
-    );
+    manager.source.clear_scratch();
+    let loading = manager.load_repository();
     let report = tokio::select! {
         report = loading => report?,
         _ = nth_signal(signals.clone(), 1) => {

@@ -4,7 +4,7 @@
 
 use super::codec::{self, tensor_from_json, write_json};
 use super::{infer_within, ApiError, AppState, Verb};
-use crate::lifecycle::Servable;
+use crate::lifecycle::ModelVersion;
 use crate::tensor::Tensor;
 use crate::wit;
 use axum::body::Bytes;
@@ -69,7 +69,7 @@ fn parse_target(rest: &str) -> Result<Target, ApiError> {
     Ok(t)
 }
 
-fn resolve(state: &AppState, t: &Target) -> Result<Arc<Servable>, ApiError> {
+fn resolve(state: &AppState, t: &Target) -> Result<Arc<ModelVersion>, ApiError> {
     super::resolve_model(state, &t.model, t.version, t.label.as_deref())
 }
 
@@ -125,7 +125,7 @@ pub async fn get_model(
     Ok(axum::Json(json!({ "model_version_status": list })).into_response())
 }
 
-fn tf_metadata(s: &Servable) -> Value {
+fn tf_metadata(s: &ModelVersion) -> Value {
     let spec = s.model_spec();
     let sig = |list: &[crate::bundle::TensorSpec]| -> Value {
         let mut m = Map::new();
@@ -201,7 +201,7 @@ pub async fn post_model(
 /// `GET /v1/models`: every model, its versions with state, error and digest, and labels.
 pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let admin = super::is_admin(&state, &headers);
-    let root = &state.manager.root;
+    let source = &state.manager.source;
     let models: Vec<Value> = state
         .registry
         .list()
@@ -210,7 +210,7 @@ pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> R
             let versions: Vec<Value> = versions
                 .iter()
                 .map(|s| {
-                    let meta = crate::repository::read_meta(root, &name, s.version);
+                    let meta = source.meta(&name, s.version);
                     let mut v = json!({
                         "version": s.version.to_string(),
                         "state": s.state.as_str(),
@@ -220,7 +220,11 @@ pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> R
                     });
                     // How a loaded model runs, as the server chose it at load.
                     let servable = state.registry.resolve(&name, Some(s.version)).ok();
-                    if let Some(runner) = servable.as_ref().and_then(|x| x.runner.as_ref()) {
+                    if let Some(runner) = servable
+                        .as_ref()
+                        .and_then(|x| x.as_model())
+                        .map(|m| &m.runner)
+                    {
                         let t = runner.threading();
                         v["execution"] = json!({
                             "device": runner.device(),
@@ -249,10 +253,9 @@ struct LabelBody {
 pub async fn put_model(
     State(state): State<AppState>,
     Path(rest): Path<String>,
-    headers: HeaderMap,
+    _admin: super::Admin,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    super::check_admin(&state, &headers)?;
     let t = parse_target(&rest)?;
     let (Some(label), None) = (&t.label, &t.verb) else {
         return Err(ApiError::NotFound(format!(
@@ -265,7 +268,7 @@ pub async fn put_model(
     state
         .manager
         .set_label(&t.model, label, b.version, b.force)
-        .map_err(super::manage_error)?;
+        .await?;
     Ok(
         axum::Json(json!({ "name": t.model, "label": label, "version": b.version }))
             .into_response(),
@@ -276,9 +279,8 @@ pub async fn put_model(
 pub async fn delete_model(
     State(state): State<AppState>,
     Path(rest): Path<String>,
-    headers: HeaderMap,
+    _admin: super::Admin,
 ) -> Result<Response, ApiError> {
-    super::check_admin(&state, &headers)?;
     let t = parse_target(&rest)?;
     let (Some(version), None, None, false) = (t.version, &t.label, &t.verb, t.metadata) else {
         return Err(ApiError::NotFound(format!(
@@ -286,17 +288,14 @@ pub async fn delete_model(
             crate::names::bounded(&rest)
         )));
     };
-    state
-        .manager
-        .delete(&t.model, version)
-        .map_err(super::manage_error)?;
+    state.manager.delete(&t.model, version).await?;
     Ok(axum::Json(json!({ "name": t.model, "version": version, "deleted": true })).into_response())
 }
 
 /// Warm-up entry points (see `api::warmup_hook`).
 pub(super) async fn warm_plugin(
     state: &AppState,
-    servable: &Servable,
+    servable: &ModelVersion,
     route: &str,
     headers: HeaderMap,
     body: Vec<u8>,
@@ -315,7 +314,7 @@ pub(super) async fn warm_plugin(
 
 pub(super) async fn warm_predict(
     state: &AppState,
-    servable: &Servable,
+    servable: &ModelVersion,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
@@ -329,7 +328,8 @@ async fn upload(
     headers: &HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    super::check_admin(state, headers)?;
+    // This route shares its path with inference: the management check runs here.
+    let admin = super::Admin::check(state, headers)?;
     if super::declared_length(headers).is_some_and(|n| n > state.max_upload_bytes) {
         // Refused before reading (and before a `100 Continue`).
         return Err(ApiError::TooLarge(format!(
@@ -339,13 +339,8 @@ async fn upload(
     }
     let stored = state
         .manager
-        .receive(
-            model,
-            body.into_data_stream(),
-            super::is_admin(state, headers),
-        )
-        .await
-        .map_err(super::manage_error)?;
+        .receive(model, body.into_data_stream(), admin.full_errors)
+        .await?;
     let status = if stored.created {
         StatusCode::CREATED
     } else {
@@ -356,7 +351,7 @@ async fn upload(
 
 pub(super) async fn plugin_infer(
     state: &AppState,
-    servable: &Servable,
+    servable: &ModelVersion,
     method: Method,
     rest: &str,
     headers: HeaderMap,
@@ -450,7 +445,7 @@ fn plugin_response(state: &AppState, plugin: &str, r: wit::Response) -> Result<R
 
 pub(super) async fn predict(
     state: &AppState,
-    servable: &Servable,
+    servable: &ModelVersion,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {

@@ -4,7 +4,7 @@
 
 use super::codec::{self, write_flat_json};
 use super::{infer_within, ApiError, AppState};
-use crate::lifecycle::Servable;
+use crate::lifecycle::ModelVersion;
 use crate::tensor::{checked_numel, DType, Tensor};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -61,18 +61,30 @@ fn metadata(state: &AppState, model: &str, version: Option<u64>) -> Result<Respo
     .into_response())
 }
 
-pub async fn model_metadata(
-    State(state): State<AppState>,
-    Path(model): Path<String>,
-) -> Result<Response, ApiError> {
-    metadata(&state, model_name(&model)?, None)
+/// `/v2/models/{model}[/versions/{version}]...`: both shapes of a v2 model route, so
+/// that each v2 verb has one handler for both.
+#[derive(Deserialize)]
+pub struct ModelPath {
+    model: String,
+    #[serde(default)]
+    version: Option<String>,
 }
 
-pub async fn model_metadata_version(
+impl ModelPath {
+    /// The model name and version, each checked.
+    fn parse(&self) -> Result<(&str, Option<u64>), ApiError> {
+        let model = model_name(&self.model)?;
+        let version = self.version.as_deref().map(parse_version).transpose()?;
+        Ok((model, version))
+    }
+}
+
+pub async fn model_metadata(
     State(state): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
+    Path(p): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
-    metadata(&state, model_name(&model)?, Some(parse_version(&version)?))
+    let (model, version) = p.parse()?;
+    metadata(&state, model, version)
 }
 
 fn model_ready_impl(
@@ -93,16 +105,10 @@ fn model_ready_impl(
 
 pub async fn model_ready(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    Path(p): Path<ModelPath>,
 ) -> Result<Response, ApiError> {
-    model_ready_impl(&state, model_name(&model)?, None)
-}
-
-pub async fn model_ready_version(
-    State(state): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
-) -> Result<Response, ApiError> {
-    model_ready_impl(&state, model_name(&model)?, Some(parse_version(&version)?))
+    let (model, version) = p.parse()?;
+    model_ready_impl(&state, model, version)
 }
 
 #[derive(Deserialize)]
@@ -136,41 +142,20 @@ struct RequestedOutput {
 
 pub async fn infer(
     State(state): State<AppState>,
-    Path(model): Path<String>,
+    Path(p): Path<ModelPath>,
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    model_name(&model)?;
+    let (model, version) = p.parse()?;
     let body = super::read_body(&state, &headers, body).await?;
-    let path = format!("/v2/models/{model}/infer");
+    let path = match version {
+        Some(v) => format!("/v2/models/{model}/versions/{v}/infer"),
+        None => format!("/v2/models/{model}/infer"),
+    };
     super::serve_inference(
         &state,
-        &model,
-        None,
-        None,
-        super::Verb::V2Infer,
-        axum::http::Method::POST,
-        &path,
-        headers,
-        body,
-    )
-    .await
-}
-
-pub async fn infer_version(
-    State(state): State<AppState>,
-    Path((model, version)): Path<(String, String)>,
-    headers: HeaderMap,
-    body: axum::body::Body,
-) -> Result<Response, ApiError> {
-    model_name(&model)?;
-    let version = parse_version(&version)?;
-    let body = super::read_body(&state, &headers, body).await?;
-    let path = format!("/v2/models/{model}/versions/{version}/infer");
-    super::serve_inference(
-        &state,
-        &model,
-        Some(version),
+        model,
+        version,
         None,
         super::Verb::V2Infer,
         axum::http::Method::POST,
@@ -184,7 +169,7 @@ pub async fn infer_version(
 /// Warm-up entry point (see `api::warmup_hook`).
 pub(super) async fn warm_infer(
     state: &AppState,
-    s: &Servable,
+    s: &ModelVersion,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
@@ -193,7 +178,7 @@ pub(super) async fn warm_infer(
 
 pub(super) async fn infer_resolved(
     state: &AppState,
-    s: &Servable,
+    s: &ModelVersion,
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
@@ -426,10 +411,9 @@ fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiErro
 /// with `READY` or `UNAVAILABLE` (and why).
 pub async fn repository_index(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: super::Admin,
 ) -> Result<Response, ApiError> {
-    super::check_admin(&state, &headers)?;
-    let admin = super::is_admin(&state, &headers);
+    let admin = admin.full_errors;
     let mut out = Vec::new();
     for (name, versions, _) in state.registry.list() {
         for v in versions {
@@ -449,15 +433,10 @@ pub async fn repository_index(
 pub async fn repository_load(
     State(state): State<AppState>,
     Path(model): Path<String>,
-    headers: HeaderMap,
+    _admin: super::Admin,
 ) -> Result<Response, ApiError> {
     model_name(&model)?;
-    super::check_admin(&state, &headers)?;
-    state
-        .manager
-        .load_model(&model)
-        .await
-        .map_err(super::manage_error)?;
+    state.manager.load_model(&model).await?;
     Ok(axum::Json(json!({})).into_response())
 }
 
@@ -465,13 +444,9 @@ pub async fn repository_load(
 pub async fn repository_unload(
     State(state): State<AppState>,
     Path(model): Path<String>,
-    headers: HeaderMap,
+    _admin: super::Admin,
 ) -> Result<Response, ApiError> {
     model_name(&model)?;
-    super::check_admin(&state, &headers)?;
-    state
-        .manager
-        .unload_model(&model)
-        .map_err(super::manage_error)?;
+    state.manager.unload_model(&model).await?;
     Ok(axum::Json(json!({})).into_response())
 }
