@@ -38,3 +38,6 @@ pub mod routing;
 pub mod server;
 pub mod tensor;
 pub mod wit;
+
+#[cfg(test)]
+mod layout_tests;

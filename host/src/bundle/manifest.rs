@@ -1,0 +1,281 @@
+//! The manifest's schema: the types `bundle.toml` parses into (unknown fields are errors
+//! that name them), their defaults, and [`parse_manifest`], whose error names the line.
+//!
+//! Parsing only: the rules a parsed manifest must follow are `checks`'.
+
+use crate::tensor::DType;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// The parsed `bundle.toml`. Unknown fields are errors that name them.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub bundle: BundleInfo,
+    pub model: Option<ModelSpec>,
+    pub batching: Option<BatchingSpec>,
+    pub handler: Option<PluginSpec>,
+    /// An endpoint bundle: variants behind a router, no model.
+    pub endpoint: Option<EndpointSpec>,
+    #[serde(default)]
+    pub variants: Vec<VariantSpec>,
+    pub router: Option<PluginSpec>,
+}
+
+/// `[endpoint]` of an endpoint bundle.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// The header whose value is the routing key (sticky routing), e.g. `x-user-id`.
+    #[serde(default)]
+    pub routing_key_header: Option<String>,
+    /// What happens when the router traps, overruns its budget or names an unknown
+    /// variant: serve the default variant (`fail-open`) or answer 503 (`fail-closed`).
+    #[serde(default)]
+    pub on_router_error: RouterErrorPolicy,
+    /// The variant that answers when the router fails open, and whose model answers the
+    /// endpoint's metadata and ready routes. Default: the first variant.
+    #[serde(default)]
+    pub default_variant: Option<String>,
+    /// The window of the live stats handed to the router, ms.
+    #[serde(default = "default_stats_window_ms")]
+    pub stats_window_ms: u64,
+}
+
+fn default_stats_window_ms() -> u64 {
+    10_000
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RouterErrorPolicy {
+    #[default]
+    FailOpen,
+    FailClosed,
+}
+
+impl RouterErrorPolicy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouterErrorPolicy::FailOpen => "fail-open",
+            RouterErrorPolicy::FailClosed => "fail-closed",
+        }
+    }
+}
+
+/// One `[[variants]]` entry: a model, optionally pinned to a version or a label.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    /// The name the router sees; default: the model name. Two variants of one model
+    /// (e.g. its `stable` and `canary` labels) need names of their own.
+    #[serde(default)]
+    pub name: Option<String>,
+    pub model: String,
+    #[serde(default)]
+    pub version: Option<u64>,
+    #[serde(default)]
+    pub label: Option<String>,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl VariantSpec {
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.model)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleInfo {
+    /// `[A-Za-z0-9][A-Za-z0-9._-]*`, at most 128 characters (`names::valid_name`).
+    pub name: String,
+    /// A positive integer, monotonic per name.
+    pub version: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Torchscript,
+    Tensorflow,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    pub backend: BackendKind,
+    /// Relative to the bundle root, e.g. `model/model.pt`.
+    pub path: String,
+    #[serde(default = "default_device")]
+    pub device: String,
+    #[serde(default)]
+    pub inputs: Vec<TensorSpec>,
+    #[serde(default)]
+    pub outputs: Vec<TensorSpec>,
+}
+
+fn default_device() -> String {
+    "auto".to_string()
+}
+
+/// A named tensor of the model's signature; `-1` in `shape` is any size (dim 0 is the
+/// batch dimension).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<i64>,
+}
+
+/// TF Serving's batching parameters (see `docs/bundle.md`), used by `batching`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchingSpec {
+    pub max_batch_size: u32,
+    #[serde(default)]
+    pub batch_timeout_micros: u64,
+    #[serde(default)]
+    pub allowed_batch_sizes: Vec<u32>,
+    #[serde(default = "default_max_enqueued")]
+    pub max_enqueued_batches: u32,
+    /// Batches run at once. Absent: chosen by the server at load (1, or one per core for a
+    /// compute-bound model on the CPU; `backend::threading`).
+    #[serde(default)]
+    pub num_batch_threads: Option<u32>,
+}
+
+fn default_max_enqueued() -> u32 {
+    64
+}
+
+/// A plugin section (`[handler]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginSpec {
+    /// Relative to the bundle root, e.g. `plugins/handler.wasm`.
+    pub path: String,
+    /// Values handed to the plugin through `host.config`; scalars are turned into strings.
+    #[serde(default, deserialize_with = "scalar_map")]
+    pub config: BTreeMap<String, String>,
+    #[serde(default)]
+    pub limits: PluginLimits,
+}
+
+/// The plugin's own budget per request.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginLimits {
+    /// Linear memory cap, MiB.
+    #[serde(default = "default_memory_mib")]
+    pub memory_mib: u64,
+    /// Guest CPU time, ms: counted only while plugin code runs (not during `compute`).
+    #[serde(default = "default_cpu_ms")]
+    pub cpu_ms: u64,
+    /// Host memory the plugin's wasi-nn resources may hold at once (the tensors it
+    /// creates, a model's outputs), MiB. Default: `memory_mib`.
+    #[serde(default)]
+    pub host_memory_mib: Option<u64>,
+}
+
+impl PluginLimits {
+    /// `host_memory_mib`, or its default.
+    pub fn host_memory_mib(&self) -> u64 {
+        self.host_memory_mib.unwrap_or(self.memory_mib)
+    }
+}
+
+impl Default for PluginLimits {
+    fn default() -> Self {
+        PluginLimits {
+            memory_mib: default_memory_mib(),
+            cpu_ms: default_cpu_ms(),
+            host_memory_mib: None,
+        }
+    }
+}
+
+fn default_memory_mib() -> u64 {
+    64
+}
+fn default_cpu_ms() -> u64 {
+    100
+}
+
+fn scalar_map<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw: BTreeMap<String, toml::Value> = BTreeMap::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| {
+            let s = match v {
+                toml::Value::String(s) => s,
+                toml::Value::Integer(i) => i.to_string(),
+                toml::Value::Float(f) => f.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(serde::de::Error::custom(format!(
+                        "config value `{k}` must be a string, number or boolean, got {}",
+                        other.type_str()
+                    )))
+                }
+            };
+            Ok((k, s))
+        })
+        .collect()
+}
+
+/// Where a model runs, from the manifest's `device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    /// CUDA device 0 when available, else CPU.
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceSpec {
+    pub fn parse(s: &str) -> Result<DeviceSpec, String> {
+        match s {
+            "auto" => Ok(DeviceSpec::Auto),
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| format!("device {s:?} is not one of auto, cpu, cuda, cuda:N")),
+        }
+    }
+}
+
+/// Parses a manifest; the error names the field and line, as the TOML parser reports.
+/// The most bytes one input of one batch may take, checked at validation (the largest
+/// batch, `max_batch_size` rows, is also what a version warms up with). 1 GiB holds, for
+/// example, 1,365 RGB images of 224x224 or 341 of 512x512 in fp32.
+pub const MAX_BATCH_INPUT_BYTES: usize = 1 << 30;
+
+pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
+    toml::from_str(text).map_err(|e| {
+        // One line that names the place: the parser's own rendering spans several, with
+        // the source line and a caret under it.
+        let line = e.span().map(|s| {
+            text.as_bytes()[..s.start.min(text.len())]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count()
+                + 1
+        });
+        let message = e.message().trim_end().replace('\n', " ");
+        match line {
+            Some(n) => format!("bundle.toml line {n}: {message}"),
+            None => format!("bundle.toml: {message}"),
+        }
+    })
+}
