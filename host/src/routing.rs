@@ -16,8 +16,9 @@
 
 use crate::bundle::{Bundle, EndpointSpec, RouterErrorPolicy, VariantSpec};
 use crate::metrics::Metrics;
-use crate::plugin::{PluginError, PluginRuntime, RouterPlugin};
-use crate::wit::router as wr;
+use crate::plugin::{
+    PluginError, PluginRuntime, RouteRequest, RouteVariant, RouterPlugin, VariantStats as Figures,
+};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -128,12 +129,12 @@ pub async fn route<T: Clone>(
         )));
     }
     let window = Duration::from_millis(endpoint.spec.stats_window_ms);
-    let variants: Vec<wr::Variant> = available
+    let variants: Vec<RouteVariant> = available
         .iter()
         .map(|c| {
             let v = c.variant;
             let stats = book.get(&endpoint.name, v.name(), window);
-            wr::Variant {
+            RouteVariant {
                 name: v.name().to_string(),
                 model: v.model.clone(),
                 version: c.version,
@@ -149,7 +150,7 @@ pub async fn route<T: Clone>(
             .find(|(k, _)| k.eq_ignore_ascii_case(h))
             .map(|(_, v)| v.clone())
     });
-    let request = wr::RequestMeta {
+    let request = RouteRequest {
         method: meta.method,
         path: meta.path,
         headers: meta.headers,
@@ -339,7 +340,7 @@ impl VariantStats {
     }
 
     /// The figures handed to a router.
-    pub fn snapshot(&self, queue_depth: usize) -> wr::VariantStats {
+    pub fn snapshot(&self, queue_depth: usize) -> Figures {
         let now = self.slot_index();
         let slots = self.slots.lock().unwrap();
         let mut hist = [0u64; BUCKETS];
@@ -355,7 +356,7 @@ impl VariantStats {
             }
         }
         drop(slots);
-        wr::VariantStats {
+        Figures {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             queue_depth: queue_depth.min(u32::MAX as usize) as u32,
             requests: count,

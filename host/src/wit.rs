@@ -1,6 +1,9 @@
-//! Host bindings generated from `wit/` (world `nnserve:plugin/handler`, which imports the
-//! standard `wasi:nn@0.2.0-rc-2024-10-28`). The rest of the crate talks to these types
-//! only through `nn` (wasi-nn resources) and `plugin` (the handler export and `host`).
+//! Host bindings generated from `wit/`: the world `nnserve:plugin/handler` (which imports
+//! the standard `wasi:nn@0.2.0-rc-2024-10-28`) and the router world. Only `plugin` (the
+//! exports and the `host` interface) and `nn` (the wasi-nn resources) use these types;
+//! `api` and `routing` talk to plugins through `plugin`'s hand-written types
+//! (`plugin::HttpRequest`, `plugin::RouteVariant`, ...). Generated code only: nothing
+//! here is written by hand but the bindgen options.
 
 wasmtime::component::bindgen!({
     world: "nnserve:plugin/handler",

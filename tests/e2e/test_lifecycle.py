@@ -170,3 +170,24 @@ def test_refused_uploads_keep_a_bounded_history(tmp_path):
         assert r.status_code == 200 and r.headers["x-nnserve-variant"] == "mlp@2"
     finally:
         stop_server(s)
+
+
+def test_an_upload_to_an_unloaded_model_is_stored_not_served(tmp_path):
+    """The upload path goes through the same reconcile as every other trigger: after
+    Triton's unload, an upload is stored but serves only once the model is loaded again
+    (the upload path used to publish it whatever the model's state)."""
+    tmp, repo = two_versions(tmp_path)
+    s = start_server(repo, tmp, "--config", write(tmp_path, "poll_interval_ms = 0\n"))
+    try:
+        assert requests.post(f"{s.url}/v2/repository/models/mlp/unload").status_code == 200
+        archive = pack(mlp_bundle(tmp, 3, seed=3), os.path.join(tmp, "mlp-3.tar.gz"))
+        r = requests.post(f"{s.url}/v1/models/mlp/versions", data=archive)
+        assert r.status_code == 201, r.text
+        assert r.json()["state"] == "END" and "unloaded" in r.json()["note"], r.text
+        r = requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW})
+        assert r.status_code == 503, r.text
+        assert requests.post(f"{s.url}/v2/repository/models/mlp/load").status_code == 200
+        r = requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": ROW})
+        assert r.status_code == 200 and r.headers["x-nnserve-variant"] == "mlp@3", r.text
+    finally:
+        stop_server(s)

@@ -118,7 +118,7 @@ impl From<InferError> for ApiError {
 
 impl From<PluginError> for ApiError {
     fn from(e: PluginError) -> Self {
-        use crate::wit::ErrorCode;
+        use crate::plugin::GuestCode as ErrorCode;
         let msg = e.to_string();
         match e {
             PluginError::Guest(g) => match g.code {

@@ -6,7 +6,6 @@ use super::codec::{self, tensor_from_json, write_json};
 use super::{infer_within, ApiError, AppState, Verb};
 use crate::lifecycle::ModelVersion;
 use crate::tensor::Tensor;
-use crate::wit;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -364,7 +363,7 @@ pub(super) async fn plugin_infer(
         ))
     })?;
     let deadline = state.deadline(&headers)?;
-    let request = wit::Request {
+    let request = crate::plugin::HttpRequest {
         method: method.to_string(),
         path: format!("/v1/models/{rest}"),
         content_type: headers
@@ -397,7 +396,11 @@ const HOST_OWNED_HEADERS: &[&str] = &[
 /// connection in another protocol's state), valid header names and values, and no
 /// header the host owns ([`HOST_OWNED_HEADERS`], `proxy-*`). A plugin that breaks these
 /// rules gets a 500 that names it and the rule.
-fn plugin_response(state: &AppState, plugin: &str, r: wit::Response) -> Result<Response, ApiError> {
+fn plugin_response(
+    state: &AppState,
+    plugin: &str,
+    r: crate::plugin::HttpResponse,
+) -> Result<Response, ApiError> {
     let refuse = |what: String| {
         ApiError::Internal(format!(
             "plugin {plugin} answered with {what}; plugins answer statuses 200-599 with valid header names and values (docs/plugins.md)"

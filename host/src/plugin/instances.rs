@@ -5,6 +5,7 @@
 //!
 //! It must not reach into HTTP: `api` maps [`PluginError`] to statuses.
 
+use super::calls::{Decision, GuestError, HttpRequest, HttpResponse, RouteRequest, RouteVariant};
 use super::host::{HostInfo, LogBudget, PluginState};
 use super::limits::{ticks, CpuMeter, Limiter, MemoryCapReached, Next, Ticker, TICK, YIELD_TICKS};
 use crate::bundle::PluginLimits;
@@ -20,7 +21,7 @@ use wasmtime_wasi::WasiCtx;
 #[derive(Debug)]
 pub enum PluginError {
     /// The plugin answered with an error of its own.
-    Guest(wit::Error),
+    Guest(GuestError),
     /// The plugin trapped (panic, out-of-bounds, memory cap, ...).
     Trap { plugin: String, message: String },
     /// The plugin's own CPU budget ran out.
@@ -34,7 +35,7 @@ pub enum PluginError {
     /// The plugin answered "unavailable" after its model's queue refused a `compute`
     /// (wasi-nn has no "busy" code: the host sends `timeout`, the SDK makes it
     /// `unavailable`): the client gets the 429 a full queue gives on the tensor APIs.
-    Overloaded(wit::Error),
+    Overloaded(GuestError),
 }
 
 impl std::fmt::Display for PluginError {
@@ -224,11 +225,13 @@ impl RouterPlugin {
     /// Asks the router for a decision within its CPU budget and `deadline`.
     pub async fn route(
         &self,
-        meta: &wit::router::RequestMeta,
-        variants: &[wit::router::Variant],
+        meta: &RouteRequest,
+        variants: &[RouteVariant],
         deadline: Duration,
-    ) -> Result<wit::router::Decision, PluginError> {
+    ) -> Result<Decision, PluginError> {
         let c = &self.common;
+        let meta = wit::router::RequestMeta::from(meta);
+        let variants: Vec<wit::router::Variant> = variants.iter().map(Into::into).collect();
         c.within(deadline, async {
             let reused = self.idle.lock().unwrap().pop();
             let (mut store, instance) = match reused {
@@ -246,14 +249,14 @@ impl RouterPlugin {
                     (store, instance)
                 }
             };
-            let decision = instance.call_route(&mut store, meta, variants).await;
+            let decision = instance.call_route(&mut store, &meta, &variants).await;
             store.data_mut().flush_log();
             let decision = decision.map_err(|e| c.trap(&store, e))?;
             let mut idle = self.idle.lock().unwrap();
             if idle.len() < ROUTER_IDLE {
                 idle.push((store, instance));
             }
-            Ok(decision)
+            Ok(decision.into())
         })
         .await
     }
@@ -268,9 +271,10 @@ impl Plugin {
     /// request's `deadline`.
     pub async fn handle(
         &self,
-        request: wit::Request,
+        request: HttpRequest,
         deadline: Duration,
-    ) -> Result<wit::Response, PluginError> {
+    ) -> Result<HttpResponse, PluginError> {
+        let request = wit::Request::from(request);
         let c = &self.common;
         c.within(deadline, async {
             let nn = NnCtx::new(
@@ -288,13 +292,13 @@ impl Plugin {
             let result = instance.call_handle(&mut store, &request).await;
             store.data_mut().flush_log();
             match result {
-                Ok(Ok(response)) => Ok(response),
+                Ok(Ok(response)) => Ok(response.into()),
                 Ok(Err(e))
                     if e.code == wit::ErrorCode::Unavailable && store.data().nn.overloaded =>
                 {
-                    Err(PluginError::Overloaded(e))
+                    Err(PluginError::Overloaded(e.into()))
                 }
-                Ok(Err(guest_error)) => Err(PluginError::Guest(guest_error)),
+                Ok(Err(guest_error)) => Err(PluginError::Guest(guest_error.into())),
                 Err(e) => Err(c.trap(&store, e)),
             }
         })

@@ -17,7 +17,9 @@
 //! - `engine`: the `Engine`, the `Linker` and its grants, compiling and checking a component;
 //! - `limits`: the memory cap, the CPU meter and the epoch ticker;
 //! - `host`: the store's state and the `host` interface (log, config, assets);
-//! - `instances`: handler and router plugins serving calls, and [`PluginError`].
+//! - `instances`: handler and router plugins serving calls, and [`PluginError`];
+//! - `calls`: the small types `api` and `routing` exchange with plugins ([`HttpRequest`],
+//!   [`RouteVariant`], [`Decision`], ...): the generated WIT types stay in here.
 //!
 //! The server-wide [`MemoryPool`] lives in `nn`, whose host memory it also charges, so that
 //! `nn` never reaches up into `plugin`; it is re-exported here.
@@ -26,11 +28,16 @@
 //! registry of loaded versions (`lifecycle`) or into routing policy (`routing`): it runs
 //! the components it is given.
 
+mod calls;
 mod engine;
 mod host;
 mod instances;
 mod limits;
 
+pub use self::calls::{
+    Decision, GuestCode, GuestError, HttpRequest, HttpResponse, RouteRequest, RouteVariant,
+    VariantStats,
+};
 pub use self::engine::{
     describe, initial_memory_bytes, refused_imports, ComponentInfo, PluginRuntime, RuntimeConfig,
     INITIAL_MEMORY_FLAG, SMALL_INITIAL_MEMORY,
