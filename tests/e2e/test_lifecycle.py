@@ -107,6 +107,8 @@ def test_deleting_the_serving_version_hands_over_without_a_503_with_polling_off(
     s = start_server(repo, tmp, "--config", write(tmp_path, "poll_interval_ms = 0\n"))
     try:
         assert {v: x["state"] for v, x in versions(s).items()} == {"2": "AVAILABLE"}
+        # A version copied in by hand gets the record an upload writes, once it loads.
+        assert versions(s)["2"]["digest"].startswith("sha256:"), versions(s)
         load = Load(s)
         time.sleep(0.3)
         r = requests.delete(f"{s.url}/v1/models/mlp/versions/2")

@@ -111,6 +111,7 @@ impl Manager {
         let stored: BTreeSet<u64> = st.admitted.difference(&st.deleting).copied().collect();
         let policy = self.policies.get(model);
         let mut report = LoadReport::default();
+        let arrival_version = arrival.as_ref().map(|a| a.version());
         let want = loop {
             let labelled: BTreeSet<u64> = self.registry.labels(model).into_values().collect();
             let failed: BTreeSet<u64> = st.failed.keys().copied().collect();
@@ -138,8 +139,19 @@ impl Manager {
                     loaded
                 }
             };
+            let from_source = arrival_version != Some(version);
             match loaded {
-                Ok(servable) => self.registry.publish(servable),
+                Ok(servable) => {
+                    self.registry.publish(servable);
+                    if from_source {
+                        // A version copied in by hand gets the record an upload writes.
+                        let (source, model) = (self.source.clone(), model.to_string());
+                        let _ = tokio::task::spawn_blocking(move || {
+                            source.ensure_meta(&model, version, &entry.dir)
+                        })
+                        .await;
+                    }
+                }
                 Err(e) => {
                     let msg = e.to_string();
                     tracing::warn!(model, version, "version failed to load: {msg}");
