@@ -157,7 +157,7 @@ pub async fn route<T: Clone>(
         routing_key,
     };
     let started = Instant::now();
-    let decision = endpoint.router.route(&request, &variants, deadline).await;
+    let decision = endpoint.router.route(request, variants, deadline).await;
     metrics.router_call(&endpoint.name, started.elapsed());
 
     let find = |name: &str| {

@@ -121,25 +121,25 @@ impl From<wit::Error> for GuestError {
     }
 }
 
-impl From<&RouteRequest> for wit::router::RequestMeta {
-    fn from(r: &RouteRequest) -> Self {
+impl From<RouteRequest> for wit::router::RequestMeta {
+    fn from(r: RouteRequest) -> Self {
         wit::router::RequestMeta {
-            method: r.method.clone(),
-            path: r.path.clone(),
-            headers: r.headers.clone(),
-            routing_key: r.routing_key.clone(),
+            method: r.method,
+            path: r.path,
+            headers: r.headers,
+            routing_key: r.routing_key,
         }
     }
 }
 
-impl From<&RouteVariant> for wit::router::Variant {
-    fn from(v: &RouteVariant) -> Self {
+impl From<RouteVariant> for wit::router::Variant {
+    fn from(v: RouteVariant) -> Self {
         let s = v.stats;
         wit::router::Variant {
-            name: v.name.clone(),
-            model: v.model.clone(),
+            name: v.name,
+            model: v.model,
             version: v.version,
-            label: v.label.clone(),
+            label: v.label,
             weight: v.weight,
             stats: wit::router::VariantStats {
                 in_flight: s.in_flight,

@@ -225,13 +225,13 @@ impl RouterPlugin {
     /// Asks the router for a decision within its CPU budget and `deadline`.
     pub async fn route(
         &self,
-        meta: &RouteRequest,
-        variants: &[RouteVariant],
+        meta: RouteRequest,
+        variants: Vec<RouteVariant>,
         deadline: Duration,
     ) -> Result<Decision, PluginError> {
         let c = &self.common;
         let meta = wit::router::RequestMeta::from(meta);
-        let variants: Vec<wit::router::Variant> = variants.iter().map(Into::into).collect();
+        let variants: Vec<wit::router::Variant> = variants.into_iter().map(Into::into).collect();
         c.within(deadline, async {
             let reused = self.idle.lock().unwrap().pop();
             let (mut store, instance) = match reused {
