@@ -57,7 +57,7 @@ $(STAMPS)/venv: scripts/requirements.txt
 	@touch $@
 
 build: $(STAMPS)/venv
-	@echo "== Release build of the server (cold: several minutes on 2 cores)"
+	@echo "== Release build of the server (cold: several minutes on 2 cores; the TensorFlow backend is a default feature)"
 	cargo build --release -p nnserve
 
 plugins: $(STAMPS)/wasm-target $(DIGITS_WASM) $(ROUTER_WASM)
@@ -71,11 +71,17 @@ $(DIGITS_WASM) $(ROUTER_WASM) &: $(RUST_SRC) | $(STAMPS)/wasm-target
 	cp $(WASM_DIR)/image_classifier.wasm $(DIGITS_WASM)
 	cp $(WASM_DIR)/weighted_router.wasm $(ROUTER_WASM)
 
-models: $(MODELS)
+TF_MODELS   := $(REPO)/tf-mlp/1/model/saved_model/saved_model.pb
+
+models: $(MODELS) $(TF_MODELS)
 
 $(MODELS) &: examples/make_models.py examples/digits_data.py $(STAMPS)/venv
 	@echo "== Example models (seeded; digits is trained here)"
 	$(PY) examples/make_models.py --repository $(REPO)
+
+$(TF_MODELS) &: examples/make_tf_models.py $(STAMPS)/venv
+	@echo "== TensorFlow example models (seeded SavedModels)"
+	$(PY) examples/make_tf_models.py --repository $(REPO)
 
 run: setup
 	$(NNSERVE) serve --repository $(REPO) --listen $(LISTEN)

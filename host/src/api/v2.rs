@@ -54,7 +54,11 @@ fn metadata(state: &AppState, model: &str, version: Option<u64>) -> Result<Respo
     Ok(axum::Json(json!({
         "name": s.name(),
         "versions": versions,
-        "platform": "pytorch_libtorch",
+        // Triton's platform names.
+        "platform": match spec.backend {
+            crate::bundle::BackendKind::Torchscript => "pytorch_libtorch",
+            crate::bundle::BackendKind::Tensorflow => "tensorflow_savedmodel",
+        },
         "inputs": list(&spec.inputs),
         "outputs": list(&spec.outputs),
     }))

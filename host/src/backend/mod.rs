@@ -3,6 +3,8 @@
 //! A backend knows tensors, files and devices; it knows nothing of HTTP, Wasm, names
 //! of models or batching. `nn` drives it.
 
+#[cfg(feature = "tensorflow")]
+pub mod tensorflow;
 pub mod torch;
 
 use crate::bundle::{BackendKind, Bundle, DeviceSpec};
@@ -20,6 +22,12 @@ pub trait Model: Send + Sync {
 
     /// Intra-op threads for this model's forwards from now on.
     fn set_threads(&self, _threads: IntraOp) {}
+
+    /// The intra-op threads it uses whatever it is told, when they are fixed at load
+    /// (TensorFlow sizes its pools per session): what the status then reports.
+    fn fixed_intra_op(&self) -> Option<IntraOp> {
+        None
+    }
 }
 
 /// libtorch intra-op threads per forward of a version.
@@ -121,8 +129,24 @@ pub fn cores() -> usize {
 /// The batch-1 forward time from which a version gets more than one intra-op thread.
 pub const PARALLEL_FROM: std::time::Duration = std::time::Duration::from_millis(1);
 
+/// A loaded model, and for a backend that knows its own signature (TensorFlow) the
+/// inputs and outputs it read from it (checked against the manifest's when given).
+pub struct Loaded {
+    pub model: Arc<dyn Model>,
+    pub signature: Option<(
+        Vec<crate::bundle::TensorSpec>,
+        Vec<crate::bundle::TensorSpec>,
+    )>,
+}
+
+/// Prepares the process for the backends; call first in `main`, before any thread.
+pub fn prepare_process() {
+    #[cfg(feature = "tensorflow")]
+    tensorflow::prepare_process();
+}
+
 /// Loads the model of a bundle. Blocking: call it off the async runtime.
-pub fn load(bundle: &Bundle) -> anyhow::Result<Arc<dyn Model>> {
+pub fn load(bundle: &Bundle) -> anyhow::Result<Loaded> {
     let spec = bundle
         .manifest
         .model
@@ -131,14 +155,38 @@ pub fn load(bundle: &Bundle) -> anyhow::Result<Arc<dyn Model>> {
     let device = DeviceSpec::parse(&spec.device).map_err(anyhow::Error::msg)?;
     let output_names = spec.outputs.iter().map(|o| o.name.clone()).collect();
     match spec.backend {
-        BackendKind::Torchscript => Ok(Arc::new(torch::TorchModel::load(
-            &bundle.file(&spec.path),
-            device,
-            output_names,
-        )?)),
+        BackendKind::Torchscript => Ok(Loaded {
+            model: Arc::new(torch::TorchModel::load(
+                &bundle.file(&spec.path),
+                device,
+                output_names,
+            )?),
+            signature: None,
+        }),
+        #[cfg(feature = "tensorflow")]
         BackendKind::Tensorflow => {
-            anyhow::bail!("the tensorflow backend is not part of this build yet")
+            if !matches!(device, DeviceSpec::Auto | DeviceSpec::Cpu) {
+                anyhow::bail!(
+                    "model.device {:?}: the tensorflow backend of this build runs on the CPU only (device = \"cpu\" or \"auto\")",
+                    spec.device
+                );
+            }
+            let (model, sig) = tensorflow::TfModel::load(
+                &bundle.file(&spec.path),
+                &spec.tags(),
+                spec.signature(),
+                (&spec.inputs, &spec.outputs),
+                fixed_threads().unwrap_or_else(cores),
+            )?;
+            Ok(Loaded {
+                model: Arc::new(model),
+                signature: Some((sig.inputs, sig.outputs)),
+            })
         }
+        #[cfg(not(feature = "tensorflow"))]
+        BackendKind::Tensorflow => anyhow::bail!(
+            "this nnserve was built without the tensorflow feature; build it with `cargo build --release --features tensorflow`"
+        ),
     }
 }
 

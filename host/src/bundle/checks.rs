@@ -32,10 +32,21 @@ impl Manifest {
                 if let Err(e) = DeviceSpec::parse(&m.device) {
                     r.push(format!("model.device: {e}"));
                 }
-                if m.backend == BackendKind::Tensorflow {
+                if m.backend == BackendKind::Tensorflow && !cfg!(feature = "tensorflow") {
                     r.push(
-                        "model.backend \"tensorflow\" is not available in this build yet; use \"torchscript\""
+                        "model.backend \"tensorflow\": this nnserve was built without the tensorflow feature; \
+                         build it with `cargo build --release --features tensorflow` (make setup does)"
                             .to_string(),
+                    );
+                }
+                if m.path.is_empty() {
+                    r.push("model.path is required (the model file in the bundle)".to_string());
+                }
+                if m.backend != BackendKind::Tensorflow
+                    && (m.tags.is_some() || m.signature.is_some())
+                {
+                    r.push(
+                        "model.tags and model.signature belong to a tensorflow model".to_string(),
                     );
                 }
                 for (kind, list) in [("inputs", &m.inputs), ("outputs", &m.outputs)] {
@@ -55,7 +66,10 @@ impl Manifest {
                         }
                     }
                 }
-                if m.inputs.is_empty() && self.handler.is_none() {
+                if m.inputs.is_empty()
+                    && self.handler.is_none()
+                    && m.backend != BackendKind::Tensorflow
+                {
                     r.push(
                         "model.inputs is empty: the tensor APIs need the model's inputs (name, dtype, shape)"
                             .to_string(),

@@ -110,15 +110,42 @@ pub enum BackendKind {
 #[serde(deny_unknown_fields)]
 pub struct ModelSpec {
     pub backend: BackendKind,
-    /// Relative to the bundle root, e.g. `model/model.pt`.
+    /// Relative to the bundle root, e.g. `model/model.pt`; for `tensorflow` the SavedModel
+    /// directory, `model/saved_model` when left out.
+    #[serde(default)]
     pub path: String,
     #[serde(default = "default_device")]
     pub device: String,
+    /// The model's inputs; for `tensorflow` they may be left out and are then read from
+    /// the signature (and checked against it when given).
     #[serde(default)]
     pub inputs: Vec<TensorSpec>,
     #[serde(default)]
     pub outputs: Vec<TensorSpec>,
+    /// `tensorflow`: the SavedModel's tag set (default `["serve"]`).
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+    /// `tensorflow`: the signature served (default `serving_default`).
+    #[serde(default)]
+    pub signature: Option<String>,
 }
+
+impl ModelSpec {
+    /// The SavedModel's tags.
+    pub fn tags(&self) -> Vec<String> {
+        self.tags
+            .clone()
+            .unwrap_or_else(|| vec!["serve".to_string()])
+    }
+
+    /// The signature served.
+    pub fn signature(&self) -> &str {
+        self.signature.as_deref().unwrap_or("serving_default")
+    }
+}
+
+/// Where a TensorFlow bundle's SavedModel is when `model.path` is left out.
+pub const DEFAULT_SAVED_MODEL: &str = "model/saved_model";
 
 fn default_device() -> String {
     "auto".to_string()
@@ -262,7 +289,7 @@ impl DeviceSpec {
 pub const MAX_BATCH_INPUT_BYTES: usize = 1 << 30;
 
 pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
-    toml::from_str(text).map_err(|e| {
+    let mut manifest: Manifest = toml::from_str(text).map_err(|e| {
         // One line that names the place: the parser's own rendering spans several, with
         // the source line and a caret under it.
         let line = e.span().map(|s| {
@@ -277,5 +304,11 @@ pub fn parse_manifest(text: &str) -> Result<Manifest, String> {
             Some(n) => format!("bundle.toml line {n}: {message}"),
             None => format!("bundle.toml: {message}"),
         }
-    })
+    })?;
+    if let Some(m) = manifest.model.as_mut() {
+        if m.path.is_empty() && m.backend == BackendKind::Tensorflow {
+            m.path = DEFAULT_SAVED_MODEL.to_string();
+        }
+    }
+    Ok(manifest)
 }

@@ -228,15 +228,20 @@ pub fn load_version(
             bundle, endpoint,
         ))));
     }
-    let Some(spec) = bundle.manifest.model.clone() else {
+    let Some(mut spec) = bundle.manifest.model.clone() else {
         anyhow::bail!("bundle.toml has neither [model] nor [endpoint]");
     };
-    let device = crate::backend::torch::select_device(
-        crate::bundle::DeviceSpec::parse(&spec.device).map_err(anyhow::Error::msg)?,
-    )?;
-    let device = match device {
-        tch::Device::Cuda(n) => format!("cuda:{n}"),
-        _ => "cpu".to_string(),
+    let device = match spec.backend {
+        // TensorFlow runs on the CPU in this build (backend::load refuses a GPU device).
+        crate::bundle::BackendKind::Tensorflow => "cpu".to_string(),
+        crate::bundle::BackendKind::Torchscript => {
+            match crate::backend::torch::select_device(
+                crate::bundle::DeviceSpec::parse(&spec.device).map_err(anyhow::Error::msg)?,
+            )? {
+                tch::Device::Cuda(n) => format!("cuda:{n}"),
+                _ => "cpu".to_string(),
+            }
+        }
     };
     let model_bytes = crate::archive::list_files(&bundle.file(&spec.path))
         .map(|files| files.iter().map(|(_, m)| m.len()).sum())
@@ -255,16 +260,25 @@ pub fn load_version(
         )?),
         None => None,
     };
-    let model = crate::backend::load(&bundle)?;
+    let loaded = crate::backend::load(&bundle)?;
+    if let Some((inputs, outputs)) = loaded.signature {
+        // The signature's own names, dtypes and shapes (checked against the manifest's).
+        spec.inputs = inputs;
+        spec.outputs = outputs;
+    }
+    let model = loaded.model;
     let forward_time = warm_up(model.as_ref(), &spec, bundle.manifest.batching.as_ref())?;
     let batching = bundle.manifest.batching.as_ref();
-    let threading = crate::backend::threading(
+    let mut threading = crate::backend::threading(
         crate::backend::fixed_threads(),
         forward_time,
         batching.and_then(|b| b.num_batch_threads.map(|n| n as usize)),
         device == "cpu",
     );
-    tracing::debug!(model = %entry.model, version = entry.version, ?forward_time, ?threading, "forwards at once and libtorch intra-op threads");
+    if let Some(fixed) = model.fixed_intra_op() {
+        threading.intra_op = fixed;
+    }
+    tracing::debug!(model = %entry.model, version = entry.version, ?forward_time, ?threading, "forwards at once and intra-op threads");
     let runner = Arc::new(Runner::new(
         model,
         spec.inputs.clone(),
