@@ -24,6 +24,7 @@ REPO       := examples/repository
 
 RUST_SRC   := $(shell find host/src sdk plugins tests/plugins wit -type f \( -name '*.rs' -o -name '*.wit' -o -name 'Cargo.toml' \) 2>/dev/null) Cargo.toml host/build.rs host/Cargo.toml .cargo/config.toml
 DIGITS_WASM := $(REPO)/digits/1/plugins/handler.wasm
+DIGITS_TF_WASM := $(REPO)/digits-tf/1/plugins/handler.wasm
 ROUTER_WASM := $(REPO)/mlp-ab/1/plugins/router.wasm
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
                $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
@@ -60,18 +61,20 @@ build: $(STAMPS)/venv
 	@echo "== Release build of the server (cold: several minutes on 2 cores; the TensorFlow backend is a default feature)"
 	cargo build --release -p nnserve
 
-plugins: $(STAMPS)/wasm-target $(DIGITS_WASM) $(ROUTER_WASM)
+plugins: $(STAMPS)/wasm-target $(DIGITS_WASM) $(DIGITS_TF_WASM) $(ROUTER_WASM)
 
 # Every plugin (handlers, routers, test plugins) in one cargo run; the examples get theirs.
-$(DIGITS_WASM) $(ROUTER_WASM) &: $(RUST_SRC) | $(STAMPS)/wasm-target
+$(DIGITS_WASM) $(DIGITS_TF_WASM) $(ROUTER_WASM) &: $(RUST_SRC) | $(STAMPS)/wasm-target
 	@echo "== Plugins for wasm32-wasip2"
 	cargo build $(WASM_FLAGS) -p image-classifier -p imagenet-classifier -p weighted-router \
 		-p canary-router -p bandit-router -p misbehave -p misbehave-router -p forbidden-import
-	@mkdir -p $(dir $(DIGITS_WASM)) $(dir $(ROUTER_WASM))
+	@mkdir -p $(dir $(DIGITS_WASM)) $(dir $(DIGITS_TF_WASM)) $(dir $(ROUTER_WASM))
 	cp $(WASM_DIR)/image_classifier.wasm $(DIGITS_WASM)
+	cp $(WASM_DIR)/image_classifier.wasm $(DIGITS_TF_WASM)
 	cp $(WASM_DIR)/weighted_router.wasm $(ROUTER_WASM)
 
-TF_MODELS   := $(REPO)/tf-mlp/1/model/saved_model/saved_model.pb
+TF_MODELS   := $(REPO)/tf-mlp/1/model/saved_model/saved_model.pb \
+               $(REPO)/digits-tf/1/model/saved_model/saved_model.pb
 
 models: $(MODELS) $(TF_MODELS)
 
@@ -79,8 +82,8 @@ $(MODELS) &: examples/make_models.py examples/digits_data.py $(STAMPS)/venv
 	@echo "== Example models (seeded; digits is trained here)"
 	$(PY) examples/make_models.py --repository $(REPO)
 
-$(TF_MODELS) &: examples/make_tf_models.py $(STAMPS)/venv
-	@echo "== TensorFlow example models (seeded SavedModels)"
+$(TF_MODELS) &: examples/make_tf_models.py examples/digits_data.py $(STAMPS)/venv
+	@echo "== TensorFlow example models (seeded SavedModels; digits-tf is trained here)"
 	$(PY) examples/make_tf_models.py --repository $(REPO)
 
 run: setup

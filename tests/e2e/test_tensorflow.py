@@ -1,8 +1,11 @@
 """TensorFlow SavedModels behind the same APIs as TorchScript: `tf-mlp` (the mlp example's
 twin) answers as TensorFlow itself does in Python over `:predict`, KServe v2 JSON and
-tritonclient's binary tensors; batched and unbatched answers agree; a broken SavedModel, a
-missing signature or a manifest that disagrees with the signature fails to load with its
-reason while the other models serve; a TF hot swap under load drops nothing."""
+tritonclient's binary tensors; `digits-tf` (Keras, `model.export()`) answers through the
+unchanged image-classifier plugin as TF does; a TF Serving directory without bundle.toml
+and a model with two inputs and two outputs are served with the signature's names;
+batched and unbatched answers agree; a broken SavedModel, a missing signature or a
+manifest that disagrees with the signature fails to load with its reason while the other
+models serve; a TF hot swap under load drops nothing."""
 import os
 import shutil
 import threading
@@ -25,6 +28,17 @@ else:
     triton = pytest.importorskip("tritonclient.http")
 
 TF_MLP = os.path.join(EXAMPLES, "tf-mlp", "1")
+DIGITS_TF = os.path.join(EXAMPLES, "digits-tf", "1")
+
+
+class TwoByTwo(tf.Module):
+    """Two inputs of different dtypes, two outputs."""
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 3], tf.float32, name="x"),
+                                  tf.TensorSpec([None, 2], tf.int64, name="k")])
+    def serve(self, x, k):
+        return {"total": tf.reduce_sum(x, axis=1, keepdims=True) * 2.0,
+                "shifted": k + 7}
 
 
 def reference(saved_model, x):
@@ -67,6 +81,14 @@ def tfserver(tmp_path_factory):
               'outputs = [{ name = "output", dtype = "fp32", shape = [-1, 3] }]')
     tf_bundle(repo, "tf-misnamed",
               'inputs = [{ name = "x", dtype = "fp32", shape = [-1, 4] }]')
+    # The Keras digits classifier behind the unchanged image-classifier plugin.
+    shutil.copytree(DIGITS_TF, os.path.join(repo, "digits-tf", "1"))
+    # As TF Serving users have them: <model>/<version>/saved_model.pb, no bundle.toml.
+    shutil.copytree(os.path.join(TF_MLP, "model", "saved_model"), os.path.join(repo, "tfs-mlp", "3"))
+    two = TwoByTwo()
+    two_dir = os.path.join(tmp, "two-by-two")
+    tf.saved_model.save(two, two_dir, signatures={"serving_default": two.serve})
+    shutil.copytree(two_dir, os.path.join(repo, "two-by-two", "1"))
     s = start_server(repo, tmp)
     s.tmp, s.repo = tmp, repo
     yield s
@@ -181,3 +203,77 @@ def test_a_tensorflow_hot_swap_under_load_drops_nothing(tfserver):
     assert failures == [], failures[:3]
     assert all(np.allclose(y, old, atol=1e-5) or np.allclose(y, new, atol=1e-5) for y in seen)
     assert np.allclose(seen[0], old, atol=1e-5) and np.allclose(seen[-1], new, atol=1e-5)
+
+
+def test_a_tf_serving_directory_without_a_manifest_is_served(tfserver):
+    x = rows(3, seed=8)
+    r = requests.post(f"{tfserver.url}/v1/models/tfs-mlp:predict", json={"instances": x.tolist()})
+    assert r.status_code == 200 and r.headers["x-nnserve-variant"] == "tfs-mlp@3", r.text
+    want = reference(os.path.join(TF_MLP, "model", "saved_model"), x)
+    np.testing.assert_allclose(np.array(r.json()["predictions"], dtype=np.float32), want, atol=1e-5)
+    meta = requests.get(f"{tfserver.url}/v1/models/tfs-mlp/metadata").json()
+    sig = meta["metadata"]["signature_def"]["signature_def"]["serving_default"]
+    assert list(sig["inputs"]) == ["input"] and list(sig["outputs"]) == ["output"], sig
+
+
+def test_two_inputs_and_two_outputs_keep_the_signatures_names_and_dtypes(tfserver):
+    x = np.array([[1, 2, 3], [0.5, 0, -1]], dtype=np.float32)
+    k = np.array([[1, 2], [30, 40]], dtype=np.int64)
+    body = {"inputs": [
+        {"name": "x", "shape": [2, 3], "datatype": "FP32", "data": x.ravel().tolist()},
+        {"name": "k", "shape": [2, 2], "datatype": "INT64", "data": k.ravel().tolist()},
+    ]}
+    r = requests.post(f"{tfserver.url}/v2/models/two-by-two/infer", json=body)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert set(out) == {"total", "shifted"}
+    assert out["shifted"]["datatype"] == "INT64" and out["shifted"]["data"] == (k + 7).ravel().tolist()
+    np.testing.assert_allclose(out["total"]["data"], (x.sum(1) * 2).tolist(), atol=1e-6)
+    meta = requests.get(f"{tfserver.url}/v2/models/two-by-two").json()
+    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [("k", "INT64"), ("x", "FP32")]
+    # A dtype the signature does not take is refused with the input named.
+    body["inputs"][1]["datatype"] = "FP32"
+    r = requests.post(f"{tfserver.url}/v2/models/two-by-two/infer", json=body)
+    assert r.status_code == 400 and "'k'" in r.text, r.text
+
+
+class TfReference:
+    """The image-classifier plugin's preprocessing in Python, then TF's own model."""
+
+    def __init__(self, bundle):
+        self.f = tf.saved_model.load(os.path.join(bundle, "model", "saved_model")).signatures["serving_default"]
+        self.labels = open(os.path.join(bundle, "assets", "labels.txt")).read().split("\n")
+
+    def predict(self, image_bytes, k=3):
+        from reference import preprocess
+        x = preprocess(image_bytes).reshape(1, 1, 8, 8)
+        logits = self.f(input=tf.constant(x))["output_0"].numpy()[0].astype(np.float64)
+        e = np.exp(logits - logits.max())
+        scores = (e / e.sum()).astype(np.float32)
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [(self.labels[i], float(scores[i])) for i in order]
+
+
+def test_digits_tf_through_the_unchanged_plugin_answers_as_tensorflow_does(tfserver):
+    import digits_data
+    from test_digits import encode, render
+    (_, _), (x, y) = digits_data.split()
+    ref = TfReference(DIGITS_TF)
+    correct = jpeg_agree = 0
+    with requests.Session() as http:
+        def classify(body):
+            r = http.post(f"{tfserver.url}/v1/models/digits-tf:infer", data=body,
+                          headers={"content-type": "application/octet-stream"})
+            assert r.status_code == 200, r.text
+            return [(p["label"], p["score"]) for p in r.json()["predictions"]]
+
+        for i in range(len(x)):
+            body = encode(render(x[i], i), "PNG")
+            got, want = classify(body), ref.predict(body)
+            assert [l for l, _ in got] == [l for l, _ in want], f"image {i}: {got} != {want}"
+            np.testing.assert_allclose([s for _, s in got], [s for _, s in want], rtol=1e-4, atol=1e-5)
+            correct += got[0][0] == str(y[i])
+            jpeg = encode(render(x[i], i), "JPEG")
+            jpeg_agree += classify(jpeg)[0][0] == ref.predict(jpeg)[0][0]
+    assert correct / len(x) >= 0.9, correct / len(x)
+    assert jpeg_agree / len(x) >= 0.99, f"JPEG top-1 agreement {jpeg_agree}/{len(x)}"

@@ -44,6 +44,39 @@ impl fmt::Display for BundleError {
 
 impl std::error::Error for BundleError {}
 
+/// Whether `dir` holds a version: a `bundle.toml`, or a SavedModel as TF Serving lays one
+/// out (`<model>/<version>/saved_model.pb`, no manifest).
+pub fn is_version_dir(dir: &Path) -> bool {
+    dir.join("bundle.toml").is_file() || dir.join("saved_model.pb").is_file()
+}
+
+/// The manifest of a TF Serving version directory (`<model>/<version>/saved_model.pb`
+/// and no `bundle.toml`): a tensorflow model with every default, its name and version
+/// from the directory names, the SavedModel being the directory itself. `None` when
+/// `dir` has a `bundle.toml` or no `saved_model.pb`.
+fn tf_serving_manifest(dir: &Path) -> Option<Result<String, String>> {
+    if dir.join("bundle.toml").exists() || !dir.join("saved_model.pb").is_file() {
+        return None;
+    }
+    let name_of = |p: Option<&Path>| {
+        p.and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let version = name_of(Some(dir));
+    let model = name_of(dir.parent());
+    let checked = crate::names::check_name("model name", &model)
+        .and_then(|_| crate::names::parse_version(&version));
+    Some(match checked {
+        Ok(v) => Ok(format!(
+            "[bundle]\nname = \"{model}\"\nversion = {v}\n\n[model]\nbackend = \"tensorflow\"\npath = \".\"\n"
+        )),
+        Err(e) => Err(format!(
+            "a SavedModel without bundle.toml is served as TF Serving lays it out, in <model>/<version>/saved_model.pb: {e}"
+        )),
+    })
+}
+
 /// An unpacked bundle whose manifest passed its checks.
 #[derive(Debug, Clone)]
 pub struct Bundle {
@@ -58,8 +91,11 @@ impl Bundle {
             path: dir.to_path_buf(),
             reasons,
         };
-        let text = std::fs::read_to_string(dir.join("bundle.toml"))
-            .map_err(|e| fail(vec![format!("cannot read bundle.toml: {e}")]))?;
+        let text = match tf_serving_manifest(dir) {
+            Some(text) => text.map_err(|e| fail(vec![e]))?,
+            None => std::fs::read_to_string(dir.join("bundle.toml"))
+                .map_err(|e| fail(vec![format!("cannot read bundle.toml: {e}")]))?,
+        };
         let manifest = parse_manifest(&text).map_err(|r| fail(vec![r]))?;
         let mut reasons = manifest.check();
         let mut check_file = |what: &str, rel: &str| match resolve_inside(dir, rel) {

@@ -296,7 +296,7 @@ impl Manager {
             let Some(fp) = LocalSource::fingerprint(&entry.dir) else {
                 continue;
             };
-            if st.pending.get(v) == Some(&fp) && entry.dir.join("bundle.toml").is_file() {
+            if st.pending.get(v) == Some(&fp) && crate::bundle::is_version_dir(&entry.dir) {
                 tracing::info!(model = %entry.model, version = v, "new version in the repository");
                 st.pending.remove(v);
                 st.admitted.insert(*v);
