@@ -21,18 +21,21 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use nnserve::lifecycle::{load_version, Servable};
+use nnserve::lifecycle::loader::load_version;
+use nnserve::lifecycle::{ModelVersion, Servable};
 use nnserve::plugin::{PluginRuntime, RuntimeConfig};
 use nnserve::repository::Entry;
 use nnserve::tensor::Tensor;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn main() -> anyhow::Result<()> {
     // The server's allocator settings, so that the limit is measured as the server runs.
     nnserve::alloc::tune();
+    nnserve::backend::prepare_process();
     let args: Vec<String> = std::env::args().collect();
     match args.get(1).map(String::as_str) {
         Some("inproc") => inproc(
@@ -90,13 +93,21 @@ fn time<F: FnMut()>(n: usize, mut f: F) -> Vec<Duration> {
         .collect()
 }
 
-fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Servable> {
+fn load(repo: &Path, model: &str, rt: &PluginRuntime) -> anyhow::Result<Arc<ModelVersion>> {
     let entry = Entry {
         model: model.into(),
         version: 1,
         dir: repo.join(model).join("1"),
     };
-    load_version(&entry, rt, Default::default, None)
+    model_of(load_version(&entry, rt, Default::default, None)?)
+}
+
+/// The model version of a loaded servable (the benchmarks load models, not endpoints).
+fn model_of(s: Servable) -> anyhow::Result<Arc<ModelVersion>> {
+    match s {
+        Servable::Model(m) => Ok(m),
+        Servable::Endpoint(_) => anyhow::bail!("an endpoint bundle: benchmark a model"),
+    }
 }
 
 fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
@@ -122,7 +133,7 @@ fn inproc(repo: &Path, plugin_only: bool) -> anyhow::Result<()> {
 
 fn mlp_costs(
     runtime: &tokio::runtime::Runtime,
-    mlp: &Servable,
+    mlp: &ModelVersion,
     repo: &Path,
     row: &Tensor,
     n: usize,
@@ -141,7 +152,7 @@ fn mlp_costs(
         }),
     );
     let bundle = nnserve::bundle::Bundle::open(&repo.join("mlp").join("1"))?;
-    let model = load_raw(&bundle)?;
+    let (model, _) = load_raw(&bundle)?;
     summary(
         "mlp: raw libtorch forward, batch 1 (the limit)",
         time(n, || {
@@ -188,10 +199,10 @@ fn mlp_costs(
     Ok(())
 }
 
-fn plugin_costs(runtime: &tokio::runtime::Runtime, digits: &Servable) -> anyhow::Result<()> {
+fn plugin_costs(runtime: &tokio::runtime::Runtime, digits: &ModelVersion) -> anyhow::Result<()> {
     let png = std::fs::read(PathBuf::from("/tmp/nnserve-bench-digit.png")).ok();
     if let (Some(plugin), Some(png)) = (digits.handler.as_ref(), png) {
-        let req = || nnserve::wit::Request {
+        let req = || nnserve::plugin::HttpRequest {
             method: "POST".into(),
             path: "/v1/models/digits:infer".into(),
             headers: vec![],
@@ -224,7 +235,7 @@ fn plugin_costs(runtime: &tokio::runtime::Runtime, digits: &Servable) -> anyhow:
                 v
             }),
         );
-        let bad = nnserve::wit::Request {
+        let bad = nnserve::plugin::HttpRequest {
             body: b"not an image".to_vec(),
             ..req()
         };
@@ -264,9 +275,8 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
     let seconds: f64 = env_or("NNSERVE_BENCH_SECONDS", 1.0);
     nnserve::backend::init_threads(Some(threads), 1);
     let bundle = nnserve::bundle::Bundle::open(bundle_dir)?;
-    let spec = bundle.manifest.model.clone().expect("a model bundle");
-    let model = load_raw(&bundle)?;
-    let input = &spec.inputs[0];
+    let (model, inputs) = load_raw(&bundle)?;
+    let input = &inputs[0];
     // NNSERVE_BENCH_BATCHES: the batch sizes to run, comma-separated (default 1,8,32,64).
     let batches: Vec<i64> = std::env::var("NNSERVE_BENCH_BATCHES")
         .unwrap_or_else(|_| "1,8,32,64".into())
@@ -326,15 +336,31 @@ fn raw(bundle_dir: &Path) -> anyhow::Result<()> {
 
 /// A bundle's model loaded alone, its forwards on NNSERVE_BENCH_THREADS intra-op threads
 /// (default 1; more run on the backend's forward threads, as the server's do).
+/// The bundle's model, and its inputs (the manifest's, or a TF signature's).
 fn load_raw(
     bundle: &nnserve::bundle::Bundle,
-) -> anyhow::Result<std::sync::Arc<dyn nnserve::backend::Model>> {
-    let model = nnserve::backend::load(bundle)?;
+) -> anyhow::Result<(
+    std::sync::Arc<dyn nnserve::backend::Model>,
+    Vec<nnserve::bundle::TensorSpec>,
+)> {
+    let loaded = nnserve::backend::load(bundle)?;
+    let model = loaded.model;
     model.set_threads(nnserve::backend::IntraOp::Fixed(env_or(
         "NNSERVE_BENCH_THREADS",
         1,
     )));
-    Ok(model)
+    let inputs = match loaded.signature {
+        Some((inputs, _)) => inputs,
+        None => {
+            bundle
+                .manifest
+                .model
+                .clone()
+                .expect("a model bundle")
+                .inputs
+        }
+    };
+    Ok((model, inputs))
 }
 
 /// A batch of `batch` rows of `input`: zeros, or the rows of the file named by
@@ -381,13 +407,13 @@ fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()>
         version: bundle.version(),
         dir: bundle_dir.to_path_buf(),
     };
-    let servable = load_version(&entry, &rt, Default::default, None)?;
+    let servable = model_of(load_version(&entry, &rt, Default::default, None)?)?;
     let name = servable.name().to_string();
     let plugin = servable
         .handler
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("{} has no handler plugin", bundle_dir.display()))?;
-    let req = |body: &[u8]| nnserve::wit::Request {
+    let req = |body: &[u8]| nnserve::plugin::HttpRequest {
         method: "POST".into(),
         path: format!("/v1/models/{name}:infer"),
         headers: vec![],
@@ -414,7 +440,7 @@ fn plugin_bundle(bundle_dir: &Path, body: &[u8], n: usize) -> anyhow::Result<()>
     let x = input_rows(&spec.inputs[0], 1)?;
     // The same model loaded once more: its raw forward (the version's execution path adds
     // microseconds to it, see `inproc`).
-    let model = load_raw(&servable.bundle)?;
+    let (model, _) = load_raw(&servable.bundle)?;
     println!("== {name}: in-process, libtorch intra-op threads {threads}, n={n}");
     // Interleaved, so that both see the same machine (a slow forward has noisy neighbours).
     let (calls, forwards) = runtime.block_on(async {
