@@ -3,7 +3,7 @@
 the raw limit measured in-process and, with --peer torchserve, TorchServe 0.12 under the
 same load; prints tables, asserts nothing.
 
-  .venv/bin/python bench/load.py [--seconds 5] [--suite small|resnet|saturation|all] [--peer torchserve]
+  .venv/bin/python bench/load.py [--seconds 5] [--suite small|resnet|saturation|tf|all] [--peer torchserve]
       (needs `apt-get install wrk`, `make setup` and `cargo build --release -p nnserve-bench`;
        the resnet suite and the peer need `make bench`'s set-up: bench/requirements.txt and
        bench/make_resnet.py's bundles under bench/work/)
@@ -20,6 +20,10 @@ resnet: ResNet-18 (`:infer`, a 256x256 JPEG, through the imagenet-classifier plu
         c=64 alternating), and a check that the plugin's top-5 matches torchvision's
         preprocessing through the same model.
 saturation: only those rounds.
+tf:     the TensorFlow backend beside its TorchScript twins in one server: tf-mlp / mlp
+        (`:predict`) and digits-tf / digits (`:infer` through the same plugin) at
+        concurrency 1, 8 and 64, each against its own backend's raw limit; start-up time
+        and RSS with and without the TF models.
 
 Columns: throughput, p50/p90/p99, the mean formed batch size (from /metrics), throughput /
 raw limit (at the server's thread setting and that batch size; for resnet also / the best
@@ -355,6 +359,49 @@ def small_suite(args, tmp):
         ratios(ours, peer, "mlp and digits")
 
 
+def tf_suite(args, tmp):
+    """The TensorFlow backend beside its TorchScript twins, in one server under the same wrk
+    load: tf-mlp / mlp over :predict, digits-tf / digits through the same image-classifier
+    plugin; each against its own raw in-process limit (`nnserve-bench raw`: the backend's
+    forward in a loop, 1 intra-op thread, as the server runs a quick model). Also start-up
+    time and RSS with and without TF models loaded."""
+    repo = os.path.join(tmp, "tf-repo")
+    for m in ("mlp", "tf-mlp", "digits", "digits-tf"):
+        shutil.copytree(os.path.join(EXAMPLES, m), os.path.join(repo, m))
+    torch_only = os.path.join(tmp, "torch-repo")
+    for m in ("mlp", "digits"):
+        shutil.copytree(os.path.join(EXAMPLES, m), os.path.join(torch_only, m))
+    mlp_body = os.path.join(tmp, "mlp.json")
+    with open(mlp_body, "w") as f:
+        f.write('{"instances": [[1.0, 2.0, 3.0, 4.0]]}')
+    png = os.path.join(tmp, "digit.png")
+    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "draw_digit.py"), "7", png],
+                   check=True, capture_output=True)
+    raw = {m: raw_limit(os.path.join(EXAMPLES, m, "1")) for m in ("mlp", "tf-mlp", "digits", "digits-tf")}
+    print(f"== {os.cpu_count()} cores; raw limit in-process (1 thread), rows/s (p50 per forward):")
+    for m, r in raw.items():
+        print(f"   {m:<10} " + "  ".join(f"b{b}: {x:,.0f} ({p:.1f} us)" for b, (x, p) in sorted(r.items())))
+    for label, path in (("torch models only", torch_only), ("with tf-mlp and digits-tf", repo)):
+        wait_quiet()
+        t0 = time.monotonic()
+        server, url = start_nnserve(path)
+        ready = time.monotonic() - t0
+        rss = int(re.search(r"VmRSS:\s+(\d+)", open(f"/proc/{server.pid}/status").read()).group(1)) / 1024
+        stop(server)
+        print(f"   start-up to listening, {label}: {ready:.2f} s; RSS {rss:,.0f} MiB")
+    server, url = start_nnserve(repo)
+    try:
+        print(HEADER)
+        for model, path, body, ctype in (("mlp", "/v1/models/mlp:predict", mlp_body, "application/json"),
+                                         ("tf-mlp", "/v1/models/tf-mlp:predict", mlp_body, "application/json"),
+                                         ("digits", "/v1/models/digits:infer", png, "image/png"),
+                                         ("digits-tf", "/v1/models/digits-tf:infer", png, "image/png")):
+            for c in (1, 8, 64):
+                point(url, model, model, path, body, ctype, c, args.seconds, raw[model])
+    finally:
+        stop(server)
+
+
 def check_digits(url, png, ours):
     """TorchServe's answer for the load's digit beside nnserve's: the same classes in the same
     order, scores within 1e-3 (the two resize and round differently), or the comparison is void."""
@@ -523,7 +570,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=int, default=5, help="wrk duration per point")
     ap.add_argument("--raw-seconds", type=float, default=3, help="resnet raw limit: seconds per batch size")
-    ap.add_argument("--suite", choices=("small", "resnet", "saturation", "all"), default="small",
+    ap.add_argument("--suite", choices=("small", "resnet", "saturation", "tf", "all"), default="small",
                     help="saturation: only the resnet side-by-side saturation rounds")
     ap.add_argument("--peer", choices=("none", "torchserve"), default="none")
     ap.add_argument("--torch-threads", nargs="+", default=["default", "2"],
@@ -550,6 +597,8 @@ def main():
             resnet_suite(args)
         if args.suite == "saturation":
             saturation(args, *resnet_paths())
+        if args.suite in ("tf", "all"):
+            tf_suite(args, tmp)
     finally:
         shutil.rmtree(tmp)
 

@@ -250,3 +250,61 @@ fn paths_stay_inside() {
         .unwrap_err()
         .contains("outside"));
 }
+
+#[test]
+fn tensorflow_models_take_their_defaults_and_torch_keeps_its_rules() {
+    let m =
+        parse_manifest("[bundle]\nname = \"t\"\nversion = 1\n[model]\nbackend = \"tensorflow\"\n")
+            .unwrap();
+    let spec = m.model.as_ref().unwrap();
+    assert_eq!(spec.path, "model/saved_model");
+    assert_eq!(spec.tags(), vec!["serve".to_string()]);
+    assert_eq!(spec.signature(), "serving_default");
+    // Inputs may come from the signature: no "model.inputs is empty" for tensorflow.
+    let reasons = m.check();
+    assert!(
+        reasons.iter().all(|r| !r.contains("model.inputs is empty")),
+        "{reasons:?}"
+    );
+    let torch = parse_manifest(
+        "[bundle]\nname = \"t\"\nversion = 1\n[model]\nbackend = \"torchscript\"\nsignature = \"x\"\ninputs = [{ name = \"i\", dtype = \"fp32\", shape = [-1] }]\n",
+    )
+    .unwrap()
+    .check();
+    assert!(
+        torch.iter().any(|r| r.contains("model.path is required")),
+        "{torch:?}"
+    );
+    assert!(
+        torch
+            .iter()
+            .any(|r| r.contains("belong to a tensorflow model")),
+        "{torch:?}"
+    );
+}
+
+#[test]
+fn a_tf_serving_version_directory_is_a_tensorflow_bundle_named_by_its_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let version = dir.path().join("half_plus_two").join("123");
+    std::fs::create_dir_all(version.join("variables")).unwrap();
+    std::fs::write(version.join("saved_model.pb"), b"x").unwrap();
+    assert!(is_version_dir(&version));
+    let b = Bundle::open(&version).unwrap();
+    assert_eq!((b.name(), b.version()), ("half_plus_two", 123));
+    let spec = b.manifest.model.as_ref().unwrap();
+    assert_eq!(
+        (spec.backend, spec.path.as_str()),
+        (BackendKind::Tensorflow, ".")
+    );
+    // A version directory that is not a number says what the layout is.
+    let bad = dir.path().join("half_plus_two").join("latest");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("saved_model.pb"), b"x").unwrap();
+    let err = Bundle::open(&bad).unwrap_err().to_string();
+    assert!(err.contains("<model>/<version>/saved_model.pb"), "{err}");
+    // A bundle.toml beside saved_model.pb wins.
+    std::fs::write(version.join("bundle.toml"), "[bundle]\nname = \"half_plus_two\"\nversion = 123\n[model]\nbackend = \"tensorflow\"\npath = \".\"\ntags = [\"serve\", \"gpu\"]\n").unwrap();
+    let b = Bundle::open(&version).unwrap();
+    assert_eq!(b.manifest.model.unwrap().tags(), vec!["serve", "gpu"]);
+}
