@@ -400,6 +400,17 @@ def tf_suite(args, tmp):
                 point(url, model, model, path, body, ctype, c, args.seconds, raw[model])
     finally:
         stop(server)
+    # TF's intra-op pool per session: the cores (the default above) against 1 thread.
+    server, url = start_nnserve(repo, threads=1)
+    try:
+        print("== the TF models again with --torch-threads 1 (TF intra-op pools of 1 thread)")
+        print(HEADER)
+        for model, path, body, ctype in (("tf-mlp", "/v1/models/tf-mlp:predict", mlp_body, "application/json"),
+                                         ("digits-tf", "/v1/models/digits-tf:infer", png, "image/png")):
+            for c in (1, 64):
+                point(url, f"{model} t1", model, path, body, ctype, c, args.seconds, raw[model])
+    finally:
+        stop(server)
 
 
 def check_digits(url, png, ours):
