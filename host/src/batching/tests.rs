@@ -139,16 +139,34 @@ async fn shapes_that_differ_run_in_separate_batches() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_full_queue_refuses_with_queue_full() {
+    // The first forward is held until the queue has filled and a request was refused:
+    // the order comes from the test, not from sleeps against a 50 ms forward.
     let b = Arc::new(Batcher::new(policy(1, &[], 2), VersionMetrics::default()));
-    let f = Doubler::new(50);
+    let f = Held::new();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let (b1, f1) = (b.clone(), f.clone());
+    let running = tokio::spawn(async move { b1.infer(rows(&[[1.0, 1.0]]), &f1).await });
+    until("the first forward runs", || {
+        f.entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let mut handles = Vec::new();
-    for _ in 0..8 {
-        let (b, f) = (b.clone(), f.clone());
+    for _ in 0..7 {
+        let (b, f, refused) = (b.clone(), f.clone(), refused.clone());
         handles.push(tokio::spawn(async move {
-            b.infer(rows(&[[1.0, 1.0]]), &f).await
+            let out = b.infer(rows(&[[2.0, 2.0]]), &f).await;
+            if matches!(out, Err(BatchError::QueueFull(_))) {
+                refused.fetch_add(1, Ordering::SeqCst);
+            }
+            out
         }));
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
+    until("the queue is full and a request was refused", || {
+        b.queue_depth() == 2 && refused.load(Ordering::SeqCst) >= 1
+    })
+    .await;
+    f.release.add_permits(1);
+    assert!(running.await.unwrap().is_ok());
     let mut full = 0;
     for h in handles {
         match h.await.unwrap() {
@@ -164,27 +182,34 @@ async fn a_full_queue_refuses_with_queue_full() {
         "8 requests into 1 running + 2 queued must overflow"
     );
     assert!(
-        b.infer(rows(&[[1.0, 1.0]]), &f).await.is_ok(),
+        b.infer(rows(&[[2.0, 2.0]]), &f).await.is_ok(),
         "it serves again once drained"
     );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_request_does_not_wedge_the_batcher() {
+    // The test decides when the first forward ends (a Held forward), not a sleep: the 5 ms
+    // sleeps this test used let the queued request run first on a loaded machine.
     let b = Arc::new(Batcher::new(policy(1, &[], 8), VersionMetrics::default()));
-    let f = Doubler::new(30);
+    let f = Held::new();
     let (b1, f1) = (b.clone(), f.clone());
     let running = tokio::spawn(async move { b1.infer(rows(&[[1.0, 1.0]]), &f1).await });
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    until("the first forward runs", || {
+        f.entered.load(Ordering::SeqCst) == 1
+    })
+    .await;
     let (b2, f2) = (b.clone(), f.clone());
     let queued = tokio::spawn(async move { b2.infer(rows(&[[2.0, 2.0]]), &f2).await });
-    tokio::time::sleep(Duration::from_millis(5)).await;
+    until("the second request waits", || b.queue_depth() == 1).await;
     queued.abort(); // its client went away while it waited
+    assert!(queued.await.unwrap_err().is_cancelled());
+    f.release.add_permits(1);
     assert!(running.await.unwrap().is_ok());
     let out = b.infer(rows(&[[3.0, 3.0]]), &f).await;
-    assert_eq!(values(&out), vec![6.0, 6.0]);
+    assert_eq!(values(&out), vec![3.0, 3.0]);
     assert_eq!(
-        f.calls.load(Ordering::SeqCst),
+        f.entered.load(Ordering::SeqCst),
         2,
         "the cancelled request never ran"
     );
