@@ -54,6 +54,8 @@ pub struct Manager {
     pub limits: crate::archive::Limits,
     /// Uploads at once, and the versions being stored now.
     pub uploads: Uploads,
+    /// One per model the source holds or an upload stored: triggers check that a model
+    /// exists before they make its guard, so names from requests cannot grow this map.
     guards: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ModelState>>>>,
 }
 
@@ -405,12 +407,15 @@ impl Manager {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
         crate::names::check_name("label", label).map_err(UploadError::BadRequest)?;
         crate::names::check_version(version).map_err(UploadError::BadRequest)?;
+        // Checked before the guard too, so that unknown names never get a guard.
+        let unknown = || UploadError::NotFound(format!("model '{model}' is not found"));
+        if self.registry.status(model).is_none() {
+            return Err(unknown());
+        }
         let guard = self.guard(model);
         let mut st = guard.lock().await;
         if self.registry.status(model).is_none() {
-            return Err(UploadError::NotFound(format!(
-                "model '{model}' is not found"
-            )));
+            return Err(unknown());
         }
         if force && !self.source.is_stored(model, version) {
             return Err(UploadError::NotFound(format!(
@@ -433,12 +438,16 @@ impl Manager {
     pub async fn delete(&self, model: &str, version: u64) -> Result<(), UploadError> {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
         crate::names::check_version(version).map_err(UploadError::BadRequest)?;
+        let not_stored =
+            || UploadError::NotFound(format!("version {version} of '{model}' is not stored"));
+        // Checked before the guard too, so that unknown names never get a guard.
+        if !self.source.is_stored(model, version) {
+            return Err(not_stored());
+        }
         let guard = self.guard(model);
         let mut st = guard.lock().await;
         if !self.source.is_stored(model, version) {
-            return Err(UploadError::NotFound(format!(
-                "version {version} of '{model}' is not stored"
-            )));
+            return Err(not_stored());
         }
         if let Some((label, _)) = self
             .registry
@@ -464,6 +473,12 @@ impl Manager {
     /// files are complete; failed ones are tried again) and the model reconciled.
     pub async fn load_model(&self, model: &str) -> Result<(), UploadError> {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
+        if self.source.versions(model).is_empty() {
+            // Before the guard, so that unknown names never get a guard.
+            return Err(UploadError::NotFound(format!(
+                "model '{model}' is not in the repository"
+            )));
+        }
         let guard = self.guard(model);
         let mut st = guard.lock().await;
         let source = self.source.clone();
