@@ -22,8 +22,9 @@ resnet: ResNet-18 (`:infer`, a 256x256 JPEG, through the imagenet-classifier plu
 saturation: only those rounds.
 tf:     the TensorFlow backend beside its TorchScript twins in one server: tf-mlp / mlp
         (`:predict`) and digits-tf / digits (`:infer` through the same plugin) at
-        concurrency 1, 8 and 64, each against its own backend's raw limit; start-up time
-        and RSS with and without the TF models.
+        concurrency 1, 8 and 64, each against its own backend's raw limit; the TF models
+        again with intra-op pools of every core; start-up time and RSS with and without
+        the TF models.
 
 Columns: throughput, p50/p90/p99, the mean formed batch size (from /metrics), throughput /
 raw limit (at the server's thread setting and that batch size; for resnet also / the best
@@ -400,15 +401,15 @@ def tf_suite(args, tmp):
                 point(url, model, model, path, body, ctype, c, args.seconds, raw[model])
     finally:
         stop(server)
-    # TF's intra-op pool per session: the cores (the default above) against 1 thread.
-    server, url = start_nnserve(repo, threads=1)
+    # TF's intra-op pool per session: 1 thread (the default above) against the cores.
+    server, url = start_nnserve(repo, threads=os.cpu_count())
     try:
-        print("== the TF models again with --torch-threads 1 (TF intra-op pools of 1 thread)")
+        print(f"== the TF models again with --torch-threads {os.cpu_count()} (TF intra-op pools of every core)")
         print(HEADER)
         for model, path, body, ctype in (("tf-mlp", "/v1/models/tf-mlp:predict", mlp_body, "application/json"),
                                          ("digits-tf", "/v1/models/digits-tf:infer", png, "image/png")):
             for c in (1, 64):
-                point(url, f"{model} t1", model, path, body, ctype, c, args.seconds, raw[model])
+                point(url, f"{model} t{os.cpu_count()}", model, path, body, ctype, c, args.seconds, raw[model])
     finally:
         stop(server)
 

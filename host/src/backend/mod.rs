@@ -176,7 +176,12 @@ pub fn load(bundle: &Bundle) -> anyhow::Result<Loaded> {
                 &spec.tags(),
                 spec.signature(),
                 (&spec.inputs, &spec.outputs),
-                fixed_threads().unwrap_or_else(cores),
+                // One intra-op thread unless the server fixes them: measured faster for
+                // quick models (bench/README.md, session 9: digits-tf at c=64 served 9.6k
+                // req/s with 1 thread, 7.4k with a pool of the 2 cores), and a
+                // compute-bound one runs a forward per core (backend::threading), as
+                // libtorch's single-threaded forwards side by side do.
+                fixed_threads().unwrap_or(1),
             )?;
             Ok(Loaded {
                 model: Arc::new(model),
