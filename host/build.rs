@@ -39,6 +39,10 @@ fn tensorflow_dir() {
         (!dir.is_empty()).then_some(dir)
     });
     let Some(wheel) = wheel.map(std::path::PathBuf::from) else {
+        // Found later (a venv made after this build): look again when the environment that
+        // finds python3 changes.
+        println!("cargo:rerun-if-env-changed=PATH");
+        println!("cargo:rerun-if-env-changed=VIRTUAL_ENV");
         println!(
             "cargo:warning=no tensorflow wheel found by python3: TensorFlow models will need TENSORFLOW_DIR at run time (make setup installs tensorflow-cpu)"
         );

@@ -12,6 +12,15 @@ use std::path::{Path, PathBuf};
 
 /// Checks a bundle directory and packs it; returns the line to print.
 pub fn pack(dir: &Path, out: Option<&Path>) -> anyhow::Result<String> {
+    if !dir.join("bundle.toml").is_file() && dir.join("saved_model.pb").is_file() {
+        // Served as it is from a repository, but an archive is named by its manifest.
+        anyhow::bail!(
+            "{} is a TF Serving version directory without bundle.toml: the server serves it as it \
+             is from a repository, but an uploaded archive needs a bundle.toml naming the model and \
+             version (docs/bundle.md, \"TensorFlow models\": backend = \"tensorflow\", path = \".\")",
+            dir.display()
+        );
+    }
     let bundle = Bundle::open(dir)?;
     let plugin_problems = check_plugins(&bundle);
     if !plugin_problems.is_empty() {

@@ -277,3 +277,14 @@ def test_digits_tf_through_the_unchanged_plugin_answers_as_tensorflow_does(tfser
             jpeg_agree += classify(jpeg)[0][0] == ref.predict(jpeg)[0][0]
     assert correct / len(x) >= 0.9, correct / len(x)
     assert jpeg_agree / len(x) >= 0.99, f"JPEG top-1 agreement {jpeg_agree}/{len(x)}"
+
+
+def test_packing_a_tf_serving_directory_says_it_needs_a_manifest(tmp_path):
+    import subprocess
+    from conftest import NNSERVE
+    version = tmp_path / "half_plus_two" / "1"
+    shutil.copytree(os.path.join(TF_MLP, "model", "saved_model"), version)
+    r = subprocess.run([NNSERVE, "bundle", "pack", str(version), "-o", str(tmp_path / "x.tar.gz")],
+                       capture_output=True, text=True)
+    assert r.returncode != 0 and "without bundle.toml" in r.stderr and "bundle.toml" in r.stderr, r.stderr
+    assert not (tmp_path / "x.tar.gz").exists()

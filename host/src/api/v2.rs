@@ -437,10 +437,10 @@ pub async fn repository_index(
 pub async fn repository_load(
     State(state): State<AppState>,
     Path(model): Path<String>,
-    _admin: super::Admin,
+    admin: super::Admin,
 ) -> Result<Response, ApiError> {
     model_name(&model)?;
-    state.manager.load_model(&model).await?;
+    state.manager.load_model(&model, admin.full_errors).await?;
     Ok(axum::Json(json!({})).into_response())
 }
 

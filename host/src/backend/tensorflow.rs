@@ -157,9 +157,11 @@ impl TfModel {
             let op = graph
                 .operation_by_name_required(&info.name().name)
                 .map_err(|e| anyhow::anyhow!("signature {kind} '{name}': {e}"))?;
-            let shape = match info.shape().dims() {
+            let shape: Vec<i64> = match info.shape().dims() {
                 Some(n) => (0..n).map(|i| info.shape()[i].unwrap_or(-1)).collect(),
-                None => vec![-1],
+                None => anyhow::bail!(
+                    "signature {kind} '{name}' has an unknown rank; export the model with a shape for it (tf.TensorSpec([None, ...]))"
+                ),
             };
             Ok((
                 Port {
@@ -248,6 +250,9 @@ fn first_line(s: &str) -> &str {
 fn to_tf<T: TensorType + Copy>(t: &Tensor) -> Result<tensorflow::Tensor<T>, String> {
     let dims: Vec<u64> = t.shape.iter().map(|&d| d.max(0) as u64).collect();
     let mut out = tensorflow::Tensor::<T>::new(&dims);
+    if t.data.is_empty() && dims.contains(&0) {
+        return Ok(out); // no elements: TF may have no buffer to look at
+    }
     let dst: &mut [T] = &mut out;
     let bytes = std::mem::size_of_val(dst);
     if bytes != t.data.len() {
@@ -270,6 +275,9 @@ fn from_tf<T: TensorType + Copy>(
     dtype: DType,
 ) -> Result<Tensor, String> {
     let shape: Vec<i64> = t.dims().iter().map(|&d| d as i64).collect();
+    if shape.contains(&0) {
+        return Tensor::new(dtype, shape, Vec::new()); // no elements, maybe no buffer
+    }
     let src: &[T] = t;
     let bytes = std::mem::size_of_val(src);
     let mut data = Vec::with_capacity(bytes);
@@ -280,82 +288,62 @@ fn from_tf<T: TensorType + Copy>(
     Tensor::new(dtype, shape, data)
 }
 
-/// Runs `$body` with `$T` the Rust element type of `$dtype`.
-macro_rules! with_type {
-    ($dtype:expr, $T:ident => $body:expr) => {
-        match $dtype {
-            DType::Fp32 => {
-                type $T = f32;
-                $body
+/// The TF tensors fed in one run (kept alive until it ends), one variant per element
+/// type, and the conversions both ways, from one list of (variant, Rust type, DType).
+macro_rules! element_types {
+    ($($variant:ident($t:ty) = $dtype:ident),* $(,)?) => {
+        enum Fed {
+            $($variant(tensorflow::Tensor<$t>),)*
+        }
+
+        fn feed(t: &Tensor) -> Result<Fed, String> {
+            if t.dtype == DType::Bool && t.data.iter().any(|&b| b > 1) {
+                return Err("a bool tensor holds a byte other than 0 or 1".into());
             }
-            DType::Fp64 => {
-                type $T = f64;
-                $body
+            match t.dtype {
+                $(DType::$dtype => Ok(Fed::$variant(to_tf(t)?)),)*
+                other => Err(format!(
+                    "{} tensors are not served from TensorFlow yet",
+                    other.manifest_name()
+                )),
             }
-            DType::Fp16 => {
-                type $T = half::f16;
-                $body
+        }
+
+        impl Fed {
+            fn add_to<'a>(&'a self, args: &mut SessionRunArgs<'a>, op: &Operation, index: i32) {
+                match self {
+                    $(Fed::$variant(t) => args.add_feed(op, index, t),)*
+                }
             }
-            DType::Int8 => {
-                type $T = i8;
-                $body
+        }
+
+        /// Fetches output `token` as a host tensor of `dtype`.
+        fn fetch(
+            args: &mut SessionRunArgs<'_>,
+            token: tensorflow::FetchToken,
+            dtype: DType,
+        ) -> Result<Tensor, String> {
+            match dtype {
+                $(DType::$dtype => from_tf(&args.fetch::<$t>(token).map_err(|e| first_line(&e.to_string()).to_string())?, dtype),)*
+                other => Err(format!(
+                    "{} tensors are not served from TensorFlow yet",
+                    other.manifest_name()
+                )),
             }
-            DType::Int16 => {
-                type $T = i16;
-                $body
-            }
-            DType::Int32 => {
-                type $T = i32;
-                $body
-            }
-            DType::Int64 => {
-                type $T = i64;
-                $body
-            }
-            DType::Uint8 => {
-                type $T = u8;
-                $body
-            }
-            DType::Bool => {
-                type $T = bool;
-                $body
-            }
-            DType::Bf16 => return Err("bf16 tensors are not served from TensorFlow yet".into()),
         }
     };
 }
 
-/// The TF tensors fed in one run, kept alive until it ends.
-enum Fed {
-    F32(tensorflow::Tensor<f32>),
-    F64(tensorflow::Tensor<f64>),
-    F16(tensorflow::Tensor<half::f16>),
-    I8(tensorflow::Tensor<i8>),
-    I16(tensorflow::Tensor<i16>),
-    I32(tensorflow::Tensor<i32>),
-    I64(tensorflow::Tensor<i64>),
-    U8(tensorflow::Tensor<u8>),
-    Bool(tensorflow::Tensor<bool>),
-}
-
-fn feed(t: &Tensor) -> Result<Fed, String> {
-    Ok(match t.dtype {
-        DType::Fp32 => Fed::F32(to_tf(t)?),
-        DType::Fp64 => Fed::F64(to_tf(t)?),
-        DType::Fp16 => Fed::F16(to_tf(t)?),
-        DType::Int8 => Fed::I8(to_tf(t)?),
-        DType::Int16 => Fed::I16(to_tf(t)?),
-        DType::Int32 => Fed::I32(to_tf(t)?),
-        DType::Int64 => Fed::I64(to_tf(t)?),
-        DType::Uint8 => Fed::U8(to_tf(t)?),
-        DType::Bool => {
-            if t.data.iter().any(|&b| b > 1) {
-                return Err("a bool tensor holds a byte other than 0 or 1".into());
-            }
-            Fed::Bool(to_tf(t)?)
-        }
-        DType::Bf16 => return Err("bf16 tensors are not served from TensorFlow yet".into()),
-    })
+element_types! {
+    F32(f32) = Fp32,
+    F64(f64) = Fp64,
+    F16(half::f16) = Fp16,
+    I8(i8) = Int8,
+    I16(i16) = Int16,
+    I32(i32) = Int32,
+    I64(i64) = Int64,
+    U8(u8) = Uint8,
+    Bool(bool) = Bool,
 }
 
 impl Model for TfModel {
@@ -384,17 +372,7 @@ impl Model for TfModel {
             .collect::<Result<Vec<Fed>, String>>()?;
         let mut args = SessionRunArgs::new();
         for (f, p) in fed.iter().zip(&self.inputs) {
-            match f {
-                Fed::F32(t) => args.add_feed(&p.op, p.index, t),
-                Fed::F64(t) => args.add_feed(&p.op, p.index, t),
-                Fed::F16(t) => args.add_feed(&p.op, p.index, t),
-                Fed::I8(t) => args.add_feed(&p.op, p.index, t),
-                Fed::I16(t) => args.add_feed(&p.op, p.index, t),
-                Fed::I32(t) => args.add_feed(&p.op, p.index, t),
-                Fed::I64(t) => args.add_feed(&p.op, p.index, t),
-                Fed::U8(t) => args.add_feed(&p.op, p.index, t),
-                Fed::Bool(t) => args.add_feed(&p.op, p.index, t),
-            }
+            f.add_to(&mut args, &p.op, p.index);
         }
         let tokens: Vec<_> = self
             .outputs
@@ -407,12 +385,8 @@ impl Model for TfModel {
             .map_err(|e| format!("the model's forward failed: {}", first_line(&e.to_string())))?;
         let mut out = Vec::with_capacity(self.outputs.len());
         for (p, token) in self.outputs.iter().zip(tokens) {
-            let t = with_type!(p.dtype, T => {
-                let fetched = args
-                    .fetch::<T>(token)
-                    .map_err(|e| format!("output '{}': {}", p.name, first_line(&e.to_string())))?;
-                from_tf(&fetched, p.dtype)?
-            });
+            let t = fetch(&mut args, token, p.dtype)
+                .map_err(|e| format!("output '{}': {e}", p.name))?;
             out.push((p.name.clone(), t));
         }
         Ok(out)

@@ -11,7 +11,7 @@
 //! triggers; `upload` checks a bundle and hands the loaded version to
 //! [`Manager::install`].
 
-use super::loader::Load;
+use super::loader::{Load, LoadError};
 use super::policy::{self, Policies};
 use super::registry::{Registry, Servable};
 use super::source::{Fingerprint, LocalSource};
@@ -34,6 +34,9 @@ struct ModelState {
     failed: BTreeMap<u64, Option<Fingerprint>>,
     /// Being deleted: no longer wanted, whatever the policy.
     deleting: BTreeSet<u64>,
+    /// Refused by a device budget (not the bundle's fault): tried again by the next
+    /// trigger and every poll, not remembered as failed.
+    no_room: BTreeSet<u64>,
 }
 
 /// What one reconcile did.
@@ -114,9 +117,10 @@ impl Manager {
         let policy = self.policies.get(model);
         let mut report = LoadReport::default();
         let arrival_version = arrival.as_ref().map(|a| a.version());
+        st.no_room.clear();
         let want = loop {
             let labelled: BTreeSet<u64> = self.registry.labels(model).into_values().collect();
-            let failed: BTreeSet<u64> = st.failed.keys().copied().collect();
+            let failed: BTreeSet<u64> = st.failed.keys().chain(&st.no_room).copied().collect();
             let want = if st.unloaded {
                 BTreeSet::new()
             } else {
@@ -155,12 +159,17 @@ impl Manager {
                     }
                 }
                 Err(e) => {
+                    let no_room = matches!(e, LoadError::NoRoom(_));
                     let msg = e.to_string();
                     tracing::warn!(model, version, "version failed to load: {msg}");
                     report.failed.push(format!("{model}@{version}: {msg}"));
                     self.registry.fail(model, version, msg, true);
-                    st.failed
-                        .insert(version, LocalSource::fingerprint(&entry.dir));
+                    if no_room {
+                        st.no_room.insert(version);
+                    } else {
+                        st.failed
+                            .insert(version, LocalSource::fingerprint(&entry.dir));
+                    }
                 }
             }
         };
@@ -182,6 +191,15 @@ impl Manager {
         report.loaded = want.iter().map(|v| format!("{model}@{v}")).collect();
         report
     }
+}
+
+/// Runs a trigger to its end on a task of its own: a client that goes away (hyper drops
+/// its handler) must not cut a reconcile half-way, leaving a version marked for deletion
+/// or LOADING for good.
+async fn to_end(
+    trigger: impl std::future::Future<Output = Result<(), UploadError>> + Send + 'static,
+) -> Result<(), UploadError> {
+    tokio::spawn(trigger).await.map_err(internal)?
 }
 
 fn log_available(s: &Servable, took: std::time::Duration) {
@@ -242,9 +260,16 @@ impl Manager {
         loop {
             tokio::time::sleep(interval).await;
             let source = self.source.clone();
-            let Ok(Ok((entries, _))) = tokio::task::spawn_blocking(move || source.scan()).await
-            else {
-                continue;
+            let entries = match tokio::task::spawn_blocking(move || source.scan()).await {
+                Ok(Ok((entries, _))) => entries,
+                Ok(Err(e)) => {
+                    tracing::warn!("the repository poll could not scan the repository: {e:#}");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!("the repository poll failed: {e}");
+                    continue;
+                }
             };
             let mut by_model: BTreeMap<String, BTreeMap<u64, Entry>> = BTreeMap::new();
             for e in entries {
@@ -271,7 +296,8 @@ impl Manager {
 
     /// One poll's news for a model; true when what may load has changed.
     fn settle(&self, st: &mut ModelState, present: &BTreeMap<u64, Entry>) -> bool {
-        let mut changed = false;
+        // A version a device budget refused is tried again: the room may be there now.
+        let mut changed = !st.no_room.is_empty();
         let before = st.admitted.len();
         st.admitted.retain(|v| present.contains_key(v));
         changed |= st.admitted.len() != before;
@@ -398,6 +424,17 @@ impl Manager {
     /// Points a label at a version, stores it, and reconciles: the labelled version
     /// serves whatever the policy, and one a label left may retire.
     pub async fn set_label(
+        self: &Arc<Self>,
+        model: &str,
+        label: &str,
+        version: u64,
+        force: bool,
+    ) -> Result<(), UploadError> {
+        let (this, model, label) = (self.clone(), model.to_string(), label.to_string());
+        to_end(async move { this.set_label_now(&model, &label, version, force).await }).await
+    }
+
+    async fn set_label_now(
         &self,
         model: &str,
         label: &str,
@@ -435,7 +472,12 @@ impl Manager {
     /// Deletes a stored version: the version the policy wants next is loaded first, then
     /// this one retires (requests in flight finish) and leaves the disk. A labelled
     /// version must lose its labels first.
-    pub async fn delete(&self, model: &str, version: u64) -> Result<(), UploadError> {
+    pub async fn delete(self: &Arc<Self>, model: &str, version: u64) -> Result<(), UploadError> {
+        let (this, model) = (self.clone(), model.to_string());
+        to_end(async move { this.delete_now(&model, version).await }).await
+    }
+
+    async fn delete_now(&self, model: &str, version: u64) -> Result<(), UploadError> {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
         crate::names::check_version(version).map_err(UploadError::BadRequest)?;
         let not_stored =
@@ -471,7 +513,18 @@ impl Manager {
 
     /// Triton's `load`: every version in the repository is admitted (the caller says the
     /// files are complete; failed ones are tried again) and the model reconciled.
-    pub async fn load_model(&self, model: &str) -> Result<(), UploadError> {
+    /// `full_errors`: the caller may see a failed load's whole error (else its public
+    /// reason, `names::public_reason`).
+    pub async fn load_model(
+        self: &Arc<Self>,
+        model: &str,
+        full_errors: bool,
+    ) -> Result<(), UploadError> {
+        let (this, model) = (self.clone(), model.to_string());
+        to_end(async move { this.load_model_now(&model, full_errors).await }).await
+    }
+
+    async fn load_model_now(&self, model: &str, full_errors: bool) -> Result<(), UploadError> {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
         if self.source.versions(model).is_empty() {
             // Before the guard, so that unknown names never get a guard.
@@ -500,15 +553,36 @@ impl Manager {
                 .restore_labels(model, self.source.labels(model));
         }
         let report = self.reconcile_locked(model, &mut st, None).await;
-        if self.registry.available_versions(model).is_empty() {
-            return Err(UploadError::Invalid(report.failed));
+        if !self.registry.available_versions(model).is_empty() {
+            return Ok(());
         }
-        Ok(())
+        if report.failed.is_empty() {
+            return Err(UploadError::BadRequest(format!(
+                "no version of '{model}' serves: its version policy ({}) wants none of the stored versions {:?}",
+                self.policies.get(model).describe(),
+                present.keys().collect::<Vec<_>>()
+            )));
+        }
+        let shown = |m: String| {
+            if full_errors {
+                m
+            } else {
+                crate::names::public_reason(&m)
+            }
+        };
+        Err(UploadError::Invalid(
+            report.failed.into_iter().map(shown).collect(),
+        ))
     }
 
     /// Triton's `unload`: every loaded version out of service (requests in flight
     /// finish); nothing of the model loads again until it is loaded on request.
-    pub async fn unload_model(&self, model: &str) -> Result<(), UploadError> {
+    pub async fn unload_model(self: &Arc<Self>, model: &str) -> Result<(), UploadError> {
+        let (this, model) = (self.clone(), model.to_string());
+        to_end(async move { this.unload_model_now(&model).await }).await
+    }
+
+    async fn unload_model_now(&self, model: &str) -> Result<(), UploadError> {
         crate::names::check_name("model name", model).map_err(UploadError::BadRequest)?;
         if self.registry.status(model).is_none() {
             return Err(UploadError::NotFound(format!(

@@ -57,6 +57,8 @@ fn servable(metrics: &Metrics, model: &str, version: u64, dir: &Path) -> Servabl
 struct FakeLoader {
     metrics: Arc<Metrics>,
     fail: Mutex<BTreeSet<u64>>,
+    /// Versions a device budget refuses (not the bundle's fault).
+    no_room: Mutex<BTreeSet<u64>>,
     loads: Mutex<Vec<u64>>,
     #[allow(clippy::type_complexity)]
     during: Mutex<Option<Box<dyn Fn(u64) + Send + Sync>>>,
@@ -73,6 +75,9 @@ impl Load for FakeLoader {
             tokio::task::yield_now().await;
             if self.fail.lock().unwrap().contains(&entry.version) {
                 return Err(LoadError::Failed("the model does not load".into()));
+            }
+            if self.no_room.lock().unwrap().contains(&entry.version) {
+                return Err(LoadError::NoRoom("no room on cpu now".into()));
             }
             Ok(servable(
                 &self.metrics,
@@ -329,7 +334,7 @@ async fn an_upload_and_a_copy_by_hand_are_served_alike() {
         s.manager.reconcile_locked("m", &mut st, None).await;
     }
     assert!(s.manager.registry.available_versions("m").is_empty());
-    s.manager.load_model("m").await.unwrap();
+    s.manager.load_model("m", true).await.unwrap();
     assert_eq!(s.manager.registry.available_versions("m"), vec![3]);
     // Loaded again: an upload serves at once, as a copy by hand does after its interval.
     let (_scratch, unpacked, new) = arrival(&s, 4);
@@ -387,11 +392,81 @@ async fn a_version_loaded_again_while_it_retires_stays_available() {
     let in_flight = s.manager.registry.resolve("m", Some(1)).unwrap();
     s.manager.unload_model("m").await.unwrap();
     assert_eq!(state(&s.manager.registry, 1), Some(State::Unloading));
-    s.manager.load_model("m").await.unwrap();
+    s.manager.load_model("m", true).await.unwrap();
     drop(in_flight);
     assert_eq!(
         settled(&s.manager.registry, 1).await,
         Some(State::Available)
     );
     assert_eq!(s.manager.registry.available_versions("m"), vec![1]);
+}
+
+#[tokio::test]
+async fn a_version_a_budget_refused_is_tried_again_by_the_next_poll() {
+    let s = setup(&[1, 2], VersionPolicy::Latest(1));
+    s.loader.no_room.lock().unwrap().insert(2);
+    s.manager.load_repository().await.unwrap();
+    assert_eq!(s.manager.registry.available_versions("m"), vec![1]);
+    // The room is there now; the files did not change, yet the next poll tries again.
+    s.loader.no_room.lock().unwrap().clear();
+    let guard = s.manager.guard("m");
+    let present = s.manager.source.versions("m");
+    let mut st = guard.lock().await;
+    assert!(s.manager.settle(&mut st, &present));
+    s.manager.reconcile_locked("m", &mut st, None).await;
+    drop(st);
+    assert_eq!(s.manager.registry.available_versions("m"), vec![2]);
+}
+
+#[tokio::test]
+async fn a_stored_version_once_refused_is_never_forgotten_with_the_refusals() {
+    let s = setup(&[10], VersionPolicy::Latest(1));
+    s.manager.load_repository().await.unwrap();
+    let r = &s.manager.registry;
+    r.fail("m", 5, "refused".into(), false);
+    // Uploaded again, fixed: stored, not served under latest = 1.
+    let (_scratch, unpacked, new) = arrival(&s, 5);
+    let stored = s
+        .manager
+        .install("m", &unpacked, meta("sha256:5"), new)
+        .await
+        .unwrap();
+    assert_eq!(stored.state, Some("END"));
+    for v in 100..120 {
+        r.fail("m", v, "refused".into(), false);
+    }
+    assert_eq!(
+        state(r, 5),
+        Some(State::End),
+        "the stored version's status stays"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_whose_client_goes_away_still_runs_to_its_end() {
+    let s = setup(&[1, 2], VersionPolicy::Latest(1));
+    s.manager.load_repository().await.unwrap();
+    // The caller gives up while version 1 loads (hyper drops a handler whose client left).
+    let cut = tokio::time::timeout(std::time::Duration::ZERO, s.manager.delete("m", 2)).await;
+    assert!(cut.is_err(), "the caller was cut before the delete ended");
+    let r = s.manager.registry.clone();
+    let root = s.root.clone();
+    let done = async {
+        while !(r.available_versions("m") == vec![1] && !root.join("m/2").exists()) {
+            tokio::task::yield_now().await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), done)
+        .await
+        .expect("the delete ran to its end");
+    // Nothing is left marked for deletion: a new copy of version 2 is admitted again.
+    store_by_hand(&s.root, 2);
+    let guard = s.manager.guard("m");
+    let present = s.manager.source.versions("m");
+    let mut st = guard.lock().await;
+    s.manager.settle(&mut st, &present);
+    assert!(
+        s.manager.settle(&mut st, &present),
+        "version 2 admitted again"
+    );
 }

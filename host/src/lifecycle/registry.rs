@@ -481,6 +481,8 @@ impl Registry {
         if entry.available.contains_key(&version) || state == Some(State::Unloading) {
             return; // serving, or retiring: its last handle's drop ends it
         }
+        // Stored now: no longer one of the refused uploads that may be forgotten.
+        entry.refused.retain(|&v| v != version);
         self.record_state(entry, model, version, State::End, None);
         self.metrics.forget_version(model, version);
     }
