@@ -26,8 +26,10 @@ pub enum Command {
     /// Serve every model version in a repository directory over HTTP.
     ///
     /// The repository holds one directory per model and one per version inside it:
-    /// <repository>/<model>/<version>/bundle.toml (see docs/bundle.md). A version that
-    /// fails to load is reported and the others are served.
+    /// <repository>/<model>/<version>/bundle.toml (see docs/bundle.md). A TensorFlow
+    /// SavedModel laid out as TF Serving has it, <model>/<version>/saved_model.pb without
+    /// bundle.toml, is served as it is. A version that fails to load is reported and the
+    /// others are served.
     Serve(ServeArgs),
 
     /// Make and examine bundles (the deployable unit: model, plugins, assets, manifest).
