@@ -59,6 +59,9 @@ struct FakeLoader {
     fail: Mutex<BTreeSet<u64>>,
     /// Versions a device budget refuses (not the bundle's fault).
     no_room: Mutex<BTreeSet<u64>>,
+    /// When set, each load waits for a permit here, after telling `entered`.
+    gate: Mutex<Option<Arc<tokio::sync::Semaphore>>>,
+    entered: tokio::sync::Notify,
     loads: Mutex<Vec<u64>>,
     #[allow(clippy::type_complexity)]
     during: Mutex<Option<Box<dyn Fn(u64) + Send + Sync>>>,
@@ -73,6 +76,11 @@ impl Load for FakeLoader {
             }
             // Let other triggers run in the middle of a load.
             tokio::task::yield_now().await;
+            let gate = self.gate.lock().unwrap().clone();
+            if let Some(gate) = gate {
+                self.entered.notify_one();
+                let _ = gate.acquire().await;
+            }
             if self.fail.lock().unwrap().contains(&entry.version) {
                 return Err(LoadError::Failed("the model does not load".into()));
             }
@@ -446,9 +454,18 @@ async fn a_stored_version_once_refused_is_never_forgotten_with_the_refusals() {
 async fn a_trigger_whose_client_goes_away_still_runs_to_its_end() {
     let s = setup(&[1, 2], VersionPolicy::Latest(1));
     s.manager.load_repository().await.unwrap();
-    // The caller gives up while version 1 loads (hyper drops a handler whose client left).
-    let cut = tokio::time::timeout(std::time::Duration::ZERO, s.manager.delete("m", 2)).await;
-    assert!(cut.is_err(), "the caller was cut before the delete ended");
+    // The caller gives up while version 1 loads (hyper drops a handler whose client left):
+    // the load is held until the caller's future has been dropped.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    *s.loader.gate.lock().unwrap() = Some(gate.clone());
+    {
+        let call = s.manager.delete("m", 2);
+        tokio::select! {
+            _ = call => panic!("the delete ended while its load was held"),
+            _ = s.loader.entered.notified() => {}
+        }
+    } // the caller's future is dropped here, mid-load
+    gate.add_permits(1);
     let r = s.manager.registry.clone();
     let root = s.root.clone();
     let done = async {
