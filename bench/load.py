@@ -289,18 +289,24 @@ def copy_without_batching(repo, name):
         f.write(text)
 
 
-def small_suite(args, tmp):
-    repo = os.path.join(tmp, "repo")
-    shutil.copytree(os.path.join(EXAMPLES, "mlp"), os.path.join(repo, "mlp"))
-    shutil.copytree(os.path.join(EXAMPLES, "digits"), os.path.join(repo, "digits"))
-    copy_without_batching(repo, "mlp")
-    copy_without_batching(repo, "digits")
+def request_bodies(tmp):
+    """The load's bodies in `tmp`: one mlp row as JSON, and a drawn 7 as a PNG."""
     mlp_body = os.path.join(tmp, "mlp.json")
     with open(mlp_body, "w") as f:
         f.write('{"instances": [[1.0, 2.0, 3.0, 4.0]]}')
     png = os.path.join(tmp, "digit.png")
     subprocess.run([sys.executable, os.path.join(ROOT, "examples", "draw_digit.py"), "7", png],
                    check=True, capture_output=True)
+    return mlp_body, png
+
+
+def small_suite(args, tmp):
+    repo = os.path.join(tmp, "repo")
+    shutil.copytree(os.path.join(EXAMPLES, "mlp"), os.path.join(repo, "mlp"))
+    shutil.copytree(os.path.join(EXAMPLES, "digits"), os.path.join(repo, "digits"))
+    copy_without_batching(repo, "mlp")
+    copy_without_batching(repo, "digits")
+    mlp_body, png = request_bodies(tmp)
     raw = {"mlp": raw_limit(os.path.join(EXAMPLES, "mlp", "1")),
            "digits": raw_limit(os.path.join(EXAMPLES, "digits", "1"))}
     raw["mlp-nobatch"] = raw["mlp"]
@@ -372,12 +378,7 @@ def tf_suite(args, tmp):
     torch_only = os.path.join(tmp, "torch-repo")
     for m in ("mlp", "digits"):
         shutil.copytree(os.path.join(EXAMPLES, m), os.path.join(torch_only, m))
-    mlp_body = os.path.join(tmp, "mlp.json")
-    with open(mlp_body, "w") as f:
-        f.write('{"instances": [[1.0, 2.0, 3.0, 4.0]]}')
-    png = os.path.join(tmp, "digit.png")
-    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "draw_digit.py"), "7", png],
-                   check=True, capture_output=True)
+    mlp_body, png = request_bodies(tmp)
     raw = {m: raw_limit(os.path.join(EXAMPLES, m, "1")) for m in ("mlp", "tf-mlp", "digits", "digits-tf")}
     print(f"== {os.cpu_count()} cores; raw limit in-process (1 thread), rows/s (p50 per forward):")
     for m, r in raw.items():
