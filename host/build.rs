@@ -12,6 +12,7 @@
 // on PATH in the Makefile) finds, and passes its path to the code as
 // NNSERVE_TENSORFLOW_DIR. `TENSORFLOW_DIR` at run time overrides it.
 fn main() {
+    protos();
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
@@ -69,4 +70,23 @@ fn tensorflow_dir() {
         std::os::unix::fs::symlink(target, &path).unwrap();
     }
     println!("cargo:rustc-env=NNSERVE_TENSORFLOW_DIR={}", dir.display());
+}
+
+/// Compiles `proto/inference.proto` (the KServe v2 / Triton gRPC service) with protox, so
+/// that no `protoc` binary is needed, into the messages and the server trait; bytes
+/// fields are `bytes::Bytes`, so a request's raw tensors are sliced, never copied. The
+/// encoded descriptor set goes beside them for server reflection.
+fn protos() {
+    use prost::Message;
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let file = dir.join("inference.proto");
+    println!("cargo:rerun-if-changed={}", file.display());
+    let fds = protox::compile([&file], [&dir]).unwrap_or_else(|e| panic!("{e}"));
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
+    std::fs::write(out.join("inference_descriptor.bin"), fds.encode_to_vec()).unwrap();
+    tonic_prost_build::configure()
+        .build_client(false)
+        .bytes(".")
+        .compile_fds(fds)
+        .unwrap_or_else(|e| panic!("compiling proto/inference.proto: {e}"));
 }

@@ -84,6 +84,12 @@ pub struct ServeArgs {
     #[arg(long, short = 'l', env = "NNSERVE_LISTEN")]
     pub listen: Option<SocketAddr>,
 
+    /// Also serve gRPC here (KServe v2 as Triton serves it, and grpc.health.v1); port 0
+    /// picks a free port (printed at start) [default: no gRPC listener; `make run` uses
+    /// 127.0.0.1:8081]
+    #[arg(long, env = "NNSERVE_GRPC_LISTEN")]
+    pub grpc_listen: Option<SocketAddr>,
+
     /// Server config file (TOML, keys in docs/configuration.md); flags override it
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
@@ -147,6 +153,9 @@ impl ServeArgs {
         }
         if let Some(l) = self.listen {
             c.listen = l;
+        }
+        if let Some(g) = self.grpc_listen {
+            c.grpc_listen = Some(g);
         }
         if let Some(t) = self.request_timeout_ms {
             c.request_timeout_ms = t;

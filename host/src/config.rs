@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub repository: PathBuf,
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// Address of the gRPC listener (KServe v2 / Triton's `GRPCInferenceService` and
+    /// `grpc.health.v1`); none by default, so that two servers never collide on a port.
+    pub grpc_listen: Option<SocketAddr>,
     /// Wall-clock deadline of a request (queueing, plugin, forward), ms. Clients may
     /// lower it per request with the `x-nnserve-timeout-ms` header.
     pub request_timeout_ms: u64,
@@ -130,6 +133,7 @@ impl Default for ServerConfig {
         ServerConfig {
             repository: PathBuf::from("repository"),
             listen: "127.0.0.1:8080".parse().unwrap(),
+            grpc_listen: None,
             request_timeout_ms: 30_000,
             max_request_bytes: 64 << 20,
             torch_intra_op_threads: None,
@@ -296,13 +300,26 @@ impl ServerConfig {
             ),
             Some(m) => Ok(m),
             None if token => Ok(Management::Token),
-            None if self.listen.ip().is_loopback() => Ok(Management::Open),
+            None if self.loopback_only() => Ok(Management::Open),
             None => anyhow::bail!(
                 "refusing to listen on {} with the management API (uploads, deletes, labels) open to the network: \
                  give --admin-token-file PATH to require a token, or --management off to serve without it \
                  (--management open allows it without a token, on purpose)",
-                self.listen
+                self.exposed()
             ),
+        }
+    }
+
+    /// Whether every listener (HTTP, and gRPC when on) is on a loopback address.
+    pub fn loopback_only(&self) -> bool {
+        self.listen.ip().is_loopback() && self.grpc_listen.is_none_or(|g| g.ip().is_loopback())
+    }
+
+    /// The first listener reachable from the network.
+    fn exposed(&self) -> SocketAddr {
+        match self.grpc_listen {
+            Some(g) if self.listen.ip().is_loopback() => g,
+            _ => self.listen,
         }
     }
 

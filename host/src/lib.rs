@@ -28,6 +28,7 @@ pub mod bundle_tool;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod grpc;
 pub mod lifecycle;
 pub mod metrics;
 pub mod names;

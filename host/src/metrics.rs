@@ -12,6 +12,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -59,6 +60,13 @@ pub struct RouterErrorLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabels {
+    /// `http` or `grpc`.
+    pub protocol: &'static str,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub endpoint: String,
 }
@@ -101,6 +109,7 @@ pub struct Metrics {
     shadow_requests: Family<VariantOutcomeLabels, Counter>,
     router_errors: Family<RouterErrorLabels, Counter>,
     router_time: HistogramFamily<EndpointLabels>,
+    api_requests: Family<ProtocolLabels, Counter>,
 }
 
 /// The handles one loaded version records into.
@@ -121,7 +130,48 @@ pub struct VersionMetrics {
     /// held so a successful request records without a label lookup.
     pub requests_ok: Option<Counter>,
     pub latency: Option<Histogram>,
+    /// The version's own counts, for Triton's statistics (gRPC `ModelStatistics`).
+    pub counts: std::sync::Arc<InferCounts>,
 }
+
+/// A version's finished requests and their time, and when the last one ended: what
+/// Triton's `ModelStatistics` reports as `success`, `fail` and `last_inference`.
+#[derive(Default, Debug)]
+pub struct InferCounts {
+    pub ok: AtomicU64,
+    pub ok_ns: AtomicU64,
+    pub failed: AtomicU64,
+    pub failed_ns: AtomicU64,
+    /// Milliseconds since the Unix epoch; 0 before the first request.
+    pub last_ms: AtomicU64,
+    /// Waits for a forward, and forwards (one per batch), with their time.
+    pub queued: AtomicU64,
+    pub queued_ns: AtomicU64,
+    pub forwards: AtomicU64,
+    pub forwards_ns: AtomicU64,
+}
+
+fn nanos(d: Duration) -> u64 {
+    d.as_nanos().min(u64::MAX as u128) as u64
+}
+
+impl InferCounts {
+    pub fn record(&self, ok: bool, took: Duration) {
+        let ns = nanos(took);
+        let (n, sum) = if ok {
+            (&self.ok, &self.ok_ns)
+        } else {
+            (&self.failed, &self.failed_ns)
+        };
+        n.fetch_add(1, Ordering::Relaxed);
+        sum.fetch_add(ns, Ordering::Relaxed);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.last_ms.fetch_max(now, Ordering::Relaxed);
+    }
+}
+
 
 impl VersionMetrics {
     /// A formed batch of `rows`, padded to `padded` rows.
@@ -136,11 +186,15 @@ impl VersionMetrics {
         }
     }
     pub fn observe_queue(&self, waited: Duration) {
+        self.counts.queued.fetch_add(1, Ordering::Relaxed);
+        self.counts.queued_ns.fetch_add(nanos(waited), Ordering::Relaxed);
         if let Some(h) = &self.queue_time {
             h.observe(waited.as_secs_f64());
         }
     }
     pub fn observe_compute(&self, took: Duration) {
+        self.counts.forwards.fetch_add(1, Ordering::Relaxed);
+        self.counts.forwards_ns.fetch_add(nanos(took), Ordering::Relaxed);
         if let Some(h) = &self.compute_time {
             h.observe(took.as_secs_f64());
         }
@@ -198,6 +252,7 @@ impl Metrics {
             shadow_requests: Family::default(),
             router_errors: Family::default(),
             router_time: Family::new_with_constructor(seconds),
+            api_requests: Family::default(),
         };
         {
             let mut r = m.registry.lock().unwrap();
@@ -258,6 +313,11 @@ impl Metrics {
                 m.router_errors.clone(),
             );
             r.register(
+                "api_requests",
+                "Requests on the API surface by protocol (http, grpc) and outcome",
+                m.api_requests.clone(),
+            );
+            r.register(
                 "router_duration_seconds",
                 "Time of one router call (instantiate and route)",
                 m.router_time.clone(),
@@ -285,7 +345,16 @@ impl Metrics {
                     .clone(),
             ),
             latency: Some(self.latency.get_or_create(&l).clone()),
+            counts: Default::default(),
         }
+    }
+
+    /// One request answered on the API surface: `protocol` `http` or `grpc`, `outcome`
+    /// one of [`OUTCOMES`] (management and health calls included).
+    pub fn api_request(&self, protocol: &'static str, outcome: &'static str) {
+        self.api_requests
+            .get_or_create(&ProtocolLabels { protocol, outcome })
+            .inc();
     }
 
     /// Records one finished request.

@@ -14,15 +14,19 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
                      // Refusals that need no model come first: a misconfigured server stops at once.
     let token = config.admin_token()?;
     let management = config.management(token.is_some())?;
-    if management == crate::config::Management::Open && !config.listen.ip().is_loopback() {
+    if management == crate::config::Management::Open && !config.loopback_only() {
         tracing::warn!(
             listen = %config.listen,
+            grpc_listen = ?config.grpc_listen,
             "the management API (uploads, deletes, labels) is open to the network without a token (--management open)"
         );
     }
-    let tls = match (&config.tls_cert, &config.tls_key) {
-        (Some(cert), Some(key)) => Some(crate::connections::tls_acceptor(cert, key)?),
-        _ => None,
+    let (tls, grpc_tls) = match (&config.tls_cert, &config.tls_key) {
+        (Some(cert), Some(key)) => (
+            Some(crate::connections::tls_acceptor(cert, key, b"http/1.1")?),
+            Some(crate::connections::tls_acceptor(cert, key, b"h2")?),
+        ),
+        _ => (None, None),
     };
     let limits = config.connection_limits();
     // From here on SIGTERM and ctrl-c stop the server cleanly (exit 0), also while the
@@ -96,10 +100,17 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         )
     })?;
     let addr = listener.local_addr()?;
+    let grpc_listener = match config.grpc_listen {
+        Some(at) => Some(listen(at).map_err(|e| {
+            anyhow::anyhow!("cannot listen on {at}: {e} (pick another with --grpc-listen)")
+        })?),
+        None => None,
+    };
     if config.poll_interval_ms > 0 {
         let interval = Duration::from_millis(config.poll_interval_ms);
         tokio::spawn(manager.clone().poll(interval));
     }
+    let grpc_routes = crate::grpc::routes(state.clone(), &limits);
     let app = api::router(state, config.max_request_bytes);
     tracing::info!(
         took = ?started.elapsed(),
@@ -110,6 +121,23 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // Tests and scripts wait for this line on stdout; keep its shape.
     let scheme = if tls.is_some() { "https" } else { "http" };
     println!("nnserve listening on {scheme}://{addr}");
+    let grpc = match grpc_listener {
+        Some(l) => {
+            let at = l.local_addr()?;
+            // As the HTTP line: tests and scripts wait for it.
+            let scheme = if grpc_tls.is_some() { "grpcs" } else { "grpc" };
+            println!("nnserve gRPC listening on {scheme}://{at}");
+            Some(tokio::spawn(crate::grpc::serve(
+                l,
+                grpc_routes,
+                limits.clone(),
+                grpc_tls,
+                nth_signal(signals.clone(), 1),
+                nth_signal(signals.clone(), 2),
+            )))
+        }
+        None => None,
+    };
     let grace = limits.grace;
     crate::connections::serve(
         listener,
@@ -120,6 +148,9 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         nth_signal(signals.clone(), 2),
     )
     .await?;
+    if let Some(grpc) = grpc {
+        grpc.await??;
+    }
     // An upload past its body runs to its end (its store is not cut half-way): give the
     // ones still storing the same grace.
     if !manager.uploads.settle(grace).await {

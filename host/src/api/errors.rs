@@ -33,7 +33,7 @@ pub enum ApiError {
 
 impl ApiError {
     /// The `outcome` label of the requests metric.
-    pub(super) fn outcome(&self) -> &'static str {
+    pub(crate) fn outcome(&self) -> &'static str {
         match self {
             ApiError::BadRequest(_)
             | ApiError::NotFound(_)
@@ -48,7 +48,7 @@ impl ApiError {
         }
     }
 
-    pub(super) fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
@@ -64,7 +64,7 @@ impl ApiError {
         }
     }
 
-    pub(super) fn message(&self) -> &str {
+    pub(crate) fn message(&self) -> &str {
         match self {
             ApiError::BadRequest(m)
             | ApiError::NotFound(m)
@@ -162,6 +162,7 @@ pub(super) async fn errors_as_json(
     resp: Response,
 ) -> Response {
     let status = resp.status();
+    state.metrics.api_request("http", outcome_of_status(status));
     if !(status.is_client_error() || status.is_server_error())
         || resp.headers().contains_key(super::VARIANT_HEADER)
         || resp
@@ -199,4 +200,15 @@ pub(super) async fn errors_as_json(
         }
     }
     resp
+}
+
+/// The metrics outcome of an HTTP status (as [`ApiError::outcome`] maps errors).
+fn outcome_of_status(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        429 | 503 => "overload",
+        408 | 504 => "timeout",
+        400..=499 => "client_error",
+        500..=599 => "server_error",
+        _ => "ok",
+    }
 }

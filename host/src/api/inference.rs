@@ -43,6 +43,8 @@ impl<'a> Recording<'a> {
 impl Drop for Recording<'_> {
     fn drop(&mut self) {
         if !self.done {
+            let counts = &self.target.runner.metrics().counts;
+            counts.record(false, self.started.elapsed());
             self.state.metrics.request(
                 self.target.name(),
                 self.target.version(),
@@ -59,6 +61,7 @@ const CANCELLED: &str = "cancelled";
 /// Counts a finished request to a resolved version in the metrics.
 fn record<T>(state: &AppState, s: &ModelVersion, started: Instant, result: &Result<T, ApiError>) {
     let took = started.elapsed();
+    s.runner.metrics().counts.record(result.is_ok(), took);
     if result.is_ok() && s.runner.metrics().request_ok(took) {
         return;
     }
@@ -128,6 +131,54 @@ pub(crate) fn resolve_model(
     }
 }
 
+/// One inference verb with its request, as run on whichever version the name resolves
+/// to (a model, an endpoint's chosen variant, each shadow): HTTP's [`HttpCall`], gRPC's
+/// `ModelInfer`. Cloned for each shadow copy, so keep it cheap to clone.
+pub(crate) trait Run: Clone + Send + Sync + 'static {
+    type Answer: Send + 'static;
+    /// Runs the request on one resolved version.
+    fn run(
+        &self,
+        state: &AppState,
+        s: &Arc<ModelVersion>,
+    ) -> impl std::future::Future<Output = Result<Self::Answer, ApiError>> + Send;
+    /// What an endpoint's router sees of the request, and its deadline.
+    fn route_meta(&self, state: &AppState) -> Result<(crate::routing::Meta, Duration), ApiError>;
+    /// Whether a successful answer still reports a server failure (a plugin's 5xx), which
+    /// counts against a variant in the live stats.
+    fn server_error(_answer: &Self::Answer) -> bool {
+        false
+    }
+}
+
+/// An HTTP inference request: the verb and what it carries.
+#[derive(Clone)]
+pub(crate) struct HttpCall {
+    pub verb: Verb,
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Run for HttpCall {
+    type Answer = Response;
+    async fn run(&self, state: &AppState, s: &Arc<ModelVersion>) -> Result<Response, ApiError> {
+        run_verb(state, &self.verb, s, &self.method, &self.headers, self.body.clone()).await
+    }
+    fn route_meta(&self, state: &AppState) -> Result<(crate::routing::Meta, Duration), ApiError> {
+        let meta = crate::routing::Meta {
+            method: self.method.to_string(),
+            path: self.path.clone(),
+            headers: header_pairs(&self.headers),
+        };
+        Ok((meta, state.deadline(&self.headers)?))
+    }
+    fn server_error(answer: &Response) -> bool {
+        answer.status().is_server_error()
+    }
+}
+
 /// Serves one inference request to `name`: a model, or an endpoint whose router picks
 /// the variant (unless a version or label is given, which goes to the default variant's
 /// model, bypassing the router). Every answer names the version that served it in
@@ -144,6 +195,27 @@ pub(crate) async fn serve_inference(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    let call = HttpCall {
+        verb,
+        method,
+        path: path.to_string(),
+        headers,
+        body,
+    };
+    let (result, target) = serve(state, name, version, label, call).await?;
+    Ok(with_variant(result, &target))
+}
+
+/// Resolves `name` (routing an endpoint's request to a variant, and sending its shadow
+/// copies) and runs `call` there, counted in the metrics. Answers the result and the
+/// version that served it; an error before a version was chosen is the outer `Err`.
+pub(crate) async fn serve<R: Run>(
+    state: &AppState,
+    name: &str,
+    version: Option<u64>,
+    label: Option<&str>,
+    call: R,
+) -> Result<(Result<R::Answer, ApiError>, Arc<ModelVersion>), ApiError> {
     let explicit = version.is_some() || label.is_some();
     // One registry lookup on the common path: a model by name.
     let latest = if explicit {
@@ -160,18 +232,14 @@ pub(crate) async fn serve_inference(
         Err(e) => e,
         Ok(target) => {
             let recording = Recording::start(state, &target);
-            let result = run_verb(state, &verb, &target, &method, &headers, body).await;
+            let result = call.run(state, &target).await;
             recording.finish(&result);
-            return Ok(with_variant(result, &target));
+            return Ok((result, target));
         }
     };
     let endpoint = &endpoint_version.endpoint;
     let started = Instant::now();
-    let meta = crate::routing::Meta {
-        method: method.to_string(),
-        path: path.to_string(),
-        headers: header_pairs(&headers),
-    };
+    let (meta, deadline) = call.route_meta(state)?;
     // The candidates: variants that resolve to an available model version now.
     let mut available = Vec::new();
     let mut missing = Vec::new();
@@ -193,7 +261,7 @@ pub(crate) async fn serve_inference(
         &state.routing_stats,
         &state.metrics,
         meta,
-        state.deadline(&headers)?,
+        deadline,
     )
     .await
     .map_err(|e| {
@@ -207,13 +275,7 @@ pub(crate) async fn serve_inference(
     }
     let window = Duration::from_millis(endpoint.spec.stats_window_ms);
     for (variant, target) in routed.shadows {
-        let (state, verb, method, headers, body) = (
-            state.clone(),
-            verb.clone(),
-            method.clone(),
-            headers.clone(),
-            body.clone(),
-        );
+        let (state, call) = (state.clone(), call.clone());
         let name = endpoint.name.clone();
         let stats = state.routing_stats.get(&name, &variant, window);
         if stats.in_flight() >= SHADOW_MAX_IN_FLIGHT {
@@ -226,10 +288,10 @@ pub(crate) async fn serve_inference(
         tokio::spawn(async move {
             let guard = stats.start();
             let t0 = Instant::now();
-            let result = run_verb(&state, &verb, &target, &method, &headers, body).await;
+            let result = call.run(&state, &target).await;
             record(&state, &target, t0, &result);
             let outcome = outcome_of(&result);
-            guard.finish(is_server_error(&result));
+            guard.finish(is_server_error::<R>(&result));
             state
                 .metrics
                 .variant_request(&name, &variant, true, outcome, t0.elapsed());
@@ -241,9 +303,9 @@ pub(crate) async fn serve_inference(
         .get(&endpoint.name, &routed.variant, window);
     let guard = stats.start();
     let recording = Recording::start(state, &target);
-    let result = run_verb(state, &verb, &target, &method, &headers, body).await;
+    let result = call.run(state, &target).await;
     recording.finish(&result);
-    guard.finish(is_server_error(&result));
+    guard.finish(is_server_error::<R>(&result));
     state.metrics.variant_request(
         &endpoint.name,
         &routed.variant,
@@ -251,7 +313,7 @@ pub(crate) async fn serve_inference(
         outcome_of(&result),
         started.elapsed(),
     );
-    Ok(with_variant(result, &target))
+    Ok((result, target))
 }
 
 /// Headers as the plugins see them: lower-case names, values as text.
@@ -275,9 +337,9 @@ pub(super) fn outcome_of<T>(result: &Result<T, ApiError>) -> &'static str {
 }
 
 /// A 5xx, which counts against a variant in the live stats (a 4xx is the client's).
-fn is_server_error(result: &Result<Response, ApiError>) -> bool {
+fn is_server_error<R: Run>(result: &Result<R::Answer, ApiError>) -> bool {
     match result {
-        Ok(r) => r.status().is_server_error(),
+        Ok(r) => R::server_error(r),
         Err(e) => e.status().is_server_error(),
     }
 }
@@ -309,7 +371,7 @@ pub(crate) fn check_answer_size(
 }
 
 /// Runs a tensor-API inference within the request's deadline.
-pub(super) async fn infer_within(
+pub(crate) async fn infer_within(
     state: &AppState,
     headers: &HeaderMap,
     runner: &crate::nn::Runner,

@@ -22,8 +22,12 @@ pub use state::{AppState, JsonGate, TokenDigest};
 pub use warmup::warmup_hook;
 
 pub(crate) use admin::{error_for, is_admin, Admin};
-use inference::infer_within;
-pub(crate) use inference::{check_answer_size, header_pairs, resolve_model, serve_inference, Verb};
+pub(crate) use inference::infer_within;
+pub(crate) use inference::{
+    check_answer_size, header_pairs, resolve_model, serve, serve_inference, Run, Verb,
+};
+pub(crate) use v1::plugin_infer;
+pub(crate) use v2::{available_versions, model_platform, repository_entries};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request};

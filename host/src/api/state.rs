@@ -67,7 +67,7 @@ impl JsonGate {
 
 impl AppState {
     /// The deadline for this request: the server's, or the client's if lower.
-    pub(super) fn deadline(&self, headers: &HeaderMap) -> Result<Duration, ApiError> {
+    pub(crate) fn deadline(&self, headers: &HeaderMap) -> Result<Duration, ApiError> {
         use super::TIMEOUT_HEADER;
         let Some(v) = headers.get(TIMEOUT_HEADER) else {
             return Ok(self.request_timeout);

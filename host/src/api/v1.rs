@@ -348,7 +348,7 @@ async fn upload(
     Ok((status, axum::Json(&stored)).into_response())
 }
 
-pub(super) async fn plugin_infer(
+pub(crate) async fn plugin_infer(
     state: &AppState,
     servable: &ModelVersion,
     method: Method,

@@ -42,27 +42,36 @@ fn metadata(state: &AppState, model: &str, version: Option<u64>) -> Result<Respo
             .map(|t| json!({ "name": t.name, "datatype": t.dtype.v2_name(), "shape": t.shape }))
             .collect()
     };
-    let versions: Vec<String> = state
+    let versions = available_versions(state, s.name());
+    Ok(axum::Json(json!({
+        "name": s.name(),
+        "versions": versions,
+        "platform": model_platform(spec),
+        "inputs": list(&spec.inputs),
+        "outputs": list(&spec.outputs),
+    }))
+    .into_response())
+}
+
+/// The available versions of a model, newest first, as text (v2 metadata).
+pub(crate) fn available_versions(state: &AppState, name: &str) -> Vec<String> {
+    state
         .registry
-        .status(s.name())
+        .status(name)
         .unwrap_or_default()
         .iter()
         .filter(|v| v.state == crate::lifecycle::State::Available)
         .map(|v| v.version.to_string())
         .rev()
-        .collect();
-    Ok(axum::Json(json!({
-        "name": s.name(),
-        "versions": versions,
-        // Triton's platform names.
-        "platform": match spec.backend {
-            crate::bundle::BackendKind::Torchscript => "pytorch_libtorch",
-            crate::bundle::BackendKind::Tensorflow => "tensorflow_savedmodel",
-        },
-        "inputs": list(&spec.inputs),
-        "outputs": list(&spec.outputs),
-    }))
-    .into_response())
+        .collect()
+}
+
+/// Triton's platform name of a model.
+pub(crate) fn model_platform(spec: &crate::bundle::ModelSpec) -> &'static str {
+    match spec.backend {
+        crate::bundle::BackendKind::Torchscript => "pytorch_libtorch",
+        crate::bundle::BackendKind::Tensorflow => "tensorflow_savedmodel",
+    }
 }
 
 /// `/v2/models/{model}[/versions/{version}]...`: both shapes of a v2 model route, so
@@ -417,20 +426,43 @@ pub async fn repository_index(
     State(state): State<AppState>,
     admin: super::Admin,
 ) -> Result<Response, ApiError> {
-    let admin = admin.full_errors;
+    let out: Vec<Value> = repository_entries(&state, admin.full_errors, false)
+        .into_iter()
+        .map(|e| json!({"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}))
+        .collect();
+    Ok(axum::Json(out).into_response())
+}
+
+/// One model version in Triton's repository index.
+pub(crate) struct IndexEntry {
+    pub name: String,
+    pub version: String,
+    /// `READY` or `UNAVAILABLE`.
+    pub state: &'static str,
+    pub reason: String,
+}
+
+/// Every model version with `READY` or `UNAVAILABLE` (and why, as this caller may see
+/// it); only the ready ones with `ready_only`.
+pub(crate) fn repository_entries(state: &AppState, admin: bool, ready_only: bool) -> Vec<IndexEntry> {
     let mut out = Vec::new();
     for (name, versions, _) in state.registry.list() {
         for v in versions {
             let ready = v.state == crate::lifecycle::State::Available;
-            out.push(json!({
-                "name": name,
-                "version": v.version.to_string(),
-                "state": if ready { "READY" } else { "UNAVAILABLE" },
-                "reason": super::error_for(admin, &v).unwrap_or_else(|| if ready { String::new() } else { v.state.as_str().to_string() }),
-            }));
+            if ready_only && !ready {
+                continue;
+            }
+            out.push(IndexEntry {
+                name: name.clone(),
+                version: v.version.to_string(),
+                state: if ready { "READY" } else { "UNAVAILABLE" },
+                reason: super::error_for(admin, &v).unwrap_or_else(|| {
+                    if ready { String::new() } else { v.state.as_str().to_string() }
+                }),
+            });
         }
     }
-    Ok(axum::Json(out).into_response())
+    out
 }
 
 /// `POST /v2/repository/models/{m}/load`.

@@ -40,7 +40,8 @@ mod table;
 
 pub use self::progress::BodyTimeout;
 use self::progress::{AnswerBody, TimedBody, Tracked};
-use self::table::{Conn, RateLimited, State, Table};
+pub(crate) use self::table::RateLimited;
+use self::table::{Conn, State, Table};
 use axum::body::Body;
 use hyper::body::Incoming;
 use std::collections::HashMap;
@@ -325,10 +326,12 @@ fn closing_answer() -> axum::response::Response {
     resp
 }
 
-/// Loads a PEM certificate chain and private key for the listener.
+/// Loads a PEM certificate chain and private key for a listener that speaks `alpn`
+/// (`http/1.1` for the HTTP API, `h2` for gRPC).
 pub fn tls_acceptor(
     cert: &std::path::Path,
     key: &std::path::Path,
+    alpn: &[u8],
 ) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -357,7 +360,7 @@ pub fn tls_acceptor(
         .with_no_client_auth()
         .with_single_cert(certs, key)
         .map_err(|e| anyhow::anyhow!("--tls-cert/--tls-key do not make a usable pair: {e}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -224,7 +224,7 @@ impl Table {
 }
 
 /// A warning logged at most once per interval, with the count of the ones held back.
-pub(super) struct RateLimited {
+pub(crate) struct RateLimited {
     last: Mutex<Option<Instant>>,
     held: AtomicU64,
 }
@@ -232,14 +232,14 @@ pub(super) struct RateLimited {
 impl RateLimited {
     const EVERY: Duration = Duration::from_secs(10);
 
-    pub(super) fn new() -> RateLimited {
+    pub(crate) fn new() -> RateLimited {
         RateLimited {
             last: Mutex::new(None),
             held: AtomicU64::new(0),
         }
     }
 
-    pub(super) fn warn(&self, message: std::fmt::Arguments<'_>) {
+    pub(crate) fn warn(&self, message: std::fmt::Arguments<'_>) {
         let mut last = self.last.lock().unwrap();
         if last.is_some_and(|t| t.elapsed() < Self::EVERY) {
             self.held.fetch_add(1, Ordering::Relaxed);

@@ -244,6 +244,8 @@ pub struct Registry {
     metrics: Arc<Metrics>,
     /// Device memory budgets that loads reserve from.
     pub budget: Arc<DeviceBudget>,
+    /// Counts every change of a version's state, for watchers (gRPC health's `Watch`).
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Registry {
@@ -252,7 +254,13 @@ impl Registry {
             models: RwLock::new(HashMap::new()),
             metrics,
             budget: Arc::new(budget),
+            changes: tokio::sync::watch::Sender::new(0),
         }
+    }
+
+    /// Wakes whenever a version of any model changes state.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -550,6 +558,8 @@ impl Registry {
         let old = entry.status.get(&version).map(|s| s.state.as_str());
         self.metrics
             .version_state(model, version, old, state.as_str());
+        // Watchers read the registry after the write lock this runs under is released.
+        self.changes.send_modify(|n| *n += 1);
         entry.status.insert(
             version,
             VersionStatus {

@@ -1,0 +1,477 @@
+//! `ModelInfer`: the request's tensors (typed `contents` or `raw_input_contents`) into
+//! host tensors, the model's outputs back as `raw_output_contents` (what Triton answers
+//! and its clients read), and a handler plugin's bundle called through one BYTES input.
+
+use super::pb::model_infer_request::InferInputTensor;
+use super::pb::model_infer_response::InferOutputTensor;
+use super::pb::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
+use crate::api::{ApiError, AppState};
+use crate::lifecycle::ModelVersion;
+use crate::names::{bounded, shown};
+use crate::tensor::{checked_numel, DType, Tensor};
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The datatype of a tensor of byte strings: each element a length (u32, little-endian)
+/// and its bytes in the raw form.
+pub const BYTES: &str = "BYTES";
+
+/// The name of the one BYTES output of a handler plugin's answer.
+pub const BODY_OUTPUT: &str = "body";
+
+/// One gRPC inference request, run on whichever version its name resolves to.
+#[derive(Clone)]
+pub struct GrpcInfer {
+    pub req: Arc<ModelInferRequest>,
+    /// The call's metadata as HTTP headers (`grpc-timeout` turned into the deadline
+    /// header), for the deadline, routers and plugins.
+    pub headers: Arc<HeaderMap>,
+}
+
+impl crate::api::Run for GrpcInfer {
+    type Answer = ModelInferResponse;
+
+    async fn run(
+        &self,
+        state: &AppState,
+        s: &Arc<ModelVersion>,
+    ) -> Result<ModelInferResponse, ApiError> {
+        let req = &*self.req;
+        let mut answer = if s.handler.is_some() && is_body_call(req) {
+            call_handler(state, s, req, &self.headers).await?
+        } else {
+            infer_tensors(state, s, req, &self.headers).await?
+        };
+        answer.model_name = s.name().to_string();
+        answer.model_version = s.version().to_string();
+        answer.id = req.id.clone();
+        Ok(answer)
+    }
+
+    fn route_meta(
+        &self,
+        state: &AppState,
+    ) -> Result<(crate::routing::Meta, Duration), ApiError> {
+        // Routers see the call as the HTTP route of the same request.
+        let meta = crate::routing::Meta {
+            method: "POST".into(),
+            path: format!("/v2/models/{}/infer", self.req.model_name),
+            headers: crate::api::header_pairs(&self.headers),
+        };
+        Ok((meta, state.deadline(&self.headers)?))
+    }
+}
+
+/// A call for a handler plugin: one input, of datatype BYTES.
+fn is_body_call(req: &ModelInferRequest) -> bool {
+    req.inputs.len() == 1 && req.inputs[0].datatype == BYTES
+}
+
+async fn infer_tensors(
+    state: &AppState,
+    s: &ModelVersion,
+    req: &ModelInferRequest,
+    headers: &HeaderMap,
+) -> Result<ModelInferResponse, ApiError> {
+    let inputs = decode_inputs(req)?;
+    // Requested outputs: each once, and only the model's (checked before the forward).
+    let mut wanted: Vec<&str> = Vec::new();
+    for o in &req.outputs {
+        if !wanted.contains(&o.name.as_str()) {
+            wanted.push(&o.name);
+        }
+    }
+    let declared = &s.model_spec().outputs;
+    if let Some(o) = wanted
+        .iter()
+        .find(|o| !declared.is_empty() && !declared.iter().any(|d| d.name == **o))
+    {
+        return Err(ApiError::BadRequest(format!(
+            "requested output {} does not exist; the model's outputs are {:?}",
+            shown(o),
+            declared.iter().map(|d| &d.name).collect::<Vec<_>>()
+        )));
+    }
+    let outputs = crate::api::infer_within(state, headers, s.runner(), inputs).await?;
+    let selected: Vec<(String, Tensor)> = if wanted.is_empty() {
+        outputs
+    } else {
+        let mut outputs = outputs;
+        let mut picked = Vec::with_capacity(wanted.len());
+        for w in wanted {
+            let i = outputs.iter().position(|(n, _)| n == w).ok_or_else(|| {
+                ApiError::BadRequest(format!("requested output {} does not exist", shown(w)))
+            })?;
+            picked.push(outputs.swap_remove(i));
+        }
+        picked
+    };
+    crate::api::check_answer_size(
+        state,
+        selected
+            .iter()
+            .map(|(n, t)| t.data.len() as u64 + n.len() as u64 + 64),
+    )?;
+    let mut answer = ModelInferResponse::default();
+    for (name, t) in selected {
+        answer.outputs.push(InferOutputTensor {
+            name,
+            datatype: t.dtype.v2_name().to_string(),
+            shape: t.shape,
+            ..Default::default()
+        });
+        answer.raw_output_contents.push(Bytes::from(t.data));
+    }
+    Ok(answer)
+}
+
+/// The request's inputs as host tensors: either all in `raw_input_contents` (in the
+/// order of `inputs`) or all as typed `contents`.
+pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<(String, Tensor)>, ApiError> {
+    let raw = !req.raw_input_contents.is_empty();
+    if raw && req.raw_input_contents.len() != req.inputs.len() {
+        return Err(ApiError::BadRequest(format!(
+            "the request has {} inputs but {} raw_input_contents; send one raw entry per input, in order",
+            req.inputs.len(),
+            req.raw_input_contents.len()
+        )));
+    }
+    let mut out: Vec<(String, Tensor)> = Vec::with_capacity(req.inputs.len());
+    for (i, input) in req.inputs.iter().enumerate() {
+        if out.iter().any(|(n, _)| *n == input.name) {
+            return Err(ApiError::BadRequest(format!(
+                "input {} appears twice in the request",
+                shown(&input.name)
+            )));
+        }
+        let t = if raw {
+            if input.contents.is_some() {
+                return Err(ApiError::BadRequest(format!(
+                    "input {} has contents although the request uses raw_input_contents; send one form",
+                    shown(&input.name)
+                )));
+            }
+            decode_raw(input, &req.raw_input_contents[i])?
+        } else {
+            decode_typed(input)?
+        };
+        out.push((input.name.clone(), t));
+    }
+    Ok(out)
+}
+
+/// The input's datatype and element count, checked.
+fn dtype_and_numel(input: &InferInputTensor) -> Result<(DType, usize), ApiError> {
+    let name = bounded(&input.name);
+    if input.datatype == BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "input '{name}' is BYTES, which this model does not take: BYTES goes to a model with a \
+             handler plugin, as its only input (docs/grpc.md)"
+        )));
+    }
+    let dtype = DType::from_v2_name(&input.datatype).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "input '{name}' has datatype {}, which nnserve does not support (use one of {})",
+            shown(&input.datatype),
+            DType::ALL.map(|d| d.v2_name()).join(", ")
+        ))
+    })?;
+    let shape = crate::names::shown_list(&input.shape);
+    if input.shape.iter().any(|&d| d < 0) {
+        return Err(ApiError::BadRequest(format!(
+            "input '{name}' has a negative size in shape {shape}"
+        )));
+    }
+    let n = checked_numel(&input.shape).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "input '{name}' has shape {shape}, whose element count does not fit in memory"
+        ))
+    })?;
+    Ok((dtype, n))
+}
+
+fn decode_raw(input: &InferInputTensor, raw: &Bytes) -> Result<Tensor, ApiError> {
+    let (dtype, n) = dtype_and_numel(input)?;
+    let want = n.checked_mul(dtype.size()).unwrap_or(usize::MAX);
+    if raw.len() != want {
+        return Err(ApiError::BadRequest(format!(
+            "input '{}' of shape {} and datatype {} needs {want} raw bytes, not {}",
+            bounded(&input.name),
+            crate::names::shown_list(&input.shape),
+            dtype.v2_name(),
+            raw.len()
+        )));
+    }
+    Tensor::new(dtype, input.shape.clone(), raw.to_vec())
+        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", bounded(&input.name))))
+}
+
+fn decode_typed(input: &InferInputTensor) -> Result<Tensor, ApiError> {
+    let (dtype, n) = dtype_and_numel(input)?;
+    let name = bounded(&input.name);
+    let empty = InferTensorContents::default();
+    let c = input.contents.as_ref().unwrap_or(&empty);
+    let wrong_count = |got: usize, list: &str| {
+        ApiError::BadRequest(format!(
+            "input '{name}' has {got} values in {list} but its shape {} needs {n}",
+            crate::names::shown_list(&input.shape)
+        ))
+    };
+    let out_of_range = |list: &str| {
+        ApiError::BadRequest(format!(
+            "input '{name}': a value in {list} is out of the range of {}",
+            dtype.v2_name()
+        ))
+    };
+    macro_rules! take {
+        ($list:ident, $name:literal, |$v:ident| $conv:expr) => {{
+            if c.$list.len() != n {
+                return Err(wrong_count(c.$list.len(), $name));
+            }
+            let mut data = Vec::with_capacity(n * dtype.size());
+            for &$v in &c.$list {
+                data.extend_from_slice(&($conv).ok_or_else(|| out_of_range($name))?.to_le_bytes());
+            }
+            data
+        }};
+    }
+    let data = match dtype {
+        DType::Bool => take!(bool_contents, "bool_contents", |v| Some(v as u8)),
+        DType::Uint8 => take!(uint_contents, "uint_contents", |v| u8::try_from(v).ok()),
+        DType::Int8 => take!(int_contents, "int_contents", |v| i8::try_from(v).ok()),
+        DType::Int16 => take!(int_contents, "int_contents", |v| i16::try_from(v).ok()),
+        DType::Int32 => take!(int_contents, "int_contents", |v| Some(v)),
+        DType::Int64 => take!(int64_contents, "int64_contents", |v| Some(v)),
+        DType::Fp32 => take!(fp32_contents, "fp32_contents", |v| Some(v)),
+        DType::Fp64 => take!(fp64_contents, "fp64_contents", |v| Some(v)),
+        DType::Fp16 | DType::Bf16 => {
+            return Err(ApiError::BadRequest(format!(
+                "input '{name}' is {}, which travels only in raw_input_contents (the protocol has no typed list for it)",
+                dtype.v2_name()
+            )))
+        }
+    };
+    Tensor::new(dtype, input.shape.clone(), data)
+        .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")))
+}
+
+/// The elements of a BYTES tensor in the raw form: each a u32 little-endian length and
+/// that many bytes.
+pub fn split_bytes_elements(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut out = Vec::new();
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let (len, tail) = rest
+            .split_first_chunk::<4>()
+            .ok_or("a BYTES element's 4-byte length prefix is cut short")?;
+        let len = u32::from_le_bytes(*len) as usize;
+        if tail.len() < len {
+            return Err(format!(
+                "a BYTES element declares {len} bytes but only {} follow",
+                tail.len()
+            ));
+        }
+        out.push(&tail[..len]);
+        rest = &tail[len..];
+    }
+    Ok(out)
+}
+
+/// One element as a raw BYTES tensor.
+pub fn bytes_element(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(4 + data.len());
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(data);
+    out
+}
+
+fn string_param(params: &std::collections::HashMap<String, InferParameter>, key: &str) -> Option<String> {
+    use super::pb::infer_parameter::ParameterChoice;
+    match params.get(key)?.parameter_choice.as_ref()? {
+        ParameterChoice::StringParam(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+/// A bundle's handler plugin called with the one BYTES element as the HTTP request body
+/// (its content type from the input's or the request's `content_type` parameter), as
+/// `POST /v1/models/{model}:infer` would call it; the answer's body comes back as the
+/// BYTES output `body`, with its `content_type` as a parameter. A plugin's 4xx or 5xx
+/// becomes the status that maps it, with the body (bounded) as the message.
+async fn call_handler(
+    state: &AppState,
+    s: &ModelVersion,
+    req: &ModelInferRequest,
+    headers: &HeaderMap,
+) -> Result<ModelInferResponse, ApiError> {
+    let input = &req.inputs[0];
+    let name = bounded(&input.name);
+    let elements: Vec<Bytes> = if let Some(raw) = req.raw_input_contents.first() {
+        split_bytes_elements(raw)
+            .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")))?
+            .into_iter()
+            .map(|e| raw.slice_ref(e))
+            .collect()
+    } else {
+        input
+            .contents
+            .as_ref()
+            .map(|c| c.bytes_contents.clone())
+            .unwrap_or_default()
+    };
+    let [body] = <[Bytes; 1]>::try_from(elements).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "input '{name}' holds {} elements; a handler plugin takes one, the request body (shape [1])",
+            e.len()
+        ))
+    })?;
+    let content_type = string_param(&input.parameters, "content_type")
+        .or_else(|| string_param(&req.parameters, "content_type"));
+    let mut headers = headers.clone();
+    match content_type.map(|ct| axum::http::HeaderValue::try_from(ct)) {
+        Some(Ok(v)) => {
+            headers.insert(axum::http::header::CONTENT_TYPE, v);
+        }
+        Some(Err(_)) => {
+            return Err(ApiError::BadRequest(format!(
+                "input '{name}': the content_type parameter is not a valid header value"
+            )))
+        }
+        None => {
+            headers.remove(axum::http::header::CONTENT_TYPE);
+        }
+    }
+    let rest = format!("{}/versions/{}:infer", s.name(), s.version());
+    let resp = crate::api::plugin_infer(
+        state,
+        s,
+        axum::http::Method::POST,
+        &rest,
+        headers,
+        body,
+    )
+    .await?;
+    let status = resp.status();
+    let content_type = resp
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    // plugin_infer bounded the body by max_response_bytes already.
+    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading the plugin's answer: {e}")))?;
+    if !status.is_success() {
+        let text = bounded(&String::from_utf8_lossy(&body)).to_string();
+        let msg = format!("plugin answered {}: {text}", status.as_u16());
+        return Err(match status.as_u16() {
+            404 => ApiError::NotFound(msg),
+            415 => ApiError::UnsupportedMediaType(msg),
+            429 => ApiError::TooManyRequests(msg),
+            503 => ApiError::Unavailable(msg),
+            504 => ApiError::Timeout(msg),
+            400..=499 => ApiError::BadRequest(msg),
+            _ => ApiError::Internal(msg),
+        });
+    }
+    let mut parameters = std::collections::HashMap::new();
+    if let Some(ct) = content_type {
+        parameters.insert(
+            "content_type".to_string(),
+            InferParameter {
+                parameter_choice: Some(super::pb::infer_parameter::ParameterChoice::StringParam(ct)),
+            },
+        );
+    }
+    Ok(ModelInferResponse {
+        outputs: vec![InferOutputTensor {
+            name: BODY_OUTPUT.into(),
+            datatype: BYTES.into(),
+            shape: vec![1],
+            parameters,
+            contents: None,
+        }],
+        raw_output_contents: vec![Bytes::from(bytes_element(&body))],
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bytes_elements_round_trip_and_refuse_cut_data() {
+        let mut raw = bytes_element(b"abc");
+        raw.extend(bytes_element(b""));
+        assert_eq!(
+            split_bytes_elements(&raw).unwrap(),
+            vec![&b"abc"[..], &b""[..]]
+        );
+        assert!(split_bytes_elements(&raw[..5]).is_err());
+        assert!(split_bytes_elements(&[1, 0]).is_err());
+    }
+
+    fn input(dtype: &str, shape: Vec<i64>, contents: InferTensorContents) -> ModelInferRequest {
+        ModelInferRequest {
+            inputs: vec![InferInputTensor {
+                name: "x".into(),
+                datatype: dtype.into(),
+                shape,
+                parameters: Default::default(),
+                contents: Some(contents),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn typed_contents_become_little_endian_tensors() {
+        let req = input(
+            "FP32",
+            vec![1, 2],
+            InferTensorContents {
+                fp32_contents: vec![1.5, -2.0],
+                ..Default::default()
+            },
+        );
+        let t = &decode_inputs(&req).unwrap()[0].1;
+        assert_eq!(t.shape, vec![1, 2]);
+        assert_eq!(t.to_f64_vec(), vec![1.5, -2.0]);
+        let req = input(
+            "INT8",
+            vec![1],
+            InferTensorContents {
+                int_contents: vec![300],
+                ..Default::default()
+            },
+        );
+        let e = decode_inputs(&req).unwrap_err();
+        assert!(e.message().contains("out of the range of INT8"), "{}", e.message());
+        let req = input(
+            "FP32",
+            vec![3],
+            InferTensorContents {
+                fp32_contents: vec![1.0],
+                ..Default::default()
+            },
+        );
+        let e = decode_inputs(&req).unwrap_err();
+        assert!(e.message().contains("needs 3"), "{}", e.message());
+    }
+
+    #[test]
+    fn raw_contents_must_match_the_shape_and_the_inputs() {
+        let mut req = input("FP32", vec![2], InferTensorContents::default());
+        req.inputs[0].contents = None;
+        req.raw_input_contents = vec![Bytes::from(vec![0u8; 8])];
+        assert_eq!(decode_inputs(&req).unwrap()[0].1.data.len(), 8);
+        req.raw_input_contents = vec![Bytes::from(vec![0u8; 7])];
+        let e = decode_inputs(&req).unwrap_err();
+        assert!(e.message().contains("needs 8 raw bytes, not 7"), "{}", e.message());
+        req.raw_input_contents = vec![Bytes::new(), Bytes::new()];
+        assert!(decode_inputs(&req).is_err());
+    }
+}
