@@ -2,12 +2,14 @@
 # the wasm32-wasip2 target, a venv with the PyPI torch that matches tch, the plugins,
 # the example models and the release build of the server.
 #
-#   make run [LISTEN=127.0.0.1:8080]   serve examples/repository
+#   make run [LISTEN=127.0.0.1:8080] [GRPC_LISTEN=127.0.0.1:8081]   serve examples/repository
 #   make test                          every test (unit, plugin, end to end)
 
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 LISTEN ?= 127.0.0.1:8080
+# gRPC (KServe v2 as Triton serves it); Triton uses 8001, TF Serving 8500.
+GRPC_LISTEN ?= 127.0.0.1:8081
 
 VENV   := .venv
 PY     := $(CURDIR)/$(VENV)/bin/python
@@ -32,7 +34,7 @@ MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
 .PHONY: help setup run test test-unit test-e2e build plugins models clean
 
 help:
-	@echo "make run [LISTEN=host:port]  set up and serve $(REPO) (default $(LISTEN))"
+	@echo "make run [LISTEN=host:port] [GRPC_LISTEN=host:port]  set up and serve $(REPO) (HTTP $(LISTEN), gRPC $(GRPC_LISTEN))"
 	@echo "make test                    set up and run every test"
 	@echo "make setup                   only set up (venv, wasm target, plugins, models, release build)"
 
@@ -87,7 +89,7 @@ $(TF_MODELS) &: examples/make_tf_models.py examples/digits_data.py $(STAMPS)/ven
 	$(PY) examples/make_tf_models.py --repository $(REPO)
 
 run: setup
-	$(NNSERVE) serve --repository $(REPO) --listen $(LISTEN)
+	$(NNSERVE) serve --repository $(REPO) --listen $(LISTEN) --grpc-listen $(GRPC_LISTEN)
 
 # Each phase prints how long it took (CI has 90 minutes on 2 cores; keep an eye on them).
 PHASE = @start=$$(date +%s); trap 'echo "== $(1) took $$(( $$(date +%s) - start )) s"' EXIT;

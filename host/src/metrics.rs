@@ -172,7 +172,6 @@ impl InferCounts {
     }
 }
 
-
 impl VersionMetrics {
     /// A formed batch of `rows`, padded to `padded` rows.
     pub fn observe_batch(&self, rows: usize, padded: usize) {
@@ -187,14 +186,18 @@ impl VersionMetrics {
     }
     pub fn observe_queue(&self, waited: Duration) {
         self.counts.queued.fetch_add(1, Ordering::Relaxed);
-        self.counts.queued_ns.fetch_add(nanos(waited), Ordering::Relaxed);
+        self.counts
+            .queued_ns
+            .fetch_add(nanos(waited), Ordering::Relaxed);
         if let Some(h) = &self.queue_time {
             h.observe(waited.as_secs_f64());
         }
     }
     pub fn observe_compute(&self, took: Duration) {
         self.counts.forwards.fetch_add(1, Ordering::Relaxed);
-        self.counts.forwards_ns.fetch_add(nanos(took), Ordering::Relaxed);
+        self.counts
+            .forwards_ns
+            .fetch_add(nanos(took), Ordering::Relaxed);
         if let Some(h) = &self.compute_time {
             h.observe(took.as_secs_f64());
         }

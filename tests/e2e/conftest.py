@@ -94,8 +94,10 @@ def heavy_bundle(repo, name="heavy", batching=""):
 
 
 class Server:
-    def __init__(self, proc, url, log_path):
+    def __init__(self, proc, url, log_path, grpc=None):
         self.proc, self.url, self.log_path = proc, url, log_path
+        # host:port of the gRPC listener, when the server was started with --grpc-listen.
+        self.grpc = grpc
 
     def log(self):
         with open(self.log_path) as f:
@@ -132,10 +134,16 @@ def start_server(repo, tmp, *args, listen="127.0.0.1:0", env=None, preexec_fn=No
         if m:
             url = m.group(1)
             break
+    grpc = None
+    if url is not None and "--grpc-listen" in args:
+        # The gRPC line follows the HTTP one.
+        m = re.search(r"gRPC listening on grpcs?://(\S+)", proc.stdout.readline())
+        grpc = m and m.group(1)
+        url = url if grpc else None
     if url is None:
         proc.kill()
         raise RuntimeError(f"nnserve did not start; its log:\n{open(log_path).read()}")
-    return Server(proc, url, log_path)
+    return Server(proc, url, log_path, grpc)
 
 
 def stop_server(server):
@@ -203,7 +211,7 @@ def server(tmp_path_factory):
     os.makedirs(os.path.join(repo, "broken", "1"))
     with open(os.path.join(repo, "broken", "1", "bundle.toml"), "w") as f:
         f.write('[bundle]\nname = "broken"\nversion = 1\nflavour = "odd"\n')
-    s = start_server(repo, tmp)
+    s = start_server(repo, tmp, "--grpc-listen", "127.0.0.1:0")
     yield s
     stop_server(s)
     assert s.proc.returncode == 0, f"nnserve exited with {s.proc.returncode}; log:\n{s.log()}"

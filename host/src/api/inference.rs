@@ -164,7 +164,15 @@ pub(crate) struct HttpCall {
 impl Run for HttpCall {
     type Answer = Response;
     async fn run(&self, state: &AppState, s: &Arc<ModelVersion>) -> Result<Response, ApiError> {
-        run_verb(state, &self.verb, s, &self.method, &self.headers, self.body.clone()).await
+        run_verb(
+            state,
+            &self.verb,
+            s,
+            &self.method,
+            &self.headers,
+            self.body.clone(),
+        )
+        .await
     }
     fn route_meta(&self, state: &AppState) -> Result<(crate::routing::Meta, Duration), ApiError> {
         let meta = crate::routing::Meta {

@@ -428,7 +428,9 @@ pub async fn repository_index(
 ) -> Result<Response, ApiError> {
     let out: Vec<Value> = repository_entries(&state, admin.full_errors, false)
         .into_iter()
-        .map(|e| json!({"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}))
+        .map(
+            |e| json!({"name": e.name, "version": e.version, "state": e.state, "reason": e.reason}),
+        )
         .collect();
     Ok(axum::Json(out).into_response())
 }
@@ -444,7 +446,11 @@ pub(crate) struct IndexEntry {
 
 /// Every model version with `READY` or `UNAVAILABLE` (and why, as this caller may see
 /// it); only the ready ones with `ready_only`.
-pub(crate) fn repository_entries(state: &AppState, admin: bool, ready_only: bool) -> Vec<IndexEntry> {
+pub(crate) fn repository_entries(
+    state: &AppState,
+    admin: bool,
+    ready_only: bool,
+) -> Vec<IndexEntry> {
     let mut out = Vec::new();
     for (name, versions, _) in state.registry.list() {
         for v in versions {
@@ -457,7 +463,11 @@ pub(crate) fn repository_entries(state: &AppState, admin: bool, ready_only: bool
                 version: v.version.to_string(),
                 state: if ready { "READY" } else { "UNAVAILABLE" },
                 reason: super::error_for(admin, &v).unwrap_or_else(|| {
-                    if ready { String::new() } else { v.state.as_str().to_string() }
+                    if ready {
+                        String::new()
+                    } else {
+                        v.state.as_str().to_string()
+                    }
                 }),
             });
         }

@@ -70,8 +70,8 @@ impl Health for HealthService {
                     None => loop {
                         changes.changed().await.ok()?;
                         // A model deleted while watched answers SERVICE_UNKNOWN.
-                        let now = status_of(&state, &service)
-                            .unwrap_or(ServingStatus::ServiceUnknown);
+                        let now =
+                            status_of(&state, &service).unwrap_or(ServingStatus::ServiceUnknown);
                         if now != last {
                             break now;
                         }

@@ -50,10 +50,7 @@ impl crate::api::Run for GrpcInfer {
         Ok(answer)
     }
 
-    fn route_meta(
-        &self,
-        state: &AppState,
-    ) -> Result<(crate::routing::Meta, Duration), ApiError> {
+    fn route_meta(&self, state: &AppState) -> Result<(crate::routing::Meta, Duration), ApiError> {
         // Routers see the call as the HTTP route of the same request.
         let meta = crate::routing::Meta {
             method: "POST".into(),
@@ -287,7 +284,10 @@ pub fn bytes_element(data: &[u8]) -> Vec<u8> {
     out
 }
 
-fn string_param(params: &std::collections::HashMap<String, InferParameter>, key: &str) -> Option<String> {
+fn string_param(
+    params: &std::collections::HashMap<String, InferParameter>,
+    key: &str,
+) -> Option<String> {
     use super::pb::infer_parameter::ParameterChoice;
     match params.get(key)?.parameter_choice.as_ref()? {
         ParameterChoice::StringParam(s) => Some(s.clone()),
@@ -344,15 +344,8 @@ async fn call_handler(
         }
     }
     let rest = format!("{}/versions/{}:infer", s.name(), s.version());
-    let resp = crate::api::plugin_infer(
-        state,
-        s,
-        axum::http::Method::POST,
-        &rest,
-        headers,
-        body,
-    )
-    .await?;
+    let resp =
+        crate::api::plugin_infer(state, s, axum::http::Method::POST, &rest, headers, body).await?;
     let status = resp.status();
     let content_type = resp
         .headers()
@@ -381,7 +374,9 @@ async fn call_handler(
         parameters.insert(
             "content_type".to_string(),
             InferParameter {
-                parameter_choice: Some(super::pb::infer_parameter::ParameterChoice::StringParam(ct)),
+                parameter_choice: Some(super::pb::infer_parameter::ParameterChoice::StringParam(
+                    ct,
+                )),
             },
         );
     }
@@ -449,7 +444,11 @@ mod tests {
             },
         );
         let e = decode_inputs(&req).unwrap_err();
-        assert!(e.message().contains("out of the range of INT8"), "{}", e.message());
+        assert!(
+            e.message().contains("out of the range of INT8"),
+            "{}",
+            e.message()
+        );
         let req = input(
             "FP32",
             vec![3],
@@ -470,7 +469,11 @@ mod tests {
         assert_eq!(decode_inputs(&req).unwrap()[0].1.data.len(), 8);
         req.raw_input_contents = vec![Bytes::from(vec![0u8; 7])];
         let e = decode_inputs(&req).unwrap_err();
-        assert!(e.message().contains("needs 8 raw bytes, not 7"), "{}", e.message());
+        assert!(
+            e.message().contains("needs 8 raw bytes, not 7"),
+            "{}",
+            e.message()
+        );
         req.raw_input_contents = vec![Bytes::new(), Bytes::new()];
         assert!(decode_inputs(&req).is_err());
     }

@@ -41,22 +41,58 @@ pub fn routes(state: AppState, limits: &crate::connections::Limits) -> axum::Rou
         state: state.clone(),
     });
     let bound = state.request_timeout + limits.body_read_timeout;
+    let max_request = state.max_request_bytes;
+    let metrics = state.metrics.clone();
     tonic::service::Routes::new(inference)
         .add_service(health)
         .into_axum_router()
         .layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| async move {
-                match tokio::time::timeout(bound, next.run(req)).await {
-                    Ok(resp) => resp,
-                    Err(_) => Status::deadline_exceeded(format!(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let metrics = metrics.clone();
+                async move {
+                    match tokio::time::timeout(bound, next.run(req)).await {
+                        Ok(resp) => too_large_as_triton(resp, max_request, &metrics),
+                        Err(_) => {
+                            metrics.api_request("grpc", "timeout");
+                            Status::deadline_exceeded(format!(
                         "the call took over {} ms (request_timeout_ms plus body_read_timeout_ms): \
                          its body came too slowly or its work did not end",
                         bound.as_millis()
                     ))
-                    .into_http(),
+                            .into_http()
+                        }
+                    }
                 }
             },
         ))
+}
+
+/// tonic refuses a request message over the limit with OUT_OF_RANGE; gRPC's own servers
+/// (Triton's) answer RESOURCE_EXHAUSTED, which clients treat as "too large, do not
+/// retry as is". The answer says so with the HTTP API's words.
+fn too_large_as_triton(
+    mut resp: axum::response::Response,
+    max_request: usize,
+    metrics: &crate::metrics::Metrics,
+) -> axum::response::Response {
+    let h = resp.headers();
+    let out_of_range = h.get("grpc-status").is_some_and(|v| v == "11");
+    // grpc-message is percent-encoded (spaces as %20).
+    let too_large = h.get("grpc-message").is_some_and(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .replace("%20", " ")
+            .starts_with("Error, decoded message length too large")
+    });
+    if out_of_range && too_large {
+        let status = Status::resource_exhausted(format!(
+            "the request message is over {max_request} bytes (max_request_bytes)"
+        ));
+        metrics.api_request("grpc", "client_error");
+        let h = resp.headers_mut();
+        h.remove("grpc-message");
+        let _ = status.add_header(h);
+    }
+    resp
 }
 
 /// The status code of an error, as Triton maps them; the message is the HTTP API's.
@@ -112,7 +148,9 @@ fn call_headers(metadata: &tonic::metadata::MetadataMap) -> Result<HeaderMap, St
     let mut headers = metadata.clone().into_headers();
     if let Some(t) = headers.remove("grpc-timeout") {
         let ms = parse_grpc_timeout(t.as_bytes()).ok_or_else(|| {
-            Status::invalid_argument("grpc-timeout is not a timeout (1 to 8 digits and a unit of H, M, S, m, u, n)")
+            Status::invalid_argument(
+                "grpc-timeout is not a timeout (1 to 8 digits and a unit of H, M, S, m, u, n)",
+            )
         })?;
         let ms = ms.as_millis().clamp(1, u64::MAX as u128) as u64;
         let lower = headers
@@ -280,11 +318,10 @@ impl GrpcInferenceService for Service {
         request: Request<pb::ModelConfigRequest>,
     ) -> Result<Response<pb::ModelConfigResponse>, Status> {
         let r = request.get_ref();
-        let result = models::target(&self.state, &r.name, &r.version).map(|s| {
-            pb::ModelConfigResponse {
+        let result =
+            models::target(&self.state, &r.name, &r.version).map(|s| pb::ModelConfigResponse {
                 config: Some(models::config(&s)),
-            }
-        });
+            });
         self.done(result)
     }
 
@@ -293,8 +330,8 @@ impl GrpcInferenceService for Service {
         request: Request<pb::ModelStatisticsRequest>,
     ) -> Result<Response<pb::ModelStatisticsResponse>, Status> {
         let r = request.get_ref();
-        let result = version_of(&r.version)
-            .and_then(|v| models::all_statistics(&self.state, &r.name, v));
+        let result =
+            version_of(&r.version).and_then(|v| models::all_statistics(&self.state, &r.name, v));
         self.done(result)
     }
 
@@ -304,15 +341,16 @@ impl GrpcInferenceService for Service {
     ) -> Result<Response<pb::RepositoryIndexResponse>, Status> {
         let admin = self.admin(&request)?;
         use pb::repository_index_response::ModelIndex;
-        let models = crate::api::repository_entries(&self.state, admin.full_errors, request.get_ref().ready)
-            .into_iter()
-            .map(|e| ModelIndex {
-                name: e.name,
-                version: e.version,
-                state: e.state.to_string(),
-                reason: e.reason,
-            })
-            .collect();
+        let models =
+            crate::api::repository_entries(&self.state, admin.full_errors, request.get_ref().ready)
+                .into_iter()
+                .map(|e| ModelIndex {
+                    name: e.name,
+                    version: e.version,
+                    state: e.state.to_string(),
+                    reason: e.reason,
+                })
+                .collect();
         self.done(Ok(pb::RepositoryIndexResponse { models }))
     }
 
@@ -324,7 +362,10 @@ impl GrpcInferenceService for Service {
         let r = request.into_inner();
         let result = async {
             let name = crate::api::model_name(&r.model_name)?;
-            self.state.manager.load_model(name, admin.full_errors).await?;
+            self.state
+                .manager
+                .load_model(name, admin.full_errors)
+                .await?;
             Ok(pb::RepositoryModelLoadResponse {})
         };
         self.done(result.await)
@@ -351,7 +392,10 @@ mod tests {
 
     #[test]
     fn grpc_timeouts_parse_as_the_protocol_writes_them() {
-        assert_eq!(parse_grpc_timeout(b"250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            parse_grpc_timeout(b"250m"),
+            Some(Duration::from_millis(250))
+        );
         assert_eq!(parse_grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout(b"5000u"), Some(Duration::from_millis(5)));
@@ -371,6 +415,9 @@ mod tests {
         let h = call_headers(&md).unwrap();
         assert_eq!(h.get(crate::api::TIMEOUT_HEADER).unwrap(), "20");
         md.insert("grpc-timeout", "soon".parse().unwrap());
-        assert_eq!(call_headers(&md).unwrap_err().code(), tonic::Code::InvalidArgument);
+        assert_eq!(
+            call_headers(&md).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
     }
 }
