@@ -9,6 +9,7 @@
 //! and changes the model's life only through the `lifecycle` manager's triggers.
 
 mod admin;
+pub(crate) mod body_call;
 mod codec;
 mod errors;
 mod inference;

@@ -211,6 +211,11 @@ pub(super) async fn infer_resolved(
     let parsing = state.json_gate.enter(json_part.len()).await;
     let mut req: InferRequest = serde_json::from_slice(json_part)
         .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
+    let datatypes = req.inputs.iter().map(|i| i.datatype.as_str());
+    if super::body_call::is_body_call(s, datatypes) {
+        drop(parsing);
+        return body_call(state, s, headers, &req, tail).await;
+    }
 
     let mut inputs: Vec<(String, Tensor)> = Vec::with_capacity(req.inputs.len());
     let mut names = std::collections::HashSet::with_capacity(req.inputs.len());
@@ -362,6 +367,148 @@ pub(super) async fn infer_resolved(
         out,
     )
         .into_response())
+}
+
+/// A handler plugin's bundle called through v2 `infer` with one BYTES input: its one
+/// element (a JSON string in `data`, or binary, length-prefixed) is the request body;
+/// the answer is the BYTES output `body`, as a JSON string when it is UTF-8 text and
+/// binary was not asked for, else as binary data (module `body_call`).
+async fn body_call(
+    state: &AppState,
+    s: &ModelVersion,
+    headers: &HeaderMap,
+    req: &InferRequest,
+    mut tail: &[u8],
+) -> Result<Response, ApiError> {
+    use super::body_call::{bytes_element, one_element, split_bytes_elements, BODY_OUTPUT};
+    let input = &req.inputs[0];
+    let name = crate::names::bounded(&input.name);
+    let body = match (input.parameters.get("binary_data_size"), &input.data) {
+        (Some(size), None) => {
+            let size = size.as_u64().ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "input '{name}': binary_data_size must be a non-negative integer"
+                ))
+            })? as usize;
+            let raw = codec::take_binary(&mut tail, size, &name).map_err(ApiError::BadRequest)?;
+            let elements = split_bytes_elements(raw)
+                .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")))?;
+            bytes::Bytes::copy_from_slice(one_element(&input.name, elements)?)
+        }
+        (None, Some(data)) => {
+            let mut strings = Vec::new();
+            flatten_strings(data, &mut strings).map_err(|what| {
+                ApiError::BadRequest(format!(
+                    "input '{name}' is BYTES: its data must be strings, not {what} (or send it binary)"
+                ))
+            })?;
+            bytes::Bytes::from(one_element(&input.name, strings)?.into_bytes())
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(format!(
+                "input '{name}' has both \"data\" and a binary_data_size parameter; send one"
+            )))
+        }
+        (None, None) => {
+            return Err(ApiError::BadRequest(format!(
+                "input '{name}' has neither \"data\" nor a binary_data_size parameter"
+            )))
+        }
+    };
+    if !tail.is_empty() {
+        return Err(ApiError::BadRequest(format!(
+            "{} bytes of binary data are left over after the inputs' binary_data_size",
+            tail.len()
+        )));
+    }
+    let content_type = [&input.parameters, &req.parameters]
+        .into_iter()
+        .find_map(|p| p.get("content_type").and_then(Value::as_str));
+    let mut headers = headers.clone();
+    headers.remove(HEADER_LENGTH);
+    let answer = super::body_call::call_handler(state, s, &headers, body, content_type).await?;
+    let asked_binary = req
+        .outputs
+        .iter()
+        .find(|o| o.name == BODY_OUTPUT)
+        .and_then(|o| o.parameters.get("binary_data").and_then(Value::as_bool))
+        .or_else(|| {
+            req.parameters
+                .get("binary_data_output")
+                .and_then(Value::as_bool)
+        })
+        .unwrap_or(false);
+    let text = std::str::from_utf8(&answer.body)
+        .ok()
+        .filter(|_| !asked_binary);
+    let mut parameters = Map::new();
+    if let Some(ct) = &answer.content_type {
+        parameters.insert("content_type".into(), json!(ct));
+    }
+    let raw = match text {
+        Some(_) => None,
+        None => {
+            let raw = bytes_element(&answer.body);
+            parameters.insert("binary_data_size".into(), json!(raw.len()));
+            Some(raw)
+        }
+    };
+    let mut output = json!({
+        "name": BODY_OUTPUT, "datatype": super::body_call::BYTES, "shape": [1], "parameters": parameters,
+    });
+    if let Some(t) = text {
+        output["data"] = json!([t]);
+    }
+    let mut answer_json = json!({
+        "model_name": s.name(),
+        "model_version": s.version().to_string(),
+        "outputs": [output],
+    });
+    if let Some(id) = &req.id {
+        answer_json["id"] = id.clone();
+    }
+    let mut out = serde_json::to_vec(&answer_json).expect("a JSON value serializes");
+    let Some(raw) = raw else {
+        return Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            out,
+        )
+            .into_response());
+    };
+    let header_len = out.len();
+    out.extend_from_slice(&raw);
+    Ok((
+        [
+            (
+                axum::http::header::CONTENT_TYPE,
+                "application/octet-stream".to_string(),
+            ),
+            (
+                axum::http::HeaderName::from_static(HEADER_LENGTH),
+                header_len.to_string(),
+            ),
+        ],
+        out,
+    )
+        .into_response())
+}
+
+/// The strings of a (nested) JSON array, row-major; the kind of the first value that
+/// is not one.
+fn flatten_strings(v: &Value, out: &mut Vec<String>) -> Result<(), &'static str> {
+    match v {
+        Value::String(s) => out.push(s.clone()),
+        Value::Array(items) => {
+            for i in items {
+                flatten_strings(i, out)?;
+            }
+        }
+        Value::Number(_) => return Err("numbers"),
+        Value::Bool(_) => return Err("booleans"),
+        Value::Null => return Err("null"),
+        Value::Object(_) => return Err("objects"),
+    }
+    Ok(())
 }
 
 fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiError> {

@@ -5,6 +5,10 @@
 use super::pb::model_infer_request::InferInputTensor;
 use super::pb::model_infer_response::InferOutputTensor;
 use super::pb::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
+use crate::api::body_call::{
+    bytes_element, call_handler as call_handler_with, one_element, split_bytes_elements,
+    BODY_OUTPUT, BYTES,
+};
 use crate::api::{ApiError, AppState};
 use crate::lifecycle::ModelVersion;
 use crate::names::{bounded, shown};
@@ -13,13 +17,6 @@ use axum::http::HeaderMap;
 use bytes::Bytes;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// The datatype of a tensor of byte strings: each element a length (u32, little-endian)
-/// and its bytes in the raw form.
-pub const BYTES: &str = "BYTES";
-
-/// The name of the one BYTES output of a handler plugin's answer.
-pub const BODY_OUTPUT: &str = "body";
 
 /// One gRPC inference request, run on whichever version its name resolves to.
 #[derive(Clone)]
@@ -39,7 +36,8 @@ impl crate::api::Run for GrpcInfer {
         s: &Arc<ModelVersion>,
     ) -> Result<ModelInferResponse, ApiError> {
         let req = &*self.req;
-        let mut answer = if s.handler.is_some() && is_body_call(req) {
+        let datatypes = req.inputs.iter().map(|i| i.datatype.as_str());
+        let mut answer = if crate::api::body_call::is_body_call(s, datatypes) {
             call_handler(state, s, req, &self.headers).await?
         } else {
             infer_tensors(state, s, req, &self.headers).await?
@@ -59,11 +57,6 @@ impl crate::api::Run for GrpcInfer {
         };
         Ok((meta, state.deadline(&self.headers)?))
     }
-}
-
-/// A call for a handler plugin: one input, of datatype BYTES.
-fn is_body_call(req: &ModelInferRequest) -> bool {
-    req.inputs.len() == 1 && req.inputs[0].datatype == BYTES
 }
 
 async fn infer_tensors(
@@ -254,36 +247,6 @@ fn decode_typed(input: &InferInputTensor) -> Result<Tensor, ApiError> {
         .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")))
 }
 
-/// The elements of a BYTES tensor in the raw form: each a u32 little-endian length and
-/// that many bytes.
-pub fn split_bytes_elements(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut out = Vec::new();
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let (len, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or("a BYTES element's 4-byte length prefix is cut short")?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if tail.len() < len {
-            return Err(format!(
-                "a BYTES element declares {len} bytes but only {} follow",
-                tail.len()
-            ));
-        }
-        out.push(&tail[..len]);
-        rest = &tail[len..];
-    }
-    Ok(out)
-}
-
-/// One element as a raw BYTES tensor.
-pub fn bytes_element(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + data.len());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(data);
-    out
-}
-
 fn string_param(
     params: &std::collections::HashMap<String, InferParameter>,
     key: &str,
@@ -295,11 +258,9 @@ fn string_param(
     }
 }
 
-/// A bundle's handler plugin called with the one BYTES element as the HTTP request body
-/// (its content type from the input's or the request's `content_type` parameter), as
-/// `POST /v1/models/{model}:infer` would call it; the answer's body comes back as the
-/// BYTES output `body`, with its `content_type` as a parameter. A plugin's 4xx or 5xx
-/// becomes the status that maps it, with the body (bounded) as the message.
+/// A bundle's handler plugin called with the one BYTES element as the request body (its
+/// content type from the input's or the request's `content_type` parameter); its answer
+/// comes back as the BYTES output `body`, with its `content_type` as a parameter.
 async fn call_handler(
     state: &AppState,
     s: &ModelVersion,
@@ -307,10 +268,9 @@ async fn call_handler(
     headers: &HeaderMap,
 ) -> Result<ModelInferResponse, ApiError> {
     let input = &req.inputs[0];
-    let name = bounded(&input.name);
     let elements: Vec<Bytes> = if let Some(raw) = req.raw_input_contents.first() {
         split_bytes_elements(raw)
-            .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")))?
+            .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", bounded(&input.name))))?
             .into_iter()
             .map(|e| raw.slice_ref(e))
             .collect()
@@ -321,56 +281,12 @@ async fn call_handler(
             .map(|c| c.bytes_contents.clone())
             .unwrap_or_default()
     };
-    let [body] = <[Bytes; 1]>::try_from(elements).map_err(|e| {
-        ApiError::BadRequest(format!(
-            "input '{name}' holds {} elements; a handler plugin takes one, the request body (shape [1])",
-            e.len()
-        ))
-    })?;
+    let body = one_element(&input.name, elements)?;
     let content_type = string_param(&input.parameters, "content_type")
         .or_else(|| string_param(&req.parameters, "content_type"));
-    let mut headers = headers.clone();
-    match content_type.map(|ct| axum::http::HeaderValue::try_from(ct)) {
-        Some(Ok(v)) => {
-            headers.insert(axum::http::header::CONTENT_TYPE, v);
-        }
-        Some(Err(_)) => {
-            return Err(ApiError::BadRequest(format!(
-                "input '{name}': the content_type parameter is not a valid header value"
-            )))
-        }
-        None => {
-            headers.remove(axum::http::header::CONTENT_TYPE);
-        }
-    }
-    let rest = format!("{}/versions/{}:infer", s.name(), s.version());
-    let resp =
-        crate::api::plugin_infer(state, s, axum::http::Method::POST, &rest, headers, body).await?;
-    let status = resp.status();
-    let content_type = resp
-        .headers()
-        .get(axum::http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    // plugin_infer bounded the body by max_response_bytes already.
-    let body = axum::body::to_bytes(resp.into_body(), usize::MAX)
-        .await
-        .map_err(|e| ApiError::Internal(format!("reading the plugin's answer: {e}")))?;
-    if !status.is_success() {
-        let text = bounded(&String::from_utf8_lossy(&body)).to_string();
-        let msg = format!("plugin answered {}: {text}", status.as_u16());
-        return Err(match status.as_u16() {
-            404 => ApiError::NotFound(msg),
-            415 => ApiError::UnsupportedMediaType(msg),
-            429 => ApiError::TooManyRequests(msg),
-            503 => ApiError::Unavailable(msg),
-            504 => ApiError::Timeout(msg),
-            400..=499 => ApiError::BadRequest(msg),
-            _ => ApiError::Internal(msg),
-        });
-    }
+    let answer = call_handler_with(state, s, headers, body, content_type.as_deref()).await?;
     let mut parameters = std::collections::HashMap::new();
-    if let Some(ct) = content_type {
+    if let Some(ct) = answer.content_type {
         parameters.insert(
             "content_type".to_string(),
             InferParameter {
@@ -388,7 +304,7 @@ async fn call_handler(
             parameters,
             contents: None,
         }],
-        raw_output_contents: vec![Bytes::from(bytes_element(&body))],
+        raw_output_contents: vec![Bytes::from(bytes_element(&answer.body))],
         ..Default::default()
     })
 }
@@ -396,18 +312,6 @@ async fn call_handler(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bytes_elements_round_trip_and_refuse_cut_data() {
-        let mut raw = bytes_element(b"abc");
-        raw.extend(bytes_element(b""));
-        assert_eq!(
-            split_bytes_elements(&raw).unwrap(),
-            vec![&b"abc"[..], &b""[..]]
-        );
-        assert!(split_bytes_elements(&raw[..5]).is_err());
-        assert!(split_bytes_elements(&[1, 0]).is_err());
-    }
 
     fn input(dtype: &str, shape: Vec<i64>, contents: InferTensorContents) -> ModelInferRequest {
         ModelInferRequest {
