@@ -335,3 +335,50 @@ def test_an_endpoint_routes_grpc_calls_and_names_the_variant(managed):
             seen.add(dict(meta.initial_metadata())["x-nnserve-variant"])
     assert seen <= {"mlp-a@1", "mlp-b@1"} and seen
     assert c.get_model_metadata("mlp-ab").name in {"mlp-a", "mlp-b"}
+
+
+KSERVE_CLIENT = """
+import asyncio, json, sys
+import numpy as np
+import kserve
+
+async def run(url, x):
+    c = kserve.InferenceGRPCClient(url)
+    out = {"ready": await c.is_server_ready() and await c.is_model_ready("mlp")}
+    try:
+        for binary in (False, True):
+            inp = kserve.InferInput("input", list(x.shape), "FP32")
+            inp.set_data_from_numpy(x, binary_data=binary)
+            r = await c.infer(kserve.InferRequest(model_name="mlp", infer_inputs=[inp],
+                                                  request_id=f"k{binary}"))
+            out[str(binary)] = {"id": r.id, "y": r.outputs[0].as_numpy().tolist()}
+    finally:
+        await c.close()
+    return out
+
+x = np.array(json.loads(sys.argv[2]), dtype=np.float32)
+print(json.dumps(asyncio.run(run(sys.argv[1], x))))
+"""
+
+
+def test_kserves_own_grpc_client(server, torch_mlp):
+    """KServe's InferenceGRPCClient (PyPI `kserve`), with typed contents and with raw. In
+    its own process: its protos and tritonclient's both define package `inference`, which
+    one protobuf descriptor pool refuses to hold twice."""
+    import json
+    import subprocess
+    import sys
+    import importlib.util
+    if importlib.util.find_spec("kserve") is None:
+        # In CI a missing client is a failure, not a skip (make test installs it).
+        assert not os.environ.get("CI"), "kserve is not installed"
+        pytest.skip("kserve is not installed")
+    x = rows(3, seed=11)
+    out = subprocess.run([sys.executable, "-c", KSERVE_CLIENT, server.grpc, json.dumps(x.tolist())],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["ready"]
+    for binary in ("False", "True"):
+        assert got[binary]["id"] == f"k{binary}"
+        np.testing.assert_allclose(np.array(got[binary]["y"]), torch_mlp(x), atol=1e-5)
