@@ -116,7 +116,7 @@ bench: bench-setup
 
 bench-setup: setup $(STAMPS)/bench-venv
 	@echo "== Benchmark build: nnserve-bench and the imagenet-classifier plugin"
-	cargo build --release -p nnserve -p nnserve-bench
+	cargo build --release -p nnserve -p nnserve-bench -p nnserve-load
 	$(PY) bench/make_resnet.py --out bench/work --plugin $(BENCH_WASM)
 
 $(STAMPS)/bench-venv: bench/requirements.txt $(STAMPS)/venv

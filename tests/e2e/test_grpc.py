@@ -4,7 +4,11 @@ gets. The session server listens for gRPC too (conftest); the repository and man
 tests start their own server with a token."""
 import glob
 import os
-import struct
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import grpc
 import numpy as np
@@ -261,7 +265,6 @@ def managed(tmp_path_factory):
     tmp = str(tmp_path_factory.mktemp("grpc"))
     repo = os.path.join(tmp, "repository")
     for model in ("mlp", "mlp-a", "mlp-b", "mlp-ab"):
-        import shutil
         shutil.copytree(os.path.join(EXAMPLES, model), os.path.join(repo, model))
     token = os.path.join(tmp, "token")
     with open(token, "w") as f:
@@ -382,3 +385,69 @@ def test_kserves_own_grpc_client(server, torch_mlp):
     for binary in ("False", "True"):
         assert got[binary]["id"] == f"k{binary}"
         np.testing.assert_allclose(np.array(got[binary]["y"]), torch_mlp(x), atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is missing (make setup installs it)")
+def test_grpc_over_tls_with_the_servers_certificate(tmp_path):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(EXAMPLES, "mlp"), repo / "mlp")
+    s = start_server(str(repo), str(tmp_path), "--tls-cert", str(cert), "--tls-key", str(key),
+                     "--grpc-listen", "127.0.0.1:0")
+    try:
+        c = triton.InferenceServerClient(s.grpc, ssl=True, root_certificates=str(cert))
+        assert c.is_model_ready("mlp")
+        assert c.infer("mlp", [zeros()]).as_numpy("output").shape == (1, 3)
+        # Plain text to a TLS listener, and TLS with an unknown certificate, both fail.
+        with pytest.raises(InferenceServerException):
+            triton.InferenceServerClient(s.grpc).is_server_live(client_timeout=5)
+        with pytest.raises(InferenceServerException):
+            triton.InferenceServerClient(s.grpc, ssl=True).is_server_live(client_timeout=5)
+    finally:
+        stop_server(s)
+    assert s.proc.returncode == 0, s.log()
+
+
+def test_sigterm_lets_a_grpc_call_in_service_finish(tmp_path):
+    """On SIGTERM a call whose forward is running gets its answer; then the server exits 0."""
+    from conftest import write_bundle
+    repo = tmp_path / "repo"
+    d = write_bundle(str(repo), "gate", '{ name = "x", dtype = "fp32", shape = [-1, 1] }',
+                     '{ name = "y", dtype = "fp32", shape = [-1, 1] }',
+                     handler="[batching]\nmax_batch_size = 1\nnum_batch_threads = 1\n")
+    subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "make_gate.py"),
+                    os.path.join(d, "model", "model.pt")], check=True)
+    s = start_server(str(repo), str(tmp_path), "--grpc-listen", "127.0.0.1:0")
+    try:
+        c = triton.InferenceServerClient(s.grpc)
+        hold = triton.InferInput("x", [1, 1], "FP32")
+        hold.set_data_from_numpy(np.array([[800.0]], np.float32))
+        done = []
+
+        def forwards():
+            (st,) = c.get_inference_statistics("gate").model_stats
+            return st.inference_stats.queue.count  # counted when a forward begins
+        before = forwards()
+        c.async_infer("gate", [hold], callback=lambda result, error: done.append((result, error)))
+
+        def forwarding():
+            return forwards() > before
+        deadline = time.time() + 30
+        while not forwarding():
+            assert time.time() < deadline, "the call never reached its forward"
+        s.proc.send_signal(signal.SIGTERM)
+        s.proc.wait(timeout=30)
+        assert s.proc.returncode == 0, s.log()
+        deadline = time.time() + 10
+        while not done:
+            assert time.time() < deadline, "the callback never ran"
+            time.sleep(0.01)  # polling a client-side callback, not ordering server events
+        result, error = done[0]
+        assert error is None, error
+        assert result.as_numpy("y").tolist() == [[1600.0]]
+    finally:
+        if s.proc.poll() is None:
+            stop_server(s)

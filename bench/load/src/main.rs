@@ -5,7 +5,7 @@
 //! worker on its own keep-alive connection (HTTP) or channel (gRPC, `--channels`).
 //!
 //! It sends one prepared message again and again: for HTTP the body of a POST, for gRPC
-//! the serialized request message (bench/grpc.py makes both). It prints one JSON line:
+//! the serialized request message (bench/protocols.py makes both). It prints one JSON line:
 //! requests, errors (and the first one), throughput and latency percentiles. Bounded in
 //! time (`--seconds`) and count (`--max-requests`).
 
@@ -72,7 +72,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         anyhow::bail!("the target is http://HOST:PORT/PATH or grpc://HOST:PORT/Service/Method");
     };
     let (authority, path) = rest.split_once('/').context("the target has no path")?;
-    let message = std::fs::read(&args.body).with_context(|| format!("reading {}", args.body.display()))?;
+    let message =
+        std::fs::read(&args.body).with_context(|| format!("reading {}", args.body.display()))?;
     let body = if grpc {
         // gRPC's length-prefixed message: no compression flag, a u32 big-endian length.
         let mut framed = Vec::with_capacity(5 + message.len());
@@ -99,7 +100,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         grpc,
     };
     let c = args.concurrency.max(1);
-    let channels = if grpc { args.channels.unwrap_or(c).clamp(1, c) } else { c };
+    let channels = if grpc {
+        args.channels.unwrap_or(c).clamp(1, c)
+    } else {
+        c
+    };
     // One connection per worker, except gRPC's channels, which workers share.
     let mut shared = Vec::with_capacity(channels);
     let mut senders = Vec::with_capacity(c);
@@ -163,7 +168,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             out
         })
         .await;
-    let measured = (Instant::now().min(end) - warm_until).as_secs_f64().max(1e-9);
+    let measured = (Instant::now().min(end) - warm_until)
+        .as_secs_f64()
+        .max(1e-9);
     let mut lat = Vec::new();
     let (mut errors, mut first_error) = (0, None);
     for r in results {

@@ -120,9 +120,6 @@ fn count<T>(state: &AppState, result: &Result<T, Status>) {
     let outcome = match result {
         Ok(_) => "ok",
         Err(s) => match s.code() {
-            Code::Unavailable | Code::ResourceExhausted if s.message().contains("overload") => {
-                "overload"
-            }
             Code::Unavailable => "overload",
             Code::DeadlineExceeded => "timeout",
             Code::Internal | Code::Unknown | Code::DataLoss => "server_error",
