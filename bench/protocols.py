@@ -16,8 +16,10 @@ digits (one PNG through the image-classifier plugin):
   http-infer   POST /v1/models/digits:infer with the PNG as the body (the plugin route)
   http-binary  POST /v2/models/digits/infer, one BYTES input, binary
   grpc         ModelInfer, one BYTES input (raw)
-at concurrency 1, 8 and 64; each worker on its own connection (gRPC: its own channel, as
-HTTP). Then the ratio gRPC / HTTP-JSON and, with the peer, nnserve / Triton per row.
+at concurrency 1, 8 and 64; each HTTP worker on its own keep-alive connection, the gRPC
+workers multiplexed on one channel as gRPC clients do (tritonclient, grpcio), and at c=64
+also `grpc-64ch`, a channel per worker. Then the ratio gRPC / HTTP and, with the peer,
+nnserve / Triton per row (the same one-channel client).
 
 Every timed step first waits until no cargo, rustc or pytest process runs and the CPU is
 mostly idle (bench/load.py's rule); a row measured while one ran is marked `*`."""
@@ -80,8 +82,9 @@ def messages(tmp, png):
     return files
 
 
-def run_load(target, body, c, seconds, headers=()):
-    cmd = [LOADGEN, target, "--body", body, "--concurrency", str(c), "--seconds", str(seconds)]
+def run_load(target, body, c, seconds, headers=(), channels=1):
+    cmd = [LOADGEN, target, "--body", body, "--concurrency", str(c), "--seconds", str(seconds),
+           "--channels", str(channels)]
     for h in headers:
         cmd += ["--header", h]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 120)
@@ -93,9 +96,9 @@ def run_load(target, body, c, seconds, headers=()):
 HEADER = f"{'server':<9}{'model':<8}{'protocol':<13}{'c':>4}{'req/s':>10}{'p50 us':>9}{'p99 us':>9}{'errors':>7}"
 
 
-def row(server, model, proto, target, body, c, seconds, headers=()):
+def row(server, model, proto, target, body, c, seconds, headers=(), channels=1):
     quiet = load.wait_quiet()
-    r = run_load(target, body, c, seconds, headers)
+    r = run_load(target, body, c, seconds, headers, channels)
     mark = "" if quiet and not load.busy() else "*"
     print(f"{server + mark:<9}{model:<8}{proto:<13}{c:>4}{r['rps']:>10,.0f}{r['p50_us']:>9}{r['p99_us']:>9}"
           f"{r['errors']:>7}", flush=True)
@@ -206,6 +209,10 @@ def main():
             for model, proto, target, body, headers in cases(http, grpc, files):
                 for c in levels:
                     ours[(model, proto, c)] = row("nnserve", model, proto, target, body, c, args.seconds, headers)
+                if proto == "grpc" and max(levels) > 1:
+                    c = max(levels)
+                    ours[(model, "grpc-64ch", c)] = row("nnserve", model, f"grpc-{c}ch", target, body, c,
+                                                        args.seconds, headers, channels=c)
         finally:
             load.stop(server)
         print("== gRPC / HTTP, nnserve (req/s ratio; > 1: gRPC is faster)")

@@ -110,7 +110,8 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         let interval = Duration::from_millis(config.poll_interval_ms);
         tokio::spawn(manager.clone().poll(interval));
     }
-    let grpc_routes = crate::grpc::routes(state.clone(), &limits);
+    let grpc_routes = crate::grpc::routes(state.clone());
+    let grpc_bound = crate::grpc::bound(&state, &limits);
     let app = api::router(state, config.max_request_bytes);
     tracing::info!(
         took = ?started.elapsed(),
@@ -130,6 +131,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
             Some(tokio::spawn(crate::grpc::serve(
                 l,
                 grpc_routes,
+                grpc_bound,
                 limits.clone(),
                 grpc_tls,
                 nth_signal(signals.clone(), 1),

@@ -2,7 +2,8 @@
 //! nnserve's protocols, and Triton's gRPC beside them, are measured by one client.
 //! wrk speaks no gRPC and Python clients saturate before the server does; this runs on
 //! one thread (as bench/load.py runs wrk), `--concurrency` requests in flight, each
-//! worker on its own keep-alive connection (HTTP) or channel (gRPC, `--channels`).
+//! worker on its own keep-alive connection (HTTP); gRPC workers share one channel, as gRPC
+//! clients do (`--channels` gives them more).
 //!
 //! It sends one prepared message again and again: for HTTP the body of a POST, for gRPC
 //! the serialized request message (bench/protocols.py makes both). It prints one JSON line:
@@ -30,9 +31,11 @@ struct Args {
     /// Requests in flight at once
     #[arg(long, default_value_t = 1)]
     concurrency: usize,
-    /// gRPC: HTTP/2 connections the workers share (default: one per worker, as HTTP has)
-    #[arg(long)]
-    channels: Option<usize>,
+    /// gRPC: HTTP/2 connections the workers share. Default 1: gRPC clients multiplex their
+    /// calls on one channel (tritonclient, grpcio); `--channels N` with N = concurrency gives
+    /// each worker its own, as HTTP/1 has
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
     /// Seconds of measured load, after one second of warm-up
     #[arg(long, default_value_t = 5.0)]
     seconds: f64,
@@ -60,7 +63,8 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    rt.block_on(run(args))
+    // Every task (workers, connections) runs on this one thread.
+    tokio::task::LocalSet::new().block_on(&rt, run(args))
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -100,11 +104,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         grpc,
     };
     let c = args.concurrency.max(1);
-    let channels = if grpc {
-        args.channels.unwrap_or(c).clamp(1, c)
-    } else {
-        c
-    };
+    let channels = if grpc { args.channels.clamp(1, c) } else { c };
     // One connection per worker, except gRPC's channels, which workers share.
     let mut shared = Vec::with_capacity(channels);
     let mut senders = Vec::with_capacity(c);
@@ -125,11 +125,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let warm_until = Instant::now() + Duration::from_secs(1);
     let end = warm_until + Duration::from_secs_f64(args.seconds);
     let budget = std::rc::Rc::new(std::cell::Cell::new(args.max_requests));
-    let local = tokio::task::LocalSet::new();
     let mut workers = Vec::new();
     for sender in senders {
         let (call, budget) = (call.clone(), budget.clone());
-        workers.push(local.spawn_local(async move {
+        workers.push(tokio::task::spawn_local(async move {
             let mut sender = sender;
             let mut lat: Vec<u32> = Vec::with_capacity(1 << 16);
             let (mut errors, mut first_error) = (0u64, None::<String>);
@@ -159,15 +158,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             (lat, errors, first_error)
         }));
     }
-    let results = local
-        .run_until(async {
-            let mut out = Vec::new();
-            for w in workers {
-                out.push(w.await);
-            }
-            out
-        })
-        .await;
+    let mut results = Vec::new();
+    for w in workers {
+        results.push(w.await);
+    }
     let measured = (Instant::now().min(end) - warm_until)
         .as_secs_f64()
         .max(1e-9);

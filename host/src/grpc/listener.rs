@@ -30,7 +30,8 @@ use tokio_rustls::server::TlsStream;
 /// Serves `routes` on `listener` until `shutdown`, then as the module doc says.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    routes: axum::Router,
+    routes: tonic::service::Routes,
+    bound: super::bound::BoundLayer,
     limits: Limits,
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -92,7 +93,8 @@ pub async fn serve(
         .http2_keepalive_interval(Some(limits.keep_alive_timeout))
         .http2_keepalive_timeout(Some(limits.header_read_timeout))
         .http2_max_header_list_size(crate::connections::MAX_CONNECTION_BUFFER as u32)
-        .add_routes(tonic::service::Routes::from(routes));
+        .layer(bound)
+        .add_routes(routes);
     let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel::<()>();
     let serving = tokio::spawn(server.serve_with_incoming_shutdown(
         tokio_stream::wrappers::ReceiverStream::new(rx),

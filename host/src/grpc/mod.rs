@@ -9,6 +9,7 @@
 //! It calls the `api` room's request path (resolve, route, run, count), so a request
 //! over gRPC is served and counted exactly as one over HTTP; `api` knows nothing of it.
 
+mod bound;
 mod health;
 mod infer;
 mod listener;
@@ -30,8 +31,8 @@ pub mod pb {
 }
 
 /// The gRPC routes: the inference service with the server's message size limits, and
-/// health; every call bounded in time (see `listener`).
-pub fn routes(state: AppState, limits: &crate::connections::Limits) -> axum::Router {
+/// health.
+pub fn routes(state: AppState) -> tonic::service::Routes {
     let inference = GrpcInferenceServiceServer::new(Service {
         state: state.clone(),
     })
@@ -40,59 +41,17 @@ pub fn routes(state: AppState, limits: &crate::connections::Limits) -> axum::Rou
     let health = tonic_health::pb::health_server::HealthServer::new(health::HealthService {
         state: state.clone(),
     });
-    let bound = state.request_timeout + limits.body_read_timeout;
-    let max_request = state.max_request_bytes;
-    let metrics = state.metrics.clone();
-    tonic::service::Routes::new(inference)
-        .add_service(health)
-        .into_axum_router()
-        .layer(axum::middleware::from_fn(
-            move |req: axum::extract::Request, next: axum::middleware::Next| {
-                let metrics = metrics.clone();
-                async move {
-                    match tokio::time::timeout(bound, next.run(req)).await {
-                        Ok(resp) => too_large_as_triton(resp, max_request, &metrics),
-                        Err(_) => {
-                            metrics.api_request("grpc", "timeout");
-                            Status::deadline_exceeded(format!(
-                        "the call took over {} ms (request_timeout_ms plus body_read_timeout_ms): \
-                         its body came too slowly or its work did not end",
-                        bound.as_millis()
-                    ))
-                            .into_http()
-                        }
-                    }
-                }
-            },
-        ))
+    tonic::service::Routes::new(inference).add_service(health)
 }
 
-/// tonic refuses a request message over the limit with OUT_OF_RANGE; gRPC's own servers
-/// (Triton's) answer RESOURCE_EXHAUSTED, which clients treat as "too large, do not
-/// retry as is". The answer says so with the HTTP API's words.
-fn too_large_as_triton(
-    mut resp: axum::response::Response,
-    max_request: usize,
-    metrics: &crate::metrics::Metrics,
-) -> axum::response::Response {
-    let h = resp.headers();
-    let out_of_range = h.get("grpc-status").is_some_and(|v| v == "11");
-    // grpc-message is percent-encoded (spaces as %20).
-    let too_large = h.get("grpc-message").is_some_and(|v| {
-        String::from_utf8_lossy(v.as_bytes())
-            .replace("%20", " ")
-            .starts_with("Error, decoded message length too large")
-    });
-    if out_of_range && too_large {
-        let status = Status::resource_exhausted(format!(
-            "the request message is over {max_request} bytes (max_request_bytes)"
-        ));
-        metrics.api_request("grpc", "client_error");
-        let h = resp.headers_mut();
-        h.remove("grpc-message");
-        let _ = status.add_header(h);
+/// The layer around every call: its whole time bounded by `request_timeout` plus
+/// `body_read_timeout` (see `listener`), an oversized message answered as Triton does.
+pub fn bound(state: &AppState, limits: &crate::connections::Limits) -> bound::BoundLayer {
+    bound::BoundLayer {
+        bound: state.request_timeout + limits.body_read_timeout,
+        max_request: state.max_request_bytes,
+        metrics: state.metrics.clone(),
     }
-    resp
 }
 
 /// The status code of an error, as Triton maps them; the message is the HTTP API's.
@@ -141,8 +100,8 @@ fn version_of(text: &str) -> Result<Option<u64>, ApiError> {
 /// The call's metadata as HTTP headers, for the deadline, routers and plugins; a
 /// `grpc-timeout` becomes the deadline header (`x-nnserve-timeout-ms`), the lower one
 /// winning when both are sent.
-fn call_headers(metadata: &tonic::metadata::MetadataMap) -> Result<HeaderMap, Status> {
-    let mut headers = metadata.clone().into_headers();
+fn call_headers(metadata: tonic::metadata::MetadataMap) -> Result<HeaderMap, Status> {
+    let mut headers = metadata.into_headers();
     if let Some(t) = headers.remove("grpc-timeout") {
         let ms = parse_grpc_timeout(t.as_bytes()).ok_or_else(|| {
             Status::invalid_argument(
@@ -274,14 +233,14 @@ impl GrpcInferenceService for Service {
         &self,
         request: Request<pb::ModelInferRequest>,
     ) -> Result<Response<pb::ModelInferResponse>, Status> {
-        let headers = match call_headers(request.metadata()) {
+        let (metadata, _, req) = request.into_parts();
+        let headers = match call_headers(metadata) {
             Ok(h) => h,
             Err(s) => {
                 count::<()>(&self.state, &Err(s.clone()));
                 return Err(s);
             }
         };
-        let req = request.into_inner();
         let call = async {
             let name = crate::api::model_name(&req.model_name)?.to_string();
             let version = version_of(&req.model_version)?;
@@ -296,7 +255,7 @@ impl GrpcInferenceService for Service {
             Err(e) => return self.done(Err(e)),
         };
         // The version that answered, as HTTP's `x-nnserve-variant`, also on an error.
-        let variant = tonic::metadata::MetadataValue::try_from(&target.id[..]).ok();
+        let variant = tonic::metadata::MetadataValue::try_from(target.id.clone()).ok();
         let mut result = self.done(result);
         match (&mut result, variant) {
             (Ok(resp), Some(v)) => {
