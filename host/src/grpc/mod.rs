@@ -365,14 +365,14 @@ mod tests {
     fn a_grpc_timeout_lowers_the_deadline_header() {
         let mut md = tonic::metadata::MetadataMap::new();
         md.insert("grpc-timeout", "1500m".parse().unwrap());
-        let h = call_headers(&md).unwrap();
+        let h = call_headers(md.clone()).unwrap();
         assert_eq!(h.get(crate::api::TIMEOUT_HEADER).unwrap(), "1500");
         md.insert(crate::api::TIMEOUT_HEADER, "20".parse().unwrap());
-        let h = call_headers(&md).unwrap();
+        let h = call_headers(md.clone()).unwrap();
         assert_eq!(h.get(crate::api::TIMEOUT_HEADER).unwrap(), "20");
         md.insert("grpc-timeout", "soon".parse().unwrap());
         assert_eq!(
-            call_headers(&md).unwrap_err().code(),
+            call_headers(md.clone()).unwrap_err().code(),
             tonic::Code::InvalidArgument
         );
     }
