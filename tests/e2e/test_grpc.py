@@ -258,6 +258,20 @@ def check(server, service):
         return health_status(call(health_request(service), timeout=10))
 
 
+def test_server_reflection_lists_the_services(server):
+    """grpcurl and other tools discover the services by reflection (v1)."""
+    with grpc.insecure_channel(server.grpc) as ch:
+        info = ch.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+                                request_serializer=None, response_deserializer=None)
+        # ServerReflectionRequest { list_services = 7: "" }
+        (answer,) = list(info(iter([b"\x3a\x00"]), timeout=10))
+        assert b"inference.GRPCInferenceService" in answer and b"grpc.health.v1.Health" in answer
+        # file_containing_symbol = 4: the file that declares ModelInfer's message.
+        symbol = b"inference.ModelInferRequest"
+        (answer,) = list(info(iter([b"\x22" + bytes([len(symbol)]) + symbol]), timeout=10))
+        assert b"raw_input_contents" in answer
+
+
 # --- a server of our own, with a token and a small message limit -----------------
 
 @pytest.fixture(scope="module")

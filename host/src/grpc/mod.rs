@@ -1,5 +1,5 @@
 //! gRPC: KServe v2 as Triton serves it (`inference.GRPCInferenceService`, from
-//! `proto/inference.proto`) and the standard health service, over the same models,
+//! `proto/inference.proto`), the standard health service and reflection, over the same models,
 //! endpoints, batching, lifecycle and metrics as the HTTP API; on its own listener
 //! (`--grpc-listen`). Its rooms: the service here (every RPC, the mapping of errors to
 //! status codes, the call's metadata as headers), `infer` (ModelInfer's tensors and the
@@ -30,8 +30,12 @@ pub mod pb {
     tonic::include_proto!("inference");
 }
 
-/// The gRPC routes: the inference service with the server's message size limits, and
-/// health.
+/// The encoded descriptors of `proto/inference.proto` (build.rs), for reflection.
+const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));
+
+/// The gRPC routes: the inference service with the server's message size limits, health,
+/// and server reflection (v1) of both.
 pub fn routes(state: AppState) -> tonic::service::Routes {
     let inference = GrpcInferenceServiceServer::new(Service {
         state: state.clone(),
@@ -41,7 +45,14 @@ pub fn routes(state: AppState) -> tonic::service::Routes {
     let health = tonic_health::pb::health_server::HealthServer::new(health::HealthService {
         state: state.clone(),
     });
-    tonic::service::Routes::new(inference).add_service(health)
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("the descriptor sets compiled into the binary are valid");
+    tonic::service::Routes::new(inference)
+        .add_service(health)
+        .add_service(reflection)
 }
 
 /// The layer around every call: its whole time bounded by `request_timeout` plus
