@@ -57,6 +57,9 @@ $(STAMPS)/venv: scripts/requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --progress-bar on -q --upgrade pip
 	$(PY) -m pip install --progress-bar on -r scripts/requirements.txt
+	@# TF Serving's own gRPC client (tests/e2e/test_tfserving_grpc.py) without its
+	@# dependencies: it asks for `tensorflow`, which tensorflow-cpu provides under another name.
+	$(PY) -m pip install --progress-bar on --no-deps tensorflow-serving-api==2.21.0
 	@touch $@
 
 build: $(STAMPS)/venv

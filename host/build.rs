@@ -72,21 +72,26 @@ fn tensorflow_dir() {
     println!("cargo:rustc-env=NNSERVE_TENSORFLOW_DIR={}", dir.display());
 }
 
-/// Compiles `proto/inference.proto` (the KServe v2 / Triton gRPC service) with protox, so
-/// that no `protoc` binary is needed, into the messages and the server trait; bytes
-/// fields are `bytes::Bytes`, so a request's raw tensors are sliced, never copied. The
-/// encoded descriptor set goes beside them for server reflection.
+/// Compiles the gRPC protocols under `proto/` (KServe v2 as Triton serves it, TensorFlow
+/// Serving's services; proto/README.md) with protox, so that no `protoc` binary is
+/// needed, into the messages and the server traits; bytes fields are `bytes::Bytes`, so
+/// a request's raw tensors are sliced, never copied. The encoded descriptor set goes
+/// beside them for server reflection and the tests.
 fn protos() {
     use prost::Message;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto");
-    let file = dir.join("inference.proto");
-    println!("cargo:rerun-if-changed={}", file.display());
-    let fds = protox::compile([&file], [&dir]).unwrap_or_else(|e| panic!("{e}"));
+    println!("cargo:rerun-if-changed={}", dir.display());
+    let files = [
+        "inference.proto",
+        "tensorflow_serving/apis/prediction_service.proto",
+        "tensorflow_serving/apis/model_service.proto",
+    ];
+    let fds = protox::compile(files.map(|f| dir.join(f)), [&dir]).unwrap_or_else(|e| panic!("{e}"));
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
-    std::fs::write(out.join("inference_descriptor.bin"), fds.encode_to_vec()).unwrap();
+    std::fs::write(out.join("descriptors.bin"), fds.encode_to_vec()).unwrap();
     tonic_prost_build::configure()
         .build_client(false)
         .bytes(".")
         .compile_fds(fds)
-        .unwrap_or_else(|e| panic!("compiling proto/inference.proto: {e}"));
+        .unwrap_or_else(|e| panic!("compiling proto/: {e}"));
 }

@@ -55,10 +55,10 @@ def test_our_proto_matches_tritonclients():
     type that tritonclient's own descriptors give (a wrong number would pass our tests
     and break every real client)."""
     found = sorted(glob.glob(os.path.join(ROOT, "target", "release", "build", "nnserve-*", "out",
-                                          "inference_descriptor.bin")), key=os.path.getmtime)
-    assert found, "the build writes inference_descriptor.bin (host/build.rs)"
+                                          "descriptors.bin")), key=os.path.getmtime)
+    assert found, "the build writes descriptors.bin (host/build.rs)"
     fds = descriptor_pb2.FileDescriptorSet.FromString(open(found[-1], "rb").read())
-    ours = fds.file[0]
+    (ours,) = [f for f in fds.file if f.name == "inference.proto"]
     assert ours.package == "inference"
     theirs = {**pb.DESCRIPTOR.message_types_by_name, **model_config_pb2.DESCRIPTOR.message_types_by_name}
 

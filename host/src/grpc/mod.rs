@@ -14,6 +14,7 @@ mod health;
 mod infer;
 mod listener;
 mod models;
+mod tfserving;
 
 pub use listener::serve;
 
@@ -31,8 +32,7 @@ pub mod pb {
 }
 
 /// The encoded descriptors of `proto/inference.proto` (build.rs), for reflection.
-const FILE_DESCRIPTOR_SET: &[u8] =
-    include_bytes!(concat!(env!("OUT_DIR"), "/inference_descriptor.bin"));
+const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptors.bin"));
 
 /// The gRPC routes: the inference service with the server's message size limits, health,
 /// and server reflection (v1) of both.
@@ -50,7 +50,17 @@ pub fn routes(state: AppState) -> tonic::service::Routes {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("the descriptor sets compiled into the binary are valid");
+    let tf = || tfserving::TfServing {
+        state: state.clone(),
+    };
+    let prediction = tfserving::tfpb::tensorflow::serving::prediction_service_server::PredictionServiceServer::new(tf())
+        .max_decoding_message_size(state.max_request_bytes)
+        .max_encoding_message_size(state.max_response_bytes);
+    let model_service =
+        tfserving::tfpb::tensorflow::serving::model_service_server::ModelServiceServer::new(tf());
     tonic::service::Routes::new(inference)
+        .add_service(prediction)
+        .add_service(model_service)
         .add_service(health)
         .add_service(reflection)
 }
@@ -85,7 +95,7 @@ pub(crate) fn status(e: ApiError) -> Status {
 }
 
 /// Counts a finished call in `nnserve_api_requests_total{protocol="grpc"}`.
-fn count<T>(state: &AppState, result: &Result<T, Status>) {
+pub(crate) fn count<T>(state: &AppState, result: &Result<T, Status>) {
     use tonic::Code;
     let outcome = match result {
         Ok(_) => "ok",
@@ -111,7 +121,7 @@ fn version_of(text: &str) -> Result<Option<u64>, ApiError> {
 /// The call's metadata as HTTP headers, for the deadline, routers and plugins; a
 /// `grpc-timeout` becomes the deadline header (`x-nnserve-timeout-ms`), the lower one
 /// winning when both are sent.
-fn call_headers(metadata: tonic::metadata::MetadataMap) -> Result<HeaderMap, Status> {
+pub(crate) fn call_headers(metadata: tonic::metadata::MetadataMap) -> Result<HeaderMap, Status> {
     let mut headers = metadata.into_headers();
     if let Some(t) = headers.remove("grpc-timeout") {
         let ms = parse_grpc_timeout(t.as_bytes()).ok_or_else(|| {

@@ -1,0 +1,556 @@
+//! TensorFlow Serving's gRPC services (`tensorflow.serving.PredictionService` and
+//! `ModelService`, proto/tensorflow_serving), so `tensorflow-serving-api`'s stubs work
+//! unchanged, for TorchScript and TensorFlow models alike: `Predict` (through the same
+//! request path as every other protocol), `GetModelMetadata` (the signature from the
+//! manifest) and `GetModelStatus` (every version's state, as over REST). Errors as TF
+//! Serving gives them: NOT_FOUND for a missing model, version or label,
+//! FAILED_PRECONDITION for a version that is not available, INVALID_ARGUMENT naming the
+//! offending input.
+
+use crate::api::{ApiError, AppState};
+use crate::lifecycle::{ModelVersion, ResolveError};
+use crate::names::{bounded, shown};
+use crate::tensor::{checked_numel, DType, Tensor};
+use axum::http::HeaderMap;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tfpb::tensorflow::serving;
+use tfpb::tensorflow::{DataType, TensorProto, TensorShapeProto};
+use tonic::{Request, Response, Status};
+
+/// The messages and server traits generated from proto/tensorflow* (build.rs).
+#[allow(clippy::all, missing_docs)]
+pub mod tfpb {
+    pub mod tensorflow {
+        tonic::include_proto!("tensorflow");
+        pub mod error {
+            tonic::include_proto!("tensorflow.error");
+        }
+        pub mod serving {
+            tonic::include_proto!("tensorflow.serving");
+        }
+    }
+}
+
+/// The signature every model answers under (a TF model's own, from its manifest, too).
+const DEFAULT_SIGNATURE: &str = "serving_default";
+
+pub struct TfServing {
+    pub state: AppState,
+}
+
+/// An error as TF Serving's status.
+fn status(e: ApiError) -> Status {
+    super::status(e)
+}
+
+/// The model a request names, and its version or label, checked; a version that exists
+/// but is not available is FAILED_PRECONDITION, as TF Serving answers.
+fn target(
+    state: &AppState,
+    spec: Option<&serving::ModelSpec>,
+) -> Result<(String, Option<u64>, Option<String>), Status> {
+    use serving::model_spec::VersionChoice;
+    let spec = spec.ok_or_else(|| Status::invalid_argument("model_spec is missing"))?;
+    let name = crate::api::model_name(&spec.name)
+        .map_err(status)?
+        .to_string();
+    let (version, label) = match &spec.version_choice {
+        None => (None, None),
+        Some(VersionChoice::Version(v)) => {
+            let v = u64::try_from(*v)
+                .ok()
+                .and_then(|v| crate::names::check_version(v).ok())
+                .ok_or_else(|| {
+                    Status::invalid_argument(format!("version {v} is not a version (1 to 2^63-1)"))
+                })?;
+            (Some(v), None)
+        }
+        Some(VersionChoice::VersionLabel(l)) => (None, Some(l.clone())),
+    };
+    let version_now = match &label {
+        Some(l) => Some(
+            state
+                .registry
+                .label(&name, l)
+                .map_err(not_found_or_precondition)?,
+        ),
+        None => version,
+    };
+    state
+        .registry
+        .resolve(&name, version_now)
+        .map_err(not_found_or_precondition)?;
+    Ok((name, version, label))
+}
+
+fn not_found_or_precondition(e: ResolveError) -> Status {
+    match e {
+        ResolveError::NotAvailable(..) => Status::failed_precondition(e.to_string()),
+        _ => Status::not_found(e.to_string()),
+    }
+}
+
+fn signature_check(spec: &serving::ModelSpec, s: &ModelVersion) -> Result<(), ApiError> {
+    let served = s.model_spec().signature();
+    let asked = spec.signature_name.as_str();
+    if asked.is_empty() || asked == DEFAULT_SIGNATURE || asked == served {
+        return Ok(());
+    }
+    Err(ApiError::BadRequest(format!(
+        "signature {} is not served; model '{}' serves {DEFAULT_SIGNATURE}",
+        shown(asked),
+        s.name()
+    )))
+}
+
+fn dtype_of(d: i32) -> Result<DType, String> {
+    Ok(match DataType::try_from(d) {
+        Ok(DataType::DtFloat) => DType::Fp32,
+        Ok(DataType::DtDouble) => DType::Fp64,
+        Ok(DataType::DtInt32) => DType::Int32,
+        Ok(DataType::DtUint8) => DType::Uint8,
+        Ok(DataType::DtInt16) => DType::Int16,
+        Ok(DataType::DtInt8) => DType::Int8,
+        Ok(DataType::DtInt64) => DType::Int64,
+        Ok(DataType::DtBool) => DType::Bool,
+        Ok(DataType::DtHalf) => DType::Fp16,
+        Ok(DataType::DtBfloat16) => DType::Bf16,
+        Ok(other) => return Err(format!("{}", other.as_str_name())),
+        Err(_) => return Err(format!("dtype {d}")),
+    })
+}
+
+fn data_type(d: DType) -> DataType {
+    match d {
+        DType::Fp32 => DataType::DtFloat,
+        DType::Fp64 => DataType::DtDouble,
+        DType::Int32 => DataType::DtInt32,
+        DType::Uint8 => DataType::DtUint8,
+        DType::Int16 => DataType::DtInt16,
+        DType::Int8 => DataType::DtInt8,
+        DType::Int64 => DataType::DtInt64,
+        DType::Bool => DataType::DtBool,
+        DType::Fp16 => DataType::DtHalf,
+        DType::Bf16 => DataType::DtBfloat16,
+    }
+}
+
+fn shape_of(name: &str, shape: Option<&TensorShapeProto>) -> Result<Vec<i64>, ApiError> {
+    let shape = shape.ok_or_else(|| {
+        ApiError::BadRequest(format!("input '{}' has no tensor_shape", bounded(name)))
+    })?;
+    if shape.unknown_rank {
+        return Err(ApiError::BadRequest(format!(
+            "input '{}' has an unknown rank; send its shape",
+            bounded(name)
+        )));
+    }
+    let dims: Vec<i64> = shape.dim.iter().map(|d| d.size).collect();
+    if dims.iter().any(|&d| d < 0) {
+        return Err(ApiError::BadRequest(format!(
+            "input '{}' has a negative size in shape {}",
+            bounded(name),
+            crate::names::shown_list(&dims)
+        )));
+    }
+    Ok(dims)
+}
+
+/// A request's TensorProto as a host tensor: `tensor_content` (little-endian,
+/// row-major), or the typed list of its dtype, where one value fills the whole shape (as
+/// TensorFlow reads it).
+pub fn tensor_from_proto(name: &str, p: &TensorProto) -> Result<Tensor, ApiError> {
+    let bad = |m: String| ApiError::BadRequest(format!("input '{}': {m}", bounded(name)));
+    let dtype = dtype_of(p.dtype).map_err(|d| {
+        bad(format!(
+            "{d} is not a dtype nnserve serves (DT_FLOAT, DT_DOUBLE, DT_INT8/16/32/64, DT_UINT8, DT_BOOL, DT_HALF, DT_BFLOAT16; DT_STRING goes to a model with a handler plugin)"
+        ))
+    })?;
+    let shape = shape_of(name, p.tensor_shape.as_ref())?;
+    let n = checked_numel(&shape)
+        .ok_or_else(|| bad("its element count does not fit in memory".into()))?;
+    if !p.tensor_content.is_empty() {
+        let want = n.checked_mul(dtype.size()).unwrap_or(usize::MAX);
+        if p.tensor_content.len() != want {
+            return Err(bad(format!(
+                "shape {} of {} needs {want} bytes of tensor_content, not {}",
+                crate::names::shown_list(&shape),
+                dtype.tf_name(),
+                p.tensor_content.len()
+            )));
+        }
+        return Tensor::new(dtype, shape, p.tensor_content.to_vec()).map_err(bad);
+    }
+    macro_rules! take {
+        ($list:expr, $what:literal, |$v:ident| $conv:expr) => {{
+            let list = &$list;
+            if !(list.len() == n || (list.len() == 1 && n > 1)) {
+                return Err(bad(format!(
+                    "{} values in {} for shape {}, which needs {n} (or one, to fill it)",
+                    list.len(),
+                    $what,
+                    crate::names::shown_list(&shape)
+                )));
+            }
+            let mut data = Vec::with_capacity(n * dtype.size());
+            for i in 0..n {
+                let $v = list[if list.len() == 1 { 0 } else { i }];
+                let value =
+                    ($conv).ok_or_else(|| bad(format!("a value in {} is out of range", $what)))?;
+                data.extend_from_slice(&value.to_le_bytes());
+            }
+            data
+        }};
+    }
+    let data = match dtype {
+        DType::Fp32 => take!(p.float_val, "float_val", |v| Some(v)),
+        DType::Fp64 => take!(p.double_val, "double_val", |v| Some(v)),
+        DType::Int32 => take!(p.int_val, "int_val", |v| Some(v)),
+        DType::Int16 => take!(p.int_val, "int_val", |v| i16::try_from(v).ok()),
+        DType::Int8 => take!(p.int_val, "int_val", |v| i8::try_from(v).ok()),
+        DType::Uint8 => take!(p.int_val, "int_val", |v| u8::try_from(v).ok()),
+        DType::Int64 => take!(p.int64_val, "int64_val", |v| Some(v)),
+        DType::Bool => take!(p.bool_val, "bool_val", |v| Some(v as u8)),
+        DType::Fp16 | DType::Bf16 => {
+            take!(p.half_val, "half_val", |v| u16::try_from(v as u32 & 0xffff)
+                .ok())
+        }
+    };
+    Tensor::new(dtype, shape, data).map_err(bad)
+}
+
+/// A host tensor as TF Serving answers it: `tensor_content`.
+pub fn tensor_to_proto(t: Tensor) -> TensorProto {
+    TensorProto {
+        dtype: data_type(t.dtype) as i32,
+        tensor_shape: Some(shape_proto(&t.shape)),
+        tensor_content: Bytes::from(t.data),
+        ..Default::default()
+    }
+}
+
+fn shape_proto(shape: &[i64]) -> TensorShapeProto {
+    TensorShapeProto {
+        dim: shape
+            .iter()
+            .map(|&size| tfpb::tensorflow::tensor_shape_proto::Dim {
+                size,
+                name: String::new(),
+            })
+            .collect(),
+        unknown_rank: false,
+    }
+}
+
+/// The answer's model_spec: the version that served, under the default signature.
+fn served_spec(s: &ModelVersion) -> serving::ModelSpec {
+    serving::ModelSpec {
+        name: s.name().to_string(),
+        signature_name: DEFAULT_SIGNATURE.into(),
+        version_choice: Some(serving::model_spec::VersionChoice::Version(
+            s.version() as i64
+        )),
+    }
+}
+
+/// One `Predict`, run on whichever version its name resolves to (an endpoint's variant).
+#[derive(Clone)]
+struct Predict {
+    req: Arc<serving::PredictRequest>,
+    headers: Arc<HeaderMap>,
+}
+
+impl crate::api::Run for Predict {
+    type Answer = serving::PredictResponse;
+
+    async fn run(
+        &self,
+        state: &AppState,
+        s: &Arc<ModelVersion>,
+    ) -> Result<serving::PredictResponse, ApiError> {
+        let req = &*self.req;
+        if let Some(spec) = &req.model_spec {
+            signature_check(spec, s)?;
+        }
+        let strings = req.inputs.values().map(|t| {
+            if t.dtype == DataType::DtString as i32 {
+                crate::api::body_call::BYTES
+            } else {
+                ""
+            }
+        });
+        if crate::api::body_call::is_body_call(s, strings) {
+            return body_call(state, s, req, &self.headers).await;
+        }
+        let mut inputs = Vec::with_capacity(req.inputs.len());
+        for (name, t) in &req.inputs {
+            inputs.push((name.clone(), tensor_from_proto(name, t)?));
+        }
+        let declared = &s.model_spec().outputs;
+        if let Some(o) = req
+            .output_filter
+            .iter()
+            .find(|o| !declared.iter().any(|d| &d.name == *o))
+        {
+            return Err(ApiError::BadRequest(format!(
+                "output_filter names {}, which is not an output; the model's outputs are {:?}",
+                shown(o),
+                declared.iter().map(|d| &d.name).collect::<Vec<_>>()
+            )));
+        }
+        let outputs = crate::api::infer_within(state, &self.headers, s.runner(), inputs).await?;
+        crate::api::check_answer_size(
+            state,
+            outputs
+                .iter()
+                .map(|(n, t)| t.data.len() as u64 + n.len() as u64 + 64),
+        )?;
+        let outputs = outputs
+            .into_iter()
+            .filter(|(n, _)| req.output_filter.is_empty() || req.output_filter.contains(n))
+            .map(|(n, t)| (n, tensor_to_proto(t)))
+            .collect();
+        Ok(serving::PredictResponse {
+            model_spec: Some(served_spec(s)),
+            outputs,
+        })
+    }
+
+    fn route_meta(&self, state: &AppState) -> Result<(crate::routing::Meta, Duration), ApiError> {
+        let name = self.req.model_spec.as_ref().map_or("", |m| m.name.as_str());
+        let meta = crate::routing::Meta {
+            method: "POST".into(),
+            path: format!("/v1/models/{name}:predict"),
+            headers: crate::api::header_pairs(&self.headers),
+        };
+        Ok((meta, state.deadline(&self.headers)?))
+    }
+}
+
+/// A handler plugin's bundle through `Predict`: one DT_STRING input of one element, the
+/// request body; the answer is the DT_STRING output `body`.
+async fn body_call(
+    state: &AppState,
+    s: &ModelVersion,
+    req: &serving::PredictRequest,
+    headers: &HeaderMap,
+) -> Result<serving::PredictResponse, ApiError> {
+    use crate::api::body_call::{call_handler, one_element, BODY_OUTPUT};
+    let (name, t) = req.inputs.iter().next().expect("one input");
+    let body = one_element(name, t.string_val.clone())?;
+    let answer = call_handler(state, s, headers, body, None).await?;
+    let mut outputs = HashMap::new();
+    outputs.insert(
+        BODY_OUTPUT.to_string(),
+        TensorProto {
+            dtype: DataType::DtString as i32,
+            tensor_shape: Some(shape_proto(&[1])),
+            string_val: vec![answer.body],
+            ..Default::default()
+        },
+    );
+    Ok(serving::PredictResponse {
+        model_spec: Some(served_spec(s)),
+        outputs,
+    })
+}
+
+fn signature_def(s: &ModelVersion) -> tfpb::tensorflow::SignatureDef {
+    let spec = s.model_spec();
+    let infos =
+        |list: &[crate::bundle::TensorSpec]| -> HashMap<String, tfpb::tensorflow::TensorInfo> {
+            list.iter()
+                .map(|t| {
+                    let info = tfpb::tensorflow::TensorInfo {
+                        encoding: Some(tfpb::tensorflow::tensor_info::Encoding::Name(
+                            t.name.clone(),
+                        )),
+                        dtype: data_type(t.dtype) as i32,
+                        tensor_shape: Some(shape_proto(&t.shape)),
+                    };
+                    (t.name.clone(), info)
+                })
+                .collect()
+        };
+    tfpb::tensorflow::SignatureDef {
+        inputs: infos(&spec.inputs),
+        outputs: infos(&spec.outputs),
+        method_name: "tensorflow/serving/predict".into(),
+    }
+}
+
+#[tonic::async_trait]
+impl serving::prediction_service_server::PredictionService for TfServing {
+    async fn predict(
+        &self,
+        request: Request<serving::PredictRequest>,
+    ) -> Result<Response<serving::PredictResponse>, Status> {
+        let (metadata, _, req) = request.into_parts();
+        let result = async {
+            let headers = super::call_headers(metadata)?;
+            let (name, version, label) = target(&self.state, req.model_spec.as_ref())?;
+            let call = Predict {
+                req: Arc::new(req),
+                headers: Arc::new(headers),
+            };
+            let (result, _) =
+                crate::api::serve(&self.state, &name, version, label.as_deref(), call)
+                    .await
+                    .map_err(status)?;
+            result.map(Response::new).map_err(status)
+        };
+        let result = result.await;
+        super::count(&self.state, &result);
+        result
+    }
+
+    async fn get_model_metadata(
+        &self,
+        request: Request<serving::GetModelMetadataRequest>,
+    ) -> Result<Response<serving::GetModelMetadataResponse>, Status> {
+        let req = request.into_inner();
+        let result = (|| {
+            if req.metadata_field.is_empty() {
+                return Err(Status::invalid_argument(
+                    "metadata_field is empty; ask for \"signature_def\"",
+                ));
+            }
+            if let Some(f) = req.metadata_field.iter().find(|f| *f != "signature_def") {
+                return Err(Status::invalid_argument(format!(
+                    "metadata field {} is not served; nnserve serves \"signature_def\"",
+                    shown(f)
+                )));
+            }
+            let (name, version, label) = target(&self.state, req.model_spec.as_ref())?;
+            let s = crate::api::resolve_model(&self.state, &name, version, label.as_deref())
+                .map_err(status)?;
+            let mut defs = HashMap::new();
+            defs.insert(DEFAULT_SIGNATURE.to_string(), signature_def(&s));
+            let map = serving::SignatureDefMap {
+                signature_def: defs,
+            };
+            let mut metadata = HashMap::new();
+            metadata.insert(
+                "signature_def".to_string(),
+                prost_types::Any {
+                    type_url: "type.googleapis.com/tensorflow.serving.SignatureDefMap".into(),
+                    value: prost::Message::encode_to_vec(&map),
+                },
+            );
+            Ok(Response::new(serving::GetModelMetadataResponse {
+                model_spec: Some(served_spec(&s)),
+                metadata,
+            }))
+        })();
+        super::count(&self.state, &result);
+        result
+    }
+
+    async fn classify(
+        &self,
+        _: Request<serving::ClassificationRequest>,
+    ) -> Result<Response<serving::ClassificationResponse>, Status> {
+        Err(unserved("Classify"))
+    }
+
+    async fn regress(
+        &self,
+        _: Request<serving::RegressionRequest>,
+    ) -> Result<Response<serving::RegressionResponse>, Status> {
+        Err(unserved("Regress"))
+    }
+
+    async fn multi_inference(
+        &self,
+        _: Request<serving::MultiInferenceRequest>,
+    ) -> Result<Response<serving::MultiInferenceResponse>, Status> {
+        Err(unserved("MultiInference"))
+    }
+}
+
+fn unserved(rpc: &str) -> Status {
+    Status::unimplemented(format!(
+        "{rpc} is not served by nnserve (it needs tf.Example inputs); use Predict"
+    ))
+}
+
+#[tonic::async_trait]
+impl serving::model_service_server::ModelService for TfServing {
+    async fn get_model_status(
+        &self,
+        request: Request<serving::GetModelStatusRequest>,
+    ) -> Result<Response<serving::GetModelStatusResponse>, Status> {
+        use serving::model_version_status::State as S;
+        let admin = crate::api::is_admin(&self.state, &request.metadata().clone().into_headers());
+        let req = request.into_inner();
+        let result = (|| {
+            use serving::model_spec::VersionChoice;
+            let spec = req
+                .model_spec
+                .as_ref()
+                .ok_or_else(|| Status::invalid_argument("model_spec is missing"))?;
+            let name = crate::api::model_name(&spec.name).map_err(status)?;
+            let statuses = self
+                .state
+                .registry
+                .status(name)
+                .ok_or_else(|| Status::not_found(format!("model '{name}' is not found")))?;
+            let only = match &spec.version_choice {
+                None => None,
+                Some(VersionChoice::Version(v)) => Some(*v),
+                Some(VersionChoice::VersionLabel(l)) => Some(
+                    self.state
+                        .registry
+                        .label(name, l)
+                        .map_err(not_found_or_precondition)? as i64,
+                ),
+            };
+            let model_version_status: Vec<_> = statuses
+                .iter()
+                .filter(|s| only.is_none_or(|v| v == s.version as i64))
+                .map(|s| serving::ModelVersionStatus {
+                    version: s.version as i64,
+                    state: match s.state {
+                        crate::lifecycle::State::Start => S::Start,
+                        crate::lifecycle::State::Loading => S::Loading,
+                        crate::lifecycle::State::Available => S::Available,
+                        crate::lifecycle::State::Unloading => S::Unloading,
+                        crate::lifecycle::State::End => S::End,
+                    } as i32,
+                    status: Some(serving::StatusProto {
+                        error_code: if s.error.is_some() {
+                            tfpb::tensorflow::error::Code::Unknown
+                        } else {
+                            tfpb::tensorflow::error::Code::Ok
+                        } as i32,
+                        error_message: crate::api::error_for(admin, s).unwrap_or_default(),
+                    }),
+                })
+                .collect();
+            if model_version_status.is_empty() {
+                return Err(Status::not_found(format!(
+                    "version {} of model '{name}' is not found",
+                    only.unwrap_or(0)
+                )));
+            }
+            Ok(Response::new(serving::GetModelStatusResponse {
+                model_version_status,
+            }))
+        })();
+        super::count(&self.state, &result);
+        result
+    }
+
+    async fn handle_reload_config_request(
+        &self,
+        _: Request<serving::ReloadConfigRequest>,
+    ) -> Result<Response<serving::ReloadConfigResponse>, Status> {
+        Err(Status::unimplemented(
+            "HandleReloadConfigRequest is not served: nnserve serves what its repository holds; \
+             upload, delete and label versions through the management API (docs/http-api.md)",
+        ))
+    }
+}
