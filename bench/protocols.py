@@ -12,6 +12,7 @@ mlp (one row of 4 floats):
   http-json    POST /v2/models/mlp/infer, JSON data
   http-binary  the same with Triton's binary tensor extension (tritonclient's default)
   grpc         ModelInfer with raw_input_contents (tritonclient[grpc]'s default)
+  tfs-predict  TF Serving's Predict with tensor_content (tensorflow-serving-api's)
 digits (one PNG through the image-classifier plugin):
   http-infer   POST /v1/models/digits:infer with the PNG as the body (the plugin route)
   http-binary  POST /v2/models/digits/infer, one BYTES input, binary
@@ -69,6 +70,19 @@ def messages(tmp, png):
     req.inputs.add(name="input", datatype="FP32", shape=[1, 4])
     req.raw_input_contents.append(raw_row)
     put("mlp.grpc", req.SerializeToString())
+    try:  # TF Serving's Predict (tensorflow-serving-api, installed by make setup)
+        from tensorflow_serving.apis import predict_pb2
+        from tensorflow.core.framework import tensor_pb2, types_pb2
+        p = predict_pb2.PredictRequest()
+        p.model_spec.name = "mlp"
+        t = p.inputs["input"]
+        t.dtype = types_pb2.DT_FLOAT
+        t.tensor_shape.dim.add(size=1)
+        t.tensor_shape.dim.add(size=4)
+        t.tensor_content = raw_row
+        put("mlp.tfs", p.SerializeToString())
+    except ImportError:
+        print("   (no tensorflow-serving-api: the tfs-predict row is left out)")
     put("digits.png", image)
     head = json.dumps({"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES",
                                    "parameters": {"binary_data_size": len(element)}}],
@@ -116,6 +130,9 @@ def cases(http, grpc, files):
          ["content-type: application/octet-stream",
           f"inference-header-content-length: {files['mlp.bin.header']}"]),
         ("mlp", "grpc", f"grpc://{grpc}/inference.GRPCInferenceService/ModelInfer", files["mlp.grpc"], []),
+    ] + ([
+        ("mlp", "tfs-predict", f"grpc://{grpc}/tensorflow.serving.PredictionService/Predict", files["mlp.tfs"], []),
+    ] if "mlp.tfs" in files else []) + [
         ("digits", "http-infer", f"{http}/v1/models/digits:infer", files["digits.png"],
          ["content-type: image/png"]),
         ("digits", "http-binary", f"{http}/v2/models/digits/infer", files["digits.bin"],

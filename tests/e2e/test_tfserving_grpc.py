@@ -114,6 +114,14 @@ def test_get_model_metadata_gives_the_signature(tfs):
     assert sig.inputs["input"].dtype == tf.float32.as_datatype_enum
     assert [d.size for d in sig.inputs["input"].tensor_shape.dim] == [-1, 4]
     assert [d.size for d in sig.outputs["output"].tensor_shape.dim] == [-1, 3]
+    # A TensorFlow model's signature comes from its SavedModel.
+    req.model_spec.name = "tf-mlp"
+    sigs = get_model_metadata_pb2.SignatureDefMap()
+    tfs.predict.GetModelMetadata(req, timeout=10).metadata["signature_def"].Unpack(sigs)
+    model = tf.saved_model.load(os.path.join(EXAMPLES, "tf-mlp", "1", "model", "saved_model"))
+    fn = model.signatures["serving_default"]
+    assert set(sigs.signature_def["serving_default"].inputs) == set(fn.structured_input_signature[1])
+    assert set(sigs.signature_def["serving_default"].outputs) == set(fn.structured_outputs)
     req.ClearField("metadata_field")
     with pytest.raises(grpc.RpcError) as e:
         tfs.predict.GetModelMetadata(req, timeout=10)

@@ -1,10 +1,12 @@
 //! gRPC: KServe v2 as Triton serves it (`inference.GRPCInferenceService`, from
 //! `proto/inference.proto`), the standard health service and reflection, over the same models,
 //! endpoints, batching, lifecycle and metrics as the HTTP API; on its own listener
-//! (`--grpc-listen`). Its rooms: the service here (every RPC, the mapping of errors to
-//! status codes, the call's metadata as headers), `infer` (ModelInfer's tensors and the
-//! BYTES call of a handler plugin), `models` (metadata, configuration, statistics),
-//! `health`, and `listener` (the connections).
+//! (`--grpc-listen`), with TensorFlow Serving's `PredictionService` and `ModelService`
+//! beside it (`tfserving`). Its rooms: the service here (every RPC, the mapping of
+//! errors to status codes, the call's metadata as headers), `infer` (ModelInfer's tensors
+//! and the BYTES call of a handler plugin), `models` (metadata, configuration,
+//! statistics), `tfserving`, `health`, `bound` (the layer around every call), and
+//! `listener` (the connections).
 //!
 //! It calls the `api` room's request path (resolve, route, run, count), so a request
 //! over gRPC is served and counted exactly as one over HTTP; `api` knows nothing of it.
