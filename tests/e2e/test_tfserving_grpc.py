@@ -231,3 +231,17 @@ def test_our_protos_match_tensorflow_servings():
         for m in f.message_type:
             check(m, f.package)
     assert checked > 40
+
+
+def test_a_version_that_is_not_available_is_a_failed_precondition(tfs):
+    r = requests.post(f"{tfs.url}/v2/repository/models/tf-mlp/unload")
+    assert r.status_code == 200, r.text
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            predict(tfs, "tf-mlp", X)
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION, e.value.details()
+        assert status_of(tfs, "tf-mlp") == {1: "END"}
+    finally:
+        r = requests.post(f"{tfs.url}/v2/repository/models/tf-mlp/load")
+        assert r.status_code == 200, r.text
+    assert status_of(tfs, "tf-mlp") == {1: "AVAILABLE"}
