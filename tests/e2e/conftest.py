@@ -118,6 +118,15 @@ class Server:
         return host, int(port)
 
 
+def self_signed_cert(tmp):
+    """A certificate for 127.0.0.1 and its key, made by openssl in `tmp`: (cert, key)."""
+    cert, key = os.path.join(str(tmp), "cert.pem"), os.path.join(str(tmp), "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    return cert, key
+
+
 def start_server(repo, tmp, *args, listen="127.0.0.1:0", env=None, preexec_fn=None):
     log_path = os.path.join(tmp, "server.log")
     log = open(log_path, "w")

@@ -15,7 +15,7 @@ import time
 import pytest
 import requests
 
-from conftest import EXAMPLES, NNSERVE, MLP_IO, start_server, stop_server, write_bundle
+from conftest import EXAMPLES, NNSERVE, MLP_IO, self_signed_cert, start_server, stop_server, write_bundle
 
 ROW = [[1.0, 2.0, 3.0, 4.0]]
 PREDICT = json.dumps({"instances": ROW}).encode()
@@ -483,10 +483,7 @@ def test_management_is_open_on_loopback_without_a_token(tmp_path):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is missing (make setup installs it)")
 def test_tls_serves_with_a_certificate_the_test_made(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     s = start_server(mlp_repo(tmp_path), str(tmp_path), "--tls-cert", str(cert), "--tls-key", str(key))
     try:
         assert s.url.startswith("https://")

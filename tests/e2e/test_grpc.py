@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import requests
 
-from conftest import EXAMPLES, ROOT, start_server, stop_server
+from conftest import EXAMPLES, ROOT, self_signed_cert, start_server, stop_server
 from test_digits import encode, held_out, render  # noqa: F401  (fixture)
 from test_tensor_api import rows, torch_mlp  # noqa: F401  (fixture)
 
@@ -403,10 +403,7 @@ def test_kserves_own_grpc_client(server, torch_mlp):
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is missing (make setup installs it)")
 def test_grpc_over_tls_with_the_servers_certificate(tmp_path):
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
+    cert, key = self_signed_cert(tmp_path)
     repo = tmp_path / "repo"
     shutil.copytree(os.path.join(EXAMPLES, "mlp"), repo / "mlp")
     s = start_server(str(repo), str(tmp_path), "--tls-cert", str(cert), "--tls-key", str(key),

@@ -353,7 +353,13 @@ pub(super) async fn infer_resolved(
             out.extend_from_slice(&t.data);
         }
     }
-    Ok((
+    Ok(binary_answer(out, header_len))
+}
+
+/// An answer of Triton's binary extension: `out` is the JSON head (`header_len` bytes)
+/// and the binary outputs after it.
+fn binary_answer(out: Vec<u8>, header_len: usize) -> Response {
+    (
         [
             (
                 axum::http::header::CONTENT_TYPE,
@@ -366,7 +372,7 @@ pub(super) async fn infer_resolved(
         ],
         out,
     )
-        .into_response())
+        .into_response()
 }
 
 /// A handler plugin's bundle called through v2 `infer` with one BYTES input: its one
@@ -477,20 +483,7 @@ async fn body_call(
     };
     let header_len = out.len();
     out.extend_from_slice(&raw);
-    Ok((
-        [
-            (
-                axum::http::header::CONTENT_TYPE,
-                "application/octet-stream".to_string(),
-            ),
-            (
-                axum::http::HeaderName::from_static(HEADER_LENGTH),
-                header_len.to_string(),
-            ),
-        ],
-        out,
-    )
-        .into_response())
+    Ok(binary_answer(out, header_len))
 }
 
 /// The strings of a (nested) JSON array, row-major; the kind of the first value that

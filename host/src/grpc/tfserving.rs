@@ -571,10 +571,16 @@ mod tests {
     fn tensor_protos_become_host_tensors_as_tensorflow_reads_them() {
         let mut p = proto(DataType::DtFloat, &[2]);
         p.float_val = vec![1.5, -2.0];
-        assert_eq!(tensor_from_proto("x", &p).unwrap().to_f64_vec(), vec![1.5, -2.0]);
+        assert_eq!(
+            tensor_from_proto("x", &p).unwrap().to_f64_vec(),
+            vec![1.5, -2.0]
+        );
         // One value fills the shape.
         p.float_val = vec![3.0];
-        assert_eq!(tensor_from_proto("x", &p).unwrap().to_f64_vec(), vec![3.0, 3.0]);
+        assert_eq!(
+            tensor_from_proto("x", &p).unwrap().to_f64_vec(),
+            vec![3.0, 3.0]
+        );
         p.float_val = vec![1.0, 2.0, 3.0];
         let e = tensor_from_proto("x", &p).unwrap_err();
         assert!(e.message().contains("needs 2"), "{}", e.message());
@@ -582,17 +588,29 @@ mod tests {
         p.tensor_content = Bytes::from(vec![0u8; 8]);
         assert_eq!(tensor_from_proto("x", &p).unwrap().data.len(), 8);
         p.tensor_content = Bytes::from(vec![0u8; 7]);
-        assert!(tensor_from_proto("x", &p).unwrap_err().message().contains("needs 8 bytes"));
+        assert!(tensor_from_proto("x", &p)
+            .unwrap_err()
+            .message()
+            .contains("needs 8 bytes"));
         // Narrow integers travel in int_val, range-checked.
         let mut p = proto(DataType::DtInt8, &[1]);
         p.int_val = vec![300];
-        assert!(tensor_from_proto("x", &p).unwrap_err().message().contains("out of range"));
+        assert!(tensor_from_proto("x", &p)
+            .unwrap_err()
+            .message()
+            .contains("out of range"));
         // DT_STRING is for handler plugins; an unknown rank is refused.
         let p = proto(DataType::DtString, &[1]);
-        assert!(tensor_from_proto("x", &p).unwrap_err().message().contains("DT_STRING"));
+        assert!(tensor_from_proto("x", &p)
+            .unwrap_err()
+            .message()
+            .contains("DT_STRING"));
         let mut p = proto(DataType::DtFloat, &[1]);
         p.tensor_shape.as_mut().unwrap().unknown_rank = true;
-        assert!(tensor_from_proto("x", &p).unwrap_err().message().contains("unknown rank"));
+        assert!(tensor_from_proto("x", &p)
+            .unwrap_err()
+            .message()
+            .contains("unknown rank"));
     }
 
     #[test]
