@@ -161,8 +161,13 @@ fn shape_of(name: &str, shape: Option<&TensorShapeProto>) -> Result<Vec<i64>, Ap
 
 /// A request's TensorProto as a host tensor: `tensor_content` (little-endian,
 /// row-major), or the typed list of its dtype, where one value fills the whole shape (as
-/// TensorFlow reads it).
-pub fn tensor_from_proto(name: &str, p: &TensorProto) -> Result<Tensor, ApiError> {
+/// TensorFlow reads it). A filled tensor may not take more than `max_bytes` (the
+/// server's max_request_bytes): one value and a huge shape must not allocate terabytes.
+pub fn tensor_from_proto(
+    name: &str,
+    p: &TensorProto,
+    max_bytes: usize,
+) -> Result<Tensor, ApiError> {
     let bad = |m: String| ApiError::BadRequest(format!("input '{}': {m}", bounded(name)));
     let dtype = dtype_of(p.dtype).map_err(|d| {
         bad(format!(
@@ -183,6 +188,14 @@ pub fn tensor_from_proto(name: &str, p: &TensorProto) -> Result<Tensor, ApiError
             )));
         }
         return Tensor::new(dtype, shape, p.tensor_content.to_vec()).map_err(bad);
+    }
+    let bytes = n.saturating_mul(dtype.size());
+    if bytes > max_bytes {
+        return Err(bad(format!(
+            "shape {} of {} takes {bytes} bytes, over the server's max_request_bytes of {max_bytes}",
+            crate::names::shown_list(&shape),
+            dtype.tf_name()
+        )));
     }
     macro_rules! take {
         ($list:expr, $what:literal, |$v:ident| $conv:expr) => {{
@@ -287,7 +300,10 @@ impl crate::api::Run for Predict {
         }
         let mut inputs = Vec::with_capacity(req.inputs.len());
         for (name, t) in &req.inputs {
-            inputs.push((name.clone(), tensor_from_proto(name, t)?));
+            inputs.push((
+                name.clone(),
+                tensor_from_proto(name, t, state.max_request_bytes)?,
+            ));
         }
         let declared = &s.model_spec().outputs;
         if let Some(o) = req
@@ -572,42 +588,51 @@ mod tests {
         let mut p = proto(DataType::DtFloat, &[2]);
         p.float_val = vec![1.5, -2.0];
         assert_eq!(
-            tensor_from_proto("x", &p).unwrap().to_f64_vec(),
+            tensor_from_proto("x", &p, 1 << 20).unwrap().to_f64_vec(),
             vec![1.5, -2.0]
         );
         // One value fills the shape.
         p.float_val = vec![3.0];
         assert_eq!(
-            tensor_from_proto("x", &p).unwrap().to_f64_vec(),
+            tensor_from_proto("x", &p, 1 << 20).unwrap().to_f64_vec(),
             vec![3.0, 3.0]
         );
         p.float_val = vec![1.0, 2.0, 3.0];
-        let e = tensor_from_proto("x", &p).unwrap_err();
+        let e = tensor_from_proto("x", &p, 1 << 20).unwrap_err();
         assert!(e.message().contains("needs 2"), "{}", e.message());
         // tensor_content wins, and must match the shape.
         p.tensor_content = Bytes::from(vec![0u8; 8]);
-        assert_eq!(tensor_from_proto("x", &p).unwrap().data.len(), 8);
+        assert_eq!(tensor_from_proto("x", &p, 1 << 20).unwrap().data.len(), 8);
         p.tensor_content = Bytes::from(vec![0u8; 7]);
-        assert!(tensor_from_proto("x", &p)
+        assert!(tensor_from_proto("x", &p, 1 << 20)
             .unwrap_err()
             .message()
             .contains("needs 8 bytes"));
         // Narrow integers travel in int_val, range-checked.
         let mut p = proto(DataType::DtInt8, &[1]);
         p.int_val = vec![300];
-        assert!(tensor_from_proto("x", &p)
+        assert!(tensor_from_proto("x", &p, 1 << 20)
             .unwrap_err()
             .message()
             .contains("out of range"));
+        // One value may not fill more than the largest request.
+        let mut p = proto(DataType::DtFloat, &[1 << 40]);
+        p.float_val = vec![1.0];
+        let e = tensor_from_proto("x", &p, 1 << 20).unwrap_err();
+        assert!(
+            e.message().contains("over the server's max_request_bytes"),
+            "{}",
+            e.message()
+        );
         // DT_STRING is for handler plugins; an unknown rank is refused.
         let p = proto(DataType::DtString, &[1]);
-        assert!(tensor_from_proto("x", &p)
+        assert!(tensor_from_proto("x", &p, 1 << 20)
             .unwrap_err()
             .message()
             .contains("DT_STRING"));
         let mut p = proto(DataType::DtFloat, &[1]);
         p.tensor_shape.as_mut().unwrap().unknown_rank = true;
-        assert!(tensor_from_proto("x", &p)
+        assert!(tensor_from_proto("x", &p, 1 << 20)
             .unwrap_err()
             .message()
             .contains("unknown rank"));
@@ -619,7 +644,7 @@ mod tests {
         let p = tensor_to_proto(t.clone());
         assert_eq!(p.dtype, DataType::DtFloat as i32);
         assert_eq!(p.tensor_content.as_ref(), &t.data[..]);
-        let back = tensor_from_proto("y", &p).unwrap();
+        let back = tensor_from_proto("y", &p, 1 << 20).unwrap();
         assert_eq!((back.shape, back.data), (t.shape, t.data));
     }
 }
