@@ -84,9 +84,9 @@ pub struct ServeArgs {
     #[arg(long, short = 'l', env = "NNSERVE_LISTEN")]
     pub listen: Option<SocketAddr>,
 
-    /// Also serve gRPC here (KServe v2 as Triton serves it, and grpc.health.v1); port 0
-    /// picks a free port (printed at start) [default: no gRPC listener; `make run` uses
-    /// 127.0.0.1:8081]
+    /// Also serve gRPC here: KServe v2 as Triton serves it, TF Serving's PredictionService
+    /// and ModelService, grpc.health.v1 and reflection (docs/grpc.md); port 0 picks a free
+    /// port (printed at start) [default: no gRPC listener; `make run` uses 127.0.0.1:8081]
     #[arg(long, env = "NNSERVE_GRPC_LISTEN")]
     pub grpc_listen: Option<SocketAddr>,
 
