@@ -28,7 +28,7 @@ pub(crate) use inference::{
     check_answer_size, header_pairs, resolve_model, serve, serve_inference, Run, Verb,
 };
 pub(crate) use v1::plugin_infer;
-pub(crate) use v2::{available_versions, model_platform, repository_entries};
+pub(crate) use v2::{available_versions, input_head, model_platform, repository_entries};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request};

@@ -504,27 +504,39 @@ fn flatten_strings(v: &Value, out: &mut Vec<String>) -> Result<(), &'static str>
     Ok(())
 }
 
-fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiError> {
-    // Everything of the request quoted back is bounded (names::shown).
-    let name = &crate::names::bounded(&input.name);
-    let shape = crate::names::shown_list(&input.shape);
-    let dtype = DType::from_v2_name(&input.datatype).ok_or_else(|| {
+/// A v2 input's datatype and element count, checked (over HTTP and gRPC alike).
+/// Everything of the request quoted back is bounded (names::shown).
+pub(crate) fn input_head(
+    name: &str,
+    datatype: &str,
+    shape: &[i64],
+) -> Result<(DType, usize), ApiError> {
+    let name = crate::names::bounded(name);
+    let shown = crate::names::shown_list(shape);
+    let dtype = DType::from_v2_name(datatype).ok_or_else(|| {
         ApiError::BadRequest(format!(
             "input '{name}' has datatype {}, which nnserve does not support (use one of {})",
-            crate::names::shown(&input.datatype),
+            crate::names::shown(datatype),
             DType::ALL.map(|d| d.v2_name()).join(", ")
         ))
     })?;
-    if input.shape.iter().any(|&d| d < 0) {
+    if shape.iter().any(|&d| d < 0) {
         return Err(ApiError::BadRequest(format!(
-            "input '{name}' has a negative size in shape {shape}"
+            "input '{name}' has a negative size in shape {shown}"
         )));
     }
-    let want = checked_numel(&input.shape).ok_or_else(|| {
+    let n = checked_numel(shape).ok_or_else(|| {
         ApiError::BadRequest(format!(
-            "input '{name}' has shape {shape}, whose element count does not fit in memory"
+            "input '{name}' has shape {shown}, whose element count does not fit in memory"
         ))
     })?;
+    Ok((dtype, n))
+}
+
+fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiError> {
+    let name = &crate::names::bounded(&input.name);
+    let shape = crate::names::shown_list(&input.shape);
+    let (dtype, want) = input_head(&input.name, &input.datatype, &input.shape)?;
     if let Some(size) = input.parameters.get("binary_data_size") {
         let size = size.as_u64().ok_or_else(|| {
             ApiError::BadRequest(format!(

@@ -12,7 +12,7 @@ use crate::api::body_call::{
 use crate::api::{ApiError, AppState};
 use crate::lifecycle::ModelVersion;
 use crate::names::{bounded, shown};
-use crate::tensor::{checked_numel, DType, Tensor};
+use crate::tensor::{DType, Tensor};
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -161,25 +161,7 @@ fn dtype_and_numel(input: &InferInputTensor) -> Result<(DType, usize), ApiError>
              handler plugin, as its only input (docs/grpc.md)"
         )));
     }
-    let dtype = DType::from_v2_name(&input.datatype).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{name}' has datatype {}, which nnserve does not support (use one of {})",
-            shown(&input.datatype),
-            DType::ALL.map(|d| d.v2_name()).join(", ")
-        ))
-    })?;
-    let shape = crate::names::shown_list(&input.shape);
-    if input.shape.iter().any(|&d| d < 0) {
-        return Err(ApiError::BadRequest(format!(
-            "input '{name}' has a negative size in shape {shape}"
-        )));
-    }
-    let n = checked_numel(&input.shape).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{name}' has shape {shape}, whose element count does not fit in memory"
-        ))
-    })?;
-    Ok((dtype, n))
+    crate::api::input_head(&input.name, &input.datatype, &input.shape)
 }
 
 fn decode_raw(input: &InferInputTensor, raw: &Bytes) -> Result<Tensor, ApiError> {
