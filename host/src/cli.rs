@@ -76,9 +76,23 @@ pub enum BundleCommand {
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {
-    /// Model repository directory [default: repository, or the config file's value]
+    /// Model repository: a directory, or an S3 bucket `s3://BUCKET/PREFIX` shared by
+    /// replicas (endpoint, region and credentials from AWS_ENDPOINT_URL, AWS_REGION,
+    /// AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY; AWS_ALLOW_HTTP=true for a plain-HTTP
+    /// endpoint; docs/object-store.md) [default: repository, or the config file's value]
     #[arg(long, short = 'r', env = "NNSERVE_REPOSITORY")]
     pub repository: Option<PathBuf>,
+
+    /// With an s3:// repository: the local directory this replica syncs versions into
+    /// and loads from; locked, so two processes never share one [default: per
+    /// repository and free slot under $XDG_CACHE_HOME/nnserve or ~/.cache/nnserve]
+    #[arg(long, env = "NNSERVE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// How often the repository (directory or bucket) is looked at for versions added,
+    /// removed or relabelled elsewhere, ms; 0: never [default: 2000]
+    #[arg(long, env = "NNSERVE_POLL_INTERVAL_MS")]
+    pub poll_interval_ms: Option<u64>,
 
     /// Address to listen on; port 0 picks a free port (printed at start) [default: 127.0.0.1:8080]
     #[arg(long, short = 'l', env = "NNSERVE_LISTEN")]
@@ -150,6 +164,12 @@ impl ServeArgs {
         };
         if let Some(r) = &self.repository {
             c.repository = r.clone();
+        }
+        if let Some(d) = &self.cache_dir {
+            c.cache_dir = Some(d.clone());
+        }
+        if let Some(p) = self.poll_interval_ms {
+            c.poll_interval_ms = p;
         }
         if let Some(l) = self.listen {
             c.listen = l;

@@ -42,8 +42,12 @@ impl Management {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
-    /// The model repository: `<repository>/<model>/<version>/bundle.toml`.
+    /// The model repository: `<repository>/<model>/<version>/bundle.toml`, or an object
+    /// store with the same layout, `s3://bucket/prefix` (docs/object-store.md).
     pub repository: PathBuf,
+    /// With an object-store repository: this replica's local cache of it (locked).
+    /// Default: per repository and free slot under the user's cache directory.
+    pub cache_dir: Option<PathBuf>,
     /// Address to listen on.
     pub listen: SocketAddr,
     /// Address of the gRPC listener (KServe v2 / Triton's `GRPCInferenceService` and
@@ -121,7 +125,8 @@ pub struct ServerConfig {
     pub policies: std::collections::BTreeMap<String, crate::lifecycle::VersionPolicy>,
     /// How often the repository is scanned for versions copied in or removed by hand, ms
     /// (0: never). A new version directory is loaded once it has not changed for a full
-    /// interval.
+    /// interval. With an object store: how often the bucket is listed, which is how the
+    /// other replicas' uploads, deletes and label changes arrive.
     pub poll_interval_ms: u64,
     /// Memory budgets per device in MiB (`cpu = 8192`, `"cuda:0" = 70000`); a load that
     /// would exceed its device's budget is refused. Devices not named have none.
@@ -132,6 +137,7 @@ impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
             repository: PathBuf::from("repository"),
+            cache_dir: None,
             listen: "127.0.0.1:8080".parse().unwrap(),
             grpc_listen: None,
             request_timeout_ms: 30_000,
@@ -234,6 +240,13 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The repository's URL when it is an object store (`s3://...`), else `None`.
+    pub fn repository_url(&self) -> Option<&str> {
+        self.repository
+            .to_str()
+            .filter(|r| crate::lifecycle::objects::is_url(r))
     }
 
     /// All plugin memory together, bytes (`plugin_memory_total_mib`, or its default).

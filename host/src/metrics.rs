@@ -329,6 +329,23 @@ impl Metrics {
         m
     }
 
+    /// The object-store repository's health: `repository_sync_errors_total` (failed
+    /// lists, reads and downloads) and `repository_last_sync_timestamp_seconds` (the last
+    /// complete sync; 0 before the first).
+    pub fn register_repository(&self, health: &crate::lifecycle::objects::Health) {
+        let mut r = self.registry.lock().unwrap();
+        r.register(
+            "repository_sync_errors",
+            "Failed object-store requests of the repository sync (lists, reads, downloads)",
+            health.errors.clone(),
+        );
+        r.register(
+            "repository_last_sync_timestamp_seconds",
+            "When the repository sync last completed without an error, seconds since the epoch",
+            health.last_sync.clone(),
+        );
+    }
+
     /// Handles for one version's execution path.
     pub fn version(&self, model: &str, version: u64) -> VersionMetrics {
         let l = labels(model, version);

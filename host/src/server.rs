@@ -8,6 +8,69 @@ use crate::plugin::{PluginRuntime, RuntimeConfig};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+/// The object-store repository of `url` and this replica's locked cache of it.
+fn open_objects(
+    config: &ServerConfig,
+    url: &str,
+    limits: &crate::archive::Limits,
+) -> anyhow::Result<lifecycle::objects::ObjectRepo> {
+    use lifecycle::objects;
+    // reqwest's TLS (https endpoints) runs on ring, as the listener's does.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let (store, prefix) = objects::open_store(url)?;
+    let (cache, lock) = match &config.cache_dir {
+        Some(dir) => match objects::lock_cache(dir)? {
+            Some(lock) => (dir.clone(), lock),
+            None => anyhow::bail!(
+                "another nnserve uses the cache {} (give each replica its own --cache-dir, or leave it out for a free one)",
+                dir.display()
+            ),
+        },
+        None => objects::default_cache_dir(url)?,
+    };
+    tracing::info!(repository = url, cache = %cache.display(), "object-store repository");
+    Ok(objects::ObjectRepo::new(
+        store,
+        prefix,
+        url.to_string(),
+        cache,
+        Some(lock),
+        limits.clone(),
+    ))
+}
+
+/// Start-up with an object store: the cache is checked (a restart reuses what is
+/// valid), the store's conditional writes are checked, and the bucket is synced. A
+/// bucket that cannot be reached is not fatal: the replica serves its cache and the
+/// poller keeps trying.
+async fn first_sync(o: &lifecycle::objects::ObjectRepo, poll_ms: u64) -> anyhow::Result<()> {
+    let cache = o.cache.root.display().to_string();
+    // Digests of every cached version: seconds for large models (nothing serves yet).
+    let kept = tokio::task::block_in_place(|| o.check_cache());
+    let reachable = o.check_conditional_writes().await?;
+    let synced = if reachable {
+        o.sync_all().await
+    } else {
+        Err("unreachable".into())
+    };
+    match synced {
+        Ok(news) => {
+            let fetched: usize = news.values().map(|n| n.installed.len()).sum();
+            tracing::info!(repository = %o.url, cache, cached = kept, downloaded = fetched, "synced the object store into the cache");
+        }
+        Err(e) => tracing::warn!(
+            repository = %o.url, cache,
+            "the object store cannot be reached ({e}): serving the {kept} versions the cache holds; \
+             the poller retries {}",
+            if poll_ms > 0 { "with backoff" } else { "never (poll_interval_ms is 0)" }
+        ),
+    }
+    if poll_ms == 0 {
+        tracing::warn!("poll_interval_ms is 0: this replica never sees the other replicas' uploads, deletes and label changes");
+    }
+    Ok(())
+}
+
 /// Loads the repository and serves until ctrl-c or SIGTERM.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     config.check()?; // also for a config built in code, not read from a file
@@ -49,17 +112,31 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         budget: registry.budget.clone(),
         warmup: Default::default(),
     });
-    let manager = Arc::new(lifecycle::Manager::new(
-        LocalSource::new(config.repository.clone()),
+    let limits_archive = crate::archive::Limits {
+        max_archive_bytes: config.max_upload_bytes,
+        ..Default::default()
+    };
+    let objects = match config.repository_url() {
+        Some(url) => Some(Arc::new(open_objects(&config, url, &limits_archive)?)),
+        None => None,
+    };
+    let root = match &objects {
+        Some(o) => o.cache.root.clone(),
+        None => config.repository.clone(),
+    };
+    let mut manager = lifecycle::Manager::new(
+        LocalSource::new(root),
         registry.clone(),
         loader.clone(),
         config.policies(),
-        crate::archive::Limits {
-            max_archive_bytes: config.max_upload_bytes,
-            ..Default::default()
-        },
+        limits_archive,
         lifecycle::Uploads::new(config.max_concurrent_uploads),
-    ));
+    );
+    if let Some(o) = &objects {
+        metrics.register_repository(&o.health);
+        manager = manager.with_objects(o.clone());
+    }
+    let manager = Arc::new(manager);
     let state = AppState {
         metrics,
         registry: registry.clone(),
@@ -79,7 +156,12 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
 
     tracing::info!(repository = %config.repository.display(), "loading the repository");
     manager.source.clear_scratch();
-    let loading = manager.load_repository();
+    let loading = async {
+        if let Some(o) = &objects {
+            first_sync(o, config.poll_interval_ms).await?;
+        }
+        manager.load_repository().await
+    };
     let report = tokio::select! {
         report = loading => report?,
         _ = nth_signal(signals.clone(), 1) => {

@@ -149,6 +149,7 @@ impl From<UploadError> for ApiError {
             UploadError::NotFound(m) => ApiError::NotFound(m),
             UploadError::SlowClient(m) => ApiError::SlowClient(m),
             UploadError::Internal(m) => ApiError::Internal(m),
+            UploadError::Unavailable(m) => ApiError::Unavailable(m),
         }
     }
 }

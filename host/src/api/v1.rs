@@ -238,7 +238,20 @@ pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> R
             json!({ "name": name, "versions": versions, "labels": labels })
         })
         .collect();
-    axum::Json(json!({ "models": models })).into_response()
+    let mut answer = json!({ "models": models });
+    if let Some(o) = &state.manager.objects {
+        // The object store's health: a replica that cannot reach it serves its cache.
+        let last_error = o.health.last_error.lock().unwrap().clone();
+        answer["repository"] = json!({
+            "url": o.url,
+            "healthy": o.health.healthy(),
+            "last_sync": match o.health.last_sync.get() { 0 => None, t => Some(t) },
+            "sync_errors": o.health.errors.get(),
+            // Store errors name buckets and keys: for the admin only.
+            "last_error": if admin { last_error } else { last_error.map(|_| "the object store failed (details for the admin)".to_string()) },
+        });
+    }
+    axum::Json(answer).into_response()
 }
 
 #[derive(serde::Deserialize)]

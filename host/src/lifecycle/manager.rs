@@ -12,6 +12,7 @@
 //! [`Manager::install`].
 
 use super::loader::{Load, LoadError};
+use super::objects::{ObjectRepo, WriteError};
 use super::policy::{self, Policies};
 use super::registry::{Registry, Servable};
 use super::source::{Fingerprint, LocalSource};
@@ -50,7 +51,11 @@ pub struct LoadReport {
 
 /// The model's life, for every model.
 pub struct Manager {
+    /// The repository, or with an object store the replica's cache of it.
     pub source: LocalSource,
+    /// The object-store repository the cache syncs from and writes go through
+    /// (`--repository s3://...`); `None` for a local directory.
+    pub objects: Option<Arc<ObjectRepo>>,
     pub registry: Arc<Registry>,
     pub loader: Arc<dyn Load>,
     pub policies: Policies,
@@ -64,6 +69,17 @@ pub struct Manager {
 
 fn internal(e: impl std::fmt::Display) -> UploadError {
     UploadError::Internal(e.to_string())
+}
+
+/// A write through the bucket that failed, as the API answers it.
+fn bucket_error(e: WriteError) -> UploadError {
+    match e {
+        WriteError::Conflict(m) => UploadError::Conflict(m),
+        WriteError::Store(m) => UploadError::Unavailable(format!(
+            "the model repository's object store failed, nothing was changed: {m}; retry"
+        )),
+        WriteError::Taken(_) => UploadError::Conflict("the version is stored".into()),
+    }
 }
 
 impl Manager {
@@ -82,8 +98,15 @@ impl Manager {
             policies,
             limits,
             uploads,
+            objects: None,
             guards: Default::default(),
         }
+    }
+
+    /// With an object-store repository: `source` must be its cache.
+    pub fn with_objects(mut self, objects: Arc<ObjectRepo>) -> Manager {
+        self.objects = Some(objects);
+        self
     }
 
     fn guard(&self, model: &str) -> Arc<tokio::sync::Mutex<ModelState>> {
@@ -257,8 +280,20 @@ impl Manager {
     /// and a removed one leaves; each change reconciles its model. A model whose
     /// reconcile is running is looked at again next round. Runs until the process ends.
     pub async fn poll(self: Arc<Self>, interval: std::time::Duration) {
+        // While the bucket cannot be reached, polls back off to a minute at most.
+        let mut wait = interval;
         loop {
-            tokio::time::sleep(interval).await;
+            tokio::time::sleep(wait).await;
+            if let Some(objects) = self.objects.clone() {
+                match self.sync_bucket(&objects).await {
+                    Ok(()) => wait = interval,
+                    Err(e) => {
+                        wait = (wait * 2).min(interval.max(std::time::Duration::from_secs(60)));
+                        tracing::warn!(repository = %objects.url, retry_in = ?wait,
+                            "cannot sync from the object store ({e}); serving what the cache holds");
+                    }
+                }
+            }
             let source = self.source.clone();
             let entries = match tokio::task::spawn_blocking(move || source.scan()).await {
                 Ok(Ok((entries, _))) => entries,
@@ -291,6 +326,50 @@ impl Manager {
                     self.reconcile_locked(&model, &mut st, None).await;
                 }
             }
+        }
+    }
+
+    /// One poll of the object store: one LIST, then each model's sync into the cache
+    /// under its guard (a model busy with an upload or a delete is looked at next
+    /// round), its news admitted, and the model reconciled.
+    async fn sync_bucket(&self, objects: &ObjectRepo) -> Result<(), String> {
+        let listing = objects.list().await?;
+        let mut models: BTreeSet<String> = listing.keys().cloned().collect();
+        models.extend(self.guards.lock().unwrap().keys().cloned());
+        let mut errors = 0;
+        for model in models {
+            let guard = self.guard(&model);
+            let Ok(mut st) = guard.try_lock() else {
+                continue;
+            };
+            let news = objects.sync_model(&model, listing.get(&model)).await;
+            errors += news.errors;
+            if news.is_empty() {
+                continue;
+            }
+            for v in &news.installed {
+                st.admitted.insert(*v);
+                st.failed.remove(v);
+                st.pending.remove(v);
+            }
+            for (v, reason) in news.refused {
+                self.registry.fail(
+                    &model,
+                    v,
+                    format!("refused from the object store: {reason}"),
+                    false,
+                );
+            }
+            if let Some(labels) = news.labels {
+                self.registry.restore_labels(&model, labels);
+            }
+            self.reconcile_locked(&model, &mut st, None).await;
+        }
+        if errors == 0 {
+            objects.synced();
+            Ok(())
+        } else {
+            Err(format!("{errors} objects could not be synced"))
         }
     }
 
@@ -359,6 +438,32 @@ impl Manager {
         };
         if self.source.is_stored(model, version) {
             return self.already_stored(model, version, stored);
+        }
+        if let Some(objects) = &self.objects {
+            // Claim, files, record: the bucket first, so that a version is in a cache
+            // only once every replica can sync it.
+            match objects.publish(model, version, unpacked, &meta).await {
+                Ok(()) => {}
+                Err(WriteError::Taken(Some(record))) if record.digest == stored.digest => {
+                    return Ok(Stored {
+                        created: false,
+                        ..stored
+                    })
+                }
+                Err(WriteError::Taken(Some(record))) => {
+                    return Err(UploadError::Conflict(format!(
+                        "version {version} of '{model}' exists with digest {}; this archive is {}: upload it as a new version",
+                        record.digest, stored.digest
+                    )))
+                }
+                Err(WriteError::Taken(None)) => {
+                    return Err(UploadError::Conflict(format!(
+                        "version {version} of '{model}' is being stored through another replica (or such an \
+                         upload was interrupted: DELETE the version to clear its claim); upload it as a new version"
+                    )))
+                }
+                Err(e) => return Err(bucket_error(e)),
+            }
         }
         let dir = self
             .source
@@ -459,12 +564,32 @@ impl Manager {
                 "version {version} of '{model}' is not stored"
             )));
         }
+        let before = self.registry.labels(model);
         self.registry
             .set_label(model, label, version, force)
             .map_err(UploadError::Conflict)?;
-        self.source
-            .write_labels(model, &self.registry.labels(model))
-            .map_err(internal)?;
+        match &self.objects {
+            // Merged with what other replicas changed meanwhile (If-Match, read again).
+            Some(objects) => {
+                let merged = objects
+                    .update_labels(model, |labels| {
+                        labels.insert(label.to_string(), version);
+                        Ok(())
+                    })
+                    .await;
+                match merged {
+                    Ok(labels) => self.registry.restore_labels(model, labels),
+                    Err(e) => {
+                        self.registry.restore_labels(model, before);
+                        return Err(bucket_error(e));
+                    }
+                }
+            }
+            None => self
+                .source
+                .write_labels(model, &self.registry.labels(model))
+                .map_err(internal)?,
+        }
         self.reconcile_locked(model, &mut st, None).await;
         Ok(())
     }
@@ -482,12 +607,26 @@ impl Manager {
         crate::names::check_version(version).map_err(UploadError::BadRequest)?;
         let not_stored =
             || UploadError::NotFound(format!("version {version} of '{model}' is not stored"));
+        // In the bucket but not in this cache: a claim an interrupted upload left, or a
+        // version not synced yet. Deleting it clears it from the bucket.
+        let in_bucket_only = match &self.objects {
+            Some(o) if !self.source.is_stored(model, version) => {
+                o.is_stored(model, version).await == Some(true)
+            }
+            _ => false,
+        };
         // Checked before the guard too, so that unknown names never get a guard.
-        if !self.source.is_stored(model, version) {
+        if !in_bucket_only && !self.source.is_stored(model, version) {
             return Err(not_stored());
         }
         let guard = self.guard(model);
         let mut st = guard.lock().await;
+        if let (Some(objects), true) = (&self.objects, in_bucket_only) {
+            return objects
+                .delete_version(model, version)
+                .await
+                .map_err(bucket_error);
+        }
         if !self.source.is_stored(model, version) {
             return Err(not_stored());
         }
@@ -500,6 +639,13 @@ impl Manager {
             return Err(UploadError::Conflict(format!(
                 "version {version} of '{model}' carries the label '{label}'; move the label first"
             )));
+        }
+        if let Some(objects) = &self.objects {
+            // The bucket first: every replica drops the version at its next poll.
+            objects
+                .delete_version(model, version)
+                .await
+                .map_err(bucket_error)?;
         }
         st.deleting.insert(version);
         self.reconcile_locked(model, &mut st, None).await;

@@ -14,6 +14,7 @@
 
 pub mod loader;
 pub mod manager;
+pub mod objects;
 pub mod policy;
 pub mod registry;
 pub mod source;

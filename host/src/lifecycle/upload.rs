@@ -106,6 +106,8 @@ pub enum UploadError {
     SlowClient(String),
     /// 500.
     Internal(String),
+    /// 503: the object store failed; nothing was changed.
+    Unavailable(String),
 }
 
 /// A stored version.
