@@ -487,3 +487,161 @@ async fn a_trigger_whose_client_goes_away_still_runs_to_its_end() {
         "version 2 admitted again"
     );
 }
+
+/// Replicas on one object store (object_store's in-memory store): each a manager with
+/// its own cache, as `--repository s3://...` runs them.
+mod replicas {
+    use super::*;
+    use crate::lifecycle::objects::ObjectRepo;
+    use object_store::{ObjectStore, ObjectStoreExt};
+
+    fn replica(store: &Arc<dyn ObjectStore>, tmp: &Path, name: &str) -> Setup {
+        let cache = tmp.join(name);
+        let objects = Arc::new(ObjectRepo::new(
+            store.clone(),
+            object_store::path::Path::from("repo"),
+            "s3://test/repo".into(),
+            cache.clone(),
+            None,
+            Default::default(),
+        ));
+        let metrics = Arc::new(Metrics::new());
+        let loader = Arc::new(FakeLoader {
+            metrics: metrics.clone(),
+            ..Default::default()
+        });
+        let registry = Arc::new(Registry::new(metrics, DeviceBudget::default()));
+        let manager = Arc::new(
+            Manager::new(
+                LocalSource::new(&cache),
+                registry,
+                loader.clone(),
+                Policies {
+                    default: VersionPolicy::Latest(1),
+                    per_model: Default::default(),
+                },
+                Default::default(),
+                Uploads::new(2),
+            )
+            .with_objects(objects),
+        );
+        Setup {
+            _tmp: tempfile::tempdir().unwrap(),
+            root: cache,
+            loader,
+            manager,
+        }
+    }
+
+    /// An upload's last step on replica `s`: the checked bundle, with its real digest.
+    async fn upload(s: &Setup, v: u64) -> Result<Stored, UploadError> {
+        let (_scratch, unpacked, servable) = arrival(s, v);
+        let digest = crate::archive::digest(&unpacked).unwrap();
+        s.manager
+            .install("m", &unpacked, meta(&digest), servable)
+            .await
+    }
+
+    async fn poll(s: &Setup) {
+        let objects = s.manager.objects.clone().unwrap();
+        s.manager.sync_bucket(&objects).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn an_upload_label_and_delete_on_one_replica_reach_the_other() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let a = replica(&store, tmp.path(), "a");
+        let b = replica(&store, tmp.path(), "b");
+        let stored = upload(&a, 1).await.unwrap();
+        assert_eq!(stored.state, Some("AVAILABLE"));
+        assert_eq!(a.manager.registry.available_versions("m"), vec![1]);
+        assert!(b.manager.registry.available_versions("m").is_empty());
+        poll(&b).await;
+        assert_eq!(b.manager.registry.available_versions("m"), vec![1]);
+
+        // v2 on a: a serves it at once, b after its poll; v1 retires on both.
+        upload(&a, 2).await.unwrap();
+        assert_eq!(a.manager.registry.available_versions("m"), vec![2]);
+        poll(&b).await;
+        assert_eq!(b.manager.registry.available_versions("m"), vec![2]);
+        assert_eq!(settled(&b.manager.registry, 1).await, Some(State::End));
+
+        // A label on b pins v1 on both.
+        b.manager.set_label("m", "stable", 1, true).await.unwrap();
+        poll(&a).await;
+        assert_eq!(a.manager.registry.labels("m").get("stable"), Some(&1));
+        assert_eq!(a.manager.registry.available_versions("m"), vec![1, 2]);
+
+        // A delete of a labelled version is refused; unlabelled, it leaves both.
+        let refused = a.manager.delete("m", 1).await.unwrap_err();
+        assert!(matches!(refused, UploadError::Conflict(_)), "{refused:?}");
+        b.manager.set_label("m", "stable", 2, false).await.unwrap();
+        poll(&a).await;
+        a.manager.delete("m", 1).await.unwrap();
+        poll(&b).await;
+        for s in [&a, &b] {
+            assert_eq!(s.manager.registry.available_versions("m"), vec![2]);
+            assert!(!s.manager.source.is_stored("m", 1));
+        }
+        // The same version uploaded again on b with other content: 409, from the bucket.
+        let (_scratch, unpacked, servable) = arrival(&b, 2);
+        std::fs::write(unpacked.join("extra"), b"other").unwrap();
+        let digest = crate::archive::digest(&unpacked).unwrap();
+        let conflict = b
+            .manager
+            .install("m", &unpacked, meta(&digest), servable)
+            .await
+            .unwrap_err();
+        assert!(matches!(conflict, UploadError::Conflict(_)), "{conflict:?}");
+    }
+
+    #[tokio::test]
+    async fn a_bad_version_in_the_bucket_is_refused_with_its_reason_and_the_old_one_serves() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store: Arc<dyn ObjectStore> = Arc::new(object_store::memory::InMemory::new());
+        let a = replica(&store, tmp.path(), "a");
+        let b = replica(&store, tmp.path(), "b");
+        upload(&a, 1).await.unwrap();
+        poll(&b).await;
+        // v2's record names a digest its files do not have.
+        let put = |k: &str, body: Vec<u8>| {
+            let store = store.clone();
+            let k = object_store::path::Path::from(k);
+            async move { store.put(&k, body.into()).await.unwrap() }
+        };
+        put("repo/m/2/bundle.toml", manifest("m", 2).into_bytes()).await;
+        put("repo/m/.meta/2.claim", b"{}".to_vec()).await;
+        put(
+            "repo/m/.meta/2.json",
+            serde_json::to_vec(&meta("sha256:0000")).unwrap(),
+        )
+        .await;
+        poll(&b).await;
+        assert_eq!(b.manager.registry.available_versions("m"), vec![1]);
+        let v2 = b
+            .manager
+            .registry
+            .status("m")
+            .unwrap()
+            .into_iter()
+            .find(|s| s.version == 2)
+            .expect("v2 is reported");
+        assert_eq!(v2.state, State::End);
+        assert!(
+            v2.error
+                .as_deref()
+                .unwrap_or("")
+                .contains("do not match its record"),
+            "{:?}",
+            v2.error
+        );
+        // A version whose files load badly (copied in by hand) fails like a bad upload.
+        b.loader.fail.lock().unwrap().insert(3);
+        put("repo/m/3/bundle.toml", manifest("m", 3).into_bytes()).await;
+        poll(&b).await; // seen
+        poll(&b).await; // unchanged for a poll: synced, fails to load
+        assert_eq!(state(&b.manager.registry, 3), Some(State::End));
+        assert_eq!(b.manager.registry.available_versions("m"), vec![1]);
+    }
+}
