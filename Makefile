@@ -40,10 +40,12 @@ help:
 
 setup: $(STAMPS)/wasm-target $(STAMPS)/venv $(STAMPS)/test-tools plugins models build
 
-# Debian packages the tests use: openssl makes the TLS test's certificate.
+# Debian packages the tests use: openssl makes the TLS test's certificate; haproxy is
+# the load balancer in front of the replicas of tests/e2e/test_object_store.py.
 $(STAMPS)/test-tools:
 	@mkdir -p $(STAMPS)
 	@command -v openssl >/dev/null || (apt-get update -q && apt-get install -y openssl)
+	@command -v haproxy >/dev/null || test -x /usr/sbin/haproxy || (apt-get update -q && apt-get install -y haproxy)
 	@touch $@
 
 $(STAMPS)/wasm-target:

@@ -332,17 +332,17 @@ impl Metrics {
     /// The object-store repository's health: `repository_sync_errors_total` (failed
     /// lists, reads and downloads) and `repository_last_sync_timestamp_seconds` (the last
     /// complete sync; 0 before the first).
-    pub fn register_repository(&self, health: &crate::lifecycle::objects::Health) {
+    pub fn register_repository(&self, errors: Counter, last_sync: Gauge) {
         let mut r = self.registry.lock().unwrap();
         r.register(
             "repository_sync_errors",
             "Failed object-store requests of the repository sync (lists, reads, downloads)",
-            health.errors.clone(),
+            errors,
         );
         r.register(
             "repository_last_sync_timestamp_seconds",
             "When the repository sync last completed without an error, seconds since the epoch",
-            health.last_sync.clone(),
+            last_sync,
         );
     }
 

@@ -49,7 +49,7 @@ async fn first_sync(o: &lifecycle::objects::ObjectRepo, poll_ms: u64) -> anyhow:
     let kept = tokio::task::block_in_place(|| o.check_cache());
     let reachable = o.check_conditional_writes().await?;
     let synced = if reachable {
-        o.sync_all().await
+        o.sync_all(true).await
     } else {
         Err("unreachable".into())
     };
@@ -133,7 +133,7 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         lifecycle::Uploads::new(config.max_concurrent_uploads),
     );
     if let Some(o) = &objects {
-        metrics.register_repository(&o.health);
+        metrics.register_repository(o.health.errors.clone(), o.health.last_sync.clone());
         manager = manager.with_objects(o.clone());
     }
     let manager = Arc::new(manager);

@@ -342,7 +342,7 @@ impl Manager {
             let Ok(mut st) = guard.try_lock() else {
                 continue;
             };
-            let news = objects.sync_model(&model, listing.get(&model)).await;
+            let news = objects.sync_model(&model, listing.get(&model), false).await;
             errors += news.errors;
             if news.is_empty() {
                 continue;

@@ -144,7 +144,7 @@ async fn an_upload_reaches_another_replica_whole_and_checked() {
     let meta = bundle(&src, "m", 1, b"weights");
     a.publish("m", 1, &src, &meta).await.unwrap();
 
-    let news = b.sync_all().await.unwrap();
+    let news = b.sync_all(false).await.unwrap();
     assert_eq!(news["m"].installed, vec![1]);
     assert_eq!(b.cache.meta("m", 1), Some(meta.clone()));
     assert_eq!(
@@ -187,7 +187,7 @@ async fn a_version_without_its_record_is_never_synced_while_it_is_claimed() {
     .await;
     put(&*store, "repo/m/1/model/model.pt", b"weights").await;
     for _ in 0..3 {
-        let news = b.sync_all().await.unwrap();
+        let news = b.sync_all(false).await.unwrap();
         assert!(news["m"].installed.is_empty(), "{news:?}");
         assert!(!b.cache.is_stored("m", 1));
     }
@@ -198,7 +198,7 @@ async fn a_version_without_its_record_is_never_synced_while_it_is_claimed() {
         &serde_json::to_vec(&meta).unwrap(),
     )
     .await;
-    assert_eq!(b.sync_all().await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
 }
 
 #[tokio::test]
@@ -220,10 +220,10 @@ async fn of_two_uploads_racing_for_one_version_exactly_one_claims_it() {
             other => panic!("{other:?}"),
         }
         let c = replica(store.clone(), &tmp.path().join("c"));
-        c.sync_all().await.unwrap();
+        c.sync_all(false).await.unwrap();
         assert_eq!(c.cache.meta("m", 1).unwrap().digest, winner.digest);
         a.delete_version("m", 1).await.unwrap();
-        c.sync_all().await.unwrap();
+        c.sync_all(false).await.unwrap();
         assert!(!c.cache.is_stored("m", 1));
     }
 }
@@ -240,13 +240,13 @@ async fn a_changed_object_is_refused_and_not_fetched_again_until_it_changes() {
     a.publish("m", 1, &src, &meta).await.unwrap();
     // Someone overwrites the weights in the bucket.
     put(&*inner, "repo/m/1/model/model.pt", b"tampered").await;
-    let news = b.sync_all().await.unwrap();
+    let news = b.sync_all(false).await.unwrap();
     let (v, reason) = &news["m"].refused[0];
     assert_eq!(*v, 1);
     assert!(reason.contains("do not match its record"), "{reason}");
     assert!(!b.cache.is_stored("m", 1));
     let gets = store.counts().1;
-    assert!(b.sync_all().await.unwrap()["m"].is_empty());
+    assert!(b.sync_all(false).await.unwrap()["m"].is_empty());
     assert_eq!(
         store.counts().1,
         gets,
@@ -254,7 +254,7 @@ async fn a_changed_object_is_refused_and_not_fetched_again_until_it_changes() {
     );
     // Put right, it is tried again and synced.
     put(&*inner, "repo/m/1/model/model.pt", b"weights").await;
-    assert_eq!(b.sync_all().await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
 }
 
 #[tokio::test]
@@ -275,9 +275,9 @@ async fn a_poll_that_finds_nothing_new_makes_one_list_request_and_downloads_noth
     })
     .await
     .unwrap();
-    b.sync_all().await.unwrap();
+    b.sync_all(false).await.unwrap();
     let before = store.counts();
-    let news = b.sync_all().await.unwrap();
+    let news = b.sync_all(false).await.unwrap();
     assert!(news.values().all(ModelSync::is_empty), "{news:?}");
     let after = store.counts();
     assert_eq!(
@@ -294,7 +294,7 @@ async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll() {
     let b = replica(store.clone(), &tmp.path().join("b"));
     // `aws s3 sync` of a version directory: files, no claim, no record.
     put(&*store, "repo/m/3/model/model.pt", b"w").await;
-    assert!(b.sync_all().await.unwrap()["m"].installed.is_empty());
+    assert!(b.sync_all(false).await.unwrap()["m"].installed.is_empty());
     put(
         &*store,
         "repo/m/3/bundle.toml",
@@ -302,12 +302,21 @@ async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll() {
     )
     .await;
     assert!(
-        b.sync_all().await.unwrap()["m"].installed.is_empty(),
+        b.sync_all(false).await.unwrap()["m"].installed.is_empty(),
         "still changing"
     );
-    assert_eq!(b.sync_all().await.unwrap()["m"].installed, vec![3]);
+    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![3]);
     let digest = crate::archive::digest(&b.cache.root.join("m/3")).unwrap();
     assert_eq!(b.cache.meta("m", 3).unwrap().digest, digest);
+    // At start-up a hand copy is taken at once, as a local repository's directories are.
+    put(
+        &*store,
+        "repo/n/1/bundle.toml",
+        b"[bundle]\nname = \"n\"\nversion = 1\n",
+    )
+    .await;
+    let c = replica(store.clone(), &tmp.path().join("c"));
+    assert_eq!(c.sync_all(true).await.unwrap()["n"].installed, vec![1]);
 }
 
 #[tokio::test]
@@ -319,20 +328,23 @@ async fn a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one() {
     let meta = bundle(&src, "m", 1, b"weights");
     a.publish("m", 1, &src, &meta).await.unwrap();
     let cache = tmp.path().join("b");
-    replica(inner.clone(), &cache).sync_all().await.unwrap();
+    replica(inner.clone(), &cache)
+        .sync_all(false)
+        .await
+        .unwrap();
 
     // Restarted: the cache is valid, so nothing is downloaded (the record is read once).
     let store = Counting::new(inner.clone());
     let b = replica(store.clone(), &cache);
     assert_eq!(b.check_cache(), 1);
-    assert!(b.sync_all().await.unwrap()["m"].installed.is_empty());
+    assert!(b.sync_all(false).await.unwrap()["m"].installed.is_empty());
     assert_eq!(store.counts().1, 2, "the record and the labels, no file");
 
     // Restarted after the cache was damaged: the version is dropped and fetched again.
     std::fs::write(cache.join("m/1/model/model.pt"), b"damaged").unwrap();
     let b = replica(inner.clone(), &cache);
     assert_eq!(b.check_cache(), 0);
-    assert_eq!(b.sync_all().await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
     assert_eq!(
         std::fs::read(cache.join("m/1/model/model.pt")).unwrap(),
         b"weights"
@@ -372,7 +384,7 @@ async fn a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere() 
     let src = tmp.path().join("src");
     let meta = bundle(&src, "m", 1, b"weights");
     a.publish("m", 1, &src, &meta).await.unwrap();
-    b.sync_all().await.unwrap();
+    b.sync_all(false).await.unwrap();
     a.update_labels("m", |l| {
         l.insert("stable".into(), 1);
         Ok(())
@@ -380,7 +392,7 @@ async fn a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere() 
     .await
     .unwrap();
     assert_eq!(
-        b.sync_all().await.unwrap()["m"].labels,
+        b.sync_all(false).await.unwrap()["m"].labels,
         Some(BTreeMap::from([("stable".to_string(), 1)]))
     );
     match a.delete_version("m", 1).await {
@@ -394,7 +406,7 @@ async fn a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere() 
     .await
     .unwrap();
     a.delete_version("m", 1).await.unwrap();
-    let news = b.sync_all().await.unwrap();
+    let news = b.sync_all(false).await.unwrap();
     assert_eq!(news["m"].removed, vec![1]);
     assert!(!b.cache.is_stored("m", 1));
     let left: Vec<_> = store.list(None).collect().await;
@@ -415,7 +427,7 @@ async fn a_repository_directory_serves_as_a_bucket() {
     let store: Arc<dyn ObjectStore> =
         Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&root).unwrap());
     let b = replica(store, &tmp.path().join("b"));
-    assert_eq!(b.sync_all().await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
     assert_eq!(b.cache.meta("m", 1), Some(meta));
 }
 
@@ -448,7 +460,7 @@ async fn keys_that_are_not_a_version_are_skipped_and_bounds_hold() {
     )
     .await;
     put(&*store, "repo/m/.meta/1.json", &vec![b' '; 1 << 17]).await;
-    let news = b.sync_all().await.unwrap();
+    let news = b.sync_all(false).await.unwrap();
     assert!(news["m"].refused[0].1.contains("more than"), "{news:?}");
 }
 
