@@ -335,6 +335,12 @@ def test_bad_content_put_into_the_bucket_is_refused_everywhere_and_v2_keeps_serv
         assert st["2"]["state"] == "AVAILABLE", st
         assert np.allclose(predict(rep.url), cluster.v2, atol=1e-5)
     assert not os.path.exists(os.path.join(cluster.cache(0), "mlp", "4"))
+    # v3 copied again, fixed: every replica loads it, as a fixed directory on disk is.
+    v3 = expected(mlp_bundle(cluster.tmp, 3, seed=3))
+    cluster.put_dir(mlp_bundle(cluster.tmp, 3, seed=3), f"{PREFIX}/mlp/3")
+    for rep in cluster.replicas:
+        until(f"the fixed v3 on {rep.url}", lambda: status(rep.url).get("3", {}).get("state") == "AVAILABLE")
+        assert np.allclose(predict(rep.url), v3, atol=1e-5)
 
 
 def test_a_killed_replica_is_routed_around_and_catches_up_from_the_bucket(cluster):

@@ -133,6 +133,10 @@ struct Remembered {
     refused: HashMap<(String, u64), VersionListing>,
     /// The labels object's ETag per model, as last applied.
     labels: HashMap<String, Option<Option<String>>>,
+    /// A cached hand copy's listing when it was downloaded (or first seen after a
+    /// restart): a copy changed in the bucket is synced again, as a changed directory
+    /// on disk is loaded again.
+    hand: HashMap<(String, u64), VersionListing>,
 }
 
 /// `.meta/labels.json` in the bucket: the labels and a revision that every write

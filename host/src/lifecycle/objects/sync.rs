@@ -134,22 +134,36 @@ impl ObjectRepo {
         listing: &VersionListing,
         at_start: bool,
     ) -> Result<bool, Refusal> {
-        if self.cache.is_stored(model, version) {
-            return Ok(false);
-        }
         let key = (model.to_string(), version);
+        let cached = self.cache.is_stored(model, version);
         let complete = listing.files.contains_key("bundle.toml")
             || listing.files.contains_key("saved_model.pb");
         {
             let mut remembered = self.remembered.lock().unwrap();
+            if cached {
+                // Unchanged since it was cached (after a restart: taken as it is).
+                let synced = remembered
+                    .hand
+                    .entry(key.clone())
+                    .or_insert_with(|| listing.clone());
+                if synced == listing {
+                    return Ok(false);
+                }
+            }
             if !complete || !(at_start || remembered.pending.get(&key) == Some(listing)) {
                 remembered.pending.insert(key, listing.clone());
                 return Ok(false); // new or still changing: wait a full interval
             }
             remembered.pending.remove(&key);
         }
-        tracing::info!(model, version, repository = %self.url, "new version in the bucket (copied in without a record)");
+        tracing::info!(model, version, repository = %self.url, replaces = cached,
+            "new version in the bucket (copied in without a record)");
         self.download(model, version, listing, None).await?;
+        self.remembered
+            .lock()
+            .unwrap()
+            .hand
+            .insert(key, listing.clone());
         Ok(true)
     }
 

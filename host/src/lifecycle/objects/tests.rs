@@ -308,6 +308,18 @@ async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll() {
     assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![3]);
     let digest = crate::archive::digest(&b.cache.root.join("m/3")).unwrap();
     assert_eq!(b.cache.meta("m", 3).unwrap().digest, digest);
+    // Copied again with other content: synced again once it settles, as on disk.
+    put(&*store, "repo/m/3/model/model.pt", b"fixed").await;
+    assert!(
+        b.sync_all(false).await.unwrap()["m"].installed.is_empty(),
+        "still changing"
+    );
+    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![3]);
+    assert_eq!(
+        std::fs::read(b.cache.root.join("m/3/model/model.pt")).unwrap(),
+        b"fixed"
+    );
+    assert!(b.sync_all(false).await.unwrap()["m"].is_empty());
     // At start-up a hand copy is taken at once, as a local repository's directories are.
     put(
         &*store,
