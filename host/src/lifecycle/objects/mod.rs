@@ -223,6 +223,30 @@ pub fn open_store(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, Key)> {
                     .map_err(|e| anyhow::anyhow!("cannot use {url}: {e}"))?,
             )
         }
+        #[cfg(feature = "gcs")]
+        "gs" => Arc::new(
+            object_store::gcp::GoogleCloudStorageBuilder::from_env()
+                .with_bucket_name(bucket)
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot use {url}: {e}"))?,
+        ),
+        #[cfg(feature = "azure")]
+        "az" => Arc::new(
+            object_store::azure::MicrosoftAzureBuilder::from_env()
+                .with_container_name(bucket)
+                .build()
+                .map_err(|e| anyhow::anyhow!("cannot use {url}: {e}"))?,
+        ),
+        #[cfg(not(feature = "gcs"))]
+        "gs" => anyhow::bail!(
+            "the repository URL {url} needs a build with the `gcs` feature \
+             (cargo build --release -p nnserve --features gcs; untested), or use s3://"
+        ),
+        #[cfg(not(feature = "azure"))]
+        "az" => anyhow::bail!(
+            "the repository URL {url} needs a build with the `azure` feature \
+             (cargo build --release -p nnserve --features azure; untested), or use s3://"
+        ),
         other => anyhow::bail!(
             "the repository URL {url} has the scheme '{other}'; nnserve reads s3:// buckets \
              (S3, or any S3 API through AWS_ENDPOINT_URL) and local directories"

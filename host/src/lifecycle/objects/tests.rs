@@ -486,6 +486,11 @@ fn repository_urls_are_told_from_directories() {
     assert!(open_store("s3:///prefix").is_err());
     let err = open_store("ftp://x/y").err().unwrap().to_string();
     assert!(err.contains("s3://"), "{err}");
+    #[cfg(not(feature = "gcs"))]
+    {
+        let err = open_store("gs://x/y").err().unwrap().to_string();
+        assert!(err.contains("--features gcs"), "{err}");
+    }
 }
 
 #[test]
