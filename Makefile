@@ -102,7 +102,7 @@ PHASE = @start=$$(date +%s); trap 'echo "== $(1) took $$(( $$(date +%s) - start 
 test:
 	$(call PHASE,setup) $(MAKE) --no-print-directory setup
 	$(call PHASE,unit tests) echo "== Unit tests (same release profile as the server: no second build of the deps)"; \
-		cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-router-sdk
+		NNSERVE_REQUIRE_MOTO=1 cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-router-sdk
 	$(call PHASE,end-to-end tests) echo "== End-to-end tests over HTTP"; $(PY) -m pytest -q tests/e2e
 
 clean:

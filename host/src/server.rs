@@ -15,8 +15,6 @@ fn open_objects(
     limits: &crate::archive::Limits,
 ) -> anyhow::Result<lifecycle::objects::ObjectRepo> {
     use lifecycle::objects;
-    // reqwest's TLS (https endpoints) runs on ring, as the listener's does.
-    let _ = rustls::crypto::ring::default_provider().install_default();
     let (store, prefix) = objects::open_store(url)?;
     let (cache, lock) = match &config.cache_dir {
         Some(dir) => match objects::lock_cache(dir)? {

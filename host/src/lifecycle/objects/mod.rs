@@ -176,6 +176,13 @@ pub fn is_url(repository: &str) -> bool {
     })
 }
 
+/// Makes ring the process's TLS provider (once; a provider already chosen stays): the
+/// object store's HTTP client (reqwest, built without a provider of its own) needs one
+/// before it is built, for `https://` endpoints; the listener's TLS runs on ring too.
+pub fn install_tls_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// The store and prefix for a repository URL, configured from the environment as the
 /// AWS tools are (`AWS_ENDPOINT_URL`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`,
 /// `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`, ...).
@@ -188,6 +195,7 @@ pub fn open_store(url: &str) -> anyhow::Result<(Arc<dyn ObjectStore>, Key)> {
     );
     let prefix = Key::parse(prefix.trim_end_matches('/'))
         .map_err(|e| anyhow::anyhow!("the repository URL's prefix is not a valid key: {e}"))?;
+    install_tls_provider();
     let store: Arc<dyn ObjectStore> = match scheme {
         "s3" => {
             // Fail fast while the bucket is unreachable: the poller retries with its own

@@ -134,10 +134,8 @@ async fn put(store: &dyn ObjectStore, key: &str, body: &[u8]) {
         .unwrap();
 }
 
-#[tokio::test]
-async fn an_upload_reaches_another_replica_whole_and_checked() {
+async fn an_upload_reaches_another_replica_whole_and_checked(store: Arc<dyn ObjectStore>) {
     let tmp = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let a = replica(store.clone(), &tmp.path().join("a"));
     let b = replica(store.clone(), &tmp.path().join("b"));
     let src = tmp.path().join("src");
@@ -170,10 +168,10 @@ async fn an_upload_reaches_another_replica_whole_and_checked() {
     );
 }
 
-#[tokio::test]
-async fn a_version_without_its_record_is_never_synced_while_it_is_claimed() {
+async fn a_version_without_its_record_is_never_synced_while_it_is_claimed(
+    store: Arc<dyn ObjectStore>,
+) {
     let tmp = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let b = replica(store.clone(), &tmp.path().join("b"));
     let src = tmp.path().join("src");
     let meta = bundle(&src, "m", 1, b"weights");
@@ -201,10 +199,8 @@ async fn a_version_without_its_record_is_never_synced_while_it_is_claimed() {
     assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
 }
 
-#[tokio::test]
-async fn of_two_uploads_racing_for_one_version_exactly_one_claims_it() {
+async fn of_two_uploads_racing_for_one_version_exactly_one_claims_it(store: Arc<dyn ObjectStore>) {
     let tmp = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let a = replica(store.clone(), &tmp.path().join("a"));
     let b = replica(store.clone(), &tmp.path().join("b"));
     let (sa, sb) = (tmp.path().join("sa"), tmp.path().join("sb"));
@@ -228,10 +224,10 @@ async fn of_two_uploads_racing_for_one_version_exactly_one_claims_it() {
     }
 }
 
-#[tokio::test]
-async fn a_changed_object_is_refused_and_not_fetched_again_until_it_changes() {
+async fn a_changed_object_is_refused_and_not_fetched_again_until_it_changes(
+    inner: Arc<dyn ObjectStore>,
+) {
     let tmp = tempfile::tempdir().unwrap();
-    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let store = Counting::new(inner.clone());
     let a = replica(inner.clone(), &tmp.path().join("a"));
     let b = replica(store.clone(), &tmp.path().join("b"));
@@ -257,10 +253,10 @@ async fn a_changed_object_is_refused_and_not_fetched_again_until_it_changes() {
     assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
 }
 
-#[tokio::test]
-async fn a_poll_that_finds_nothing_new_makes_one_list_request_and_downloads_nothing() {
+async fn a_poll_that_finds_nothing_new_makes_one_list_request_and_downloads_nothing(
+    inner: Arc<dyn ObjectStore>,
+) {
     let tmp = tempfile::tempdir().unwrap();
-    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let store = Counting::new(inner.clone());
     let a = replica(inner.clone(), &tmp.path().join("a"));
     let b = replica(store.clone(), &tmp.path().join("b"));
@@ -287,10 +283,8 @@ async fn a_poll_that_finds_nothing_new_makes_one_list_request_and_downloads_noth
     );
 }
 
-#[tokio::test]
-async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll() {
+async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll(store: Arc<dyn ObjectStore>) {
     let tmp = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let b = replica(store.clone(), &tmp.path().join("b"));
     // `aws s3 sync` of a version directory: files, no claim, no record.
     put(&*store, "repo/m/3/model/model.pt", b"w").await;
@@ -331,10 +325,8 @@ async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll() {
     assert_eq!(c.sync_all(true).await.unwrap()["n"].installed, vec![1]);
 }
 
-#[tokio::test]
-async fn a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one() {
+async fn a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one(inner: Arc<dyn ObjectStore>) {
     let tmp = tempfile::tempdir().unwrap();
-    let inner: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let a = replica(inner.clone(), &tmp.path().join("a"));
     let src = tmp.path().join("src");
     let meta = bundle(&src, "m", 1, b"weights");
@@ -363,10 +355,8 @@ async fn a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one() {
     );
 }
 
-#[tokio::test]
-async fn label_changes_from_two_replicas_at_once_both_land() {
+async fn label_changes_from_two_replicas_at_once_both_land(store: Arc<dyn ObjectStore>) {
     let tmp = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let a = replica(store.clone(), &tmp.path().join("a"));
     let b = replica(store.clone(), &tmp.path().join("b"));
     for round in 0..20u64 {
@@ -387,10 +377,10 @@ async fn label_changes_from_two_replicas_at_once_both_land() {
     assert_eq!(labels.len(), 40, "{labels:?}");
 }
 
-#[tokio::test]
-async fn a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere() {
+async fn a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere(
+    store: Arc<dyn ObjectStore>,
+) {
     let tmp = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     let a = replica(store.clone(), &tmp.path().join("a"));
     let b = replica(store.clone(), &tmp.path().join("b"));
     let src = tmp.path().join("src");
@@ -443,10 +433,8 @@ async fn a_repository_directory_serves_as_a_bucket() {
     assert_eq!(b.cache.meta("m", 1), Some(meta));
 }
 
-#[tokio::test]
-async fn keys_that_are_not_a_version_are_skipped_and_bounds_hold() {
+async fn keys_that_are_not_a_version_are_skipped_and_bounds_hold(store: Arc<dyn ObjectStore>) {
     let tmp = tempfile::tempdir().unwrap();
-    let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
     for key in [
         "repo/bad name/1/bundle.toml",
         "repo/m/latest/bundle.toml",
@@ -474,6 +462,140 @@ async fn keys_that_are_not_a_version_are_skipped_and_bounds_hold() {
     put(&*store, "repo/m/.meta/1.json", &vec![b' '; 1 << 17]).await;
     let news = b.sync_all(false).await.unwrap();
     assert!(news["m"].refused[0].1.contains("more than"), "{news:?}");
+}
+
+/// Every scenario above, against object_store's in-memory store and against moto's S3
+/// server (real HTTP, S3's ETags and conditional-write answers).
+macro_rules! scenarios {
+    ($($name:ident),* $(,)?) => {
+        mod in_memory {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(Arc::new(InMemory::new())).await
+                }
+            )*
+        }
+
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn every_scenario_against_moto_s3() {
+            let names = [$(stringify!($name)),*];
+            let Some(moto) = Moto::start(names.len()) else {
+                return;
+            };
+            let mut bucket = 0;
+            $(
+                eprintln!("moto: {}", stringify!($name));
+                $name(moto.bucket(bucket)).await;
+                bucket += 1;
+            )*
+            assert_eq!(bucket, names.len());
+        }
+    };
+}
+
+scenarios!(
+    an_upload_reaches_another_replica_whole_and_checked,
+    a_version_without_its_record_is_never_synced_while_it_is_claimed,
+    of_two_uploads_racing_for_one_version_exactly_one_claims_it,
+    a_changed_object_is_refused_and_not_fetched_again_until_it_changes,
+    a_poll_that_finds_nothing_new_makes_one_list_request_and_downloads_nothing,
+    a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll,
+    a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one,
+    label_changes_from_two_replicas_at_once_both_land,
+    a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere,
+    keys_that_are_not_a_version_are_skipped_and_bounds_hold,
+);
+
+/// moto's S3 server in a Python process of its own (the venv's, which `make setup`
+/// makes), with buckets `bucket-0`, `bucket-1`, ...; killed on drop. Absent Python or moto, the moto
+/// test is skipped with a line, unless `NNSERVE_REQUIRE_MOTO` is set (as `make test`
+/// sets it), where it fails.
+struct Moto {
+    child: std::process::Child,
+    endpoint: String,
+}
+
+const MOTO: &str = r#"
+import sys
+import boto3
+from moto.server import ThreadedMotoServer
+s = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+s.start()
+host, port = s.get_host_and_port()
+url = f"http://{host}:{port}"
+c = boto3.client("s3", endpoint_url=url, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1")
+for i in range(int(sys.argv[1])):
+    c.create_bucket(Bucket=f"bucket-{i}")
+print(url, flush=True)
+sys.stdin.read()
+"#;
+
+impl Moto {
+    fn start(buckets: usize) -> Option<Moto> {
+        use std::io::BufRead;
+        let python = std::env::var_os("NNSERVE_TEST_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
+        let required = std::env::var_os("NNSERVE_REQUIRE_MOTO").is_some();
+        let child = std::process::Command::new(&python)
+            .args(["-c", MOTO, &buckets.to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) if !required => {
+                eprintln!(
+                    "skipped: no {} ({e}); `make setup` makes it",
+                    python.display()
+                );
+                return None;
+            }
+            Err(e) => panic!("cannot run {}: {e}", python.display()),
+        };
+        let mut line = String::new();
+        let out = child.stdout.take().unwrap();
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+        if !line.starts_with("http://") {
+            let _ = child.kill();
+            assert!(
+                !required,
+                "moto did not start with {}: is moto[server] installed?",
+                python.display()
+            );
+            eprintln!("skipped: moto does not start with {}", python.display());
+            return None;
+        }
+        Some(Moto {
+            child,
+            endpoint: line.trim().to_string(),
+        })
+    }
+
+    fn bucket(&self, i: usize) -> Arc<dyn ObjectStore> {
+        install_tls_provider();
+        Arc::new(
+            object_store::aws::AmazonS3Builder::new()
+                .with_endpoint(&self.endpoint)
+                .with_allow_http(true)
+                .with_bucket_name(format!("bucket-{i}"))
+                .with_region("us-east-1")
+                .with_access_key_id("t")
+                .with_secret_access_key("t")
+                .build()
+                .unwrap(),
+        )
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 #[test]
