@@ -41,13 +41,22 @@ fn open_objects(
 /// valid), the store's conditional writes are checked, and the bucket is synced. A
 /// bucket that cannot be reached is not fatal: the replica serves its cache and the
 /// poller keeps trying.
-async fn first_sync(o: &lifecycle::objects::ObjectRepo, poll_ms: u64) -> anyhow::Result<()> {
+async fn first_sync(
+    o: &lifecycle::objects::ObjectRepo,
+    poll_ms: u64,
+    wanted: &(dyn Fn(
+        &str,
+        &std::collections::BTreeSet<u64>,
+        &std::collections::BTreeMap<String, u64>,
+    ) -> std::collections::BTreeSet<u64>
+          + Sync),
+) -> anyhow::Result<()> {
     let cache = o.cache.root.display().to_string();
     // Digests of every cached version: seconds for large models (nothing serves yet).
     let kept = tokio::task::block_in_place(|| o.check_cache());
     let reachable = o.check_conditional_writes().await?;
     let synced = if reachable {
-        o.sync_all(true).await
+        o.sync_all(true, wanted).await
     } else {
         Err("unreachable".into())
     };
@@ -156,7 +165,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     manager.source.clear_scratch();
     let loading = async {
         if let Some(o) = &objects {
-            first_sync(o, config.poll_interval_ms).await?;
+            let wanted =
+                |model: &str,
+                 complete: &std::collections::BTreeSet<u64>,
+                 labels: &std::collections::BTreeMap<String, u64>| {
+                    manager.wanted(model, complete, labels, &Default::default())
+                };
+            first_sync(o, config.poll_interval_ms, &wanted).await?;
         }
         manager.load_repository().await
     };

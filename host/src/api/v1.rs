@@ -243,7 +243,8 @@ pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> R
         // The object store's health: a replica that cannot reach it serves its cache.
         let last_error = o.health.last_error.lock().unwrap().clone();
         answer["repository"] = json!({
-            "url": o.url,
+            // The bucket's name is the operator's business.
+            "url": if admin { Some(o.url.clone()) } else { None },
             "healthy": o.health.healthy(),
             "last_sync": match o.health.last_sync.get() { 0 => None, t => Some(t) },
             "sync_errors": o.health.errors.get(),

@@ -65,6 +65,8 @@ pub struct Manager {
     /// One per model the source holds or an upload stored: triggers check that a model
     /// exists before they make its guard, so names from requests cannot grow this map.
     guards: Mutex<HashMap<String, Arc<tokio::sync::Mutex<ModelState>>>>,
+    /// Writes to the object store per model, counted (see `sync_bucket`).
+    written: Mutex<HashMap<String, u64>>,
 }
 
 fn internal(e: impl std::fmt::Display) -> UploadError {
@@ -78,6 +80,7 @@ fn bucket_error(e: WriteError) -> UploadError {
         WriteError::Store(m) => UploadError::Unavailable(format!(
             "the model repository's object store failed, nothing was changed: {m}; retry"
         )),
+        WriteError::Incomplete(m) => UploadError::Unavailable(m),
         WriteError::Taken(_) => UploadError::Conflict("the version is stored".into()),
     }
 }
@@ -100,6 +103,7 @@ impl Manager {
             uploads,
             objects: None,
             guards: Default::default(),
+            written: Default::default(),
         }
     }
 
@@ -329,50 +333,6 @@ impl Manager {
         }
     }
 
-    /// One poll of the object store: one LIST, then each model's sync into the cache
-    /// under its guard (a model busy with an upload or a delete is looked at next
-    /// round), its news admitted, and the model reconciled.
-    async fn sync_bucket(&self, objects: &ObjectRepo) -> Result<(), String> {
-        let listing = objects.list().await?;
-        let mut models: BTreeSet<String> = listing.keys().cloned().collect();
-        models.extend(self.guards.lock().unwrap().keys().cloned());
-        let mut errors = 0;
-        for model in models {
-            let guard = self.guard(&model);
-            let Ok(mut st) = guard.try_lock() else {
-                continue;
-            };
-            let news = objects.sync_model(&model, listing.get(&model), false).await;
-            errors += news.errors;
-            if news.is_empty() {
-                continue;
-            }
-            for v in &news.installed {
-                st.admitted.insert(*v);
-                st.failed.remove(v);
-                st.pending.remove(v);
-            }
-            for (v, reason) in news.refused {
-                self.registry.fail(
-                    &model,
-                    v,
-                    format!("refused from the object store: {reason}"),
-                    false,
-                );
-            }
-            if let Some(labels) = news.labels {
-                self.registry.restore_labels(&model, labels);
-            }
-            self.reconcile_locked(&model, &mut st, None).await;
-        }
-        if errors == 0 {
-            objects.synced();
-            Ok(())
-        } else {
-            Err(format!("{errors} objects could not be synced"))
-        }
-    }
-
     /// One poll's news for a model; true when what may load has changed.
     fn settle(&self, st: &mut ModelState, present: &BTreeMap<u64, Entry>) -> bool {
         // A version a device budget refused is tried again: the room may be there now.
@@ -442,6 +402,7 @@ impl Manager {
         if let Some(objects) = &self.objects {
             // Claim, files, record: the bucket first, so that a version is in a cache
             // only once every replica can sync it.
+            self.wrote(model);
             match objects.publish(model, version, unpacked, &meta).await {
                 Ok(()) => {}
                 Err(WriteError::Taken(Some(record))) if record.digest == stored.digest => {
@@ -571,12 +532,8 @@ impl Manager {
         match &self.objects {
             // Merged with what other replicas changed meanwhile (If-Match, read again).
             Some(objects) => {
-                let merged = objects
-                    .update_labels(model, |labels| {
-                        labels.insert(label.to_string(), version);
-                        Ok(())
-                    })
-                    .await;
+                self.wrote(model);
+                let merged = objects.set_label(model, label, version).await;
                 match merged {
                     Ok(labels) => self.registry.restore_labels(model, labels),
                     Err(e) => {
@@ -611,7 +568,15 @@ impl Manager {
         // version not synced yet. Deleting it clears it from the bucket.
         let in_bucket_only = match &self.objects {
             Some(o) if !self.source.is_stored(model, version) => {
-                o.is_stored(model, version).await == Some(true)
+                match o.is_stored(model, version).await {
+                    Some(stored) => stored,
+                    None => {
+                        return Err(UploadError::Unavailable(format!(
+                            "the model repository's object store cannot be reached to find version \
+                             {version} of '{model}'; retry"
+                        )))
+                    }
+                }
             }
             _ => false,
         };
@@ -642,6 +607,7 @@ impl Manager {
         }
         if let Some(objects) = &self.objects {
             // The bucket first: every replica drops the version at its next poll.
+            self.wrote(model);
             objects
                 .delete_version(model, version)
                 .await
@@ -742,6 +708,9 @@ impl Manager {
         Ok(())
     }
 }
+
+#[path = "manager_sync.rs"]
+mod sync;
 
 #[cfg(test)]
 #[path = "manager_tests.rs"]

@@ -32,12 +32,12 @@ use crate::repository::VersionMeta;
 use futures::StreamExt;
 use object_store::path::Path as Key;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload, UpdateVersion};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 /// What the bucket holds for one version.
-#[derive(Debug, Default, Clone, PartialEq)]
+#[derive(Debug, Default, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VersionListing {
     /// Relative path (`/`-separated) to (size, ETag).
     pub files: BTreeMap<String, (u64, Option<String>)>,
@@ -57,8 +57,11 @@ pub struct ModelListing {
 /// One model's news from a sync.
 #[derive(Debug, Default, PartialEq)]
 pub struct ModelSync {
-    /// Versions now in the cache, complete and checked (new or replaced).
+    /// Versions now in the cache, complete and checked, that it did not hold.
     pub installed: Vec<u64>,
+    /// Versions whose cached files were replaced by other content (a version deleted and
+    /// uploaded again between two polls, a hand copy copied again).
+    pub replaced: Vec<u64>,
     /// Versions no longer in the bucket, removed from the cache.
     pub removed: Vec<u64>,
     /// The model's labels, when they changed in the bucket.
@@ -73,6 +76,7 @@ impl ModelSync {
     /// True when the cache and the labels are as they were.
     pub fn is_empty(&self) -> bool {
         self.installed.is_empty()
+            && self.replaced.is_empty()
             && self.removed.is_empty()
             && self.labels.is_none()
             && self.refused.is_empty()
@@ -86,8 +90,10 @@ pub enum WriteError {
     Conflict(String),
     /// The version is stored with this record (an upload's idempotent re-send compares).
     Taken(Option<VersionMeta>),
-    /// 500/503: the store failed; the message says which object.
+    /// 503: the store failed before anything changed; the message says which object.
     Store(String),
+    /// 503: the store failed half-way through a delete; retrying it completes it.
+    Incomplete(String),
 }
 
 /// The source's health, for status and metrics (`nnserve_repository_sync_errors_total`,
@@ -131,8 +137,8 @@ struct Remembered {
     pending: HashMap<(String, u64), VersionListing>,
     /// A refused version's listing: not tried again until it changes.
     refused: HashMap<(String, u64), VersionListing>,
-    /// The labels object's ETag per model, as last applied.
-    labels: HashMap<String, Option<Option<String>>>,
+    /// The labels object's ETag per model and what it held, as last applied.
+    labels: HashMap<String, (Option<Option<String>>, LabelsDoc)>,
     /// A cached hand copy's listing when it was downloaded (or first seen after a
     /// restart): a copy changed in the bucket is synced again, as a changed directory
     /// on disk is loaded again.
@@ -150,8 +156,18 @@ enum LabelsObject {
     Revised {
         labels: BTreeMap<String, u64>,
         revision: u64,
+        /// Versions a delete has marked (module doc): no label may point at them.
+        #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+        deleting: BTreeSet<u64>,
     },
     Plain(BTreeMap<String, u64>),
+}
+
+/// A model's labels object as read: the labels, and the versions being deleted.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct LabelsDoc {
+    pub labels: BTreeMap<String, u64>,
+    pub deleting: BTreeSet<u64>,
 }
 
 /// The object-store repository and this replica's cache of it.
@@ -354,11 +370,9 @@ impl ObjectRepo {
         while let Some(item) = stream.next().await {
             let meta = match item {
                 Ok(m) => m,
-                // A key that is not a valid path (e.g. with a `..` segment) is not ours.
-                Err(object_store::Error::InvalidPath { .. }) => {
-                    skipped += 1;
-                    continue;
-                }
+                // Any error, a key object_store cannot read among them (`a//b`, `..`),
+                // ends the listing early: a partial listing must never be taken for the
+                // bucket (versions missing from it would leave every cache).
                 Err(e) => {
                     let e = store_err(&format!("cannot list {}", self.url), e);
                     self.health.failed(&e);
@@ -420,12 +434,18 @@ enum Refusal {
     Bad(String),
     /// The store or the disk failed: tried again next poll.
     Store(String),
+    /// The object is not there (removed since the listing).
+    Missing,
 }
 
 mod cache;
 mod sync;
 mod write;
 pub use cache::{default_cache_dir, lock_cache};
+pub use sync::Wanted;
+pub use write::CLAIM_TIMEOUT_SECS;
 
+#[cfg(test)]
+mod test_stores;
 #[cfg(test)]
 mod tests;

@@ -3,100 +3,14 @@
 //! repository directory used as a bucket, as `aws s3 sync` would copy it). The moto S3
 //! server and real replicas are in tests/e2e/test_object_store.py.
 
+use super::test_stores::{Counting, Moto};
 use super::*;
 use object_store::memory::InMemory;
-use std::sync::atomic::AtomicUsize;
-
-/// Counts the requests that reach a store, by kind.
-#[derive(Debug)]
-struct Counting {
-    inner: Arc<dyn ObjectStore>,
-    lists: AtomicUsize,
-    gets: AtomicUsize,
-    puts: AtomicUsize,
-}
-
-impl Counting {
-    fn new(inner: Arc<dyn ObjectStore>) -> Arc<Counting> {
-        Arc::new(Counting {
-            inner,
-            lists: AtomicUsize::new(0),
-            gets: AtomicUsize::new(0),
-            puts: AtomicUsize::new(0),
-        })
-    }
-    fn counts(&self) -> (usize, usize, usize) {
-        (
-            self.lists.load(Ordering::SeqCst),
-            self.gets.load(Ordering::SeqCst),
-            self.puts.load(Ordering::SeqCst),
-        )
-    }
-}
-
 use std::sync::atomic::Ordering;
 
-impl std::fmt::Display for Counting {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Counting({})", self.inner)
-    }
-}
-
-#[async_trait::async_trait]
-impl ObjectStore for Counting {
-    async fn put_opts(
-        &self,
-        location: &Key,
-        payload: PutPayload,
-        opts: PutOptions,
-    ) -> object_store::Result<object_store::PutResult> {
-        self.puts.fetch_add(1, Ordering::SeqCst);
-        self.inner.put_opts(location, payload, opts).await
-    }
-    async fn put_multipart_opts(
-        &self,
-        location: &Key,
-        opts: object_store::PutMultipartOptions,
-    ) -> object_store::Result<Box<dyn object_store::MultipartUpload>> {
-        self.puts.fetch_add(1, Ordering::SeqCst);
-        self.inner.put_multipart_opts(location, opts).await
-    }
-    async fn get_opts(
-        &self,
-        location: &Key,
-        options: object_store::GetOptions,
-    ) -> object_store::Result<object_store::GetResult> {
-        self.gets.fetch_add(1, Ordering::SeqCst);
-        self.inner.get_opts(location, options).await
-    }
-    fn delete_stream(
-        &self,
-        locations: futures::stream::BoxStream<'static, object_store::Result<Key>>,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<Key>> {
-        self.inner.delete_stream(locations)
-    }
-    fn list(
-        &self,
-        prefix: Option<&Key>,
-    ) -> futures::stream::BoxStream<'static, object_store::Result<object_store::ObjectMeta>> {
-        self.lists.fetch_add(1, Ordering::SeqCst);
-        self.inner.list(prefix)
-    }
-    async fn list_with_delimiter(
-        &self,
-        prefix: Option<&Key>,
-    ) -> object_store::Result<object_store::ListResult> {
-        self.lists.fetch_add(1, Ordering::SeqCst);
-        self.inner.list_with_delimiter(prefix).await
-    }
-    async fn copy_opts(
-        &self,
-        from: &Key,
-        to: &Key,
-        options: object_store::CopyOptions,
-    ) -> object_store::Result<()> {
-        self.inner.copy_opts(from, to, options).await
-    }
+/// Every complete version is wanted (a policy of "all").
+fn all(_: &str, complete: &BTreeSet<u64>, _: &BTreeMap<String, u64>) -> BTreeSet<u64> {
+    complete.clone()
 }
 
 /// A replica: a repository on `store` under `repo/`, with a cache of its own.
@@ -142,7 +56,7 @@ async fn an_upload_reaches_another_replica_whole_and_checked(store: Arc<dyn Obje
     let meta = bundle(&src, "m", 1, b"weights");
     a.publish("m", 1, &src, &meta).await.unwrap();
 
-    let news = b.sync_all(false).await.unwrap();
+    let news = b.sync_all(false, &all).await.unwrap();
     assert_eq!(news["m"].installed, vec![1]);
     assert_eq!(b.cache.meta("m", 1), Some(meta.clone()));
     assert_eq!(
@@ -185,7 +99,7 @@ async fn a_version_without_its_record_is_never_synced_while_it_is_claimed(
     .await;
     put(&*store, "repo/m/1/model/model.pt", b"weights").await;
     for _ in 0..3 {
-        let news = b.sync_all(false).await.unwrap();
+        let news = b.sync_all(false, &all).await.unwrap();
         assert!(news["m"].installed.is_empty(), "{news:?}");
         assert!(!b.cache.is_stored("m", 1));
     }
@@ -196,7 +110,10 @@ async fn a_version_without_its_record_is_never_synced_while_it_is_claimed(
         &serde_json::to_vec(&meta).unwrap(),
     )
     .await;
-    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(
+        b.sync_all(false, &all).await.unwrap()["m"].installed,
+        vec![1]
+    );
 }
 
 async fn of_two_uploads_racing_for_one_version_exactly_one_claims_it(store: Arc<dyn ObjectStore>) {
@@ -216,10 +133,10 @@ async fn of_two_uploads_racing_for_one_version_exactly_one_claims_it(store: Arc<
             other => panic!("{other:?}"),
         }
         let c = replica(store.clone(), &tmp.path().join("c"));
-        c.sync_all(false).await.unwrap();
+        c.sync_all(false, &all).await.unwrap();
         assert_eq!(c.cache.meta("m", 1).unwrap().digest, winner.digest);
         a.delete_version("m", 1).await.unwrap();
-        c.sync_all(false).await.unwrap();
+        c.sync_all(false, &all).await.unwrap();
         assert!(!c.cache.is_stored("m", 1));
     }
 }
@@ -236,13 +153,13 @@ async fn a_changed_object_is_refused_and_not_fetched_again_until_it_changes(
     a.publish("m", 1, &src, &meta).await.unwrap();
     // Someone overwrites the weights in the bucket.
     put(&*inner, "repo/m/1/model/model.pt", b"tampered").await;
-    let news = b.sync_all(false).await.unwrap();
+    let news = b.sync_all(false, &all).await.unwrap();
     let (v, reason) = &news["m"].refused[0];
     assert_eq!(*v, 1);
     assert!(reason.contains("do not match its record"), "{reason}");
     assert!(!b.cache.is_stored("m", 1));
     let gets = store.counts().1;
-    assert!(b.sync_all(false).await.unwrap()["m"].is_empty());
+    assert!(b.sync_all(false, &all).await.unwrap()["m"].is_empty());
     assert_eq!(
         store.counts().1,
         gets,
@@ -250,7 +167,10 @@ async fn a_changed_object_is_refused_and_not_fetched_again_until_it_changes(
     );
     // Put right, it is tried again and synced.
     put(&*inner, "repo/m/1/model/model.pt", b"weights").await;
-    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(
+        b.sync_all(false, &all).await.unwrap()["m"].installed,
+        vec![1]
+    );
 }
 
 async fn a_poll_that_finds_nothing_new_makes_one_list_request_and_downloads_nothing(
@@ -265,15 +185,10 @@ async fn a_poll_that_finds_nothing_new_makes_one_list_request_and_downloads_noth
         let meta = bundle(&src, model, v, b"w");
         a.publish(model, v, &src, &meta).await.unwrap();
     }
-    a.update_labels("m", |l| {
-        l.insert("stable".into(), 1);
-        Ok(())
-    })
-    .await
-    .unwrap();
-    b.sync_all(false).await.unwrap();
+    a.set_label("m", "stable", 1).await.unwrap();
+    b.sync_all(false, &all).await.unwrap();
     let before = store.counts();
-    let news = b.sync_all(false).await.unwrap();
+    let news = b.sync_all(false, &all).await.unwrap();
     assert!(news.values().all(ModelSync::is_empty), "{news:?}");
     let after = store.counts();
     assert_eq!(
@@ -288,7 +203,9 @@ async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll(store: Arc<dyn
     let b = replica(store.clone(), &tmp.path().join("b"));
     // `aws s3 sync` of a version directory: files, no claim, no record.
     put(&*store, "repo/m/3/model/model.pt", b"w").await;
-    assert!(b.sync_all(false).await.unwrap()["m"].installed.is_empty());
+    assert!(b.sync_all(false, &all).await.unwrap()["m"]
+        .installed
+        .is_empty());
     put(
         &*store,
         "repo/m/3/bundle.toml",
@@ -296,24 +213,47 @@ async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll(store: Arc<dyn
     )
     .await;
     assert!(
-        b.sync_all(false).await.unwrap()["m"].installed.is_empty(),
+        b.sync_all(false, &all).await.unwrap()["m"]
+            .installed
+            .is_empty(),
         "still changing"
     );
-    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![3]);
+    assert_eq!(
+        b.sync_all(false, &all).await.unwrap()["m"].installed,
+        vec![3]
+    );
     let digest = crate::archive::digest(&b.cache.root.join("m/3")).unwrap();
     assert_eq!(b.cache.meta("m", 3).unwrap().digest, digest);
     // Copied again with other content: synced again once it settles, as on disk.
     put(&*store, "repo/m/3/model/model.pt", b"fixed").await;
     assert!(
-        b.sync_all(false).await.unwrap()["m"].installed.is_empty(),
+        b.sync_all(false, &all).await.unwrap()["m"].is_empty(),
         "still changing"
     );
-    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![3]);
+    assert_eq!(
+        b.sync_all(false, &all).await.unwrap()["m"].replaced,
+        vec![3]
+    );
     assert_eq!(
         std::fs::read(b.cache.root.join("m/3/model/model.pt")).unwrap(),
         b"fixed"
     );
-    assert!(b.sync_all(false).await.unwrap()["m"].is_empty());
+    assert!(b.sync_all(false, &all).await.unwrap()["m"].is_empty());
+    // Copied again while the replica is down: the restarted replica replaces its copy.
+    drop(b);
+    put(&*store, "repo/m/3/model/model.pt", b"fixed again").await;
+    let b = replica(store.clone(), &tmp.path().join("b"));
+    assert_eq!(b.check_cache(), 1);
+    let news = b.sync_all(false, &all).await.unwrap();
+    assert!(news["m"].replaced.is_empty(), "still to settle: {news:?}");
+    assert_eq!(
+        b.sync_all(false, &all).await.unwrap()["m"].replaced,
+        vec![3]
+    );
+    assert_eq!(
+        std::fs::read(b.cache.root.join("m/3/model/model.pt")).unwrap(),
+        b"fixed again"
+    );
     // At start-up a hand copy is taken at once, as a local repository's directories are.
     put(
         &*store,
@@ -322,7 +262,10 @@ async fn a_hand_copy_is_synced_once_it_has_not_changed_for_a_poll(store: Arc<dyn
     )
     .await;
     let c = replica(store.clone(), &tmp.path().join("c"));
-    assert_eq!(c.sync_all(true).await.unwrap()["n"].installed, vec![1]);
+    assert_eq!(
+        c.sync_all(true, &all).await.unwrap()["n"].installed,
+        vec![1]
+    );
 }
 
 async fn a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one(inner: Arc<dyn ObjectStore>) {
@@ -333,7 +276,7 @@ async fn a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one(inner: Arc<dy
     a.publish("m", 1, &src, &meta).await.unwrap();
     let cache = tmp.path().join("b");
     replica(inner.clone(), &cache)
-        .sync_all(false)
+        .sync_all(false, &all)
         .await
         .unwrap();
 
@@ -341,14 +284,19 @@ async fn a_restart_reuses_a_valid_cache_and_replaces_a_damaged_one(inner: Arc<dy
     let store = Counting::new(inner.clone());
     let b = replica(store.clone(), &cache);
     assert_eq!(b.check_cache(), 1);
-    assert!(b.sync_all(false).await.unwrap()["m"].installed.is_empty());
+    assert!(b.sync_all(false, &all).await.unwrap()["m"]
+        .installed
+        .is_empty());
     assert_eq!(store.counts().1, 2, "the record and the labels, no file");
 
     // Restarted after the cache was damaged: the version is dropped and fetched again.
     std::fs::write(cache.join("m/1/model/model.pt"), b"damaged").unwrap();
     let b = replica(inner.clone(), &cache);
     assert_eq!(b.check_cache(), 0);
-    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(
+        b.sync_all(false, &all).await.unwrap()["m"].installed,
+        vec![1]
+    );
     assert_eq!(
         std::fs::read(cache.join("m/1/model/model.pt")).unwrap(),
         b"weights"
@@ -359,22 +307,19 @@ async fn label_changes_from_two_replicas_at_once_both_land(store: Arc<dyn Object
     let tmp = tempfile::tempdir().unwrap();
     let a = replica(store.clone(), &tmp.path().join("a"));
     let b = replica(store.clone(), &tmp.path().join("b"));
+    for v in [1, 2] {
+        let src = tmp.path().join(format!("src{v}"));
+        let meta = bundle(&src, "m", v, b"w");
+        a.publish("m", v, &src, &meta).await.unwrap();
+    }
     for round in 0..20u64 {
-        let (ra, rb) = tokio::join!(
-            a.update_labels("m", |l| {
-                l.insert(format!("a{round}"), 1);
-                Ok(())
-            }),
-            b.update_labels("m", |l| {
-                l.insert(format!("b{round}"), 2);
-                Ok(())
-            })
-        );
+        let (la, lb) = (format!("a{round}"), format!("b{round}"));
+        let (ra, rb) = tokio::join!(a.set_label("m", &la, 1), b.set_label("m", &lb, 2));
         ra.unwrap();
         rb.unwrap();
     }
-    let (labels, _) = a.read_labels("m").await.unwrap();
-    assert_eq!(labels.len(), 40, "{labels:?}");
+    let (doc, _) = a.read_labels("m").await.unwrap();
+    assert_eq!(doc.labels.len(), 40, "{doc:?}");
 }
 
 async fn a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere(
@@ -386,29 +331,24 @@ async fn a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere(
     let src = tmp.path().join("src");
     let meta = bundle(&src, "m", 1, b"weights");
     a.publish("m", 1, &src, &meta).await.unwrap();
-    b.sync_all(false).await.unwrap();
-    a.update_labels("m", |l| {
-        l.insert("stable".into(), 1);
-        Ok(())
-    })
-    .await
-    .unwrap();
+    b.sync_all(false, &all).await.unwrap();
+    a.set_label("m", "stable", 1).await.unwrap();
     assert_eq!(
-        b.sync_all(false).await.unwrap()["m"].labels,
+        b.sync_all(false, &all).await.unwrap()["m"].labels,
         Some(BTreeMap::from([("stable".to_string(), 1)]))
     );
     match a.delete_version("m", 1).await {
         Err(WriteError::Conflict(m)) => assert!(m.contains("stable"), "{m}"),
         other => panic!("{other:?}"),
     }
-    a.update_labels("m", |l| {
-        l.clear();
+    a.update_labels("m", |d| {
+        d.labels.clear();
         Ok(())
     })
     .await
     .unwrap();
     a.delete_version("m", 1).await.unwrap();
-    let news = b.sync_all(false).await.unwrap();
+    let news = b.sync_all(false, &all).await.unwrap();
     assert_eq!(news["m"].removed, vec![1]);
     assert!(!b.cache.is_stored("m", 1));
     let left: Vec<_> = store.list(None).collect().await;
@@ -429,7 +369,10 @@ async fn a_repository_directory_serves_as_a_bucket() {
     let store: Arc<dyn ObjectStore> =
         Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&root).unwrap());
     let b = replica(store, &tmp.path().join("b"));
-    assert_eq!(b.sync_all(false).await.unwrap()["m"].installed, vec![1]);
+    assert_eq!(
+        b.sync_all(false, &all).await.unwrap()["m"].installed,
+        vec![1]
+    );
     assert_eq!(b.cache.meta("m", 1), Some(meta));
 }
 
@@ -460,8 +403,143 @@ async fn keys_that_are_not_a_version_are_skipped_and_bounds_hold(store: Arc<dyn 
     )
     .await;
     put(&*store, "repo/m/.meta/1.json", &vec![b' '; 1 << 17]).await;
-    let news = b.sync_all(false).await.unwrap();
+    let news = b.sync_all(false, &all).await.unwrap();
     assert!(news["m"].refused[0].1.contains("more than"), "{news:?}");
+}
+
+async fn only_the_versions_the_policy_wants_are_downloaded(store: Arc<dyn ObjectStore>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(store.clone(), &tmp.path().join("a"));
+    for v in [1, 2, 3] {
+        let src = tmp.path().join(format!("src{v}"));
+        let meta = bundle(&src, "m", v, format!("w{v}").as_bytes());
+        a.publish("m", v, &src, &meta).await.unwrap();
+    }
+    a.set_label("m", "stable", 1).await.unwrap();
+    // `latest 1` with labels: the newest and the labelled.
+    let latest = |_: &str, c: &BTreeSet<u64>, l: &BTreeMap<String, u64>| -> BTreeSet<u64> {
+        c.iter()
+            .max()
+            .into_iter()
+            .chain(l.values())
+            .copied()
+            .collect()
+    };
+    let b = replica(store.clone(), &tmp.path().join("b"));
+    let news = b.sync_all(false, &latest).await.unwrap();
+    assert_eq!(news["m"].installed, vec![1, 3]);
+    assert!(!b.cache.is_stored("m", 2));
+}
+
+async fn a_listing_that_fails_half_way_removes_nothing(inner: Arc<dyn ObjectStore>) {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = Counting::new(inner.clone());
+    let a = replica(inner.clone(), &tmp.path().join("a"));
+    for v in [1, 2] {
+        let src = tmp.path().join(format!("src{v}"));
+        let meta = bundle(&src, "m", v, b"w");
+        a.publish("m", v, &src, &meta).await.unwrap();
+    }
+    let b = replica(store.clone(), &tmp.path().join("b"));
+    b.sync_all(false, &all).await.unwrap();
+    store.fail_lists.store(true, Ordering::SeqCst);
+    assert!(b.sync_all(false, &all).await.is_err());
+    assert!(b.cache.is_stored("m", 1) && b.cache.is_stored("m", 2));
+    assert!(!b.health.healthy());
+}
+
+async fn a_delete_and_a_label_change_racing_never_leave_a_label_on_a_deleted_version(
+    store: Arc<dyn ObjectStore>,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(store.clone(), &tmp.path().join("a"));
+    let b = replica(store.clone(), &tmp.path().join("b"));
+    for round in 0..10u64 {
+        let v = round + 1;
+        let src = tmp.path().join(format!("src{v}"));
+        let meta = bundle(&src, "m", v, b"w");
+        a.publish("m", v, &src, &meta).await.unwrap();
+        let (deleted, labelled) = tokio::join!(a.delete_version("m", v), b.set_label("m", "x", v));
+        let (doc, _) = a.read_labels("m").await.unwrap();
+        match (deleted, labelled) {
+            (Ok(()), Err(WriteError::Conflict(_))) => assert_ne!(doc.labels.get("x"), Some(&v)),
+            (Err(WriteError::Conflict(_)), Ok(_)) => assert_eq!(doc.labels.get("x"), Some(&v)),
+            other => panic!("round {round}: {other:?}"),
+        }
+        assert!(doc.deleting.is_empty(), "{doc:?}");
+    }
+}
+
+async fn an_upload_under_way_cannot_be_deleted_but_an_abandoned_one_can(
+    store: Arc<dyn ObjectStore>,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(store.clone(), &tmp.path().join("a"));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claim = |at: u64| format!(r#"{{"digest":"d","claimed_at":{at},"token":"t"}}"#);
+    put(&*store, "repo/m/.meta/1.claim", claim(now).as_bytes()).await;
+    put(&*store, "repo/m/1/bundle.toml", b"x").await;
+    match a.delete_version("m", 1).await {
+        Err(WriteError::Conflict(m)) => assert!(m.contains("being uploaded"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    put(
+        &*store,
+        "repo/m/.meta/1.claim",
+        claim(now - CLAIM_TIMEOUT_SECS - 1).as_bytes(),
+    )
+    .await;
+    a.delete_version("m", 1).await.unwrap();
+    assert_eq!(a.is_stored("m", 1).await, Some(false));
+}
+
+async fn an_upload_over_files_copied_by_hand_is_refused_and_writes_nothing(
+    store: Arc<dyn ObjectStore>,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(store.clone(), &tmp.path().join("a"));
+    put(&*store, "repo/m/4/model/model.pt", b"by hand").await;
+    let src = tmp.path().join("src");
+    let meta = bundle(&src, "m", 4, b"w");
+    match a.publish("m", 4, &src, &meta).await {
+        Err(WriteError::Conflict(m)) => assert!(m.contains("copy by hand"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    let keys: Vec<String> = store
+        .list(None)
+        .map(|m| m.unwrap().location.to_string())
+        .collect()
+        .await;
+    assert_eq!(
+        keys,
+        vec!["repo/m/4/model/model.pt".to_string()],
+        "the claim is given back"
+    );
+}
+
+async fn a_labels_object_that_is_not_one_keeps_the_labels_and_refuses_changes(
+    store: Arc<dyn ObjectStore>,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let a = replica(store.clone(), &tmp.path().join("a"));
+    let src = tmp.path().join("src");
+    let meta = bundle(&src, "m", 1, b"w");
+    a.publish("m", 1, &src, &meta).await.unwrap();
+    a.set_label("m", "stable", 1).await.unwrap();
+    let b = replica(store.clone(), &tmp.path().join("b"));
+    b.sync_all(false, &all).await.unwrap();
+    put(&*store, "repo/m/.meta/labels.json", b"{\"stable\": ").await;
+    let news = b.sync_all(false, &all).await.unwrap();
+    assert_eq!(news["m"].labels, None, "the labels stay as they were");
+    assert!(news["m"].errors > 0);
+    assert_eq!(b.cache.labels("m").get("stable"), Some(&1));
+    match b.set_label("m", "canary", 1).await {
+        Err(WriteError::Store(m)) => assert!(m.contains("fix it"), "{m}"),
+        other => panic!("{other:?}"),
+    }
 }
 
 /// Every scenario above, against object_store's in-memory store and against moto's S3
@@ -506,97 +584,13 @@ scenarios!(
     label_changes_from_two_replicas_at_once_both_land,
     a_labelled_version_is_not_deleted_and_a_delete_removes_it_everywhere,
     keys_that_are_not_a_version_are_skipped_and_bounds_hold,
+    only_the_versions_the_policy_wants_are_downloaded,
+    a_listing_that_fails_half_way_removes_nothing,
+    a_delete_and_a_label_change_racing_never_leave_a_label_on_a_deleted_version,
+    an_upload_under_way_cannot_be_deleted_but_an_abandoned_one_can,
+    an_upload_over_files_copied_by_hand_is_refused_and_writes_nothing,
+    a_labels_object_that_is_not_one_keeps_the_labels_and_refuses_changes,
 );
-
-/// moto's S3 server in a Python process of its own (the venv's, which `make setup`
-/// makes), with buckets `bucket-0`, `bucket-1`, ...; killed on drop. Absent Python or moto, the moto
-/// test is skipped with a line, unless `NNSERVE_REQUIRE_MOTO` is set (as `make test`
-/// sets it), where it fails.
-struct Moto {
-    child: std::process::Child,
-    endpoint: String,
-}
-
-const MOTO: &str = r#"
-import sys
-import boto3
-from moto.server import ThreadedMotoServer
-s = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-s.start()
-host, port = s.get_host_and_port()
-url = f"http://{host}:{port}"
-c = boto3.client("s3", endpoint_url=url, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1")
-for i in range(int(sys.argv[1])):
-    c.create_bucket(Bucket=f"bucket-{i}")
-print(url, flush=True)
-sys.stdin.read()
-"#;
-
-impl Moto {
-    fn start(buckets: usize) -> Option<Moto> {
-        use std::io::BufRead;
-        let python = std::env::var_os("NNSERVE_TEST_PYTHON")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"));
-        let required = std::env::var_os("NNSERVE_REQUIRE_MOTO").is_some();
-        let child = std::process::Command::new(&python)
-            .args(["-c", MOTO, &buckets.to_string()])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn();
-        let mut child = match child {
-            Ok(c) => c,
-            Err(e) if !required => {
-                eprintln!(
-                    "skipped: no {} ({e}); `make setup` makes it",
-                    python.display()
-                );
-                return None;
-            }
-            Err(e) => panic!("cannot run {}: {e}", python.display()),
-        };
-        let mut line = String::new();
-        let out = child.stdout.take().unwrap();
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-        if !line.starts_with("http://") {
-            let _ = child.kill();
-            assert!(
-                !required,
-                "moto did not start with {}: is moto[server] installed?",
-                python.display()
-            );
-            eprintln!("skipped: moto does not start with {}", python.display());
-            return None;
-        }
-        Some(Moto {
-            child,
-            endpoint: line.trim().to_string(),
-        })
-    }
-
-    fn bucket(&self, i: usize) -> Arc<dyn ObjectStore> {
-        install_tls_provider();
-        Arc::new(
-            object_store::aws::AmazonS3Builder::new()
-                .with_endpoint(&self.endpoint)
-                .with_allow_http(true)
-                .with_bucket_name(format!("bucket-{i}"))
-                .with_region("us-east-1")
-                .with_access_key_id("t")
-                .with_secret_access_key("t")
-                .build()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn repository_urls_are_told_from_directories() {

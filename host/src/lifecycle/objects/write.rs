@@ -3,17 +3,49 @@
 
 use super::*;
 
+/// How long a claim without a record counts as an upload under way: a delete of the
+/// version is refused before, and clears the claim after (an interrupted upload's).
+pub const CLAIM_TIMEOUT_SECS: u64 = 600;
+
+/// A claim's content: who claimed the version, when, for which content.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Claim {
+    digest: String,
+    claimed_at: u64,
+    /// Random per upload: the uploader checks it is still its claim before it writes the
+    /// record (a delete may have cleared it meanwhile).
+    token: String,
+}
+
+fn token() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static COUNT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    // RandomState is seeded from the OS per process; the counter and the clock make
+    // each upload's token differ within it.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
 impl ObjectRepo {
     /// A model's labels in the bucket, and the version to make a conditional write on
-    /// (`None`: no labels object).
+    /// (`None`: no labels object). A labels object that is not one is an error (the
+    /// labels stay as they were on every replica, and changes are refused until it is
+    /// fixed), never read as "no labels".
     pub async fn read_labels(
         &self,
         model: &str,
-    ) -> Result<(BTreeMap<String, u64>, Option<(UpdateVersion, u64)>), String> {
+    ) -> Result<(LabelsDoc, Option<(UpdateVersion, u64)>), String> {
         let key = self.labels_key(model);
         let got = match self.store.get(&key).await {
             Ok(g) => g,
-            Err(object_store::Error::NotFound { .. }) => return Ok((BTreeMap::new(), None)),
+            Err(object_store::Error::NotFound { .. }) => return Ok((LabelsDoc::default(), None)),
             Err(e) => return Err(store_err(&format!("cannot read {key}"), e)),
         };
         let version = UpdateVersion {
@@ -27,52 +59,55 @@ impl ObjectRepo {
             .bytes()
             .await
             .map_err(|e| store_err(&format!("cannot read {key}"), e))?;
-        let (labels, revision) = match serde_json::from_slice(&bytes) {
-            Ok(LabelsObject::Revised { labels, revision }) => (labels, revision),
-            Ok(LabelsObject::Plain(labels)) => (labels, 0),
+        let (labels, revision, deleting) = match serde_json::from_slice(&bytes) {
+            Ok(LabelsObject::Revised {
+                labels,
+                revision,
+                deleting,
+            }) => (labels, revision, deleting),
+            Ok(LabelsObject::Plain(labels)) => (labels, 0, Default::default()),
             Err(e) => {
-                tracing::warn!(
-                    model,
-                    "the bucket's labels object is not valid ({e}); read as no labels"
-                );
-                (BTreeMap::new(), 0)
+                return Err(format!(
+                    "{key} is not a labels object ({e}): fix it (a JSON map of label to version) or delete it"
+                ))
             }
         };
         let labels = labels
             .into_iter()
             .filter(|(l, v)| crate::names::valid_name(l) && crate::names::check_version(*v).is_ok())
             .collect();
-        Ok((labels, Some((version, revision))))
+        Ok((LabelsDoc { labels, deleting }, Some((version, revision))))
     }
 
     /// Changes a model's labels in the bucket: read, `change`, write conditional on what
-    /// was read; on a conflict with another replica's write, read again (8 times at
-    /// most). The labels as written.
+    /// was read; on a conflict with another replica's write, read again and apply
+    /// `change` again (8 times at most). The labels as written.
     pub async fn update_labels(
         &self,
         model: &str,
-        change: impl Fn(&mut BTreeMap<String, u64>) -> Result<(), String>,
-    ) -> Result<BTreeMap<String, u64>, WriteError> {
+        change: impl Fn(&mut LabelsDoc) -> Result<(), String>,
+    ) -> Result<LabelsDoc, WriteError> {
         let key = self.labels_key(model);
         for _ in 0..8 {
-            let (mut labels, read) = self.read_labels(model).await.map_err(WriteError::Store)?;
-            change(&mut labels).map_err(WriteError::Conflict)?;
+            let (mut doc, read) = self.read_labels(model).await.map_err(WriteError::Store)?;
+            change(&mut doc).map_err(WriteError::Conflict)?;
             let revision = read.as_ref().map_or(0, |(_, r)| r + 1);
             let mode = match read {
                 Some((v, _)) => PutMode::Update(v),
                 None => PutMode::Create,
             };
             let body = serde_json::to_vec_pretty(&LabelsObject::Revised {
-                labels: labels.clone(),
+                labels: doc.labels.clone(),
                 revision,
+                deleting: doc.deleting.clone(),
             })
             .expect("labels serialize");
             match self.store.put_opts(&key, body.into(), mode.into()).await {
                 Ok(_) => {
-                    if let Err(e) = self.cache.write_labels(model, &labels) {
+                    if let Err(e) = self.cache.write_labels(model, &doc.labels) {
                         tracing::warn!(model, "cannot write the labels to the cache: {e}");
                     }
-                    return Ok(labels);
+                    return Ok(doc);
                 }
                 Err(object_store::Error::Precondition { .. })
                 | Err(object_store::Error::AlreadyExists { .. }) => continue,
@@ -89,6 +124,58 @@ impl ObjectRepo {
         )))
     }
 
+    /// Points `label` at `version` in the bucket, unless the version is being deleted
+    /// (a delete marks it in the labels object first, so either the delete sees the
+    /// label and refuses, or this sees the mark and refuses). The labels as written.
+    ///
+    /// Then it checks that the version is still in the bucket: a delete that began and
+    /// ended between the caller's own check and this write left it gone, and the label
+    /// is taken back (409).
+    pub async fn set_label(
+        &self,
+        model: &str,
+        label: &str,
+        version: u64,
+    ) -> Result<BTreeMap<String, u64>, WriteError> {
+        let before = std::sync::Mutex::new(None);
+        let doc = self
+            .update_labels(model, |doc| {
+                if doc.deleting.contains(&version) {
+                    return Err(format!(
+                        "version {version} of '{model}' is being deleted through another replica"
+                    ));
+                }
+                *before.lock().unwrap() = doc.labels.insert(label.to_string(), version);
+                Ok(())
+            })
+            .await?;
+        match self.is_stored(model, version).await {
+            Some(true) => Ok(doc.labels),
+            stored => {
+                let before = *before.lock().unwrap();
+                let undone = self
+                    .update_labels(model, |doc| {
+                        if doc.labels.get(label) == Some(&version) {
+                            match before {
+                                Some(v) => doc.labels.insert(label.to_string(), v),
+                                None => doc.labels.remove(label),
+                            };
+                        }
+                        Ok(())
+                    })
+                    .await;
+                match (stored, undone) {
+                    (Some(false), Ok(_)) => Err(WriteError::Conflict(format!(
+                        "version {version} of '{model}' was deleted through another replica meanwhile"
+                    ))),
+                    _ => Err(WriteError::Store(format!(
+                        "cannot check that version {version} of '{model}' is still stored; retry"
+                    ))),
+                }
+            }
+        }
+    }
+
     /// Stores a checked version in the bucket: claim, files, record last (module doc).
     pub async fn publish(
         &self,
@@ -97,19 +184,16 @@ impl ObjectRepo {
         dir: &Path,
         meta: &VersionMeta,
     ) -> Result<(), WriteError> {
-        let claim = self.claim_key(model, version);
-        let body = serde_json::json!({
-            "digest": meta.digest,
-            "claimed_at": now_secs(),
-            "by": format!("pid {}", std::process::id()),
-        });
+        let claim_key = self.claim_key(model, version);
+        let claim = Claim {
+            digest: meta.digest.clone(),
+            claimed_at: now_secs(),
+            token: token(),
+        };
+        let body = serde_json::to_vec(&claim).expect("json");
         match self
             .store
-            .put_opts(
-                &claim,
-                serde_json::to_vec(&body).expect("json").into(),
-                PutMode::Create.into(),
-            )
+            .put_opts(&claim_key, body.into(), PutMode::Create.into())
             .await
         {
             Ok(_) => {}
@@ -124,16 +208,37 @@ impl ObjectRepo {
             }
             Err(e) => {
                 return Err(WriteError::Store(store_err(
-                    &format!("cannot claim {claim}"),
+                    &format!("cannot claim {claim_key}"),
                     e,
                 )))
             }
         }
-        let written = self.write_files(model, version, dir, meta).await;
+        // Files under the version that no upload wrote (a copy by hand not synced here
+        // yet) would mix with ours: refuse, and give the claim back.
+        let prefix = self.version_key(model, version);
+        match self.store.list(Some(&prefix)).next().await {
+            None => {}
+            Some(found) => {
+                let _ = self.store.delete(&claim_key).await;
+                return Err(match found {
+                    Ok(_) => WriteError::Conflict(format!(
+                        "the bucket holds files under version {version} of '{model}' that no upload \
+                         recorded (a copy by hand?); delete them or upload as a new version"
+                    )),
+                    Err(e) => WriteError::Store(store_err(&format!("cannot list {prefix}"), e)),
+                });
+            }
+        }
+        let written = self.write_files(model, version, dir, &claim, meta).await;
         if let Err(e) = written {
-            // Leave nothing half-written: the files, then the claim.
-            self.delete_objects(model, version).await.ok();
-            return Err(WriteError::Store(e));
+            // Leave nothing half-written: the record (if its PUT landed), the files, and
+            // the claim if it is still ours.
+            let _ = self.store.delete(&self.record_key(model, version)).await;
+            let _ = self.delete_files(model, version).await;
+            if matches!(e, WriteError::Store(_)) {
+                let _ = self.store.delete(&claim_key).await;
+            }
+            return Err(e);
         }
         Ok(())
     }
@@ -143,20 +248,21 @@ impl ObjectRepo {
         model: &str,
         version: u64,
         dir: &Path,
+        claim: &Claim,
         meta: &VersionMeta,
-    ) -> Result<(), String> {
+    ) -> Result<(), WriteError> {
         let d = dir.to_path_buf();
         let files = tokio::task::spawn_blocking(move || crate::archive::list_files(&d))
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| format!("cannot list the bundle: {e}"))?;
+            .map_err(|e| WriteError::Store(e.to_string()))?
+            .map_err(|e| WriteError::Store(format!("cannot list the bundle: {e}")))?;
         for (rel, _) in files {
             let key = rel
                 .split('/')
                 .fold(self.version_key(model, version), |k, p| k.join(p));
             let mut file = tokio::fs::File::open(dir.join(&rel))
                 .await
-                .map_err(|e| format!("cannot read {rel}: {e}"))?;
+                .map_err(|e| WriteError::Store(format!("cannot read {rel}: {e}")))?;
             // Multipart above 10 MB, one PUT below (object_store's BufWriter decides).
             let mut out = object_store::buffered::BufWriter::new(self.store.clone(), key.clone());
             let copied = tokio::io::copy(&mut file, &mut out).await;
@@ -167,7 +273,21 @@ impl ObjectRepo {
                     Err(e)
                 }
             };
-            closed.map_err(|e| format!("cannot write {key}: {e}"))?;
+            closed.map_err(|e| WriteError::Store(format!("cannot write {key}: {e}")))?;
+        }
+        // Still our claim? A delete of the version may have cleared it meanwhile.
+        let claim_key = self.claim_key(model, version);
+        let ours = match self.get_small(&claim_key).await {
+            Ok(Some(b)) => {
+                serde_json::from_slice::<Claim>(&b).is_ok_and(|c| c.token == claim.token)
+            }
+            Ok(None) => false,
+            Err(e) => return Err(WriteError::Store(e)),
+        };
+        if !ours {
+            return Err(WriteError::Conflict(format!(
+                "version {version} of '{model}' was deleted while it was being uploaded; nothing was stored"
+            )));
         }
         let record = self.record_key(model, version);
         self.store
@@ -176,58 +296,97 @@ impl ObjectRepo {
                 serde_json::to_vec_pretty(meta).expect("json").into(),
             )
             .await
-            .map_err(|e| store_err(&format!("cannot write {record}"), e))?;
+            .map_err(|e| WriteError::Store(store_err(&format!("cannot write {record}"), e)))?;
         Ok(())
     }
 
-    /// Removes a version from the bucket: refused while a label points at it (checked
-    /// by a conditional rewrite of the labels, so that a label set on it meanwhile by
-    /// another replica fails and looks again), then the record (replicas stop loading
-    /// it), the files, and the claim.
+    /// Removes a version from the bucket:
+    /// 1. marks it as being deleted in the labels object, refused while a label points
+    ///    at it (a label change racing this fails its `If-Match`, reads the mark, and
+    ///    refuses);
+    /// 2. removes the record (replicas stop loading it), the files and the claim;
+    /// 3. clears the mark.
+    ///
+    /// A version with a claim and no record younger than [`CLAIM_TIMEOUT_SECS`] is an
+    /// upload under way: refused.
     pub async fn delete_version(&self, model: &str, version: u64) -> Result<(), WriteError> {
-        self.update_labels(model, |labels| {
-            match labels.iter().find(|(_, &v)| v == version) {
-                Some((label, _)) => Err(format!(
-                "version {version} of '{model}' carries the label '{label}'; move the label first"
-            )),
-                None => Ok(()),
-            }
-        })
-        .await?;
         let record = self.record_key(model, version);
-        match self.store.delete(&record).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
-            Err(e) => {
-                return Err(WriteError::Store(store_err(
-                    &format!("cannot delete {record}"),
-                    e,
-                )))
+        if matches!(
+            self.store.head(&record).await,
+            Err(object_store::Error::NotFound { .. })
+        ) {
+            if let Ok(Some(bytes)) = self.get_small(&self.claim_key(model, version)).await {
+                let age = serde_json::from_slice::<Claim>(&bytes)
+                    .map_or(u64::MAX, |c| now_secs().saturating_sub(c.claimed_at));
+                if age < CLAIM_TIMEOUT_SECS {
+                    return Err(WriteError::Conflict(format!(
+                        "version {version} of '{model}' is being uploaded through a replica (claimed {age} s ago); \
+                         an interrupted upload's claim can be deleted {CLAIM_TIMEOUT_SECS} s after it was made"
+                    )));
+                }
             }
         }
-        self.delete_objects(model, version)
-            .await
-            .map_err(WriteError::Store)
+        self.update_labels(model, |doc| {
+            if let Some((label, _)) = doc.labels.iter().find(|(_, &v)| v == version) {
+                return Err(format!(
+                    "version {version} of '{model}' carries the label '{label}'; move the label first"
+                ));
+            }
+            doc.deleting.insert(version);
+            Ok(())
+        })
+        .await?;
+        let half = |e: String| {
+            WriteError::Incomplete(format!(
+                "version {version} of '{model}' is half deleted ({e}); retry the delete"
+            ))
+        };
+        match self.store.delete(&record).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(half(store_err(&format!("cannot delete {record}"), e))),
+        }
+        self.delete_files(model, version).await.map_err(half)?;
+        let claim = self.claim_key(model, version);
+        match self.store.delete(&claim).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+            Err(e) => return Err(half(store_err(&format!("cannot delete {claim}"), e))),
+        }
+        self.update_labels(model, |doc| {
+            doc.deleting.remove(&version);
+            Ok(())
+        })
+        .await
+        .map_err(|e| match e {
+            WriteError::Store(m) | WriteError::Conflict(m) | WriteError::Incomplete(m) => half(m),
+            WriteError::Taken(_) => half("taken".into()),
+        })?;
+        Ok(())
     }
 
-    /// The version's files, then its claim.
-    async fn delete_objects(&self, model: &str, version: u64) -> Result<(), String> {
+    /// Every object under the version's directory; an error when they cannot all be
+    /// listed or removed (never a partial removal reported as done).
+    async fn delete_files(&self, model: &str, version: u64) -> Result<(), String> {
         let prefix = self.version_key(model, version);
-        let keys: Vec<Key> = self
-            .store
-            .list(Some(&prefix))
-            .filter_map(|m| async move { m.ok().map(|m| m.location) })
-            .collect()
-            .await;
-        for key in keys {
+        let listed: Vec<object_store::Result<object_store::ObjectMeta>> =
+            self.store.list(Some(&prefix)).collect().await;
+        for item in listed {
+            let key = item
+                .map_err(|e| store_err(&format!("cannot list {prefix}"), e))?
+                .location;
             match self.store.delete(&key).await {
                 Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
                 Err(e) => return Err(store_err(&format!("cannot delete {key}"), e)),
             }
         }
-        let claim = self.claim_key(model, version);
-        match self.store.delete(&claim).await {
-            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
-            Err(e) => Err(store_err(&format!("cannot delete {claim}"), e)),
+        Ok(())
+    }
+
+    /// A small object (a claim or a record: 64 KiB at most), `None` when there is none.
+    async fn get_small(&self, key: &Key) -> Result<Option<bytes::Bytes>, String> {
+        match self.get_bounded(key, 1 << 16).await {
+            Ok(b) => Ok(Some(b)),
+            Err(Refusal::Missing) => Ok(None),
+            Err(Refusal::Store(e)) | Err(Refusal::Bad(e)) => Err(e),
         }
     }
 
