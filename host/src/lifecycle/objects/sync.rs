@@ -8,6 +8,35 @@ use super::*;
 /// `Manager::wanted`); the rest is not downloaded.
 pub type Wanted<'a> = &'a (dyn Fn(&BTreeSet<u64>, &BTreeMap<String, u64>) -> BTreeSet<u64> + Sync);
 
+/// Downloads this large log their progress.
+const PROGRESS_FROM: u64 = 64 << 20;
+
+/// A download's progress, logged every 2 s for a large version.
+struct Progress<'a> {
+    model: &'a str,
+    version: u64,
+    done: u64,
+    total: u64,
+    logged: std::time::Instant,
+}
+
+impl Progress<'_> {
+    fn add(&mut self, bytes: u64) {
+        self.done += bytes;
+        if self.total >= PROGRESS_FROM && self.logged.elapsed() >= std::time::Duration::from_secs(2)
+        {
+            self.logged = std::time::Instant::now();
+            tracing::info!(
+                model = self.model,
+                version = self.version,
+                "downloading: {} of {} MB",
+                self.done >> 20,
+                self.total >> 20
+            );
+        }
+    }
+}
+
 /// A hand copy's state in this poll.
 enum Hand {
     /// Still changing (or without a manifest): wait.
@@ -348,12 +377,28 @@ impl ObjectRepo {
             .map_err(|e| Refusal::Store(format!("cannot make a scratch directory: {e}")))?;
         let dir = scratch.path().join("version");
         let started = std::time::Instant::now();
+        let mut progress = Progress {
+            model,
+            version,
+            done: 0,
+            total,
+            logged: started,
+        };
+        if total >= PROGRESS_FROM {
+            tracing::info!(
+                model,
+                version,
+                mb = total >> 20,
+                files = listing.files.len(),
+                "downloading"
+            );
+        }
         for (rel, (size, _)) in &listing.files {
             let key = self.key(&[model, &version.to_string()]).clone();
             let key = rel.split('/').fold(key, |k, p| k.join(p));
             // Each part came from an object_store path: no `..`, no separators.
             let path = rel.split('/').fold(dir.clone(), |p, part| p.join(part));
-            self.fetch_file(&key, &path, *size).await?;
+            self.fetch_file(&key, &path, *size, &mut progress).await?;
         }
         let (dir2, expected) = (dir.clone(), record.clone());
         let checked = tokio::task::spawn_blocking(move || -> Result<VersionMeta, Refusal> {
@@ -385,7 +430,13 @@ impl ObjectRepo {
         Ok(())
     }
 
-    async fn fetch_file(&self, key: &Key, path: &Path, size: u64) -> Result<(), Refusal> {
+    async fn fetch_file(
+        &self,
+        key: &Key,
+        path: &Path,
+        size: u64,
+        progress: &mut Progress<'_>,
+    ) -> Result<(), Refusal> {
         use tokio::io::AsyncWriteExt;
         let store =
             |e: object_store::Error| Refusal::Store(store_err(&format!("cannot read {key}"), e));
@@ -407,6 +458,7 @@ impl ObjectRepo {
                 // Changed since the listing: the digest check would refuse it anyway.
                 return Err(Refusal::Store(format!("{key} changed while it was read")));
             }
+            progress.add(chunk.len() as u64);
             file.write_all(&chunk)
                 .await
                 .map_err(|e| Refusal::Store(format!("cannot write the cache: {e}")))?;
