@@ -31,12 +31,13 @@ ROUTER_WASM := $(REPO)/mlp-ab/1/plugins/router.wasm
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
                $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
 
-.PHONY: help setup run test test-unit test-e2e build plugins models clean
+.PHONY: help setup run test test-unit test-e2e build plugins models clean dist
 
 help:
 	@echo "make run [LISTEN=host:port] [GRPC_LISTEN=host:port]  set up and serve $(REPO) (HTTP $(LISTEN), gRPC $(GRPC_LISTEN))"
 	@echo "make test                    set up and run every test"
 	@echo "make setup                   only set up (venv, wasm target, plugins, models, release build)"
+	@echo "make dist                    set up and build dist/nnserve-VERSION-linux-x86_64.tar.gz (relocatable, CPU)"
 
 setup: $(STAMPS)/wasm-target $(STAMPS)/venv $(STAMPS)/test-tools plugins models build
 
@@ -104,6 +105,18 @@ test:
 	$(call PHASE,unit tests) echo "== Unit tests (same release profile as the server: no second build of the deps)"; \
 		NNSERVE_REQUIRE_MOTO=1 cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-router-sdk
 	$(call PHASE,end-to-end tests) echo "== End-to-end tests over HTTP"; $(PY) -m pytest -q tests/e2e
+	$(call PHASE,release tarball) echo "== The release tarball, built and served from an empty directory"; \
+		$(MAKE) --no-print-directory dist && $(PY) -m pytest -q -s tests/dist
+
+# The relocatable release tarball (scripts/dist.sh): the binary with every library it
+# needs behind $$ORIGIN RUNPATHs (patchelf), TensorFlow's C API, docs and examples.
+dist: setup $(STAMPS)/dist-tools
+	scripts/dist.sh
+
+$(STAMPS)/dist-tools:
+	@mkdir -p $(STAMPS)
+	@command -v patchelf >/dev/null || (apt-get update -q && apt-get install -y patchelf)
+	@touch $@
 
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(REPO)/*/*/model

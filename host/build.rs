@@ -2,8 +2,9 @@
 //
 // torch-sys links libtorch but its rpath does not reach dependent binaries, so we
 // add the library directory it reports (`DEP_TCH_LIBTORCH_LIB`) as our own rpath.
-// The linker would also drop `libtorch_cuda.so` (nothing references it by symbol),
-// which hides CUDA at run time; force it in when the wheel ships it.
+// `libtorch_cuda.so` is not linked (nothing references it by symbol, and it would pull
+// about 3 GB of NVIDIA libraries into every copy): `backend::torch::cuda_library` opens
+// it through this rpath the first time a version asks about CUDA.
 //
 // With the `tensorflow` feature, the TF C API is opened at run time from a directory
 // that holds `libtensorflow.so` and `libtensorflow_framework.so.2` (../shared/FACTS.md).
@@ -16,9 +17,6 @@ fn main() {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     if let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") {
         println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-        if std::path::Path::new(&lib).join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
-        }
     }
     if std::env::var_os("CARGO_FEATURE_TENSORFLOW").is_some() {
         tensorflow_dir();

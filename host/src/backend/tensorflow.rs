@@ -21,15 +21,25 @@ use tensorflow::{
 /// build prepared beside the wheel it found (`build.rs`).
 pub const BUILD_DIR: Option<&str> = option_env!("NNSERVE_TENSORFLOW_DIR");
 
-/// Points the TF library finder at the build's directory unless the environment names
-/// one. Call before any thread starts (it sets an environment variable).
+/// Where a release tarball keeps the TF libraries, relative to the binary
+/// (`bin/nnserve`, `lib/tensorflow/`; scripts/dist.sh).
+pub const BESIDE_BINARY: &str = "../lib/tensorflow";
+
+/// Points the TF library finder at the libraries unless the environment names them:
+/// beside the binary (a release tarball) first, else the build's directory. Call before
+/// any thread starts (it sets an environment variable).
 pub fn prepare_process() {
     // TF logs every load at INFO on stderr, outside the server's log; keep its warnings.
     if std::env::var_os("TF_CPP_MIN_LOG_LEVEL").is_none() {
         std::env::set_var("TF_CPP_MIN_LOG_LEVEL", "1");
     }
     if std::env::var_os("TENSORFLOW_DIR").is_none() {
-        if let Some(dir) = BUILD_DIR {
+        let beside = std::env::current_exe()
+            .ok()
+            .and_then(|exe| Some(exe.parent()?.join(BESIDE_BINARY)))
+            .filter(|d| d.join("libtensorflow.so").exists());
+        let dir = beside.or_else(|| BUILD_DIR.map(std::path::PathBuf::from));
+        if let Some(dir) = dir {
             // SAFETY (edition 2021: safe, but racy with other threads): called from main
             // before the runtime or any other thread exists.
             std::env::set_var("TENSORFLOW_DIR", dir);

@@ -197,18 +197,75 @@ impl ForwardPool {
     }
 }
 
+/// libtorch's CUDA half, opened on the first question about CUDA devices (never for a
+/// server whose versions all run on the CPU). PyTorch splits its backend in two: the
+/// CPU library the binary links, and `libtorch_cuda.so`, which registers the CUDA
+/// hooks when it is loaded and which no symbol of ours references. Linking it would pull
+/// about 3 GB of NVIDIA libraries into every copy of the binary (the release tarball),
+/// so it is opened here instead, by name, through the binary's RUNPATH (the build's
+/// libtorch directory, or the tarball's `lib/`). `Err`: why CUDA is not available.
+pub fn cuda_library() -> Result<(), String> {
+    static LOADED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    LOADED
+        .get_or_init(|| {
+            // SAFETY: dlopen with a NUL-terminated name; the handle is kept for the
+            // process's life (never closed), as the hooks it registers must be.
+            let handle = unsafe {
+                libc::dlopen(
+                    c"libtorch_cuda.so".as_ptr(),
+                    libc::RTLD_NOW | libc::RTLD_GLOBAL,
+                )
+            };
+            if handle.is_null() {
+                // SAFETY: dlerror returns the thread's last error string or null.
+                let why = unsafe { libc::dlerror() };
+                let why = if why.is_null() {
+                    "unknown error".to_string()
+                } else {
+                    // SAFETY: a NUL-terminated string owned by libc until the next call.
+                    unsafe { std::ffi::CStr::from_ptr(why) }
+                        .to_string_lossy()
+                        .into_owned()
+                };
+                tracing::debug!("libtorch_cuda.so is not loaded, CPU only: {why}");
+                Err(format!(
+                    "libtorch's CUDA library could not be opened ({why})"
+                ))
+            } else {
+                Ok(())
+            }
+        })
+        .clone()
+}
+
+/// CUDA devices libtorch sees: 0 when its CUDA library cannot be opened.
+pub fn cuda_devices() -> usize {
+    match cuda_library() {
+        Ok(()) => tch::Cuda::device_count().max(0) as usize,
+        Err(_) => 0,
+    }
+}
+
 /// Picks the device for a manifest's `device`, or says why it cannot.
 pub fn select_device(spec: DeviceSpec) -> anyhow::Result<Device> {
     match spec {
         DeviceSpec::Cpu => Ok(Device::Cpu),
-        DeviceSpec::Auto => Ok(Device::cuda_if_available()),
+        DeviceSpec::Auto => Ok(if cuda_devices() > 0 {
+            Device::Cuda(0)
+        } else {
+            Device::Cpu
+        }),
         DeviceSpec::Cuda(n) => {
-            let count = tch::Cuda::device_count() as usize;
+            let count = cuda_devices();
             if n < count {
                 Ok(Device::Cuda(n))
             } else if count == 0 {
+                let why = cuda_library()
+                    .err()
+                    .map(|e| format!(" ({e}: a CPU-only build or tarball)"))
+                    .unwrap_or_default();
                 anyhow::bail!(
-                    "the manifest asks for device cuda:{n} but CUDA is not available on this machine; \
+                    "the manifest asks for device cuda:{n} but CUDA is not available on this machine{why}; \
                      set device = \"auto\" (CUDA when present, else CPU) or \"cpu\""
                 )
             } else {
@@ -514,7 +571,7 @@ mod tests {
 
     #[test]
     fn a_cuda_device_the_machine_lacks_is_a_clear_error() {
-        let count = tch::Cuda::device_count() as usize;
+        let count = cuda_devices();
         // Any machine: one past the last device.
         let err = select_device(DeviceSpec::Cuda(count))
             .unwrap_err()
