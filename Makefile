@@ -31,13 +31,14 @@ ROUTER_WASM := $(REPO)/mlp-ab/1/plugins/router.wasm
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
                $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
 
-.PHONY: help setup run test test-unit test-e2e build plugins models clean dist
+.PHONY: help setup run test test-unit test-e2e build plugins models clean dist image
 
 help:
 	@echo "make run [LISTEN=host:port] [GRPC_LISTEN=host:port]  set up and serve $(REPO) (HTTP $(LISTEN), gRPC $(GRPC_LISTEN))"
 	@echo "make test                    set up and run every test"
 	@echo "make setup                   only set up (venv, wasm target, plugins, models, release build)"
 	@echo "make dist                    set up and build dist/nnserve-VERSION-linux-x86_64.tar.gz (relocatable, CPU)"
+	@echo "make image                   make dist, then the CPU container image nnserve:VERSION (podman, FROM scratch)"
 
 setup: $(STAMPS)/wasm-target $(STAMPS)/venv $(STAMPS)/test-tools plugins models build
 
@@ -106,7 +107,7 @@ test:
 		NNSERVE_REQUIRE_MOTO=1 cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-router-sdk
 	$(call PHASE,end-to-end tests) echo "== End-to-end tests over HTTP"; $(PY) -m pytest -q tests/e2e
 	$(call PHASE,release tarball) echo "== The release tarball, built and served from an empty directory"; \
-		$(MAKE) --no-print-directory dist && $(PY) -m pytest -q -s tests/dist
+		$(MAKE) --no-print-directory image && $(PY) -m pytest -q -s tests/dist
 
 # The relocatable release tarball (scripts/dist.sh): the binary with every library it
 # needs behind $$ORIGIN RUNPATHs (patchelf), TensorFlow's C API, docs and examples.
@@ -116,7 +117,18 @@ dist: setup $(STAMPS)/dist-tools
 $(STAMPS)/dist-tools:
 	@mkdir -p $(STAMPS)
 	@command -v patchelf >/dev/null || (apt-get update -q && apt-get install -y patchelf)
+	@command -v podman >/dev/null || (apt-get update -q && apt-get install -y --no-install-recommends podman)
 	@touch $@
+
+# The CPU container image: scripts/rootfs.sh makes its root filesystem from the tarball
+# and the few Debian files it needs; the Containerfile starts FROM scratch (no registry
+# is pulled from). tests/dist/test_image.py serves from the built image's own files.
+NNSERVE_VERSION = $(shell cargo pkgid -p nnserve | sed 's/.*[@\#]//')
+image: dist
+	scripts/rootfs.sh
+	podman build --pull=never -q -f dist/image/Containerfile -t nnserve:$(NNSERVE_VERSION) dist/image
+	@podman image ls nnserve:$(NNSERVE_VERSION) --format '== image {{.Repository}}:{{.Tag}} {{.Size}}'
+
 
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(REPO)/*/*/model
