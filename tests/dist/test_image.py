@@ -51,45 +51,63 @@ def test_the_image_is_built_from_scratch_for_a_non_root_user(image):
     print(f"\n{tag}: {info['Size'] / 1e6:.0f} MB")
 
 
-def test_the_image_serves_mlp_from_a_mounted_repository(image, tmp_path):
+def start_image(image, tmp_path, cmd, env=(), binds=()):
+    """Runs the image's entrypoint with `cmd` over its own files, as a runtime would;
+    `binds`: (host directory, path in the image). The process and its URL."""
     tag, info, root = image
     config = info["Config"]
-    models = tmp_path / "models"
-    shutil.copytree(os.path.join(ROOT, "examples", "repository", "mlp"), models / "mlp",
-                    ignore=shutil.ignore_patterns(".meta"))
-    for d, _, files in os.walk(tmp_path):
-        os.chmod(d, 0o755)
-        for f in files:
-            os.chmod(os.path.join(d, f), 0o644)
-    # The image's command, with the listen address on a free loopback port (no gRPC here).
-    cmd = list(config["Cmd"])
-    i = cmd.index("--listen")
-    cmd[i + 1] = "127.0.0.1:0"
-    j = cmd.index("--grpc-listen")
-    del cmd[j:j + 2]
-    user = config["User"]
-    env = {k: v for k, v in (e.split("=", 1) for e in config["Env"])}
     tool = {t: shutil.which(t, path="/usr/sbin:/usr/bin:/sbin:/bin") for t in ("unshare", "mount", "chroot")}
     assert all(tool.values()), tool
     mount = tool["mount"]
     script = (f"{mount} -t proc proc {root}/proc && {mount} --rbind /dev {root}/dev && "
-              f"{mount} --rbind /sys {root}/sys && {mount} --bind {models} {root}/models && "
-              f"exec {tool['chroot']} --userspec={user} {root} " + " ".join(config["Entrypoint"] + cmd))
-    started = time.time()
-    # The image's environment, as a runtime would give it.
+              f"{mount} --rbind /sys {root}/sys && "
+              + "".join(f"{mount} --bind {host} {root}{inside} && " for host, inside in binds)
+              + f"exec {tool['chroot']} --userspec={config['User']} {root} "
+              + " ".join(config["Entrypoint"] + cmd))
+    # The image's environment, as a runtime would give it, and the caller's.
+    environ = dict(e.split("=", 1) for e in config["Env"])
+    environ.update(env)
+    log = tmp_path / "server.log"
     proc = subprocess.Popen([tool["unshare"], "-m", "--propagation", "private", "/bin/sh", "-c", script],
-                            stdout=subprocess.PIPE, stderr=open(tmp_path / "server.log", "w"), text=True,
-                            env=env)
+                            stdout=subprocess.PIPE, stderr=open(log, "w"), text=True, env=environ)
+    url = None
+    for line in proc.stdout:
+        m = re.search(r"listening on (http://\S+)", line)
+        if m:
+            url = m.group(1)
+            break
+    if url is None:
+        proc.kill()
+        pytest.fail(f"the image did not start: {open(log).read()[-3000:]}")
+    return proc, url
+
+
+def readable(path):
+    for d, _, files in os.walk(path):
+        os.chmod(d, 0o755)
+        for f in files:
+            os.chmod(os.path.join(d, f), 0o644)
+
+
+ROW = {"instances": [[1.0, 2.0, 3.0, 4.0]]}
+
+
+def test_the_image_serves_mlp_from_a_mounted_repository(image, tmp_path):
+    config = image[1]["Config"]
+    models = tmp_path / "models"
+    shutil.copytree(os.path.join(ROOT, "examples", "repository", "mlp"), models / "mlp",
+                    ignore=shutil.ignore_patterns(".meta"))
+    readable(tmp_path)
+    # The image's command, with the listen address on a free loopback port (no gRPC here).
+    cmd = list(config["Cmd"])
+    cmd[cmd.index("--listen") + 1] = "127.0.0.1:0"
+    j = cmd.index("--grpc-listen")
+    del cmd[j:j + 2]
+    started = time.time()
+    proc, url = start_image(image, tmp_path, cmd, binds=[(models, "/models")])
     try:
-        url = None
-        for line in proc.stdout:
-            m = re.search(r"listening on (http://\S+)", line)
-            if m:
-                url = m.group(1)
-                break
-        assert url, open(tmp_path / "server.log").read()[-3000:]
         print(f"\nimage root filesystem, start to the listening line: {time.time() - started:.2f} s")
-        r = requests.post(f"{url}/v1/models/mlp:predict", json={"instances": [[1.0, 2.0, 3.0, 4.0]]}, timeout=30)
+        r = requests.post(f"{url}/v1/models/mlp:predict", json=ROW, timeout=30)
         assert r.status_code == 200, r.text
         assert len(r.json()["predictions"][0]) == 3
         # The management routes are off, as the image's command says.
@@ -100,3 +118,40 @@ def test_the_image_serves_mlp_from_a_mounted_repository(image, tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_the_image_serves_from_the_object_store(image, tmp_path):
+    """The image's other source: an s3:// repository (moto on loopback), its cache in the
+    user's home (a volume here, as it would be in a deployment)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    moto = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    moto.start()
+    try:
+        host, port = moto.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        s3 = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="t", aws_secret_access_key="t",
+                          region_name="us-east-1")
+        s3.create_bucket(Bucket="images")
+        mlp = os.path.join(ROOT, "examples", "repository", "mlp", "1")
+        for name in ("bundle.toml", "model/model.pt"):
+            s3.upload_file(os.path.join(mlp, name), "images", f"repo/mlp/1/{name}")
+        home = tmp_path / "home"
+        home.mkdir()
+        os.chown(home, 65532, 65532)
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t",
+               "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+        proc, url = start_image(image, tmp_path, ["--repository", "s3://images/repo", "--listen", "127.0.0.1:0",
+                                                  "--management", "off"], env=env,
+                                binds=[(home, "/home/nnserve")])
+        try:
+            r = requests.post(f"{url}/v1/models/mlp:predict", json=ROW, timeout=30)
+            assert r.status_code == 200, r.text
+            # The cache went to the default place, the user's home.
+            assert any((home / ".cache" / "nnserve").iterdir())
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    finally:
+        moto.stop()
