@@ -150,9 +150,42 @@ pub struct ServeArgs {
     #[arg(long)]
     pub grace_seconds: Option<u64>,
 
+    /// On SIGTERM: readiness turns false at once and requests (and new connections) are
+    /// still served for this long, so load balancers notice before the shutdown of
+    /// --grace-seconds begins; a second signal exits at once [default: 0]
+    #[arg(long, env = "NNSERVE_DRAIN_SECONDS")]
+    pub drain_seconds: Option<u64>,
+
+    /// When /v2/health/ready turns true: `all` versions found at start have loaded (a
+    /// failed one keeps it false until its model has a version again), or `any` version
+    /// of any model is available [default: all]
+    #[arg(long, value_enum, env = "NNSERVE_READINESS")]
+    pub readiness: Option<crate::config::Readiness>,
+
+    /// The model's name when --repository holds one model, not a repository: a bundle
+    /// (bundle.toml at its top; default: the bundle's own name), a TF Serving base path
+    /// (<version>/saved_model.pb) or a bare TorchScript file (*.pt); what KServe's storage
+    /// initializer leaves in /mnt/models (docs/kubernetes.md)
+    #[arg(long, env = "NNSERVE_MODEL_NAME")]
+    pub model_name: Option<String>,
+
+    /// A bare TorchScript file's input, NAME:DTYPE:DIMS (e.g. input:fp32:-1,4; -1 for a
+    /// free dimension, the first one the batch); repeat for more, or `;` between them
+    #[arg(long = "input", env = "NNSERVE_INPUTS", value_delimiter = ';')]
+    pub inputs: Vec<String>,
+
+    /// A bare TorchScript file's output, NAME:DTYPE:DIMS, as --input
+    #[arg(long = "output", env = "NNSERVE_OUTPUTS", value_delimiter = ';')]
+    pub outputs: Vec<String>,
+
     /// Log filter, as RUST_LOG (e.g. info, debug, nnserve=debug) [default: info]
     #[arg(long, env = "RUST_LOG", default_value = "info")]
     pub log: String,
+
+    /// Log lines as `text`, or as `json`: one object per line (timestamp, level, target,
+    /// fields) for everything the process writes, the native libraries' stderr included
+    #[arg(long, value_enum, env = "NNSERVE_LOG_FORMAT", default_value = "text")]
+    pub log_format: crate::logging::Format,
 }
 
 impl ServeArgs {
@@ -203,6 +236,21 @@ impl ServeArgs {
         }
         if let Some(g) = self.grace_seconds {
             c.grace_seconds = g;
+        }
+        if let Some(d) = self.drain_seconds {
+            c.drain_seconds = d;
+        }
+        if let Some(r) = self.readiness {
+            c.readiness = r;
+        }
+        if let Some(n) = &self.model_name {
+            c.model_name = Some(n.clone());
+        }
+        if !self.inputs.is_empty() {
+            c.model_inputs = self.inputs.clone();
+        }
+        if !self.outputs.is_empty() {
+            c.model_outputs = self.outputs.clone();
         }
         Ok(c)
     }

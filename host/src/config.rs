@@ -39,6 +39,17 @@ impl Management {
     }
 }
 
+/// When `/v2/health/ready` turns true (`api::probe`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Readiness {
+    /// Every version found at start has loaded (a failed one keeps the server unready
+    /// until its model has a version available again).
+    All,
+    /// A version of any model is available (the others may still be loading).
+    Any,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -116,6 +127,20 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// On SIGTERM or ctrl-c, requests in service get this long to finish, s.
     pub grace_seconds: u64,
+    /// On SIGTERM, readiness turns false at once and the server keeps serving (new
+    /// connections too) for this long before the shutdown of `grace_seconds` begins, s:
+    /// load balancers and Kubernetes endpoints notice in the meantime.
+    pub drain_seconds: u64,
+    /// When the server reports ready: `all` start-up versions loaded, or `any`.
+    pub readiness: Readiness,
+    /// When the repository directory holds one model rather than a repository (a
+    /// bundle, a TF Serving base path, a bare TorchScript file: what KServe's storage
+    /// initializer leaves in /mnt/models): the model's name.
+    pub model_name: Option<String>,
+    /// A bare TorchScript file's inputs and outputs, `NAME:DTYPE:DIMS` each (e.g.
+    /// `input:fp32:-1,4`).
+    pub model_inputs: Vec<String>,
+    pub model_outputs: Vec<String>,
     /// Version policy `latest = N` for models without their own: the newest N versions
     /// of each model stay loaded.
     pub latest_versions: usize,
@@ -162,6 +187,11 @@ impl Default for ServerConfig {
             body_read_timeout_ms: 10_000,
             max_connections: 0,
             grace_seconds: 10,
+            drain_seconds: 0,
+            readiness: Readiness::All,
+            model_name: None,
+            model_inputs: Vec::new(),
+            model_outputs: Vec::new(),
             latest_versions: 1,
             policies: Default::default(),
             poll_interval_ms: 2000,

@@ -30,6 +30,7 @@ pub mod config;
 pub mod connections;
 pub mod grpc;
 pub mod lifecycle;
+pub mod logging;
 pub mod metrics;
 pub mod names;
 pub mod nn;
@@ -37,6 +38,7 @@ pub mod plugin;
 pub mod repository;
 pub mod routing;
 pub mod server;
+pub mod single_model;
 pub mod tensor;
 pub mod wit;
 

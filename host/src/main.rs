@@ -13,7 +13,12 @@ fn main() -> std::process::ExitCode {
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("nnserve: error: {e:#}");
+            if nnserve::logging::capturing() {
+                tracing::error!("nnserve: error: {e:#}");
+                nnserve::logging::finish();
+            } else {
+                eprintln!("nnserve: error: {e:#}");
+            }
             std::process::ExitCode::FAILURE
         }
     }
@@ -54,10 +59,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::try_new(&args.log)?)
-                .with_writer(std::io::stderr)
-                .init();
+            nnserve::logging::init(&args.log, args.log_format)?;
             let config = args.to_config()?;
             // OpenMP's wait policy (OMP_WAIT_POLICY, GOMP_SPINCOUNT) is read by libgomp when
             // it loads, before main: only the environment the server starts in sets it
@@ -75,6 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 use std::io::Write;
                 let _ = std::io::stdout().flush();
                 let _ = std::io::stderr().flush();
+                nnserve::logging::finish();
                 // SAFETY: _exit ends the process without running atexit handlers.
                 unsafe { libc::_exit(0) };
             }

@@ -62,6 +62,16 @@ pub struct Problem {
     pub reason: String,
 }
 
+/// A directory, or a symlink to one: a version directory may be a link (the view of
+/// `single_model`, or a tree an operator links together).
+fn is_dir(entry: &std::fs::DirEntry) -> bool {
+    match entry.file_type() {
+        Ok(t) if t.is_symlink() => entry.path().is_dir(),
+        Ok(t) => t.is_dir(),
+        Err(_) => false,
+    }
+}
+
 /// Lists every `<model>/<version>/` under `root`, sorted by model then version.
 pub fn scan(root: &Path) -> anyhow::Result<(Vec<Entry>, Vec<Problem>)> {
     let mut entries = Vec::new();
@@ -88,7 +98,7 @@ pub fn scan(root: &Path) -> anyhow::Result<(Vec<Entry>, Vec<Problem>)> {
         for version in std::fs::read_dir(model.path())? {
             let version = version?;
             let vname = version.file_name().to_string_lossy().into_owned();
-            if !version.file_type()?.is_dir() || vname.starts_with('.') {
+            if !is_dir(&version) || vname.starts_with('.') {
                 continue;
             }
             match crate::names::parse_version(&vname) {
@@ -119,7 +129,7 @@ pub fn scan_model(root: &Path, model: &str) -> Vec<Entry> {
     };
     let mut entries: Vec<Entry> = read
         .flatten()
-        .filter(|v| v.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(is_dir)
         .filter_map(|v| {
             let name = v.file_name().to_string_lossy().into_owned();
             let version = crate::names::parse_version(&name).ok()?;

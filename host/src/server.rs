@@ -127,9 +127,16 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         Some(url) => Some(Arc::new(open_objects(&config, url, &limits_archive)?)),
         None => None,
     };
-    let root = match &objects {
-        Some(o) => o.cache.root.clone(),
-        None => config.repository.clone(),
+    // A directory holding one model (KServe's /mnt/models) is served through a view.
+    let (root, _view) = match &objects {
+        Some(o) => {
+            anyhow::ensure!(
+                config.model_name.is_none(),
+                "--model-name applies to a directory holding one model, not to an object store"
+            );
+            (o.cache.root.clone(), None)
+        }
+        None => crate::single_model::prepare(&config)?,
     };
     let mut manager = lifecycle::Manager::new(
         LocalSource::new(root),
@@ -156,10 +163,66 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         request_timeout: Duration::from_millis(config.request_timeout_ms),
         routing_stats: Default::default(),
         json_gate: Arc::new(api::JsonGate::new(config.max_request_bytes)),
+        probe: Arc::new(api::Probe::new(config.readiness)),
     };
     // Warm-up requests go through the real request path, which needs the state.
     let hook = api::warmup_hook(state.clone());
     let _ = loader.warmup.set(hook);
+
+    // The listeners open before the repository loads: liveness answers from the first
+    // second, readiness once the start-up versions have loaded (`api::probe`).
+    let listener = listen(config.listen).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot listen on {}: {e} (pick another with --listen)",
+            config.listen
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let grpc_listener = match config.grpc_listen {
+        Some(at) => Some(listen(at).map_err(|e| {
+            anyhow::anyhow!("cannot listen on {at}: {e} (pick another with --grpc-listen)")
+        })?),
+        None => None,
+    };
+    let probe = state.probe.clone();
+    let stages = shutdown_stages(
+        signals.clone(),
+        Duration::from_secs(config.drain_seconds),
+        probe.clone(),
+        registry.clone(),
+    );
+    let grpc_routes = crate::grpc::routes(state.clone());
+    let grpc_bound = crate::grpc::bound(&state, &limits);
+    let app = api::router(state, config.max_request_bytes);
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    crate::logging::announce(&format!("nnserve live on {scheme}://{addr}"));
+    let grpc = match grpc_listener {
+        Some(l) => {
+            let at = l.local_addr()?;
+            let scheme = if grpc_tls.is_some() { "grpcs" } else { "grpc" };
+            crate::logging::announce(&format!("nnserve gRPC live on {scheme}://{at}"));
+            let task = tokio::spawn(crate::grpc::serve(
+                l,
+                grpc_routes,
+                grpc_bound,
+                limits.clone(),
+                grpc_tls,
+                stage(stages.clone(), 1),
+                stage(stages.clone(), 2),
+            ));
+            Some((task, format!("{scheme}://{at}")))
+        }
+        None => None,
+    };
+    let grace = limits.grace;
+    let http = tokio::spawn(crate::connections::serve(
+        listener,
+        app,
+        limits.clone(),
+        tls,
+        stage(stages.clone(), 1),
+        stage(stages.clone(), 2),
+    ));
 
     tracing::info!(repository = %config.repository.display(), "loading the repository");
     manager.source.clear_scratch();
@@ -188,75 +251,90 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
         "repository loaded: {}",
         report.loaded.join(", ")
     );
-    let listener = listen(config.listen).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot listen on {}: {e} (pick another with --listen)",
-            config.listen
-        )
-    })?;
-    let addr = listener.local_addr()?;
-    let grpc_listener = match config.grpc_listen {
-        Some(at) => Some(listen(at).map_err(|e| {
-            anyhow::anyhow!("cannot listen on {at}: {e} (pick another with --grpc-listen)")
-        })?),
-        None => None,
-    };
+    probe.loaded(report.failed_models.clone(), &registry);
+    if !probe.is_ready(&registry) && !probe.draining() {
+        tracing::warn!(
+            readiness = ?config.readiness,
+            "not ready: the versions of {} failed to load; /v2/health/ready answers 503 until \
+             each has a version available (--readiness any serves what loaded)",
+            report.failed_models.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
+    }
     if config.poll_interval_ms > 0 {
         let interval = Duration::from_millis(config.poll_interval_ms);
         tokio::spawn(manager.clone().poll(interval));
     }
-    let grpc_routes = crate::grpc::routes(state.clone());
-    let grpc_bound = crate::grpc::bound(&state, &limits);
-    let app = api::router(state, config.max_request_bytes);
     tracing::info!(
         took = ?started.elapsed(),
         management = management.as_str(),
         max_connections = limits.max_connections,
-        "ready"
+        ready = probe.is_ready(&registry),
+        "serving"
     );
-    // Tests and scripts wait for this line on stdout; keep its shape.
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    println!("nnserve listening on {scheme}://{addr}");
-    let grpc = match grpc_listener {
-        Some(l) => {
-            let at = l.local_addr()?;
-            // As the HTTP line: tests and scripts wait for it.
-            let scheme = if grpc_tls.is_some() { "grpcs" } else { "grpc" };
-            println!("nnserve gRPC listening on {scheme}://{at}");
-            Some(tokio::spawn(crate::grpc::serve(
-                l,
-                grpc_routes,
-                grpc_bound,
-                limits.clone(),
-                grpc_tls,
-                nth_signal(signals.clone(), 1),
-                nth_signal(signals.clone(), 2),
-            )))
-        }
-        None => None,
-    };
-    let grace = limits.grace;
-    crate::connections::serve(
-        listener,
-        app,
-        limits,
-        tls,
-        nth_signal(signals.clone(), 1),
-        nth_signal(signals.clone(), 2),
-    )
-    .await?;
-    if let Some(grpc) = grpc {
+    // Tests and scripts wait for these lines on stdout (the start-up load has finished);
+    // keep their shape. The gRPC one follows the HTTP one.
+    crate::logging::announce(&format!("nnserve listening on {scheme}://{addr}"));
+    if let Some((_, at)) = &grpc {
+        crate::logging::announce(&format!("nnserve gRPC listening on {at}"));
+    }
+    http.await??;
+    if let Some((grpc, _)) = grpc {
         grpc.await??;
     }
     // An upload past its body runs to its end (its store is not cut half-way): give the
-    // ones still storing the same grace.
-    if !manager.uploads.settle(grace).await {
+    // ones still storing the same grace, unless a second signal asked to stop now.
+    if *signals.borrow() < 2 && !manager.uploads.settle(grace).await {
         tracing::warn!(
             "uploads still storing after the grace period are cut; their versions are not stored"
         );
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The shutdown's stages, driven by the signals: 1 when the drain is over (the first
+/// signal, then `drain`; readiness is false from the signal on), 2 on a second signal
+/// (cut what is in service and exit). A second signal during the drain goes to 2 at once.
+fn shutdown_stages(
+    mut signals: tokio::sync::watch::Receiver<u32>,
+    drain: Duration,
+    probe: Arc<api::Probe>,
+    registry: Arc<Registry>,
+) -> tokio::sync::watch::Receiver<u8> {
+    let (tx, rx) = tokio::sync::watch::channel(0u8);
+    tokio::spawn(async move {
+        if signals.wait_for(|&n| n >= 1).await.is_err() {
+            return;
+        }
+        probe.drain(&registry);
+        if !drain.is_zero() {
+            tracing::info!(
+                drain = ?drain,
+                "draining: /v2/health/ready answers 503 while requests are still served; \
+                 a second signal exits at once"
+            );
+            let second = signals.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => {},
+                _ = nth_signal(second, 2) => {},
+            }
+        }
+        tracing::info!(
+            "shutting down: no new connections (a second signal cuts requests in service)"
+        );
+        tx.send_replace(1);
+        if signals.wait_for(|&n| n >= 2).await.is_ok() {
+            tx.send_replace(2);
+        }
+    });
+    rx
+}
+
+/// Resolves once the shutdown has reached `n`.
+async fn stage(mut stages: tokio::sync::watch::Receiver<u8>, n: u8) {
+    if stages.wait_for(|&s| s >= n).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// SIGTERM and ctrl-c, handled from the moment this is called: the count so far.
@@ -272,11 +350,6 @@ fn install_signals() -> anyhow::Result<tokio::sync::watch::Receiver<u32>> {
                 _ = interrupt.recv() => {},
             }
             tx.send_modify(|n| *n += 1);
-            if *tx.borrow() == 1 {
-                tracing::info!(
-                    "shutting down: no new connections (a second signal cuts requests in service)"
-                );
-            }
         }
     });
     Ok(rx)

@@ -139,14 +139,14 @@ def start_server(repo, tmp, *args, listen="127.0.0.1:0", env=None, preexec_fn=No
         line = proc.stdout.readline()
         if not line:
             break
-        m = re.search(r"listening on (https?://\S+)", line)
+        m = re.search(r"listening on (https?://[^\s\"]+)", line)
         if m:
             url = m.group(1)
             break
     grpc = None
     if url is not None and "--grpc-listen" in args:
         # The gRPC line follows the HTTP one.
-        m = re.search(r"gRPC listening on grpcs?://(\S+)", proc.stdout.readline())
+        m = re.search(r"gRPC listening on grpcs?://([^\s\"]+)", proc.stdout.readline())
         grpc = m and m.group(1)
         url = url if grpc else None
     if url is None:
@@ -220,7 +220,8 @@ def server(tmp_path_factory):
     os.makedirs(os.path.join(repo, "broken", "1"))
     with open(os.path.join(repo, "broken", "1", "bundle.toml"), "w") as f:
         f.write('[bundle]\nname = "broken"\nversion = 1\nflavour = "odd"\n')
-    s = start_server(repo, tmp, "--grpc-listen", "127.0.0.1:0")
+    # Broken on purpose, the versions above keep `--readiness all` unready for good.
+    s = start_server(repo, tmp, "--grpc-listen", "127.0.0.1:0", "--readiness", "any")
     yield s
     stop_server(s)
     assert s.proc.returncode == 0, f"nnserve exited with {s.proc.returncode}; log:\n{s.log()}"

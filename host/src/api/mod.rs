@@ -13,12 +13,15 @@ pub(crate) mod body_call;
 mod codec;
 mod errors;
 mod inference;
+mod probe;
+pub(crate) mod request_id;
 mod state;
 mod v1;
 mod v2;
 mod warmup;
 
 pub use errors::ApiError;
+pub use probe::Probe;
 pub use state::{AppState, JsonGate, TokenDigest};
 pub use warmup::warmup_hook;
 
@@ -105,7 +108,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     } else {
         router
     };
-    router.with_state(state)
+    router
+        .layer(axum::middleware::from_fn(request_id::layer))
+        .with_state(state)
 }
 
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {

@@ -29,6 +29,8 @@ pub struct AppState {
     pub routing_stats: Arc<crate::routing::StatsBook>,
     /// Bounds the JSON bodies parsed at once (see [`JsonGate`]).
     pub json_gate: Arc<JsonGate>,
+    /// Readiness and draining.
+    pub probe: Arc<super::Probe>,
 }
 
 /// JSON numbers parse into `serde_json::Value`s of 32 bytes and more each, so a body of

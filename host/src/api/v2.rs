@@ -27,9 +27,23 @@ pub async fn live() -> Response {
     axum::Json(json!({ "live": true })).into_response()
 }
 
-/// Ready once the start-up load is done, which is before the server listens.
-pub async fn ready() -> Response {
-    axum::Json(json!({ "ready": true })).into_response()
+/// Live from the moment the listener opens, before any model has loaded.
+/// Ready by the rule of `api::probe`: 200 when ready, 503 while loading, when the rule
+/// does not hold, and while draining (load balancers then stop sending).
+pub async fn ready(State(state): State<AppState>) -> Response {
+    if state.probe.is_ready(&state.registry) {
+        return axum::Json(json!({ "ready": true })).into_response();
+    }
+    let why = if state.probe.draining() {
+        "draining: the server is shutting down"
+    } else {
+        "loading: the start-up versions have not all loaded (docs/kubernetes.md, Probes)"
+    };
+    (
+        axum::http::StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(json!({ "ready": false, "reason": why })),
+    )
+        .into_response()
 }
 
 use super::{model_name, version_param as parse_version};

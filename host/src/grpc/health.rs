@@ -1,6 +1,6 @@
 //! The standard gRPC health service (`grpc.health.v1.Health`, the messages from
 //! `tonic-health`), answered from the registry: the service `""` is the server, SERVING
-//! as `/v2/health/ready` is ready (the listener opens after the repository's load); a
+//! while `/v2/health/ready` is ready (`api::probe`: not while loading or draining); a
 //! model's (or endpoint's) name is SERVING while a version of it is available, as its
 //! ready route says, NOT_SERVING otherwise (loading, unloaded, failed), and NOT_FOUND
 //! when the server never had it. `Watch` answers the status now and again each time it
@@ -19,7 +19,11 @@ pub struct HealthService {
 /// The status of `service` now; NOT_FOUND for a name the server does not know.
 fn status_of(state: &AppState, service: &str) -> Result<ServingStatus, Status> {
     if service.is_empty() {
-        return Ok(ServingStatus::Serving);
+        return Ok(if state.probe.is_ready(&state.registry) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        });
     }
     let name = crate::api::model_name(service).map_err(super::status)?;
     match crate::api::resolve_model(state, name, None, None) {

@@ -60,11 +60,16 @@ pub fn routes(state: AppState) -> tonic::service::Routes {
         .max_encoding_message_size(state.max_response_bytes);
     let model_service =
         tfserving::tfpb::tensorflow::serving::model_service_server::ModelServiceServer::new(tf());
-    tonic::service::Routes::new(inference)
+    let routes = tonic::service::Routes::new(inference)
         .add_service(prediction)
         .add_service(model_service)
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection);
+    // `x-request-id` as over HTTP: kept or made, echoed as metadata, in the call's logs.
+    routes
+        .into_axum_router()
+        .layer(axum::middleware::from_fn(crate::api::request_id::layer))
+        .into()
 }
 
 /// The layer around every call: its whole time bounded by `request_timeout` plus
@@ -201,12 +206,13 @@ impl GrpcInferenceService for Service {
         self.done(Ok(pb::ServerLiveResponse { live: true }))
     }
 
-    /// Ready once the start-up load is done, which is before the listener opens.
+    /// As `/v2/health/ready` (`api::probe`): false while loading and while draining.
     async fn server_ready(
         &self,
         _: Request<pb::ServerReadyRequest>,
     ) -> Result<Response<pb::ServerReadyResponse>, Status> {
-        self.done(Ok(pb::ServerReadyResponse { ready: true }))
+        let ready = self.state.probe.is_ready(&self.state.registry);
+        self.done(Ok(pb::ServerReadyResponse { ready }))
     }
 
     /// Ready while the version (the newest when none is named) is available; false also

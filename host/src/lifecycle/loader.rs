@@ -205,6 +205,16 @@ impl Load for Loader {
     }
 }
 
+static SERVED_AS: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// The model whose bundle is served under this name, whatever its `bundle.toml` says:
+/// the one bundle of a directory given `--model-name` (`single_model`, KServe's
+/// `/mnt/models`). Its plugin reaches the model as `default` (the SDK's `Model::load`)
+/// and by this name. Set once per process.
+pub fn serve_as(model: &str) {
+    let _ = SERVED_AS.set(model.to_string());
+}
+
 /// Opens, checks, loads and warms up one version. Blocking.
 pub fn load_version(
     entry: &Entry,
@@ -212,7 +222,11 @@ pub fn load_version(
     metrics: impl FnOnce() -> VersionMetrics,
     budget: Option<&Arc<DeviceBudget>>,
 ) -> anyhow::Result<Servable> {
-    let bundle = Bundle::open(&entry.dir)?;
+    let mut bundle = Bundle::open(&entry.dir)?;
+    if SERVED_AS.get() == Some(&entry.model) {
+        // One bundle served under the name it is given (`single_model`).
+        bundle.manifest.bundle.name = entry.model.clone();
+    }
     if bundle.name() != entry.model || bundle.version() != entry.version {
         anyhow::bail!(
             "bundle.toml says {}@{} but the directory is {}/{}: the directory must be <name>/<version>",

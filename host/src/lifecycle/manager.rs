@@ -47,6 +47,8 @@ pub struct LoadReport {
     pub loaded: Vec<String>,
     /// `model@version: error` of every load that failed in it.
     pub failed: Vec<String>,
+    /// The models with a version in `failed`.
+    pub failed_models: std::collections::BTreeSet<String>,
 }
 
 /// The model's life, for every model.
@@ -272,6 +274,9 @@ impl Manager {
             self.registry
                 .restore_labels(&model, self.source.labels(&model));
             let r = self.reconcile_locked(&model, &mut st, None).await;
+            if !r.failed.is_empty() {
+                report.failed_models.insert(model.clone());
+            }
             report.loaded.extend(r.loaded);
             report.failed.extend(r.failed);
         }

@@ -21,7 +21,8 @@ pub mod source;
 pub mod upload;
 
 pub use loader::{
-    in_background, BudgetExceeded, DeviceBudget, Load, LoadError, Loader, Reservation, WarmupHook,
+    in_background, serve_as, BudgetExceeded, DeviceBudget, Load, LoadError, Loader, Reservation,
+    WarmupHook,
 };
 pub use manager::{LoadReport, Manager};
 pub use policy::{Policies, VersionPolicy};

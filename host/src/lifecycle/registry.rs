@@ -263,6 +263,12 @@ impl Registry {
         self.changes.subscribe()
     }
 
+    /// Wakes the watchers of [`Registry::changes`] for a change outside the registry
+    /// (the server's readiness).
+    pub fn touch(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
     }

@@ -6,6 +6,8 @@
 //! the number of versions in each state. Other modules get small handles
 //! ([`VersionMetrics`]) and never see the registry.
 
+mod process;
+
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -96,6 +98,8 @@ fn batch_sizes() -> Histogram {
 /// The process's metrics.
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Without the `nnserve_` prefix: `process_*`, as every Prometheus client names them.
+    process: Registry,
     requests: Family<OutcomeLabels, Counter>,
     latency: HistogramFamily<VersionLabels>,
     queue_time: HistogramFamily<VersionLabels>,
@@ -242,6 +246,11 @@ impl Metrics {
     pub fn new() -> Metrics {
         let m = Metrics {
             registry: Mutex::new(Registry::with_prefix("nnserve")),
+            process: {
+                let mut r = Registry::default();
+                r.register_collector(Box::new(process::ProcessCollector));
+                r
+            },
             requests: Family::default(),
             latency: Family::new_with_constructor(seconds),
             queue_time: Family::new_with_constructor(seconds),
@@ -324,6 +333,14 @@ impl Metrics {
                 "router_duration_seconds",
                 "Time of one router call (instantiate and route)",
                 m.router_time.clone(),
+            );
+            r.register(
+                "build",
+                "The server's version and the model backends it was built with",
+                prometheus_client::metrics::info::Info::new(vec![
+                    ("version", env!("CARGO_PKG_VERSION")),
+                    ("backends", process::backends()),
+                ]),
             );
         }
         m
@@ -485,7 +502,10 @@ impl Metrics {
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry.lock().unwrap())
+        use prometheus_client::encoding::text;
+        text::encode_registry(&mut out, &self.registry.lock().unwrap())
+            .and_then(|()| text::encode_registry(&mut out, &self.process))
+            .and_then(|()| text::encode_eof(&mut out))
             .expect("writing to a String cannot fail");
         out
     }
@@ -531,7 +551,24 @@ mod tests {
             text.contains("nnserve_versions{model=\"mlp\",version=\"1\",state=\"AVAILABLE\"} 1"),
             "{text}"
         );
-        assert!(text.ends_with("# EOF\n"));
+        assert!(text.ends_with("# EOF\n") && text.matches("# EOF").count() == 1);
+        assert!(
+            text.contains(&format!(
+                "nnserve_build_info{{version=\"{}\",backends=\"{}\"}} 1",
+                env!("CARGO_PKG_VERSION"),
+                process::backends()
+            )),
+            "{text}"
+        );
+        for name in [
+            "process_cpu_seconds_total ",
+            "process_resident_memory_bytes ",
+            "process_open_fds ",
+            "process_threads ",
+            "process_start_time_seconds ",
+        ] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
     }
 
     #[test]
