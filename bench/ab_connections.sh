@@ -14,7 +14,7 @@ for round in 1 2 3; do
     $bin serve -r $repo -l 127.0.0.1:0 > /tmp/ab/out 2>/tmp/ab/err &
     pid=$!
     for i in $(seq 100); do grep -q listening /tmp/ab/out && break; sleep 0.1; done
-    url=$(grep -o 'http://[^ ]*' /tmp/ab/out)
+    url=$(grep -o 'listening on http://[^ "]*' /tmp/ab/out | cut -d' ' -f3)
     for c in 1 64; do
       r=$(BODY_FILE=/tmp/ab/body.json wrk -t1 -c$c -d5s --latency -s bench/post.lua $url/v1/models/mlp:predict | grep RESULT)
       set -- $r
