@@ -255,7 +255,8 @@ def start_nnserve(repo, threads=None):
     if threads is not None:
         cmd += ["--torch-threads", str(threads)]
     server = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    url = re.search(r"(http://\S+)", server.stdout.readline()).group(1)
+    url = next(re.search(r"listening on (http://\S+)", line).group(1)
+               for line in server.stdout if "listening on" in line)
     return server, url
 
 

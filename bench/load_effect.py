@@ -62,7 +62,8 @@ def main():
     server = subprocess.Popen([NNSERVE, "serve", "-r", repo, "-l", "127.0.0.1:0", "--log", "warn"],
                               stdout=subprocess.PIPE, text=True)
     try:
-        url = re.search(r"(http://\S+)", server.stdout.readline()).group(1)
+        url = next(re.search(r"listening on (http://\S+)", line).group(1)
+                   for line in server.stdout if "listening on" in line)
         base = loop(url, 20000, body)
         result = {}
 

@@ -217,7 +217,8 @@ def main():
         server = subprocess.Popen([load.NNSERVE, "serve", "-r", repo, "-l", "127.0.0.1:0", "--grpc-listen",
                                    "127.0.0.1:0", "--log", "warn", "--config", "/dev/null"],
                                   stdout=subprocess.PIPE, text=True)
-        http = re.search(r"(http://\S+)", server.stdout.readline()).group(1)
+        http = next(re.search(r"listening on (http://\S+)", line).group(1)
+                    for line in server.stdout if "listening on" in line)
         grpc = re.search(r"grpc://(\S+)", server.stdout.readline()).group(1)
         print(f"== nnserve {http} and grpc://{grpc}; {args.seconds} s per row; one-thread nnserve-load", flush=True)
         print(HEADER)

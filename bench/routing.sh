@@ -15,7 +15,7 @@ target/release/nnserve serve -r examples/repository -l 127.0.0.1:0 --log warn > 
 pid=$!
 trap 'kill $pid 2>/dev/null || true; rm -rf "$tmp"' EXIT
 until grep -q listening "$tmp/out"; do sleep 0.01; done
-url=$(grep -o 'http://[0-9.:]*' "$tmp/out")
+url=$(grep -o 'listening on http://[0-9.:]*' "$tmp/out" | cut -d' ' -f3)
 echo '{"instances": [[1.0, 2.0, 3.0, 4.0]]}' > "$tmp/row.json"
 echo "== machine: $(nproc) cores; $N requests per line, alternating rounds"
 for round in 1 2; do

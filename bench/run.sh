@@ -18,7 +18,7 @@ start=$(date +%s%N)
 target/release/nnserve serve -r examples/repository -l 127.0.0.1:0 --log warn > "$tmp/out" &
 pid=$!
 until grep -q listening "$tmp/out"; do sleep 0.01; done
-url=$(grep -o 'http://[0-9.:]*' "$tmp/out")
+url=$(grep -o 'listening on http://[0-9.:]*' "$tmp/out" | cut -d' ' -f3)
 echo "ready after $(( ($(date +%s%N) - start) / 1000000 )) ms; RSS $(($(awk '/VmRSS/{print $2}' /proc/$pid/status) / 1024)) MiB"
 
 echo '{"instances": [[1.0, 2.0, 3.0, 4.0]]}' > "$tmp/mlp.json"
