@@ -68,11 +68,13 @@ pub fn detect(dir: &Path) -> std::io::Result<Layout> {
 /// server). Refuses flags that would be ignored.
 pub fn prepare(config: &ServerConfig) -> anyhow::Result<(PathBuf, Option<tempfile::TempDir>)> {
     let dir = &config.repository;
-    let layout = match dir.is_dir() {
-        true => detect(dir)
-            .map_err(|e| anyhow::anyhow!("cannot read the repository {}: {e}", dir.display()))?,
-        false => Layout::Repository, // the repository scan reports it
-    };
+    // Checked before the listeners open, so a wrong path stops the server at once.
+    let layout = detect(dir).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the repository {}: {e} (create it, or pass --repository DIR)",
+            dir.display()
+        )
+    })?;
     let flags_given = !config.model_inputs.is_empty() || !config.model_outputs.is_empty();
     if layout == Layout::Repository {
         anyhow::ensure!(
