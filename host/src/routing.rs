@@ -202,9 +202,10 @@ pub async fn route<T: Clone>(
                 PluginError::CpuBudget { .. } => "cpu_budget",
                 PluginError::Deadline { .. } => "deadline",
                 PluginError::Busy { .. } | PluginError::MemoryFull { .. } => "busy",
-                PluginError::Trap { .. } | PluginError::Guest(_) | PluginError::Overloaded(_) => {
-                    "trap"
-                }
+                PluginError::Trap { .. }
+                | PluginError::Panic { .. }
+                | PluginError::Guest(_)
+                | PluginError::Overloaded(_) => "trap",
             };
             (reason, e.to_string())
         }

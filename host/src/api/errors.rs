@@ -128,7 +128,7 @@ impl From<PluginError> for ApiError {
                 ErrorCode::Internal => ApiError::Internal(msg),
                 ErrorCode::Unavailable => ApiError::Unavailable(msg),
             },
-            PluginError::Trap { .. } => ApiError::Internal(msg),
+            PluginError::Trap { .. } | PluginError::Panic { .. } => ApiError::Internal(msg),
             PluginError::CpuBudget { .. } | PluginError::Deadline { .. } => ApiError::Timeout(msg),
             PluginError::Busy { .. } | PluginError::MemoryFull { .. } => ApiError::Unavailable(msg),
             PluginError::Overloaded(_) => ApiError::TooManyRequests(msg),

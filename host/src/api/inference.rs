@@ -89,6 +89,9 @@ pub(super) async fn run_verb(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    if !matches!(verb, Verb::Infer { .. }) && s.runner().model_less() {
+        return Err(model_less(s.name()));
+    }
     match verb {
         Verb::Predict => v1::predict(state, s, headers, &body).await,
         Verb::Infer { rest } => {
@@ -379,12 +382,23 @@ pub(crate) fn check_answer_size(
 }
 
 /// Runs a tensor-API inference within the request's deadline.
+/// The tensor APIs on a model-less handler bundle: only its plugin answers.
+fn model_less(name: &str) -> ApiError {
+    ApiError::BadRequest(format!(
+        "{name} has no model of its own (a model-less plugin bundle): send the request to its \
+         plugin, POST /v1/models/{name}:infer"
+    ))
+}
+
 pub(crate) async fn infer_within(
     state: &AppState,
     headers: &HeaderMap,
     runner: &crate::nn::Runner,
     inputs: Vec<(String, crate::tensor::Tensor)>,
 ) -> Result<Vec<(String, crate::tensor::Tensor)>, ApiError> {
+    if runner.model_less() {
+        return Err(model_less("{name}"));
+    }
     let deadline = state.deadline(headers)?;
     match tokio::time::timeout(deadline, runner.infer(inputs)).await {
         Ok(r) => Ok(r?),

@@ -85,6 +85,7 @@ pub(crate) fn model_platform(spec: &crate::bundle::ModelSpec) -> &'static str {
     match spec.backend {
         crate::bundle::BackendKind::Torchscript => "pytorch_libtorch",
         crate::bundle::BackendKind::Tensorflow => "tensorflow_savedmodel",
+        crate::bundle::BackendKind::None => "nnserve_plugin",
     }
 }
 

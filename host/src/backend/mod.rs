@@ -28,6 +28,11 @@ pub trait Model: Send + Sync {
     fn fixed_intra_op(&self) -> Option<IntraOp> {
         None
     }
+
+    /// Whether this is [`NoModel`]: a model-less handler bundle's.
+    fn is_none(&self) -> bool {
+        false
+    }
 }
 
 /// libtorch intra-op threads per forward of a version.
@@ -147,11 +152,8 @@ pub fn prepare_process() {
 
 /// Loads the model of a bundle. Blocking: call it off the async runtime.
 pub fn load(bundle: &Bundle) -> anyhow::Result<Loaded> {
-    let spec = bundle
-        .manifest
-        .model
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("the bundle has no [model] section"))?;
+    let none = crate::bundle::ModelSpec::none();
+    let spec = bundle.manifest.model.as_ref().unwrap_or(&none);
     let device = DeviceSpec::parse(&spec.device).map_err(anyhow::Error::msg)?;
     let output_names = spec.outputs.iter().map(|o| o.name.clone()).collect();
     match spec.backend {
@@ -192,6 +194,26 @@ pub fn load(bundle: &Bundle) -> anyhow::Result<Loaded> {
         BackendKind::Tensorflow => anyhow::bail!(
             "this nnserve was built without the tensorflow feature; build it with `cargo build --release --features tensorflow`"
         ),
+        BackendKind::None => Ok(Loaded {
+            model: Arc::new(NoModel),
+            signature: None,
+        }),
+    }
+}
+
+/// The "model" of a model-less handler bundle: the tensor APIs refuse it before a
+/// forward (`api::infer_within`), so this forward never runs.
+pub struct NoModel;
+
+impl Model for NoModel {
+    fn forward(&self, _: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+        Err("this bundle has no model".to_string())
+    }
+    fn device(&self) -> String {
+        "cpu".to_string()
+    }
+    fn is_none(&self) -> bool {
+        true
     }
 }
 

@@ -20,11 +20,14 @@ impl Manifest {
         }
         if self.endpoint.is_some() || self.router.is_some() || !self.variants.is_empty() {
             self.check_endpoint(&mut r);
-        } else if self.model.is_none() {
+        } else if self.model.is_none() && self.handler.is_none() {
             r.push(
-                "a [model] section is required (or, for an endpoint bundle, [endpoint], [[variants]] and [router])"
+                "a [model] section, a [handler] (a model-less plugin bundle), or both are required \
+                 (or, for an endpoint bundle, [endpoint], [[variants]] and [router])"
                     .to_string(),
             );
+        } else if self.model.is_none() && self.batching.is_some() {
+            r.push("[batching] batches a model's forwards; this bundle has no [model]".to_string());
         }
         match &self.model {
             None => {}

@@ -104,6 +104,25 @@ pub struct BundleInfo {
 pub enum BackendKind {
     Torchscript,
     Tensorflow,
+    /// No model: a handler bundle without `[model]` (pure pre- or post-processing).
+    /// Never written in a manifest; the spec of such a bundle says it.
+    #[serde(skip_deserializing)]
+    None,
+}
+
+impl ModelSpec {
+    /// The spec of a model-less handler bundle: no model, no tensors.
+    pub fn none() -> ModelSpec {
+        ModelSpec {
+            backend: BackendKind::None,
+            path: String::new(),
+            device: "cpu".to_string(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            tags: None,
+            signature: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -188,9 +207,12 @@ fn default_max_enqueued() -> u32 {
 pub struct PluginSpec {
     /// Relative to the bundle root, e.g. `plugins/handler.wasm`.
     pub path: String,
-    /// Values handed to the plugin through `host.config`; scalars are turned into strings.
-    #[serde(default, deserialize_with = "scalar_map")]
-    pub config: BTreeMap<String, String>,
+    /// Values handed to the plugin: any TOML value (strings, numbers, booleans, lists,
+    /// tables). `host.config` gives each as a string (a string as it is, anything else
+    /// as JSON); `host.config-json` gives the whole table as one JSON object, which the
+    /// SDK's `config::<T>()` deserializes.
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub limits: PluginLimits,
 }
@@ -235,27 +257,49 @@ fn default_cpu_ms() -> u64 {
     100
 }
 
-fn scalar_map<'de, D: serde::Deserializer<'de>>(
-    d: D,
-) -> Result<BTreeMap<String, String>, D::Error> {
-    let raw: BTreeMap<String, toml::Value> = BTreeMap::deserialize(d)?;
-    raw.into_iter()
-        .map(|(k, v)| {
-            let s = match v {
-                toml::Value::String(s) => s,
-                toml::Value::Integer(i) => i.to_string(),
-                toml::Value::Float(f) => f.to_string(),
-                toml::Value::Boolean(b) => b.to_string(),
-                other => {
-                    return Err(serde::de::Error::custom(format!(
-                        "config value `{k}` must be a string, number or boolean, got {}",
-                        other.type_str()
-                    )))
-                }
-            };
-            Ok((k, s))
-        })
-        .collect()
+impl PluginSpec {
+    /// The config as `host.config` answers it: a string as it is, any other value as
+    /// JSON (`3`, `true`, `[1,2]`, `{"a":1}`).
+    pub fn config_strings(&self) -> BTreeMap<String, String> {
+        self.config
+            .iter()
+            .map(|(k, v)| {
+                let s = match v {
+                    toml::Value::String(s) => s.clone(),
+                    other => toml_to_json(other).to_string(),
+                };
+                (k.clone(), s)
+            })
+            .collect()
+    }
+
+    /// The whole config table as a JSON object (`host.config-json`).
+    pub fn config_json(&self) -> String {
+        let map: serde_json::Map<String, serde_json::Value> = self
+            .config
+            .iter()
+            .map(|(k, v)| (k.clone(), toml_to_json(v)))
+            .collect();
+        serde_json::Value::Object(map).to_string()
+    }
+}
+
+/// A TOML value as JSON; a date or time becomes its RFC 3339 text.
+fn toml_to_json(v: &toml::Value) -> serde_json::Value {
+    use serde_json::Value as J;
+    match v {
+        toml::Value::String(s) => J::String(s.clone()),
+        toml::Value::Integer(i) => J::from(*i),
+        toml::Value::Float(f) => serde_json::Number::from_f64(*f).map_or(J::Null, J::Number),
+        toml::Value::Boolean(b) => J::Bool(*b),
+        toml::Value::Datetime(d) => J::String(d.to_string()),
+        toml::Value::Array(a) => J::Array(a.iter().map(toml_to_json).collect()),
+        toml::Value::Table(t) => J::Object(
+            t.iter()
+                .map(|(k, v)| (k.clone(), toml_to_json(v)))
+                .collect(),
+        ),
+    }
 }
 
 /// Where a model runs, from the manifest's `device`.

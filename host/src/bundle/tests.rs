@@ -42,14 +42,22 @@ fn unknown_fields_are_named() {
 }
 
 #[test]
-fn handler_config_accepts_scalars() {
+fn handler_config_takes_any_value_as_a_string_or_as_json() {
     let text = format!(
-        "{MLP}\n[handler]\npath = \"plugins/handler.wasm\"\nconfig = {{ top_k = 5, labels = \"assets/l.txt\", on = true }}\n"
+        "{MLP}\n[handler]\npath = \"plugins/handler.wasm\"\nconfig = {{ top_k = 5, labels = \"assets/l.txt\", on = true, \
+         classes = [\"cat\", \"dog\"], scale = {{ mean = 0.5, std = [1, 2] }} }}\n"
     );
     let m = parse_manifest(&text).unwrap();
     let h = m.handler.unwrap();
-    assert_eq!(h.config["top_k"], "5");
-    assert_eq!(h.config["on"], "true");
+    let strings = h.config_strings();
+    assert_eq!(strings["top_k"], "5");
+    assert_eq!(strings["on"], "true");
+    assert_eq!(strings["labels"], "assets/l.txt");
+    assert_eq!(strings["classes"], r#"["cat","dog"]"#);
+    let json: serde_json::Value = serde_json::from_str(&h.config_json()).unwrap();
+    assert_eq!(json["scale"]["std"][1], 2);
+    assert_eq!(json["classes"][0], "cat");
+    assert_eq!(json["top_k"], 5);
     assert_eq!(h.limits.memory_mib, 64);
     assert_eq!(h.limits.cpu_ms, 100);
 }
@@ -154,7 +162,7 @@ fn parses_an_endpoint_manifest() {
     assert_eq!(e.stats_window_ms, 10_000);
     assert_eq!(m.variants[1].name(), "b");
     assert_eq!(m.variants[0].weight, 90);
-    assert_eq!(m.router.as_ref().unwrap().config["shadow"], "b");
+    assert_eq!(m.router.as_ref().unwrap().config_strings()["shadow"], "b");
     let closed = AB.replace(
         "default_variant = \"b\"",
         "on_router_error = \"fail-closed\"",
@@ -221,7 +229,19 @@ fn endpoint_manifests_are_checked() {
     let neither = "[bundle]\nname = \"x\"\nversion = 1\n";
     let reasons = parse_manifest(neither).unwrap().check();
     assert!(
-        reasons[0].contains("a [model] section is required"),
+        reasons[0].contains("a [model] section, a [handler]"),
+        "{reasons:?}"
+    );
+    // A handler alone is a model-less bundle; batching it is not.
+    let handler = format!("{neither}[handler]\npath = \"plugins/handler.wasm\"\n");
+    assert_eq!(
+        parse_manifest(&handler).unwrap().check(),
+        Vec::<String>::new()
+    );
+    let batched = format!("{handler}[batching]\nmax_batch_size = 4\n");
+    let reasons = parse_manifest(&batched).unwrap().check();
+    assert!(
+        reasons.iter().any(|r| r.contains("has no [model]")),
         "{reasons:?}"
     );
 }

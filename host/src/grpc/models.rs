@@ -75,6 +75,7 @@ pub fn config(s: &ModelVersion) -> pb::ModelConfig {
         backend: match spec.backend {
             crate::bundle::BackendKind::Torchscript => "pytorch".into(),
             crate::bundle::BackendKind::Tensorflow => "tensorflow".into(),
+            crate::bundle::BackendKind::None => "nnserve_plugin".into(),
         },
         max_batch_size: batching.map_or(0, |b| b.max_batch_size.min(i32::MAX as u32) as i32),
         input: spec

@@ -242,12 +242,17 @@ pub fn load_version(
             bundle, endpoint,
         ))));
     }
-    let Some(mut spec) = bundle.manifest.model.clone() else {
-        anyhow::bail!("bundle.toml has neither [model] nor [endpoint]");
+    let mut spec = match (&bundle.manifest.model, &bundle.manifest.handler) {
+        (Some(m), _) => m.clone(),
+        // A model-less handler: the plugin alone serves (`backend::NoModel`).
+        (None, Some(_)) => crate::bundle::ModelSpec::none(),
+        (None, None) => anyhow::bail!("bundle.toml has neither [model], [handler] nor [endpoint]"),
     };
     let device = match spec.backend {
         // TensorFlow runs on the CPU in this build (backend::load refuses a GPU device).
-        crate::bundle::BackendKind::Tensorflow => "cpu".to_string(),
+        crate::bundle::BackendKind::Tensorflow | crate::bundle::BackendKind::None => {
+            "cpu".to_string()
+        }
         crate::bundle::BackendKind::Torchscript => {
             match crate::backend::torch::select_device(
                 crate::bundle::DeviceSpec::parse(&spec.device).map_err(anyhow::Error::msg)?,
@@ -267,6 +272,7 @@ pub fn load_version(
                 .unwrap_or(0)
         });
     let reservation = match budget {
+        Some(_) if spec.backend == crate::bundle::BackendKind::None => None,
         Some(b) => Some(b.reserve(
             &format!("{}@{}", entry.model, entry.version),
             &device,
@@ -305,7 +311,10 @@ pub fn load_version(
         runner.seed_forward_time(t);
     }
     let handler = match &bundle.manifest.handler {
-        Some(_) => Some(runtime.load_handler(&bundle, runner.clone())?),
+        Some(_) => Some(runtime.load_handler(
+            &bundle,
+            (spec.backend != crate::bundle::BackendKind::None).then(|| runner.clone()),
+        )?),
         None => None,
     };
     Ok(Servable::Model(Arc::new(ModelVersion::new(

@@ -63,6 +63,11 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// Whether the version has no model (a model-less handler bundle).
+    pub fn model_less(&self) -> bool {
+        self.model.is_none()
+    }
+
     pub fn new(
         model: Arc<dyn Model>,
         inputs: Vec<TensorSpec>,

@@ -48,6 +48,9 @@ pub struct NnCtx {
     pub host_time: Duration,
     /// A `compute` was refused because the model's queue was full.
     pub overloaded: bool,
+    /// The first input the model refused (a shape or dtype it does not take): the
+    /// plugin built it, so a failure that follows is the plugin's, not the client's.
+    pub refused: Option<String>,
     memory: HostMemory,
 }
 
@@ -131,6 +134,7 @@ impl NnCtx {
             runner: Some(runner),
             host_time: Duration::ZERO,
             overloaded: false,
+            refused: None,
             memory: HostMemory {
                 budget: host_budget,
                 used: 0,
@@ -139,13 +143,14 @@ impl NnCtx {
         }
     }
 
-    /// No graph at all (a router plugin).
+    /// No graph at all (a router plugin, a model-less handler).
     pub fn none() -> NnCtx {
         NnCtx {
             names: Vec::new(),
             runner: None,
             host_time: Duration::ZERO,
             overloaded: false,
+            refused: None,
             memory: HostMemory {
                 budget: 1 << 20,
                 used: 0,
@@ -188,6 +193,9 @@ type NnResult<T> = wasmtime::Result<Result<T, Resource<NnError>>>;
 
 impl NnView<'_> {
     fn fail<T>(&mut self, code: gen::errors::ErrorCode, data: String) -> NnResult<T> {
+        if code == gen::errors::ErrorCode::InvalidArgument && self.ctx.refused.is_none() {
+            self.ctx.refused = Some(crate::names::bounded(&data));
+        }
         let e = self.push(NnError { code, data })?;
         Ok(Err(e))
     }
@@ -315,6 +323,14 @@ impl gen::graph::Host for NnView<'_> {
                 runner: runner.clone(),
             };
             Ok(Ok(self.push(g)?))
+        } else if self.ctx.names.is_empty() {
+            self.fail(
+                gen::errors::ErrorCode::NotFound,
+                format!(
+                    "no graph named {}: this bundle has no [model] (a model-less plugin)",
+                    crate::names::shown(&name)
+                ),
+            )
         } else {
             let known = self.ctx.names.join("\", \"");
             self.fail(

@@ -148,7 +148,13 @@ impl PluginRuntime {
 
     /// Compiles and checks a bundle's handler plugin. Blocking (compilation takes
     /// a while): call it off the async runtime.
-    pub fn load_handler(&self, bundle: &Bundle, runner: Arc<Runner>) -> anyhow::Result<Plugin> {
+    /// `runner`: the bundle's model, or `None` for a model-less handler (its
+    /// `load-by-name` finds no graph).
+    pub fn load_handler(
+        &self,
+        bundle: &Bundle,
+        runner: Option<Arc<Runner>>,
+    ) -> anyhow::Result<Plugin> {
         let spec = bundle
             .manifest
             .handler
@@ -270,7 +276,8 @@ impl PluginRuntime {
             limits: spec.limits,
             host: Arc::new(HostInfo {
                 plugin: name,
-                config: spec.config.clone(),
+                config: spec.config_strings(),
+                config_json: spec.config_json(),
                 assets: read_assets(&bundle.dir)?,
             }),
         };

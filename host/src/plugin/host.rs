@@ -25,6 +25,10 @@ pub struct PluginState {
     pub(super) cpu: CpuMeter,
     pub(super) cpu_budget: Duration,
     pub(super) cpu_exhausted: bool,
+    /// The call's stdout and stderr, while debug logging wants them.
+    pub(super) output: Option<super::output::Output>,
+    /// What the SDK's panic hook reported just before the trap: message and location.
+    pub(super) panic: Option<(String, Option<String>)>,
 }
 
 /// What the `host` interface serves: config and assets of one bundle. Assets are read
@@ -32,6 +36,8 @@ pub struct PluginState {
 pub(super) struct HostInfo {
     pub(super) plugin: String,
     pub(super) config: BTreeMap<String, String>,
+    /// The config table as one JSON object.
+    pub(super) config_json: String,
     pub(super) assets: BTreeMap<String, Vec<u8>>,
 }
 
@@ -116,8 +122,14 @@ impl PluginState {
             );
         }
         self.log = LogBudget::default();
+        if let Some(output) = &self.output {
+            output.flush(&self.host.plugin);
+        }
     }
 }
+
+/// The longest panic message kept (it reaches the log whole, the client shortened).
+const MAX_PANIC_BYTES: usize = 4096;
 
 impl host_api::Host for PluginState {
     fn log(&mut self, level: host_api::LogLevel, message: String) -> wasmtime::Result<()> {
@@ -137,6 +149,22 @@ impl host_api::Host for PluginState {
             host_api::LogLevel::Error => tracing::error!(plugin, "{message}"),
         }
         Ok(())
+    }
+
+    fn panicked(&mut self, message: String, location: Option<String>) -> wasmtime::Result<()> {
+        // Kept for the trap that follows; a second report (a panic while panicking)
+        // does not replace the first.
+        if self.panic.is_none() {
+            self.panic = Some((
+                crate::names::log_safe(&message, MAX_PANIC_BYTES),
+                location.map(|l| crate::names::log_safe(&l, 512)),
+            ));
+        }
+        Ok(())
+    }
+
+    fn config_json(&mut self) -> wasmtime::Result<String> {
+        Ok(self.host.config_json.clone())
     }
 
     fn config(&mut self, key: String) -> wasmtime::Result<Option<String>> {

@@ -5,7 +5,9 @@
 //!
 //! It must not reach into HTTP: `api` maps [`PluginError`] to statuses.
 
-use super::calls::{Decision, GuestError, HttpRequest, HttpResponse, RouteRequest, RouteVariant};
+use super::calls::{
+    Decision, GuestCode, GuestError, HttpRequest, HttpResponse, RouteRequest, RouteVariant,
+};
 use super::host::{HostInfo, LogBudget, PluginState};
 use super::limits::{ticks, CpuMeter, Limiter, MemoryCapReached, Next, Ticker, TICK, YIELD_TICKS};
 use crate::bundle::PluginLimits;
@@ -22,8 +24,11 @@ use wasmtime_wasi::WasiCtx;
 pub enum PluginError {
     /// The plugin answered with an error of its own.
     Guest(GuestError),
-    /// The plugin trapped (panic, out-of-bounds, memory cap, ...).
+    /// The plugin trapped (out-of-bounds, memory cap, a panic without the SDK's hook...).
     Trap { plugin: String, message: String },
+    /// The plugin panicked, and the SDK's hook said why: `message` is the panic's first
+    /// line, shortened, without its location (the log has them whole).
+    Panic { plugin: String, message: String },
     /// The plugin's own CPU budget ran out.
     CpuBudget { plugin: String, budget_ms: u64 },
     /// The request's wall-clock deadline passed.
@@ -43,6 +48,7 @@ impl std::fmt::Display for PluginError {
         match self {
             PluginError::Guest(e) | PluginError::Overloaded(e) => write!(f, "{}", e.message),
             PluginError::Trap { plugin, message } => write!(f, "plugin {plugin} trapped: {message}"),
+            PluginError::Panic { plugin, message } => write!(f, "plugin {plugin} panicked: {message}"),
             PluginError::CpuBudget { plugin, budget_ms } => write!(
                 f,
                 "plugin {plugin} ran out of its CPU budget of {budget_ms} ms (limits.cpu_ms of the plugin in bundle.toml)"
@@ -73,10 +79,20 @@ impl Common {
     /// A fresh store with the plugin's memory cap and CPU budget.
     fn store(&self, engine: &Engine, nn: NnCtx) -> Store<PluginState> {
         let cpu_budget = Duration::from_millis(self.limits.cpu_ms);
+        let output = super::output::Output::wanted().then(super::output::Output::default);
         let state = PluginState {
             table: ResourceTable::new(),
-            // No preopens, no environment, no arguments; stdio goes nowhere.
-            wasi: WasiCtx::builder().build(),
+            // No preopens, no environment, no arguments; stdout and stderr go to the
+            // debug log when it is on (`output`), else nowhere.
+            wasi: match &output {
+                Some(o) => WasiCtx::builder()
+                    .stdout(o.stdout.clone())
+                    .stderr(o.stderr.clone())
+                    .build(),
+                None => WasiCtx::builder().build(),
+            },
+            output,
+            panic: None,
             limits: Limiter {
                 cap: (self.limits.memory_mib as usize) << 20,
                 charged: 0,
@@ -119,6 +135,7 @@ impl Common {
     fn rearm(&self, store: &mut Store<PluginState>) {
         let s = store.data_mut();
         s.flush_log();
+        s.panic = None;
         s.cpu = CpuMeter::new(Instant::now());
         s.nn.host_time = Duration::ZERO;
         s.cpu_exhausted = false;
@@ -143,6 +160,17 @@ impl Common {
             return PluginError::CpuBudget {
                 plugin: self.name.clone(),
                 budget_ms: self.limits.cpu_ms,
+            };
+        }
+        if let Some((message, location)) = &store.data().panic {
+            tracing::error!(
+                plugin = %self.name,
+                location = location.as_deref().unwrap_or("unknown"),
+                "plugin panicked: {message}"
+            );
+            return PluginError::Panic {
+                plugin: self.name.clone(),
+                message: short_panic(message),
             };
         }
         let cause = |f: &dyn Fn(&(dyn std::error::Error + 'static)) -> Option<String>| {
@@ -193,12 +221,23 @@ impl Common {
     }
 }
 
+/// What a client sees of a panic: its first line, at most 200 characters.
+fn short_panic(message: &str) -> String {
+    let first = message.lines().next().unwrap_or("");
+    if first.chars().count() > 200 {
+        format!("{}…", first.chars().take(200).collect::<String>())
+    } else {
+        first.to_string()
+    }
+}
+
 /// A compiled, checked handler plugin of one bundle version.
 pub struct Plugin {
     pub(super) common: Common,
     pub(super) pre: wit::HandlerPre<PluginState>,
     pub(super) model_name: String,
-    pub(super) runner: Arc<Runner>,
+    /// `None` for a model-less handler bundle.
+    pub(super) runner: Option<Arc<Runner>>,
 }
 
 /// A compiled, checked router plugin of one endpoint bundle version.
@@ -277,12 +316,15 @@ impl Plugin {
         let request = wit::Request::from(request);
         let c = &self.common;
         c.within(deadline, async {
-            let nn = NnCtx::new(
-                &self.model_name,
-                self.runner.clone(),
-                c.limits.host_memory_mib() << 20,
-                c.memory.clone(),
-            );
+            let nn = match &self.runner {
+                Some(runner) => NnCtx::new(
+                    &self.model_name,
+                    runner.clone(),
+                    c.limits.host_memory_mib() << 20,
+                    c.memory.clone(),
+                ),
+                None => NnCtx::none(),
+            };
             let mut store = c.store(self.pre.engine(), nn);
             let instance = self
                 .pre
@@ -298,7 +340,29 @@ impl Plugin {
                 {
                     Err(PluginError::Overloaded(e.into()))
                 }
-                Ok(Err(guest_error)) => Err(PluginError::Guest(guest_error.into())),
+                Ok(Err(guest_error)) => {
+                    let guest_error: GuestError = guest_error.into();
+                    Err(PluginError::Guest(
+                        match store.data_mut().nn.refused.take() {
+                            // The model refused a tensor the plugin built: the plugin's bug
+                            // (it should have checked the request), a 500 that names it.
+                            Some(refused) => GuestError {
+                                code: GuestCode::Internal,
+                                message: format!(
+                                    "plugin {} gave its model an input it refuses ({refused}); \
+                                 the plugin must check the request and answer 400 itself",
+                                    c.name
+                                ),
+                            },
+                            // The plugin's own failure: its 500 names it.
+                            None if guest_error.code == GuestCode::Internal => GuestError {
+                                code: GuestCode::Internal,
+                                message: format!("plugin {}: {}", c.name, guest_error.message),
+                            },
+                            None => guest_error,
+                        },
+                    ))
+                }
                 Err(e) => Err(c.trap(&store, e)),
             }
         })

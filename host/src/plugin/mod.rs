@@ -18,6 +18,7 @@
 //! - `limits`: the memory cap, the CPU meter and the epoch ticker;
 //! - `host`: the store's state and the `host` interface (log, config, assets);
 //! - `instances`: handler and router plugins serving calls, and [`PluginError`];
+//! - `output`: a call's stdout and stderr, to the debug log;
 //! - `calls`: the small types `api` and `routing` exchange with plugins ([`HttpRequest`],
 //!   [`RouteVariant`], [`Decision`], ...): the generated WIT types stay in here.
 //!
@@ -33,6 +34,7 @@ mod engine;
 mod host;
 mod instances;
 mod limits;
+mod output;
 
 pub use self::calls::{
     Decision, GuestCode, GuestError, HttpRequest, HttpResponse, RouteRequest, RouteVariant,
