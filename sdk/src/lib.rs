@@ -5,12 +5,11 @@
 //! the standard `wasi:nn` interface and encodes the answer. This crate hides the
 //! generated bindings: you implement [`Handler`] and export it with [`export_handler!`].
 //!
-//! ```ignore
 //! Router plugins (world `router`, for endpoints) use the sibling crate
 //! `nnserve-router-sdk` in `sdk/router`: a component implements one world, and the
 //! bindings of both in one crate would leak each world's types into the other.
 //!
-//! ```ignore
+//! ```no_run
 //! use nnserve_sdk::{export_handler, Error, Handler, Model, Request, Response, Tensor};
 //!
 //! struct Doubler;
@@ -26,11 +25,17 @@
 //! }
 //!
 //! export_handler!(Doubler);
+//! # fn main() {}
 //! ```
 //!
-//! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file in
-//! `target/wasm32-wasip2/release/` is the component to put at `plugins/handler.wasm`
-//! in the bundle.
+//! Build with `cargo build --release --target wasm32-wasip2`; the component is
+//! `target/wasm32-wasip2/release/<crate>.wasm`, where a `-` in the crate's name becomes
+//! `_` (cargo's rule for library files): `my-plugin` builds `my_plugin.wasm`. The
+//! bundle's `[handler] path` names it.
+//!
+//! Depend on the SDK by path (`nnserve-sdk = { path = "/path/to/nnserve/sdk" }`) or by
+//! git (`nnserve-sdk = { git = "https://github.com/nnserve/nnserve" }`); it carries
+//! the plugin contract (`wit/`) inside the crate.
 //!
 //! What a plugin can reach is fixed by the host: `wasi:nn` (only the bundle's own
 //! model), the [`host`] functions (log, config, read-only assets) and the WASI that Rust's
@@ -41,7 +46,7 @@ pub mod bindings {
     //! not need these; they are public for the export macro and for advanced uses.
     wit_bindgen::generate!({
         world: "handler",
-        path: "../wit",
+        path: "wit",
         generate_all,
         pub_export_macro: true,
         export_macro_name: "__export_handler_world",
@@ -55,7 +60,7 @@ pub mod image;
 mod tensor;
 
 pub use http::{Error, ErrorCode, Request, Response};
-pub use tensor::{Model, Tensor, TensorType};
+pub use tensor::{bf16, f16, Element, Model, Tensor, TensorType};
 
 /// The one trait a handler plugin implements.
 pub trait Handler {
@@ -79,12 +84,90 @@ macro_rules! export_handler {
                     $crate::bindings::nnserve::plugin::types::Response,
                     $crate::bindings::nnserve::plugin::types::Error,
                 > {
+                    $crate::__install_panic_hook();
                     <$t as $crate::Handler>::handle(request)
                 }
             }
             $crate::bindings::__export_handler_world!(__NnserveHandlerExport);
         };
     };
+}
+
+/// Reports a panic to the host before the plugin traps, so that the client's 500 says
+/// what went wrong (its first line, without the location) and the server log has it
+/// whole. [`export_handler!`] installs it; plugin code need not call it.
+#[doc(hidden)]
+pub fn __install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let message = info
+                .payload_as_str()
+                .unwrap_or("a panic whose payload is not text");
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            bindings::nnserve::plugin::host::panicked(message, location.as_deref());
+        }))
+    });
+}
+
+/// The plugin's whole config table (`[handler] config` in bundle.toml) as `T`, through
+/// serde: a struct whose fields are the keys, with lists and tables as `Vec`s, maps
+/// and nested structs. A missing field or a wrong type is a [`ConfigError`] that names
+/// the key; `?` in a handler turns it into a 500 (a bundle error, not the client's).
+///
+/// ```no_run
+/// #[derive(serde::Deserialize)]
+/// struct Config {
+///     top_k: usize,
+///     classes: Vec<String>,
+///     #[serde(default)]
+///     scale: Option<f32>,
+/// }
+/// # fn f() -> Result<(), nnserve_sdk::Error> {
+/// let config: Config = nnserve_sdk::config()?;
+/// # Ok(()) }
+/// ```
+pub fn config<T: serde::de::DeserializeOwned>() -> Result<T, ConfigError> {
+    config_from_json(&bindings::nnserve::plugin::host::config_json())
+}
+
+/// [`config`] from the JSON object the host hands over (for tests of a plugin's config
+/// type outside the server).
+pub fn config_from_json<T: serde::de::DeserializeOwned>(json: &str) -> Result<T, ConfigError> {
+    let de = &mut serde_json::Deserializer::from_str(json);
+    serde_path_to_error::deserialize(de).map_err(|e| ConfigError {
+        key: e.path().to_string(),
+        message: e.into_inner().to_string(),
+    })
+}
+
+/// A config table that does not fit the type asked for.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    /// Where: `top_k`, `scale.std[1]`, or `.` for the table itself.
+    pub key: String,
+    /// What: serde's words, e.g. ``invalid type: string "5", expected usize``.
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "bundle config `{}`: {} (fix the plugin's config table in bundle.toml)",
+            self.key, self.message
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Error {
+        Error::internal(e.to_string())
+    }
 }
 
 /// Host services: logging, the bundle's configuration and its read-only assets.
@@ -99,7 +182,9 @@ pub mod host {
         raw::log(level, message)
     }
 
-    /// A value of the manifest's `[handler] config` table, if set.
+    /// A value of the manifest's `[handler] config` table, if set: a string as it is,
+    /// any other value as JSON (`5`, `true`, `["a","b"]`). For typed access to the whole
+    /// table use [`crate::config`].
     pub fn config(key: &str) -> Option<String> {
         raw::config(key)
     }
@@ -126,5 +211,53 @@ pub mod host {
     /// The bytes of a file under the bundle's `assets/` (path relative to the bundle root).
     pub fn asset(path: &str) -> Result<Vec<u8>, Error> {
         raw::read_asset(path).map_err(Error::internal)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Scale {
+        mean: f32,
+        std: Vec<f32>,
+    }
+
+    #[derive(serde::Deserialize, Debug, PartialEq)]
+    struct Config {
+        top_k: usize,
+        classes: Vec<String>,
+        scale: Scale,
+        #[serde(default)]
+        extra: BTreeMap<String, i64>,
+    }
+
+    #[test]
+    fn typed_config_takes_lists_and_tables() {
+        let json = r#"{"top_k":5,"classes":["cat","dog"],"scale":{"mean":0.5,"std":[1,2]}}"#;
+        let c: Config = config_from_json(json).unwrap();
+        assert_eq!(c.top_k, 5);
+        assert_eq!(c.classes, ["cat", "dog"]);
+        assert_eq!(c.scale.std, [1.0, 2.0]);
+        assert!(c.extra.is_empty());
+    }
+
+    #[test]
+    fn a_wrong_type_or_a_missing_key_names_the_key() {
+        let wrong = r#"{"top_k":"5","classes":[],"scale":{"mean":0.5,"std":[]}}"#;
+        let e = config_from_json::<Config>(wrong).unwrap_err();
+        assert_eq!(e.key, "top_k");
+        assert!(e.message.contains("invalid type: string"), "{e}");
+        let nested = r#"{"top_k":5,"classes":[],"scale":{"mean":0.5,"std":[1,"x"]}}"#;
+        assert_eq!(
+            config_from_json::<Config>(nested).unwrap_err().key,
+            "scale.std[1]"
+        );
+        let missing = r#"{"top_k":5,"scale":{"mean":0.5,"std":[]}}"#;
+        let e = config_from_json::<Config>(missing).unwrap_err();
+        assert!(e.message.contains("missing field `classes`"), "{e}");
+        assert!(e.to_string().contains("bundle.toml"));
     }
 }

@@ -13,12 +13,54 @@ pub struct Tensor {
     pub data: Vec<u8>,
 }
 
+/// A Rust number type a tensor can hold, with its wasi-nn element type: `f32`, `f64`,
+/// `u8`, `i32`, `i64`, and `half::f16` / `half::bf16` (re-exported as [`f16`], [`bf16`]).
+pub trait Element: Copy {
+    const TYPE: TensorType;
+    const SIZE: usize;
+    fn put(self, out: &mut Vec<u8>);
+    fn get(bytes: &[u8]) -> Self;
+    fn to_f32(self) -> f32;
+}
+
+pub use half::{bf16, f16};
+
+macro_rules! element {
+    ($t:ty, $ty:ident, $n:expr, $to:expr) => {
+        impl Element for $t {
+            const TYPE: TensorType = TensorType::$ty;
+            const SIZE: usize = $n;
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            fn get(b: &[u8]) -> Self {
+                let mut a = [0u8; $n];
+                a.copy_from_slice(&b[..$n]);
+                <$t>::from_le_bytes(a)
+            }
+            fn to_f32(self) -> f32 {
+                #[allow(clippy::redundant_closure_call)]
+                ($to)(self)
+            }
+        }
+    };
+}
+
+element!(f32, Fp32, 4, |v: f32| v);
+element!(f64, Fp64, 8, |v: f64| v as f32);
+element!(u8, U8, 1, |v: u8| v as f32);
+element!(i32, I32, 4, |v: i32| v as f32);
+element!(i64, I64, 8, |v: i64| v as f32);
+element!(f16, Fp16, 2, |v: f16| v.to_f32());
+element!(bf16, Bf16, 2, |v: bf16| v.to_f32());
+
 impl Tensor {
-    /// An fp32 tensor from a row-major slice and its shape.
+    /// A tensor of `T` from a row-major slice and its shape, e.g.
+    /// `Tensor::new(&[2, 3], &[1i64, 2, 3, 4, 5, 6])`.
     ///
     /// Panics if `data.len()` is not the product of `shape`: that is a bug in the
     /// plugin, not bad input.
-    pub fn f32(shape: &[u32], data: &[f32]) -> Tensor {
+    pub fn new<T: Element>(shape: &[u32], data: &[T]) -> Tensor {
         let n: usize = shape.iter().map(|&d| d as usize).product();
         assert_eq!(
             n,
@@ -26,38 +68,83 @@ impl Tensor {
             "shape {shape:?} needs {n} values, got {}",
             data.len()
         );
-        let mut bytes = Vec::with_capacity(data.len() * 4);
-        for v in data {
-            bytes.extend_from_slice(&v.to_le_bytes());
+        let mut bytes = Vec::with_capacity(data.len() * T::SIZE);
+        for &v in data {
+            v.put(&mut bytes);
         }
         Tensor {
             shape: shape.to_vec(),
-            ty: TensorType::Fp32,
+            ty: T::TYPE,
             data: bytes,
         }
     }
 
-    /// The values of an fp32 tensor (fp64 is converted), row-major.
-    pub fn to_f32(&self) -> Result<Vec<f32>, Error> {
-        match self.ty {
-            TensorType::Fp32 => Ok(self
-                .data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect()),
-            TensorType::Fp64 => Ok(self
-                .data
-                .chunks_exact(8)
-                .map(|c| {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(c);
-                    f64::from_le_bytes(b) as f32
-                })
-                .collect()),
-            other => Err(Error::internal(format!(
-                "model output is {other:?}, expected fp32"
-            ))),
+    /// An fp32 tensor: `Tensor::new` for `f32`.
+    pub fn f32(shape: &[u32], data: &[f32]) -> Tensor {
+        Tensor::new(shape, data)
+    }
+
+    /// An int64 tensor (token ids, class indices): `Tensor::new` for `i64`.
+    pub fn i64(shape: &[u32], data: &[i64]) -> Tensor {
+        Tensor::new(shape, data)
+    }
+
+    /// A uint8 tensor (pixels): `Tensor::new` for `u8`.
+    pub fn u8(shape: &[u32], data: &[u8]) -> Tensor {
+        Tensor::new(shape, data)
+    }
+
+    /// The number of elements (the product of the shape).
+    pub fn len(&self) -> usize {
+        self.shape.iter().map(|&d| d as usize).product()
+    }
+
+    /// Whether the tensor has no elements.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The values as `T`, row-major, when the tensor holds `T` exactly.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>, Error> {
+        if self.ty != T::TYPE {
+            return Err(Error::internal(format!(
+                "the tensor holds {:?}, not {:?}",
+                self.ty,
+                T::TYPE
+            )));
         }
+        self.check_len(T::SIZE)?;
+        Ok(self.data.chunks_exact(T::SIZE).map(T::get).collect())
+    }
+
+    /// The values as `f32`, row-major, converted from any element type (a model's
+    /// fp16 or fp64 output, int64 class ids, ...).
+    pub fn to_f32(&self) -> Result<Vec<f32>, Error> {
+        fn all<T: Element>(t: &Tensor) -> Result<Vec<f32>, Error> {
+            Ok(t.to_vec::<T>()?.into_iter().map(T::to_f32).collect())
+        }
+        match self.ty {
+            TensorType::Fp32 => self.to_vec::<f32>(),
+            TensorType::Fp64 => all::<f64>(self),
+            TensorType::Fp16 => all::<f16>(self),
+            TensorType::Bf16 => all::<bf16>(self),
+            TensorType::U8 => all::<u8>(self),
+            TensorType::I32 => all::<i32>(self),
+            TensorType::I64 => all::<i64>(self),
+        }
+    }
+
+    fn check_len(&self, size: usize) -> Result<(), Error> {
+        if self.data.len() != self.len() * size {
+            return Err(Error::internal(format!(
+                "the tensor of shape {:?} holds {} bytes, not {} of {:?}",
+                self.shape,
+                self.data.len(),
+                self.len() * size,
+                self.ty
+            )));
+        }
+        Ok(())
     }
 
     fn into_wasi(self) -> tensor::Tensor {
@@ -125,9 +212,56 @@ impl Model {
 fn nn_error(op: &str, e: errors::Error) -> Error {
     let msg = format!("wasi-nn {op} failed: {}", e.data());
     match e.code() {
-        errors::ErrorCode::InvalidArgument => Error::bad_request(msg),
+        // The plugin built the tensor: a shape or dtype the model refuses is the
+        // plugin's bug (check the request first and answer `bad_request` yourself).
+        errors::ErrorCode::InvalidArgument => Error::internal(msg),
         errors::ErrorCode::NotFound => Error::not_found(msg),
         errors::ErrorCode::Timeout => Error::unavailable(msg),
         _ => Error::internal(msg),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip<T: Element + PartialEq + std::fmt::Debug>(values: &[T]) {
+        let t = Tensor::new(&[2, values.len() as u32 / 2], values);
+        assert_eq!(t.ty, T::TYPE);
+        assert_eq!(t.data.len(), values.len() * T::SIZE);
+        assert_eq!(t.to_vec::<T>().unwrap(), values);
+        let f: Vec<f32> = values.iter().map(|v| v.to_f32()).collect();
+        assert_eq!(t.to_f32().unwrap(), f);
+    }
+
+    #[test]
+    fn every_element_type_round_trips() {
+        round_trip(&[1.5f32, -2.0, 0.0, 3.25]);
+        round_trip(&[1.5f64, -2.0, 1e10, 3.25]);
+        round_trip(&[0u8, 7, 128, 255]);
+        round_trip(&[-1i32, 0, 7, i32::MAX]);
+        round_trip(&[-1i64, 0, 30522, 1 << 40]);
+        round_trip(&[f16::from_f32(0.5), f16::from_f32(-2.0)]);
+        round_trip(&[bf16::from_f32(0.5), bf16::from_f32(-2.0)]);
+        assert_eq!(Tensor::i64(&[1], &[9]).to_f32().unwrap(), vec![9.0]);
+    }
+
+    #[test]
+    fn a_type_or_size_mismatch_is_an_error_not_garbage() {
+        let t = Tensor::f32(&[2], &[1.0, 2.0]);
+        let e = t.to_vec::<i64>().unwrap_err();
+        assert!(format!("{e:?}").contains("Fp32"), "{e:?}");
+        let short = Tensor {
+            shape: vec![3],
+            ty: TensorType::Fp32,
+            data: vec![0; 8],
+        };
+        assert!(short.to_f32().is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "needs 6 values")]
+    fn a_shape_that_does_not_fit_the_data_is_a_plugin_bug() {
+        Tensor::f32(&[2, 3], &[1.0]);
     }
 }

@@ -5,7 +5,7 @@
 //! the request's metadata and the variants that are available now, each with its weight
 //! and live stats; the router answers with a [`Decision`].
 //!
-//! ```ignore
+//! ```no_run
 //! use nnserve_router_sdk::{export_router, Decision, RequestMeta, Router, Variant};
 //!
 //! struct First;
@@ -17,6 +17,7 @@
 //! }
 //!
 //! export_router!(First);
+//! # fn main() {}
 //! ```
 //!
 //! The host reuses instances between calls, but which one serves a call is not defined:
@@ -31,7 +32,7 @@ pub mod bindings {
     //! not need these; they are public for the export macro.
     wit_bindgen::generate!({
         world: "router",
-        path: "../../wit",
+        path: "wit",
         pub_export_macro: true,
         export_macro_name: "__export_router_world",
         default_bindings_module: "nnserve_router_sdk::bindings",
@@ -157,6 +158,24 @@ pub fn hash_point(hash: u64) -> f64 {
     (hash >> 11) as f64 / (1u64 << 53) as f64
 }
 
+/// Reports a panic to the host before the router traps (the log gets its message and
+/// location); [`export_router!`] installs it.
+#[doc(hidden)]
+pub fn __install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        std::panic::set_hook(Box::new(|info| {
+            let message = info
+                .payload_as_str()
+                .unwrap_or("a panic whose payload is not text");
+            let location = info
+                .location()
+                .map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+            bindings::nnserve::plugin::host::panicked(message, location.as_deref());
+        }))
+    });
+}
+
 /// Exports a [`Router`] implementation as the plugin's `route` function.
 #[macro_export]
 macro_rules! export_router {
@@ -168,6 +187,7 @@ macro_rules! export_router {
                     meta: $crate::RequestMeta,
                     variants: ::std::vec::Vec<$crate::Variant>,
                 ) -> $crate::Decision {
+                    $crate::__install_panic_hook();
                     <$t as $crate::Router>::route(meta, variants)
                 }
             }

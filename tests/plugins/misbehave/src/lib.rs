@@ -1,5 +1,10 @@
 //! A test plugin that misbehaves on purpose, as its bundle config says:
-//! - `mode = "trap"` panics (a Wasm trap);
+//! - `mode = "trap"` traps (Wasm `unreachable`, no panic);
+//! - `mode = "panic"` panics with a long two-line message (the SDK's hook reports it);
+//! - `mode = "print"` writes two lines to stdout and one to stderr, then echoes;
+//! - `mode = "shape"` gives its model (mlp, input [-1, 4]) a [1, 5] tensor;
+//! - `mode = "config"` reads its whole config typed (`classes`, a list; `scale`, a
+//!   table; `top_k`, a number) and answers it as JSON;
 //! - `mode = "loop"` spins forever (until the host's CPU budget stops it);
 //! - `mode = "alloc"` grows memory past any cap;
 //! - `mode = "tensors"` creates host tensors of 32 MiB and keeps them, past any
@@ -18,7 +23,33 @@ struct Misbehave;
 impl Handler for Misbehave {
     fn handle(req: Request) -> Result<Response, Error> {
         match host::config("mode").as_deref() {
-            Some("trap") => panic!("misbehave: trapping on purpose"),
+            Some("trap") => core::arch::wasm32::unreachable(),
+            Some("panic") => panic!(
+                "misbehave panicked on purpose: {}\nits second line",
+                "y".repeat(300)
+            ),
+            Some("print") => {
+                println!("misbehave says hello on stdout");
+                println!("and a second line with a forged \x1b[31mescape");
+                eprintln!("misbehave says hello on stderr");
+                Ok(Response::bytes("application/octet-stream", req.body))
+            }
+            Some("config") => {
+                #[derive(serde::Deserialize, serde::Serialize)]
+                struct Config {
+                    mode: String,
+                    classes: Vec<String>,
+                    scale: std::collections::BTreeMap<String, f64>,
+                    top_k: u32,
+                }
+                let config: Config = nnserve_sdk::config()?;
+                Response::json(&config)
+            }
+            Some("shape") => {
+                let input = nnserve_sdk::Tensor::f32(&[1, 5], &[1.0; 5]);
+                let out = nnserve_sdk::Model::load()?.infer_one("input", input)?;
+                Ok(Response::json(&out.to_f32()?)?)
+            }
             Some("loop") => {
                 let mut x: u64 = 0;
                 loop {

@@ -1,0 +1,103 @@
+"""What a plugin author sees when a plugin misbehaves or talks: a panic's message in the
+500 and in the log, println!/eprintln! in the debug log, a model input the plugin built
+wrongly blamed on the plugin, and typed config with lists and tables (the test plugin
+`misbehave`, tests/plugins/misbehave)."""
+import os
+import shutil
+
+import requests
+
+from conftest import WASM, plugin_bundle, start_server, stop_server
+
+
+def one_plugin(tmp_path, name, config, *args):
+    repo = os.path.join(str(tmp_path), "repo")
+    plugin_bundle(repo, name, "misbehave.wasm", config)
+    return start_server(repo, str(tmp_path), *args)
+
+
+def test_a_panic_reaches_the_client_shortened_and_the_log_whole(tmp_path):
+    s = one_plugin(tmp_path, "panicky", 'mode = "panic"')
+    try:
+        r = requests.post(f"{s.url}/v1/models/panicky:infer", data=b"x", timeout=30)
+        assert requests.post(f"{s.url}/v1/models/panicky:infer", data=b"again", timeout=30).status_code == 500
+    finally:
+        stop_server(s)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert "plugin panicky@1 (plugins/handler.wasm) panicked: misbehave panicked on purpose: yyy" in error, error
+    assert len(error) < 400, "shortened"
+    assert "second line" not in error and "lib.rs" not in error, "no location, first line only"
+    log = s.log()
+    assert "plugin panicked" in log and "its second line" in log, log[-2000:]
+    assert "src/lib.rs:" in log, "the log has the location"
+
+
+def test_println_and_eprintln_reach_the_debug_log_escaped(tmp_path):
+    s = one_plugin(tmp_path, "printer", 'mode = "print"', "--log", "info,nnserve::plugin=debug")
+    try:
+        r = requests.post(f"{s.url}/v1/models/printer:infer", data=b"ok", timeout=30)
+    finally:
+        stop_server(s)
+    assert r.status_code == 200 and r.content == b"ok"
+    log = s.log()
+    assert "misbehave says hello on stdout" in log and "misbehave says hello on stderr" in log, log[-2000:]
+    assert "stream=\"stdout\"" in log or "stream=stdout" in log, log[-2000:]
+    assert "\x1b[31m" not in log, "a plugin's control characters are escaped"
+    # At the default level the output is not kept at all.
+    quiet = one_plugin(tmp_path / "quiet", "printer", 'mode = "print"')
+    try:
+        requests.post(f"{quiet.url}/v1/models/printer:infer", data=b"ok", timeout=30)
+    finally:
+        stop_server(quiet)
+    assert "misbehave says hello" not in quiet.log()
+
+
+def test_an_input_the_model_refuses_is_the_plugins_500_not_the_clients_400(tmp_path):
+    s = one_plugin(tmp_path, "shapeless", 'mode = "shape"')
+    try:
+        r = requests.post(f"{s.url}/v1/models/shapeless:infer", data=b"whatever the client sends", timeout=30)
+    finally:
+        stop_server(s)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert "plugin shapeless@1 (plugins/handler.wasm) gave its model an input it refuses" in error, error
+
+
+def test_typed_config_takes_lists_and_tables_and_names_a_wrong_key(tmp_path):
+    config = 'mode = "config", classes = ["cat", "dog"], scale = { mean = 0.5, std = 2.0 }, top_k = 3'
+    s = one_plugin(tmp_path, "configured", config)
+    try:
+        r = requests.post(f"{s.url}/v1/models/configured:infer", data=b"", timeout=30)
+    finally:
+        stop_server(s)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"mode": "config", "classes": ["cat", "dog"], "scale": {"mean": 0.5, "std": 2.0}, "top_k": 3}
+    wrong = 'mode = "config", classes = ["cat"], scale = { mean = 0.5 }, top_k = "three"'
+    s = one_plugin(tmp_path / "wrong", "configured", wrong)
+    try:
+        r = requests.post(f"{s.url}/v1/models/configured:infer", data=b"", timeout=30)
+    finally:
+        stop_server(s)
+    assert r.status_code == 500, r.text
+    error = r.json()["error"]
+    assert "plugin configured@1" in error and "bundle config `top_k`" in error, error
+
+
+def test_a_model_less_bundle_serves_its_plugin_and_refuses_the_tensor_apis(tmp_path):
+    repo = tmp_path / "repo"
+    d = repo / "echo" / "1"
+    os.makedirs(d / "plugins")
+    shutil.copy(os.path.join(WASM, "misbehave.wasm"), d / "plugins" / "handler.wasm")
+    (d / "bundle.toml").write_text('[bundle]\nname = "echo"\nversion = 1\n\n'
+                                   '[handler]\npath = "plugins/handler.wasm"\nconfig = { mode = "echo" }\n')
+    s = start_server(str(repo), str(tmp_path))
+    try:
+        r = requests.post(f"{s.url}/v1/models/echo:infer", data=b"no model needed", timeout=30)
+        predict = requests.post(f"{s.url}/v1/models/echo:predict", json={"instances": [[1.0]]}, timeout=30)
+        status = requests.get(f"{s.url}/v1/models/echo", timeout=30).json()
+    finally:
+        stop_server(s)
+    assert r.status_code == 200 and r.content == b"no model needed", r.text
+    assert predict.status_code == 400 and ":infer" in predict.json()["error"], predict.text
+    assert status["model_version_status"][0]["state"] == "AVAILABLE"
