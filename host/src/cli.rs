@@ -72,6 +72,33 @@ pub enum BundleCommand {
         /// A bundle directory or a .tar.gz archive
         path: PathBuf,
     },
+    /// Run one request through a bundle in this process, with no server: it loads as a
+    /// server loads it (checks, model, plugin, warm-up) and the answer is printed (status,
+    /// headers, body). The plugin's log, stdout and stderr are shown on stderr.
+    ///
+    /// A bundle with a handler gets the body at `:infer` as it is; one without, at
+    /// `:predict` (a TF Serving JSON body). Exits 0 for a 2xx answer, 1 otherwise.
+    Run {
+        /// A bundle directory or a .tar.gz archive
+        path: PathBuf,
+        /// The request body: text, or @FILE for a file's bytes (@- for stdin) [default: empty]
+        #[arg(long, conflicts_with = "json")]
+        body: Option<String>,
+        /// The request body as JSON text (sets content-type application/json)
+        #[arg(long)]
+        json: Option<String>,
+        /// The request's content-type [default: application/json with --json, none otherwise]
+        #[arg(long)]
+        content_type: Option<String>,
+        /// Log filter for the run, as RUST_LOG [default: the plugin's log and output,
+        /// warnings otherwise]
+        #[arg(
+            long,
+            env = "RUST_LOG",
+            default_value = "warn,nnserve::plugin::host=trace,nnserve::plugin::output=debug"
+        )]
+        log: String,
+    },
 }
 
 #[derive(Args, Debug)]

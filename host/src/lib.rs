@@ -24,6 +24,7 @@ pub mod archive;
 pub mod backend;
 pub mod batching;
 pub mod bundle;
+pub mod bundle_run;
 pub mod bundle_tool;
 pub mod cli;
 pub mod config;

@@ -24,6 +24,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// `--body`: the text itself, or `@FILE` (`@-`: stdin) for bytes.
+fn read_body(arg: &str) -> anyhow::Result<Vec<u8>> {
+    match arg.strip_prefix('@') {
+        Some("-") => {
+            let mut b = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)?;
+            Ok(b)
+        }
+        Some(file) => std::fs::read(file).map_err(|e| anyhow::anyhow!("--body @{file}: {e}")),
+        None => Ok(arg.as_bytes().to_vec()),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Bundle(BundleCommand::Pack { dir, output }) => {
@@ -52,6 +65,34 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 "{}",
                 nnserve::bundle_tool::push(&file, &server, token.as_deref())?
             );
+            Ok(())
+        }
+        Command::Bundle(BundleCommand::Run {
+            path,
+            body,
+            json,
+            content_type,
+            log,
+        }) => {
+            nnserve::logging::init(&log, nnserve::logging::Format::Text)?;
+            let (body, content_type) = match (body, json) {
+                (_, Some(j)) => {
+                    serde_json::from_str::<serde_json::Value>(&j)
+                        .map_err(|e| anyhow::anyhow!("--json is not JSON: {e}"))?;
+                    (
+                        j.into_bytes(),
+                        content_type.or(Some("application/json".to_string())),
+                    )
+                }
+                (Some(b), None) => (read_body(&b)?, content_type),
+                (None, None) => (Vec::new(), content_type),
+            };
+            let answer =
+                nnserve::bundle_run::run(&path, nnserve::bundle_run::Call { body, content_type })?;
+            nnserve::bundle_run::print(&answer, &mut std::io::stdout().lock())?;
+            if !(200..300).contains(&answer.status) {
+                anyhow::bail!("the bundle answered {}", answer.status);
+            }
             Ok(())
         }
         Command::Bundle(BundleCommand::Inspect { path }) => {

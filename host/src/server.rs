@@ -78,6 +78,96 @@ async fn first_sync(
     Ok(())
 }
 
+/// What serving needs besides its listeners: the plugin runtime, the registry, the
+/// manager over the repository (or the object store's cache, or a one-model view) and
+/// the request path's state, with warm-ups wired to it. Nothing is loaded yet.
+pub struct Assembled {
+    pub state: AppState,
+    pub manager: Arc<lifecycle::Manager>,
+    pub objects: Option<Arc<lifecycle::objects::ObjectRepo>>,
+    /// The view of `single_model`, removed when dropped.
+    pub view: Option<tempfile::TempDir>,
+}
+
+pub fn assemble(
+    config: &ServerConfig,
+    token: Option<&str>,
+    management: crate::config::Management,
+) -> anyhow::Result<Assembled> {
+    crate::backend::init_threads(config.intra_op_threads(), config.torch_inter_op_threads);
+    let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {
+        instance_slots: config.plugin_instance_slots,
+        max_memory_mib: config.plugin_max_memory_mib,
+        max_cpu_ms: config.plugin_max_cpu_ms,
+        total_memory_bytes: config.plugin_memory_total_bytes(),
+    })?);
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let budget = lifecycle::DeviceBudget::new(&config.device_memory_mib);
+    let registry = Arc::new(Registry::new(metrics.clone(), budget));
+    let loader = Arc::new(lifecycle::Loader {
+        runtime: runtime.clone(),
+        metrics: metrics.clone(),
+        budget: registry.budget.clone(),
+        warmup: Default::default(),
+    });
+    let limits_archive = crate::archive::Limits {
+        max_archive_bytes: config.max_upload_bytes,
+        ..Default::default()
+    };
+    let objects = match config.repository_url() {
+        Some(url) => Some(Arc::new(open_objects(config, url, &limits_archive)?)),
+        None => None,
+    };
+    // A directory holding one model (KServe's /mnt/models) is served through a view.
+    let (root, _view) = match &objects {
+        Some(o) => {
+            anyhow::ensure!(
+                config.model_name.is_none(),
+                "--model-name applies to a directory holding one model, not to an object store"
+            );
+            (o.cache.root.clone(), None)
+        }
+        None => crate::single_model::prepare(config)?,
+    };
+    let mut manager = lifecycle::Manager::new(
+        LocalSource::new(root),
+        registry.clone(),
+        loader.clone(),
+        config.policies(),
+        limits_archive,
+        lifecycle::Uploads::new(config.max_concurrent_uploads),
+    );
+    if let Some(o) = &objects {
+        metrics.register_repository(o.health.errors.clone(), o.health.last_sync.clone());
+        manager = manager.with_objects(o.clone());
+    }
+    let manager = Arc::new(manager);
+    let state = AppState {
+        metrics,
+        registry: registry.clone(),
+        manager: manager.clone(),
+        admin_token: token.map(api::TokenDigest::of),
+        management,
+        max_request_bytes: config.max_request_bytes,
+        max_response_bytes: config.max_response_bytes,
+        max_upload_bytes: config.max_upload_bytes,
+        request_timeout: Duration::from_millis(config.request_timeout_ms),
+        routing_stats: Default::default(),
+        json_gate: Arc::new(api::JsonGate::new(config.max_request_bytes)),
+        probe: Arc::new(api::Probe::new(config.readiness)),
+    };
+    // Warm-up requests go through the real request path, which needs the state.
+    let hook = api::warmup_hook(state.clone());
+    let _ = loader.warmup.set(hook);
+
+    Ok(Assembled {
+        state,
+        manager,
+        objects,
+        view: _view,
+    })
+}
+
 /// Loads the repository and serves until ctrl-c or SIGTERM.
 pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     config.check()?; // also for a config built in code, not read from a file
@@ -103,71 +193,13 @@ pub async fn run(config: ServerConfig) -> anyhow::Result<()> {
     // repository loads.
     let signals = install_signals()?;
     let started = Instant::now();
-    crate::backend::init_threads(config.intra_op_threads(), config.torch_inter_op_threads);
-    let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {
-        instance_slots: config.plugin_instance_slots,
-        max_memory_mib: config.plugin_max_memory_mib,
-        max_cpu_ms: config.plugin_max_cpu_ms,
-        total_memory_bytes: config.plugin_memory_total_bytes(),
-    })?);
-    let metrics = Arc::new(crate::metrics::Metrics::new());
-    let budget = lifecycle::DeviceBudget::new(&config.device_memory_mib);
-    let registry = Arc::new(Registry::new(metrics.clone(), budget));
-    let loader = Arc::new(lifecycle::Loader {
-        runtime: runtime.clone(),
-        metrics: metrics.clone(),
-        budget: registry.budget.clone(),
-        warmup: Default::default(),
-    });
-    let limits_archive = crate::archive::Limits {
-        max_archive_bytes: config.max_upload_bytes,
-        ..Default::default()
-    };
-    let objects = match config.repository_url() {
-        Some(url) => Some(Arc::new(open_objects(&config, url, &limits_archive)?)),
-        None => None,
-    };
-    // A directory holding one model (KServe's /mnt/models) is served through a view.
-    let (root, _view) = match &objects {
-        Some(o) => {
-            anyhow::ensure!(
-                config.model_name.is_none(),
-                "--model-name applies to a directory holding one model, not to an object store"
-            );
-            (o.cache.root.clone(), None)
-        }
-        None => crate::single_model::prepare(&config)?,
-    };
-    let mut manager = lifecycle::Manager::new(
-        LocalSource::new(root),
-        registry.clone(),
-        loader.clone(),
-        config.policies(),
-        limits_archive,
-        lifecycle::Uploads::new(config.max_concurrent_uploads),
-    );
-    if let Some(o) = &objects {
-        metrics.register_repository(o.health.errors.clone(), o.health.last_sync.clone());
-        manager = manager.with_objects(o.clone());
-    }
-    let manager = Arc::new(manager);
-    let state = AppState {
-        metrics,
-        registry: registry.clone(),
-        manager: manager.clone(),
-        admin_token: token.as_deref().map(api::TokenDigest::of),
-        management,
-        max_request_bytes: config.max_request_bytes,
-        max_response_bytes: config.max_response_bytes,
-        max_upload_bytes: config.max_upload_bytes,
-        request_timeout: Duration::from_millis(config.request_timeout_ms),
-        routing_stats: Default::default(),
-        json_gate: Arc::new(api::JsonGate::new(config.max_request_bytes)),
-        probe: Arc::new(api::Probe::new(config.readiness)),
-    };
-    // Warm-up requests go through the real request path, which needs the state.
-    let hook = api::warmup_hook(state.clone());
-    let _ = loader.warmup.set(hook);
+    let Assembled {
+        state,
+        manager,
+        objects,
+        view: _view,
+    } = assemble(&config, token.as_deref(), management)?;
+    let registry = state.registry.clone();
 
     // The listeners open before the repository loads: liveness answers from the first
     // second, readiness once the start-up versions have loaded (`api::probe`).

@@ -4,10 +4,11 @@ wrongly blamed on the plugin, and typed config with lists and tables (the test p
 `misbehave`, tests/plugins/misbehave)."""
 import os
 import shutil
+import subprocess
 
 import requests
 
-from conftest import WASM, plugin_bundle, start_server, stop_server
+from conftest import EXAMPLES, NNSERVE, WASM, plugin_bundle, start_server, stop_server
 
 
 def one_plugin(tmp_path, name, config, *args):
@@ -101,3 +102,26 @@ def test_a_model_less_bundle_serves_its_plugin_and_refuses_the_tensor_apis(tmp_p
     assert r.status_code == 200 and r.content == b"no model needed", r.text
     assert predict.status_code == 400 and ":infer" in predict.json()["error"], predict.text
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+def test_bundle_run_answers_one_request_without_a_server(tmp_path):
+    d = plugin_bundle(str(tmp_path / "repo"), "printer", "misbehave.wasm", 'mode = "print"')
+    out = subprocess.run([NNSERVE, "bundle", "run", d, "--body", "hello"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("200 OK\n") and "x-nnserve-variant: printer@1" in out.stdout
+    assert out.stdout.endswith("\n\nhello\n"), out.stdout
+    assert "misbehave says hello on stdout" in out.stderr and "on stderr" in out.stderr, out.stderr
+    # The same bundle packed, with the body from a file; then a bundle without a plugin.
+    archive = str(tmp_path / "printer.tar.gz")
+    subprocess.run([NNSERVE, "bundle", "pack", d, "-o", archive], check=True, capture_output=True)
+    (tmp_path / "body.bin").write_bytes(b"\x00\x01binary")
+    out = subprocess.run([NNSERVE, "bundle", "run", archive, "--body", f"@{tmp_path / 'body.bin'}"],
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.endswith(b"\n\n\x00\x01binary\n"), out
+    out = subprocess.run([NNSERVE, "bundle", "run", os.path.join(EXAMPLES, "mlp", "1"),
+                          "--json", '{"instances": [[1, 2, 3, 4]]}'], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and '"predictions"' in out.stdout, out
+    # A failing answer is printed and exits 1.
+    bad = plugin_bundle(str(tmp_path / "repo2"), "panicky", "misbehave.wasm", 'mode = "panic"')
+    out = subprocess.run([NNSERVE, "bundle", "run", bad], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and out.stdout.startswith("500 ") and "panicked" in out.stdout, out

@@ -1,7 +1,8 @@
 //! A plugin's stdout and stderr (`println!`, `eprintln!`): kept per call, capped, and
 //! written to the server log at debug level after the call, one event per line, tagged
 //! with the plugin and the stream, control characters escaped. Only kept while debug
-//! logging of target `nnserve::plugin` is on; otherwise the streams go nowhere, as
+//! logging of target `nnserve::plugin::output` is on (`nnserve::plugin=debug`
+//! turns it on too); otherwise the streams go nowhere, as
 //! before. Past the cap bytes are dropped silently and counted: a plugin's print must
 //! never fail (Rust's `println!` panics on a write error) or trap for it.
 
@@ -63,7 +64,7 @@ pub struct Output {
 impl Output {
     /// Whether plugin output is wanted in the log now.
     pub fn wanted() -> bool {
-        tracing::enabled!(target: "nnserve::plugin", tracing::Level::DEBUG)
+        tracing::enabled!(target: "nnserve::plugin::output", tracing::Level::DEBUG)
     }
 
     /// Writes what the call printed to the log, and forgets it.
@@ -71,10 +72,10 @@ impl Output {
         for (stream, captured) in [("stdout", &self.stdout), ("stderr", &self.stderr)] {
             let (lines, dropped) = captured.take();
             for line in lines {
-                tracing::debug!(target: "nnserve::plugin", plugin, stream, "{line}");
+                tracing::debug!(target: "nnserve::plugin::output", plugin, stream, "{line}");
             }
             if dropped > 0 {
-                tracing::debug!(target: "nnserve::plugin", plugin, stream, dropped,
+                tracing::debug!(target: "nnserve::plugin::output", plugin, stream, dropped,
                     "{dropped} more bytes of {stream} were dropped (at most {MAX_OUTPUT_BYTES} per call are kept)");
             }
         }
