@@ -346,10 +346,30 @@ pub fn remove(root: &Path, model: &str, version: u64) -> std::io::Result<()> {
     std::fs::remove_dir_all(gone)
 }
 
+/// Whether a file of the version was changed after its record was written (files edited
+/// by hand in place): the record's digest is then the old files'. A file as new as its
+/// record counts too (a file system whose times are coarse cannot tell them apart): at
+/// worst a version is hashed once more.
+fn stale_meta(root: &Path, model: &str, version: u64, dir: &Path) -> bool {
+    let Some(recorded) = meta_path(root, model, version)
+        .ok()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .and_then(|m| m.modified().ok())
+    else {
+        return false;
+    };
+    crate::archive::list_files(dir).is_ok_and(|files| {
+        files
+            .iter()
+            .any(|(_, m)| m.modified().is_ok_and(|t| t >= recorded))
+    })
+}
+
 /// Records digest, size and first-seen time for a version that has no record yet (one
-/// copied in by hand), so it is listed and re-uploads of it are idempotent.
+/// copied in by hand), so it is listed and re-uploads of it are idempotent; and again
+/// for one whose files were edited in place after its record was written.
 pub fn ensure_meta(root: &Path, model: &str, version: u64, dir: &Path) {
-    if read_meta(root, model, version).is_some() {
+    if read_meta(root, model, version).is_some() && !stale_meta(root, model, version, dir) {
         return;
     }
     let (Ok(digest), Ok(files)) = (crate::archive::digest(dir), crate::archive::list_files(dir))

@@ -5,6 +5,7 @@ wrongly blamed on the plugin, and typed config with lists and tables (the test p
 import os
 import shutil
 import subprocess
+import time
 
 import requests
 
@@ -125,3 +126,47 @@ def test_bundle_run_answers_one_request_without_a_server(tmp_path):
     bad = plugin_bundle(str(tmp_path / "repo2"), "panicky", "misbehave.wasm", 'mode = "panic"')
     out = subprocess.run([NNSERVE, "bundle", "run", bad], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and out.stdout.startswith("500 ") and "panicked" in out.stdout, out
+
+
+def packed_digest(directory, tmp_path):
+    out = subprocess.run([NNSERVE, "bundle", "pack", directory, "-o", str(tmp_path / "d.tar.gz")],
+                         capture_output=True, text=True, check=True).stdout
+    return out.rsplit("digest ", 1)[1].strip()
+
+
+def served_digest(url, model):
+    models = requests.get(f"{url}/v1/models", timeout=10).json()["models"]
+    (versions,) = [m["versions"] for m in models if m["name"] == model]
+    return versions[0]["digest"]
+
+
+def test_a_served_version_edited_in_place_reloads_and_its_digest_follows(tmp_path):
+    repo = str(tmp_path / "repo")
+    d = plugin_bundle(repo, "edited", "misbehave.wasm", 'mode = "echo"')
+    toml = os.path.join(d, "bundle.toml")
+    s = start_server(repo, str(tmp_path), "--poll-interval-ms", "200")
+    try:
+        assert requests.post(f"{s.url}/v1/models/edited:infer", data=b"hi", timeout=30).status_code == 200
+        before = served_digest(s.url, "edited")
+        with open(toml) as f:
+            text = f.read()
+        with open(toml, "w") as f:
+            f.write(text.replace('mode = "echo"', 'mode = "panic"'))
+        deadline = time.time() + 30
+        while requests.post(f"{s.url}/v1/models/edited:infer", data=b"hi", timeout=30).status_code == 200:
+            assert time.time() < deadline, s.log()[-3000:]
+            time.sleep(0.05)
+        assert "reloading the version in place" in s.log()
+        after = served_digest(s.url, "edited")
+        assert after != before and after == packed_digest(d, tmp_path)
+    finally:
+        stop_server(s)
+    # Edited while the server was down: the restarted server reports the files' digest.
+    with open(toml, "w") as f:
+        f.write(text)
+    s = start_server(repo, str(tmp_path))
+    try:
+        assert served_digest(s.url, "edited") == packed_digest(d, tmp_path) == before
+        assert requests.post(f"{s.url}/v1/models/edited:infer", data=b"hi", timeout=30).content == b"hi"
+    finally:
+        stop_server(s)

@@ -38,6 +38,13 @@ struct ModelState {
     /// Refused by a device budget (not the bundle's fault): tried again by the next
     /// trigger and every poll, not remembered as failed.
     no_room: BTreeSet<u64>,
+    /// Serving versions loaded from the local repository, with their files' fingerprint
+    /// then: files edited in place (a rebuilt plugin) reload the version once they settle.
+    loaded: BTreeMap<u64, Option<Fingerprint>>,
+    /// Serving versions whose files changed: the fingerprint to see again before reloading.
+    changing: BTreeMap<u64, Fingerprint>,
+    /// Serving versions whose changed files have settled: the next reconcile reloads them.
+    reload: BTreeSet<u64>,
 }
 
 /// What one reconcile did.
@@ -140,6 +147,7 @@ impl Manager {
         mut arrival: Option<Servable>,
     ) -> LoadReport {
         let on_disk = self.source.versions(model);
+        self.reload_edited(model, st, &on_disk).await;
         st.admitted.retain(|v| on_disk.contains_key(v));
         st.failed.retain(|v, _| on_disk.contains_key(v));
         let stored: BTreeSet<u64> = st.admitted.difference(&st.deleting).copied().collect();
@@ -178,6 +186,10 @@ impl Manager {
             match loaded {
                 Ok(servable) => {
                     self.registry.publish(servable);
+                    if from_source && self.objects.is_none() {
+                        st.loaded
+                            .insert(version, LocalSource::fingerprint(&entry.dir));
+                    }
                     if from_source {
                         // A version copied in by hand gets the record an upload writes.
                         let (source, model) = (self.source.clone(), model.to_string());
@@ -213,6 +225,7 @@ impl Manager {
             tracing::info!(model, versions = ?unwanted, "retiring versions the policy no longer wants");
             self.registry.retire(model, &unwanted);
         }
+        st.loaded.retain(|v, _| want.contains(v));
         if let Some(a) = arrival {
             // Stored, but not wanted: it never serves.
             self.registry.end(model, a.version());
@@ -361,6 +374,7 @@ impl Manager {
             st.admitted.remove(&v);
         }
         st.pending.retain(|v, _| present.contains_key(v));
+        changed |= self.settle_edits(st, present);
         for (v, entry) in present {
             if st.admitted.contains(v) || st.deleting.contains(v) {
                 continue;
@@ -714,6 +728,8 @@ impl Manager {
     }
 }
 
+#[path = "manager_edits.rs"]
+mod edits;
 #[path = "manager_sync.rs"]
 mod sync;
 
