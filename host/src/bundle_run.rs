@@ -29,7 +29,10 @@ pub struct Answer {
 /// Loads the bundle at `path` and runs `call` through it.
 pub fn run(path: &Path, call: Call) -> anyhow::Result<Answer> {
     let scratch = tempfile::tempdir()?;
-    let dir = if path.is_dir() {
+    let staged = crate::scaffold::stage(path)?;
+    let dir = if let Some(s) = &staged {
+        s.path().to_path_buf()
+    } else if path.is_dir() {
         path.to_path_buf()
     } else {
         let file = std::fs::File::open(path).map_err(|e| {

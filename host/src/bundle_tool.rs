@@ -12,6 +12,9 @@ use std::path::{Path, PathBuf};
 
 /// Checks a bundle directory and packs it; returns the line to print.
 pub fn pack(dir: &Path, out: Option<&Path>) -> anyhow::Result<String> {
+    // A plugin crate packs as the bundle it stands for: no sources, no target/.
+    let staged = crate::scaffold::stage(dir)?;
+    let dir = staged.as_ref().map_or(dir, |s| s.path());
     if !dir.join("bundle.toml").is_file() && dir.join("saved_model.pb").is_file() {
         // Served as it is from a repository, but an archive is named by its manifest.
         anyhow::bail!(
@@ -80,6 +83,9 @@ fn check_plugins(bundle: &Bundle) -> Vec<String> {
 
 /// Describes a bundle directory or `.tar.gz` archive.
 pub fn inspect(path: &Path) -> anyhow::Result<String> {
+    if let Some(staged) = crate::scaffold::stage(path)? {
+        return describe_dir(staged.path());
+    }
     if path.is_dir() {
         return describe_dir(path);
     }
@@ -157,7 +163,7 @@ fn describe_dir(dir: &Path) -> anyhow::Result<String> {
                     "{world:<8} {} (memory {} MiB, cpu {} ms)",
                     h.path, h.limits.memory_mib, h.limits.cpu_ms
                 )?;
-                for (k, v) in &h.config {
+                for (k, v) in &h.config_strings() {
                     writeln!(s, "  config {k} = {v:?}")?;
                 }
                 match crate::plugin::describe(&b.file(&h.path)) {

@@ -35,6 +35,40 @@ pub enum Command {
     /// Make and examine bundles (the deployable unit: model, plugins, assets, manifest).
     #[command(subcommand)]
     Bundle(BundleCommand),
+
+    /// Write plugins.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PluginCommand {
+    /// Create a plugin crate that is also its bundle: `cargo build --release` in it,
+    /// then `nnserve bundle run .`, `bundle pack .`, `bundle push`; nothing to copy.
+    ///
+    /// The crate has its own .cargo/config.toml (target wasm32-wasip2 and the flags
+    /// plugins use), a bundle.toml whose plugin path is cargo's output, a warm-up request
+    /// and a README of the loop. Without --model a handler is model-less (pure pre- or
+    /// post-processing).
+    New {
+        /// The crate's directory; its last component is the crate's and the bundle's
+        /// name (letters, digits, `-`, `_`)
+        dir: PathBuf,
+        /// The plugin's world
+        #[arg(long, value_enum, default_value = "handler")]
+        world: crate::scaffold::World,
+        /// A model to copy in: a TorchScript file (its tensors are left as marked
+        /// placeholders to fill in) or a SavedModel directory (its signature says all)
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Depend on the SDK at this path (the repository's `sdk/`) [default: the SDK
+        /// shipped beside this binary or in its checkout]
+        #[arg(long, conflicts_with = "sdk_git")]
+        sdk: Option<PathBuf>,
+        /// Depend on the SDK by git URL (the nnserve repository)
+        #[arg(long)]
+        sdk_git: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]

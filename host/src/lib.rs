@@ -38,6 +38,7 @@ pub mod nn;
 pub mod plugin;
 pub mod repository;
 pub mod routing;
+pub mod scaffold;
 pub mod server;
 pub mod single_model;
 pub mod tensor;

@@ -95,6 +95,29 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Plugin(nnserve::cli::PluginCommand::New {
+            dir,
+            world,
+            model,
+            sdk,
+            sdk_git,
+        }) => {
+            use nnserve::scaffold::{default_sdk, new_plugin, Sdk};
+            let sdk = match (sdk, sdk_git) {
+                (_, Some(url)) => Sdk::Git(url),
+                (Some(p), None) => Sdk::Path(p.canonicalize().map_err(|e| {
+                    anyhow::anyhow!("--sdk {}: {e}", p.display())
+                })?),
+                (None, None) => Sdk::Path(default_sdk().ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "no SDK beside this binary: give --sdk PATH (the nnserve repository's sdk/) \
+                         or --sdk-git URL"
+                    )
+                })?),
+            };
+            print!("{}", new_plugin(&dir, world, &sdk, model.as_deref())?);
+            Ok(())
+        }
         Command::Bundle(BundleCommand::Inspect { path }) => {
             print!("{}", nnserve::bundle_tool::inspect(&path)?);
             Ok(())

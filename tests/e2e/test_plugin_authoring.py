@@ -5,11 +5,12 @@ wrongly blamed on the plugin, and typed config with lists and tables (the test p
 import os
 import shutil
 import subprocess
+import tarfile
 import time
 
 import requests
 
-from conftest import EXAMPLES, NNSERVE, WASM, plugin_bundle, start_server, stop_server
+from conftest import EXAMPLES, MLP_MODEL, NNSERVE, WASM, plugin_bundle, start_server, stop_server
 
 
 def one_plugin(tmp_path, name, config, *args):
@@ -170,3 +171,66 @@ def test_a_served_version_edited_in_place_reloads_and_its_digest_follows(tmp_pat
         assert requests.post(f"{s.url}/v1/models/edited:infer", data=b"hi", timeout=30).content == b"hi"
     finally:
         stop_server(s)
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_crate(crate):
+    """cargo build --release in a scaffolded crate. Its target/ is the workspace's and its
+    lockfile the workspace's, so the SDK's dependencies are not compiled a second time."""
+    shutil.copy(os.path.join(ROOT, "Cargo.lock"), os.path.join(crate, "Cargo.lock"))
+    os.symlink(os.path.join(ROOT, "target"), os.path.join(crate, "target"))
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=crate, check=True, timeout=900)
+
+
+def test_a_scaffolded_crate_builds_runs_offline_and_serves_after_a_push(tmp_path):
+    crate = str(tmp_path / "hello-plugin")
+    new = subprocess.run([NNSERVE, "plugin", "new", crate], capture_output=True, text=True, timeout=60)
+    assert new.returncode == 0, new.stderr
+    assert "depending on the SDK at" in new.stdout and "cargo build --release" in new.stdout
+    started = time.monotonic()
+    build_crate(crate)
+    run = subprocess.run([NNSERVE, "bundle", "run", crate, "--json", '{"name": "you"}'],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.endswith('{"message":"hello, you!"}\n'), run.stdout
+    assert "greeting you" in run.stderr, "the plugin's log is shown"
+    archive = str(tmp_path / "hello.tar.gz")
+    subprocess.run([NNSERVE, "bundle", "pack", crate, "-o", archive], check=True, capture_output=True)
+
+    with tarfile.open(archive) as t:
+        names = sorted(n for n in t.getnames() if not n.endswith("/"))
+    assert names == ["bundle.toml", "plugins/handler.wasm", "warmup/00.json"], names
+    repo = str(tmp_path / "repo")
+    os.makedirs(repo)
+    s = start_server(repo, str(tmp_path))
+    try:
+        push = subprocess.run([NNSERVE, "bundle", "push", archive, "--server", s.url],
+                              capture_output=True, text=True, timeout=120)
+        assert push.returncode == 0, push.stderr
+        r = requests.post(f"{s.url}/v1/models/hello-plugin:infer", json={"name": "you"}, timeout=30)
+        assert r.status_code == 200 and r.json() == {"message": "hello, you!"}, r.text
+        bad = requests.post(f"{s.url}/v1/models/hello-plugin:infer", data=b"not json", timeout=30)
+        assert bad.status_code == 400, bad.text
+    finally:
+        stop_server(s)
+    print(f"\nplugin new -> built -> bundle run -> pack -> push -> served: {time.monotonic() - started:.1f} s")
+
+
+def test_a_model_given_to_plugin_new_is_copied_in_with_marked_placeholders(tmp_path):
+    crate = tmp_path / "with-model"
+    out = subprocess.run([NNSERVE, "plugin", "new", str(crate), "--model", MLP_MODEL,
+                          "--sdk", os.path.join(ROOT, "sdk")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (crate / "model" / "model.pt").read_bytes() == open(MLP_MODEL, "rb").read()
+    toml = (crate / "bundle.toml").read_text()
+    assert 'backend = "torchscript"' in toml and "TODO" in toml
+    saved = tmp_path / "tf-plugin"
+    out = subprocess.run([NNSERVE, "plugin", "new", str(saved), "--model",
+                          os.path.join(EXAMPLES, "tf-mlp", "1", "model", "saved_model")],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and (saved / "model" / "saved_model" / "saved_model.pb").is_file(), out.stderr
+    assert 'backend = "tensorflow"' in (saved / "bundle.toml").read_text()
+    again = subprocess.run([NNSERVE, "plugin", "new", str(crate)], capture_output=True, text=True, timeout=60)
+    assert again.returncode != 0 and "exists already" in again.stderr
