@@ -39,6 +39,29 @@ pub enum Command {
     /// Write plugins.
     #[command(subcommand)]
     Plugin(PluginCommand),
+
+    /// The edit-run loop: serve a plugin crate (or a bundle directory) on a local port,
+    /// rebuild it when its files change and reload the same version in place.
+    ///
+    /// A crate (`nnserve plugin new`) is built with `cargo build --release` at start and
+    /// on every change of its files (target/ aside), and its bundle staged into the
+    /// served repository; the server reloads it within about half a second. A build that
+    /// fails is shown and the last good one keeps serving. The management API is open
+    /// (loopback only). ctrl-c stops.
+    Dev {
+        /// The plugin crate or bundle directory
+        dir: PathBuf,
+        /// Address to listen on (loopback); port 0 picks a free one
+        #[arg(long, short = 'l', default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Log filter [default: the server's info lines and the plugin's log and output]
+        #[arg(
+            long,
+            env = "RUST_LOG",
+            default_value = "info,nnserve::plugin::host=trace,nnserve::plugin::output=debug"
+        )]
+        log: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]

@@ -29,6 +29,7 @@ pub mod bundle_tool;
 pub mod cli;
 pub mod config;
 pub mod connections;
+pub mod dev;
 pub mod grpc;
 pub mod lifecycle;
 pub mod logging;

@@ -24,6 +24,19 @@ fn main() -> std::process::ExitCode {
     }
 }
 
+/// After a clean shutdown: shutdown has answered or cut every request already. A forward
+/// that was cut may still run on its thread, and dropping the runtime would wait for it
+/// (or libtorch's static destructors would run beside it): leave at once instead, with
+/// everything written out.
+fn exit_now() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    nnserve::logging::finish();
+    // SAFETY: _exit ends the process without running atexit handlers.
+    unsafe { libc::_exit(0) }
+}
+
 /// `--body`: the text itself, or `@FILE` (`@-`: stdin) for bytes.
 fn read_body(arg: &str) -> anyhow::Result<Vec<u8>> {
     match arg.strip_prefix('@') {
@@ -118,6 +131,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             print!("{}", new_plugin(&dir, world, &sdk, model.as_deref())?);
             Ok(())
         }
+        Command::Dev { dir, listen, log } => {
+            nnserve::logging::init(&log, nnserve::logging::Format::Text)?;
+            nnserve::dev::run(&dir, listen)?;
+            exit_now()
+        }
         Command::Bundle(BundleCommand::Inspect { path }) => {
             print!("{}", nnserve::bundle_tool::inspect(&path)?);
             Ok(())
@@ -132,20 +150,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .worker_threads(config.worker_threads())
                 .enable_all()
                 .build()?;
-            let result = runtime.block_on(nnserve::server::run(config));
-            if result.is_ok() {
-                // Shutdown has answered or cut every request already. A forward that was
-                // cut may still run on its thread, and dropping the runtime would wait
-                // for it (or libtorch's static destructors would run beside it): leave
-                // at once instead, with everything written out.
-                use std::io::Write;
-                let _ = std::io::stdout().flush();
-                let _ = std::io::stderr().flush();
-                nnserve::logging::finish();
-                // SAFETY: _exit ends the process without running atexit handlers.
-                unsafe { libc::_exit(0) };
-            }
-            result
+            runtime.block_on(nnserve::server::run(config))?;
+            exit_now()
         }
     }
 }

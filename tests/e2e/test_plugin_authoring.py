@@ -4,6 +4,7 @@ wrongly blamed on the plugin, and typed config with lists and tables (the test p
 `misbehave`, tests/plugins/misbehave)."""
 import os
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -234,3 +235,39 @@ def test_a_model_given_to_plugin_new_is_copied_in_with_marked_placeholders(tmp_p
     assert 'backend = "tensorflow"' in (saved / "bundle.toml").read_text()
     again = subprocess.run([NNSERVE, "plugin", "new", str(crate)], capture_output=True, text=True, timeout=60)
     assert again.returncode != 0 and "exists already" in again.stderr
+
+
+def test_dev_rebuilds_on_an_edit_and_serves_it_as_the_same_version(tmp_path):
+    crate = str(tmp_path / "loop-plugin")
+    subprocess.run([NNSERVE, "plugin", "new", crate], check=True, capture_output=True, timeout=60)
+    build_crate(crate)
+    log = open(tmp_path / "dev.log", "w")
+    proc = subprocess.Popen([NNSERVE, "dev", crate, "--listen", "127.0.0.1:0"],
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        url = None
+        for line in proc.stdout:
+            if "nnserve listening on " in line:
+                url = line.split("listening on ", 1)[1].strip()
+                break
+        assert url, (tmp_path / "dev.log").read_text()
+        infer = f"{url}/v1/models/loop-plugin:infer"
+        assert requests.post(infer, json={"name": "a"}, timeout=30).json() == {"message": "hello, a!"}
+        src = os.path.join(crate, "src", "lib.rs")
+        with open(src) as f:
+            text = f.read()
+        with open(src, "w") as f:
+            f.write(text.replace('format!("{}, {}!"', 'format!("{} there, {}!"'))
+        edited = time.monotonic()
+        deadline = edited + 120
+        while requests.post(infer, json={"name": "a"}, timeout=30).json() != {"message": "hello there, a!"}:
+            assert time.monotonic() < deadline, (tmp_path / "dev.log").read_text()[-3000:]
+            time.sleep(0.05)
+        took = time.monotonic() - edited
+        versions = requests.get(f"{url}/v1/models/loop-plugin", timeout=10).json()["model_version_status"]
+        assert [v["version"] for v in versions] == ["1"], versions
+        print(f"\nnnserve dev: edit -> rebuilt -> reloaded -> new answer in {took:.2f} s")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log.close()
