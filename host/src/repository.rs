@@ -368,8 +368,13 @@ fn stale_meta(root: &Path, model: &str, version: u64, dir: &Path) -> bool {
 /// Records digest, size and first-seen time for a version that has no record yet (one
 /// copied in by hand), so it is listed and re-uploads of it are idempotent; and again
 /// for one whose files were edited in place after its record was written.
-pub fn ensure_meta(root: &Path, model: &str, version: u64, dir: &Path) {
-    if read_meta(root, model, version).is_some() && !stale_meta(root, model, version, dir) {
+///
+/// `refresh`: whether a stale record is rewritten (a local repository; an object store's
+/// cache holds the bucket's records, which only the bucket changes).
+pub fn ensure_meta(root: &Path, model: &str, version: u64, dir: &Path, refresh: bool) {
+    if read_meta(root, model, version).is_some()
+        && !(refresh && stale_meta(root, model, version, dir))
+    {
         return;
     }
     let (Ok(digest), Ok(files)) = (crate::archive::digest(dir), crate::archive::list_files(dir))

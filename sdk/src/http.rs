@@ -53,6 +53,7 @@ impl Response {
 }
 
 impl Error {
+    /// An error with this code (its HTTP status) and message (`{"error": message}`).
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Error {
         Error {
             code,

@@ -41,6 +41,9 @@
 //! model), the [`host`] functions (log, config, read-only assets) and the WASI that Rust's
 //! std needs, with no files, no network and an empty environment.
 
+#![deny(missing_docs)]
+
+#[allow(missing_docs)] // generated; the WIT's own comments are its docs
 pub mod bindings {
     //! The generated bindings of the `nnserve:plugin/handler` world. Plugin code should
     //! not need these; they are public for the export macro and for advanced uses.

@@ -8,18 +8,26 @@ pub use tensor::TensorType;
 /// A tensor on the plugin's side: a shape, an element type and row-major bytes.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
+    /// The dimensions, outermost (the batch) first.
     pub shape: Vec<u32>,
+    /// The element type.
     pub ty: TensorType,
+    /// The elements, row-major, little-endian.
     pub data: Vec<u8>,
 }
 
 /// A Rust number type a tensor can hold, with its wasi-nn element type: `f32`, `f64`,
 /// `u8`, `i32`, `i64`, and `half::f16` / `half::bf16` (re-exported as [`f16`], [`bf16`]).
 pub trait Element: Copy {
+    /// Its wasi-nn element type.
     const TYPE: TensorType;
+    /// Bytes per element.
     const SIZE: usize;
+    /// Appends its little-endian bytes.
     fn put(self, out: &mut Vec<u8>);
+    /// Reads one from the first [`Element::SIZE`] bytes.
     fn get(bytes: &[u8]) -> Self;
+    /// Its value as `f32` (rounded where it does not fit).
     fn to_f32(self) -> f32;
 }
 

@@ -185,19 +185,22 @@ impl Manager {
             let from_source = arrival_version != Some(version);
             match loaded {
                 Ok(servable) => {
-                    self.registry.publish(servable);
-                    if from_source && self.objects.is_none() {
-                        st.loaded
-                            .insert(version, LocalSource::fingerprint(&entry.dir));
-                    }
                     if from_source {
-                        // A version copied in by hand gets the record an upload writes.
-                        let (source, model) = (self.source.clone(), model.to_string());
+                        // A version copied in by hand gets the record an upload writes,
+                        // before anyone sees it serve.
+                        let (source, model, dir) =
+                            (self.source.clone(), model.to_string(), entry.dir.clone());
+                        let refresh = self.objects.is_none();
                         let _ = tokio::task::spawn_blocking(move || {
-                            source.ensure_meta(&model, version, &entry.dir)
+                            source.ensure_meta(&model, version, &dir, refresh)
                         })
                         .await;
+                        if self.objects.is_none() {
+                            st.loaded
+                                .insert(version, LocalSource::fingerprint(&entry.dir));
+                        }
                     }
+                    self.registry.publish(servable);
                 }
                 Err(e) => {
                     let no_room = matches!(e, LoadError::NoRoom(_));

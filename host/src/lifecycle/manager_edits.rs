@@ -56,13 +56,15 @@ impl Manager {
             let started = std::time::Instant::now();
             match self.loader.load(entry.clone()).await {
                 Ok(servable) => {
-                    log_available(&servable, started.elapsed());
-                    self.registry.publish(servable);
+                    // The record first: whoever sees the new version sees its digest.
                     let (source, m, dir) =
                         (self.source.clone(), model.to_string(), entry.dir.clone());
-                    let _ =
-                        tokio::task::spawn_blocking(move || source.ensure_meta(&m, version, &dir))
-                            .await;
+                    let _ = tokio::task::spawn_blocking(move || {
+                        source.ensure_meta(&m, version, &dir, true)
+                    })
+                    .await;
+                    log_available(&servable, started.elapsed());
+                    self.registry.publish(servable);
                 }
                 Err(e) => tracing::warn!(
                     model,

@@ -79,8 +79,8 @@ impl LocalSource {
 
     /// Records digest, size and first-seen time for a version that has none (one copied
     /// in by hand), so it is listed with its digest and re-uploads of it are idempotent.
-    pub fn ensure_meta(&self, model: &str, version: u64, dir: &Path) {
-        repository::ensure_meta(&self.root, model, version, dir)
+    pub fn ensure_meta(&self, model: &str, version: u64, dir: &Path, refresh: bool) {
+        repository::ensure_meta(&self.root, model, version, dir, refresh)
     }
 
     pub fn remove(&self, model: &str, version: u64) -> std::io::Result<()> {

@@ -27,6 +27,9 @@
 //! Build with `cargo build --release --target wasm32-wasip2`; the `.wasm` file is the
 //! component to put at the `[router] path` of the endpoint bundle.
 
+#![deny(missing_docs)]
+
+#[allow(missing_docs)] // generated; the WIT's own comments are its docs
 pub mod bindings {
     //! The generated bindings of the `nnserve:plugin/router` world. Router code should
     //! not need these; they are public for the export macro.
