@@ -40,6 +40,7 @@ pub mod plugin;
 pub mod repository;
 pub mod routing;
 pub mod scaffold;
+mod scaffold_names;
 pub mod server;
 pub mod single_model;
 pub mod tensor;

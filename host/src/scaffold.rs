@@ -186,15 +186,66 @@ fn model_section(dir: &Path, file: &Path) -> anyhow::Result<String> {
     }
     std::fs::copy(file, dir.join("model/model.pt"))
         .map_err(|e| anyhow::anyhow!("cannot copy {}: {e}", file.display()))?;
-    Ok(
-        "\n[model]\nbackend = \"torchscript\"\npath = \"model/model.pt\"\ndevice = \"auto\"\n\
-        # TODO: a TorchScript file does not say its tensors: write the model's inputs and\n\
-        # outputs, in the order forward() takes and returns them. dtype: fp32, int64, ...;\n\
-        # shape: -1 for a free dimension (the first is the batch).\n\
-        inputs = [{ name = \"input\", dtype = \"fp32\", shape = [-1, 4] }]     # TODO\n\
-        outputs = [{ name = \"output\", dtype = \"fp32\", shape = [-1, 3] }]   # TODO\n"
-            .to_string(),
-    )
+    Ok(torchscript_section(file))
+}
+
+/// `[model]` for a TorchScript file: the input names `forward` takes (read from the
+/// file), dtypes and shapes as placeholders, since TorchScript does not keep them.
+fn torchscript_section(file: &Path) -> String {
+    let head =
+        "\n[model]\nbackend = \"torchscript\"\npath = \"model/model.pt\"\ndevice = \"auto\"\n";
+    let todo = "# TODO: TorchScript keeps no dtypes or shapes: write each tensor's, in the order\n\
+                # forward() takes and returns them. dtype: fp32, int64, ...; shape: -1 for a free\n\
+                # dimension (the first is the batch).\n";
+    let tensor = |name: &str| {
+        format!("  {{ name = \"{name}\", dtype = \"fp32\", shape = [-1, 4] }},   # TODO\n")
+    };
+    match crate::scaffold_names::forward(file) {
+        Ok(f) if !f.inputs.is_empty() => {
+            let mut s = format!(
+                "{head}# The input names are forward()'s parameters, read from the file.\n{todo}inputs = [\n"
+            );
+            for (name, ty) in &f.inputs {
+                if ty != "Tensor" {
+                    s += &format!(
+                        "  # {name} is a {ty} in forward(): nnserve passes tensors only\n"
+                    );
+                }
+                s += &tensor(name);
+            }
+            s += "]\n";
+            match f.outputs {
+                Some(n) => {
+                    s += &format!(
+                        "# forward() returns {n} tensor(s); name them as you like.\noutputs = [\n"
+                    );
+                    for i in 0..n {
+                        s += &tensor(&if n == 1 {
+                            "output".to_string()
+                        } else {
+                            format!("output_{i}")
+                        });
+                    }
+                    s += "]\n";
+                }
+                None => {
+                    s += "# forward() returns no tensor or tuple of tensors: nnserve needs one of those.\n\
+                          outputs = [{ name = \"output\", dtype = \"fp32\", shape = [-1, 3] }]   # TODO\n";
+                }
+            }
+            s
+        }
+        other => {
+            let why = match other {
+                Err(e) => format!("# (its inputs could not be read from the file: {e})\n"),
+                Ok(_) => String::new(),
+            };
+            format!(
+                "{head}{why}{todo}inputs = [{{ name = \"input\", dtype = \"fp32\", shape = [-1, 4] }}]     # TODO\n\
+                 outputs = [{{ name = \"output\", dtype = \"fp32\", shape = [-1, 3] }}]   # TODO\n"
+            )
+        }
+    }
 }
 
 fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {

@@ -104,6 +104,10 @@ pub fn assemble(
     let metrics = Arc::new(crate::metrics::Metrics::new());
     let budget = lifecycle::DeviceBudget::new(&config.device_memory_mib);
     let registry = Arc::new(Registry::new(metrics.clone(), budget));
+    // Handlers find the models they declare as dependencies here; weak, since the
+    // registry holds the handlers.
+    let lookup: std::sync::Weak<dyn crate::nn::ModelLookup> = Arc::downgrade(&registry) as _;
+    runtime.set_lookup(lookup);
     let loader = Arc::new(lifecycle::Loader {
         runtime: runtime.clone(),
         metrics: metrics.clone(),

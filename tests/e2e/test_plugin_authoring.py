@@ -2,11 +2,13 @@
 500 and in the log, println!/eprintln! in the debug log, a model input the plugin built
 wrongly blamed on the plugin, and typed config with lists and tables (the test plugin
 `misbehave`, tests/plugins/misbehave)."""
+import json
 import os
 import shutil
 import signal
 import subprocess
 import tarfile
+import tomllib
 import time
 
 import requests
@@ -105,6 +107,55 @@ def test_a_model_less_bundle_serves_its_plugin_and_refuses_the_tensor_apis(tmp_p
     assert r.status_code == 200 and r.content == b"no model needed", r.text
     assert predict.status_code == 400 and ":infer" in predict.json()["error"], predict.text
     assert status["model_version_status"][0]["state"] == "AVAILABLE"
+
+
+def chained(repo, name, dependencies, model):
+    d = repo / name / "1"
+    os.makedirs(d / "plugins")
+    shutil.copy(os.path.join(WASM, "misbehave.wasm"), d / "plugins" / "handler.wasm")
+    (d / "bundle.toml").write_text(
+        f'[bundle]\nname = "{name}"\nversion = 1\n\n[handler]\npath = "plugins/handler.wasm"\n'
+        f'dependencies = {json.dumps(dependencies)}\nconfig = {{ mode = "chain", model = "{model}" }}\n')
+
+
+def test_a_plugin_calls_the_models_it_declares_and_only_those(tmp_path):
+    """A model-less bundle that declares mlp as a dependency runs it (the answer equals
+    mlp's own :predict); a model it did not declare is the plugin's 500, and a pinned
+    version that does not exist is a 503 the client may retry."""
+    repo = tmp_path / "repo"
+    shutil.copytree(os.path.join(EXAMPLES, "mlp"), repo / "mlp")
+    chained(repo, "front", ["mlp"], "mlp")
+    chained(repo, "sneaky", ["mlp"], "digits")
+    chained(repo, "pinned", ["mlp@7"], "mlp")
+    rows = [[1.0, 2.0, 3.0, 4.0], [0.5, -1.0, 0.0, 2.0]]
+    s = start_server(str(repo), str(tmp_path), "--readiness", "any")
+    try:
+        direct = requests.post(f"{s.url}/v1/models/mlp:predict", json={"instances": rows}, timeout=30)
+        front = requests.post(f"{s.url}/v1/models/front:infer", json=rows, timeout=30)
+        sneaky = requests.post(f"{s.url}/v1/models/sneaky:infer", json=rows, timeout=30)
+        pinned = requests.post(f"{s.url}/v1/models/pinned:infer", json=rows, timeout=30)
+    finally:
+        stop_server(s)
+    assert direct.status_code == 200 and front.status_code == 200, (direct.text, front.text)
+    expected = [v for row in direct.json()["predictions"] for v in row]
+    assert front.json() == expected, (front.json(), expected)
+    assert sneaky.status_code == 500, sneaky.text
+    error = sneaky.json()["error"]
+    assert "plugin sneaky@1" in error and "[handler] dependencies" in error, error
+    assert pinned.status_code == 503, pinned.text
+    assert "dependency mlp@7" in pinned.json()["error"], pinned.text
+
+
+def test_a_dependency_that_is_malformed_or_the_bundle_itself_is_refused(tmp_path):
+    repo = tmp_path / "repo"
+    chained(repo, "selfish", ["selfish"], "selfish")
+    chained(repo, "twice", ["mlp", "mlp@stable"], "mlp")
+    chained(repo, "odd", ["../mlp"], "mlp")
+    for name, why in [("selfish", "own model"), ("twice", "declared twice"), ("odd", "not valid")]:
+        out = subprocess.run([NNSERVE, "bundle", "pack", "-o", str(tmp_path / f"{name}.tar.gz"),
+                              str(repo / name / "1")],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and why in out.stderr + out.stdout, (name, out.stdout, out.stderr)
 
 
 def test_bundle_run_answers_one_request_without_a_server(tmp_path):
@@ -227,6 +278,10 @@ def test_a_model_given_to_plugin_new_is_copied_in_with_marked_placeholders(tmp_p
     assert (crate / "model" / "model.pt").read_bytes() == open(MLP_MODEL, "rb").read()
     toml = (crate / "bundle.toml").read_text()
     assert 'backend = "torchscript"' in toml and "TODO" in toml
+    # The input names are forward()'s own (examples/make_models.py: `def forward(self, x)`).
+    model = tomllib.loads(toml)["model"]
+    assert [t["name"] for t in model["inputs"]] == ["x"], toml
+    assert [t["name"] for t in model["outputs"]] == ["output"], toml
     saved = tmp_path / "tf-plugin"
     out = subprocess.run([NNSERVE, "plugin", "new", str(saved), "--model",
                           os.path.join(EXAMPLES, "tf-mlp", "1", "model", "saved_model")],

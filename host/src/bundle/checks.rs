@@ -8,6 +8,9 @@
 use super::manifest::{BackendKind, DeviceSpec, Manifest, PluginSpec, MAX_BATCH_INPUT_BYTES};
 use super::paths::relative_path;
 
+/// More models than a handler could sensibly chain; a bound on what a manifest may list.
+const MAX_DEPENDENCIES: usize = 32;
+
 impl Manifest {
     /// Checks that do not touch the file system. Returns every reason found.
     pub fn check(&self) -> Vec<String> {
@@ -134,6 +137,14 @@ impl Manifest {
             if h.limits.memory_mib == 0 || h.limits.cpu_ms == 0 {
                 r.push("handler.limits: memory_mib and cpu_ms must be positive".to_string());
             }
+            self.check_dependencies(h, &mut r);
+        }
+        if self
+            .router
+            .as_ref()
+            .is_some_and(|p| !p.dependencies.is_empty())
+        {
+            r.push("router.dependencies: a router picks among its [[variants]] and loads no model; declare dependencies in a model bundle's [handler]".to_string());
         }
         for (what, p) in self.paths() {
             if let Err(e) = relative_path(p) {
@@ -141,6 +152,37 @@ impl Manifest {
             }
         }
         r
+    }
+
+    fn check_dependencies(&self, h: &PluginSpec, r: &mut Vec<String>) {
+        if h.dependencies.len() > MAX_DEPENDENCIES {
+            r.push(format!(
+                "handler.dependencies: {} entries, at most {MAX_DEPENDENCIES} are allowed",
+                h.dependencies.len()
+            ));
+            return;
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for text in &h.dependencies {
+            match super::manifest::Dependency::parse(text) {
+                Err(e) => r.push(format!(
+                    "handler.dependencies {}: {e} (write NAME, NAME@VERSION or NAME@LABEL)",
+                    crate::names::shown(text)
+                )),
+                Ok(d) if d.model == self.bundle.name => r.push(format!(
+                    "handler.dependencies: {} is this bundle's own model, which the plugin loads as \"default\" or by its name already",
+                    d.model
+                )),
+                Ok(d) if d.model == "default" => r.push(
+                    "handler.dependencies: \"default\" names the bundle's own model; a dependency must be another model".to_string(),
+                ),
+                Ok(d) if !seen.insert(d.model.clone()) => r.push(format!(
+                    "handler.dependencies: {} is declared twice (a plugin loads a dependency by its model name, so one pin per model)",
+                    d.model
+                )),
+                Ok(_) => {}
+            }
+        }
     }
 
     /// The plugin sections with their world: `("handler", ..)` and `("router", ..)`.

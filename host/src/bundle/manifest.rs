@@ -215,6 +215,61 @@ pub struct PluginSpec {
     pub config: BTreeMap<String, toml::Value>,
     #[serde(default)]
     pub limits: PluginLimits,
+    /// Other served models this handler may load by name through wasi-nn, besides its
+    /// own: `"NAME"` (its highest available version), `"NAME@3"` (version 3) or
+    /// `"NAME@stable"` (the version a label names). Each is resolved on every
+    /// `load-by-name`, so the handler follows the dependency's hot swaps. Only
+    /// `[handler]` may declare them.
+    #[serde(default)]
+    pub dependencies: Vec<String>,
+}
+
+/// A model a handler declares it calls besides its own (`[handler] dependencies`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dependency {
+    /// The model's name, which is also the name the plugin loads it by.
+    pub model: String,
+    pub pin: Pin,
+}
+
+/// Which version of a dependency a plugin gets.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pin {
+    /// The highest available version, as a request without a version gets.
+    Latest,
+    Version(u64),
+    Label(String),
+}
+
+impl Dependency {
+    /// Parses `NAME`, `NAME@VERSION` or `NAME@LABEL`; the error says which part is wrong.
+    pub fn parse(text: &str) -> Result<Dependency, String> {
+        let (model, pin) = match text.split_once('@') {
+            None => (text, Pin::Latest),
+            Some((model, pin)) if !pin.is_empty() && pin.bytes().all(|b| b.is_ascii_digit()) => {
+                (model, Pin::Version(crate::names::parse_version(pin)?))
+            }
+            Some((model, label)) => {
+                crate::names::check_name("label", label)?;
+                (model, Pin::Label(label.to_string()))
+            }
+        };
+        crate::names::check_name("model name", model)?;
+        Ok(Dependency {
+            model: model.to_string(),
+            pin,
+        })
+    }
+}
+
+impl std::fmt::Display for Dependency {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.pin {
+            Pin::Latest => write!(f, "{}", self.model),
+            Pin::Version(v) => write!(f, "{}@{v}", self.model),
+            Pin::Label(l) => write!(f, "{}@{l}", self.model),
+        }
+    }
 }
 
 /// The plugin's own budget per request.
@@ -258,6 +313,14 @@ fn default_cpu_ms() -> u64 {
 }
 
 impl PluginSpec {
+    /// The declared dependencies, parsed (the manifest's checks have refused bad ones).
+    pub fn dependencies(&self) -> Vec<Dependency> {
+        self.dependencies
+            .iter()
+            .filter_map(|d| Dependency::parse(d).ok())
+            .collect()
+    }
+
     /// The config as `host.config` answers it: a string as it is, any other value as
     /// JSON (`3`, `true`, `[1,2]`, `{"a":1}`).
     pub fn config_strings(&self) -> BTreeMap<String, String> {

@@ -15,8 +15,8 @@ mod manifest;
 mod paths;
 
 pub use self::manifest::{
-    parse_manifest, BackendKind, BatchingSpec, BundleInfo, DeviceSpec, EndpointSpec, Manifest,
-    ModelSpec, PluginLimits, PluginSpec, RouterErrorPolicy, TensorSpec, VariantSpec,
+    parse_manifest, BackendKind, BatchingSpec, BundleInfo, Dependency, DeviceSpec, EndpointSpec,
+    Manifest, ModelSpec, Pin, PluginLimits, PluginSpec, RouterErrorPolicy, TensorSpec, VariantSpec,
     MAX_BATCH_INPUT_BYTES,
 };
 pub use self::paths::{relative_path, resolve_inside};

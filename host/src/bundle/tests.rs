@@ -328,3 +328,22 @@ fn a_tf_serving_version_directory_is_a_tensorflow_bundle_named_by_its_directorie
     let b = Bundle::open(&version).unwrap();
     assert_eq!(b.manifest.model.unwrap().tags(), vec!["serve", "gpu"]);
 }
+
+#[test]
+fn a_dependency_names_a_model_and_pins_a_version_or_a_label() {
+    use super::{Dependency, Pin};
+    let d = Dependency::parse("mlp").unwrap();
+    assert_eq!((d.model.as_str(), &d.pin), ("mlp", &Pin::Latest));
+    assert_eq!(Dependency::parse("mlp@3").unwrap().pin, Pin::Version(3));
+    assert_eq!(
+        Dependency::parse("mlp@stable").unwrap().pin,
+        Pin::Label("stable".into())
+    );
+    assert_eq!(
+        Dependency::parse("mlp@stable").unwrap().to_string(),
+        "mlp@stable"
+    );
+    for bad in ["", "@3", "mlp@", "../mlp", "mlp@0", "mlp@a/b", "mlp@03"] {
+        assert!(Dependency::parse(bad).is_err(), "{bad:?} was accepted");
+    }
+}

@@ -349,6 +349,28 @@ impl Registry {
         self.resolve_variant(e.default())
     }
 
+    /// The model version a handler's declared dependency names now.
+    fn resolve_dependency(
+        &self,
+        dep: &crate::bundle::Dependency,
+    ) -> Result<Arc<ModelVersion>, ResolveError> {
+        use crate::bundle::Pin;
+        let version = match &dep.pin {
+            Pin::Latest => None,
+            Pin::Version(v) => Some(*v),
+            Pin::Label(l) => Some(self.label(&dep.model, l)?),
+        };
+        let m = self.resolve_model(&dep.model, version)?;
+        if m.spec.backend == crate::bundle::BackendKind::None {
+            return Err(ResolveError::NotAvailable(
+                dep.model.clone(),
+                m.version(),
+                "it has no model (a model-less plugin bundle)".into(),
+            ));
+        }
+        Ok(m)
+    }
+
     /// The version a label points to.
     pub fn label(&self, model: &str, label: &str) -> Result<u64, ResolveError> {
         let models = self.models.read().unwrap();
@@ -574,5 +596,13 @@ impl Registry {
                 error,
             },
         );
+    }
+}
+
+impl crate::nn::ModelLookup for Registry {
+    fn dependency(&self, dep: &crate::bundle::Dependency) -> Result<Arc<Runner>, String> {
+        self.resolve_dependency(dep)
+            .map(|m| m.runner.clone())
+            .map_err(|e| e.to_string())
     }
 }

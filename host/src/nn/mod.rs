@@ -32,7 +32,8 @@ mod wasi;
 pub use self::pool::{MemoryPool, PoolExhausted};
 pub use self::runner::{InferError, Runner, INLINE_LIMIT, WAITING_PER_SLOT};
 pub use self::wasi::{
-    add_to_linker, ExecContext, Graph, HostMemoryExceeded, HostTensor, NnCtx, NnError, NnView,
+    add_to_linker, Blame, Dependencies, ExecContext, Graph, HostMemoryExceeded, HostTensor,
+    ModelLookup, NnCtx, NnError, NnView,
 };
 
 #[cfg(test)]

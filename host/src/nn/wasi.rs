@@ -9,9 +9,10 @@
 
 use super::pool::{MemoryPool, PoolExhausted};
 use super::runner::{InferError, Runner};
+use crate::bundle::Dependency;
 use crate::tensor::{DType, Tensor};
 use crate::wit::wasi::nn as gen;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use wasmtime::component::{HasData, Resource, ResourceTable};
 
@@ -39,6 +40,34 @@ pub struct NnError {
     data: String,
 }
 
+/// Finds the runner a declared dependency names now (implemented by the lifecycle's
+/// registry, which `nn` must not know).
+pub trait ModelLookup: Send + Sync {
+    /// The runner of the version `dep` names now, or why there is none: a sentence a
+    /// client may read (it names only the model, version and state).
+    fn dependency(&self, dep: &Dependency) -> Result<Arc<Runner>, String>;
+}
+
+/// The models a handler declared besides its own, and where to find them. The lookup is
+/// weak: the registry holds the plugins that hold this.
+#[derive(Clone)]
+pub struct Dependencies {
+    pub declared: Arc<[Dependency]>,
+    pub lookup: Weak<dyn ModelLookup>,
+}
+
+/// Why a plugin's error is not what it says: the host saw the cause in a wasi-nn call.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Blame {
+    /// The model refused an input the plugin built (a shape or dtype it does not take):
+    /// the plugin's bug (it should have checked the request), a 500 that names it.
+    Refused(String),
+    /// The plugin loaded a model it did not declare: its bug too, a 500.
+    Undeclared(String),
+    /// A declared dependency has no version to serve now: a 503 the client may retry.
+    DependencyDown(String),
+}
+
 /// Per-request wasi-nn state: which graphs `load-by-name` may return, the time spent in
 /// host calls (which the plugin's CPU budget does not count), and the host memory its
 /// resources hold.
@@ -48,9 +77,10 @@ pub struct NnCtx {
     pub host_time: Duration,
     /// A `compute` was refused because the model's queue was full.
     pub overloaded: bool,
-    /// The first input the model refused (a shape or dtype it does not take): the
-    /// plugin built it, so a failure that follows is the plugin's, not the client's.
-    pub refused: Option<String>,
+    /// The first cause the host saw for a failure that follows (a refused input, an
+    /// undeclared or unavailable model): it decides whom the error blames.
+    pub blame: Option<Blame>,
+    deps: Option<Dependencies>,
     memory: HostMemory,
 }
 
@@ -121,20 +151,26 @@ impl std::fmt::Display for HostMemoryExceeded {
 impl std::error::Error for HostMemoryExceeded {}
 
 impl NnCtx {
-    /// `load-by-name` answers `model_name` and `default` with `runner`, nothing else;
+    /// `load-by-name` answers `model_name` and `default` with `runner` (when the bundle
+    /// has a model) and each declared dependency's name with its runner of the moment;
     /// its resources may hold `host_budget` bytes, charged to `pool` too.
     pub fn new(
         model_name: &str,
-        runner: Arc<Runner>,
+        runner: Option<Arc<Runner>>,
+        deps: Option<Dependencies>,
         host_budget: u64,
         pool: Arc<MemoryPool>,
     ) -> NnCtx {
         NnCtx {
-            names: vec![model_name.to_string(), "default".to_string()],
-            runner: Some(runner),
+            names: match runner {
+                Some(_) => vec![model_name.to_string(), "default".to_string()],
+                None => Vec::new(),
+            },
+            runner,
             host_time: Duration::ZERO,
             overloaded: false,
-            refused: None,
+            blame: None,
+            deps,
             memory: HostMemory {
                 budget: host_budget,
                 used: 0,
@@ -150,7 +186,8 @@ impl NnCtx {
             runner: None,
             host_time: Duration::ZERO,
             overloaded: false,
-            refused: None,
+            blame: None,
+            deps: None,
             memory: HostMemory {
                 budget: 1 << 20,
                 used: 0,
@@ -193,8 +230,8 @@ type NnResult<T> = wasmtime::Result<Result<T, Resource<NnError>>>;
 
 impl NnView<'_> {
     fn fail<T>(&mut self, code: gen::errors::ErrorCode, data: String) -> NnResult<T> {
-        if code == gen::errors::ErrorCode::InvalidArgument && self.ctx.refused.is_none() {
-            self.ctx.refused = Some(crate::names::bounded(&data));
+        if code == gen::errors::ErrorCode::InvalidArgument && self.ctx.blame.is_none() {
+            self.ctx.blame = Some(Blame::Refused(crate::names::bounded(&data)));
         }
         let e = self.push(NnError { code, data })?;
         Ok(Err(e))
@@ -322,25 +359,53 @@ impl gen::graph::Host for NnView<'_> {
             let g = Graph {
                 runner: runner.clone(),
             };
-            Ok(Ok(self.push(g)?))
-        } else if self.ctx.names.is_empty() {
-            self.fail(
-                gen::errors::ErrorCode::NotFound,
-                format!(
-                    "no graph named {}: this bundle has no [model] (a model-less plugin)",
-                    crate::names::shown(&name)
-                ),
+            return Ok(Ok(self.push(g)?));
+        }
+        let deps = self.ctx.deps.clone();
+        let declared = deps.as_ref().and_then(|d| {
+            d.declared
+                .iter()
+                .find(|dep| dep.model == name)
+                .map(|dep| (dep, d))
+        });
+        if let Some((dep, d)) = declared {
+            let found = match d.lookup.upgrade() {
+                Some(lookup) => lookup.dependency(dep),
+                None => Err("the server is shutting down".to_string()),
+            };
+            return match found {
+                Ok(runner) => Ok(Ok(self.push(Graph { runner })?)),
+                Err(why) => {
+                    let data = format!("dependency {dep} cannot serve now: {why}");
+                    self.ctx
+                        .blame
+                        .get_or_insert(Blame::DependencyDown(data.clone()));
+                    self.fail(gen::errors::ErrorCode::NotFound, data)
+                }
+            };
+        }
+        let mut known: Vec<String> = self.ctx.names.clone();
+        known.extend(
+            deps.iter()
+                .flat_map(|d| d.declared.iter().map(|x| x.model.clone())),
+        );
+        let data = if known.is_empty() {
+            format!(
+                "no graph named {}: this bundle has no [model] and declares no [handler] dependencies",
+                crate::names::shown(&name)
             )
         } else {
-            let known = self.ctx.names.join("\", \"");
-            self.fail(
-                gen::errors::ErrorCode::NotFound,
-                format!(
-                    "no graph named {} is available to this plugin (try \"{known}\")",
-                    crate::names::shown(&name)
-                ),
+            format!(
+                "no graph named {} is available to this plugin: it may load \"{}\", and another \
+                 model only once [handler] dependencies in bundle.toml declares it",
+                crate::names::shown(&name),
+                known.join("\", \"")
             )
-        }
+        };
+        self.ctx
+            .blame
+            .get_or_insert(Blame::Undeclared(data.clone()));
+        self.fail(gen::errors::ErrorCode::NotFound, data)
     }
 }
 

@@ -10,7 +10,7 @@ use super::host::{read_assets, HostInfo, PluginState};
 use super::instances::{Common, Plugin, RouterPlugin};
 use super::limits::Ticker;
 use crate::bundle::Bundle;
-use crate::nn::{MemoryPool, NnView, Runner};
+use crate::nn::{Dependencies, MemoryPool, ModelLookup, NnView, Runner};
 use crate::wit::{self, nnserve::plugin::host as host_api};
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -66,6 +66,9 @@ pub struct PluginRuntime {
     config: RuntimeConfig,
     ticker: Arc<Ticker>,
     memory: Arc<MemoryPool>,
+    /// Where handlers find the models they declare as dependencies (the registry, set
+    /// once it exists).
+    lookup: std::sync::OnceLock<std::sync::Weak<dyn ModelLookup>>,
 }
 
 impl Drop for PluginRuntime {
@@ -138,7 +141,14 @@ impl PluginRuntime {
             memory: Arc::new(MemoryPool::new(config.total_memory_bytes)),
             config,
             ticker,
+            lookup: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Where handlers loaded from now on find their declared dependencies. Set once:
+    /// later calls are ignored.
+    pub fn set_lookup(&self, lookup: std::sync::Weak<dyn ModelLookup>) {
+        let _ = self.lookup.set(lookup);
     }
 
     /// All plugin memory together, as charged now.
@@ -176,6 +186,16 @@ impl PluginRuntime {
             pre,
             model_name: bundle.name().to_string(),
             runner,
+            deps: match (spec.dependencies(), self.lookup.get()) {
+                (declared, _) if declared.is_empty() => None,
+                (declared, Some(lookup)) => Some(Dependencies {
+                    declared: declared.into(),
+                    lookup: lookup.clone(),
+                }),
+                (_, None) => anyhow::bail!(
+                    "the bundle declares [handler] dependencies, but nothing here serves other models"
+                ),
+            },
         })
     }
 

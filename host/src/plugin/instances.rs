@@ -11,7 +11,7 @@ use super::calls::{
 use super::host::{HostInfo, LogBudget, PluginState};
 use super::limits::{ticks, CpuMeter, Limiter, MemoryCapReached, Next, Ticker, TICK, YIELD_TICKS};
 use crate::bundle::PluginLimits;
-use crate::nn::{MemoryPool, NnCtx, PoolExhausted, Runner};
+use crate::nn::{Blame, Dependencies, MemoryPool, NnCtx, PoolExhausted, Runner};
 use crate::wit;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -238,6 +238,8 @@ pub struct Plugin {
     pub(super) model_name: String,
     /// `None` for a model-less handler bundle.
     pub(super) runner: Option<Arc<Runner>>,
+    /// The other models it declared (`[handler] dependencies`), if any.
+    pub(super) deps: Option<Dependencies>,
 }
 
 /// A compiled, checked router plugin of one endpoint bundle version.
@@ -316,15 +318,13 @@ impl Plugin {
         let request = wit::Request::from(request);
         let c = &self.common;
         c.within(deadline, async {
-            let nn = match &self.runner {
-                Some(runner) => NnCtx::new(
-                    &self.model_name,
-                    runner.clone(),
-                    c.limits.host_memory_mib() << 20,
-                    c.memory.clone(),
-                ),
-                None => NnCtx::none(),
-            };
+            let nn = NnCtx::new(
+                &self.model_name,
+                self.runner.clone(),
+                self.deps.clone(),
+                c.limits.host_memory_mib() << 20,
+                c.memory.clone(),
+            );
             let mut store = c.store(self.pre.engine(), nn);
             let instance = self
                 .pre
@@ -342,26 +342,33 @@ impl Plugin {
                 }
                 Ok(Err(guest_error)) => {
                     let guest_error: GuestError = guest_error.into();
-                    Err(PluginError::Guest(
-                        match store.data_mut().nn.refused.take() {
-                            // The model refused a tensor the plugin built: the plugin's bug
-                            // (it should have checked the request), a 500 that names it.
-                            Some(refused) => GuestError {
-                                code: GuestCode::Internal,
-                                message: format!(
-                                    "plugin {} gave its model an input it refuses ({refused}); \
+                    Err(PluginError::Guest(match store.data_mut().nn.blame.take() {
+                        // The model refused a tensor the plugin built: the plugin's bug
+                        // (it should have checked the request), a 500 that names it.
+                        Some(Blame::Refused(refused)) => GuestError {
+                            code: GuestCode::Internal,
+                            message: format!(
+                                "plugin {} gave its model an input it refuses ({refused}); \
                                  the plugin must check the request and answer 400 itself",
-                                    c.name
-                                ),
-                            },
-                            // The plugin's own failure: its 500 names it.
-                            None if guest_error.code == GuestCode::Internal => GuestError {
-                                code: GuestCode::Internal,
-                                message: format!("plugin {}: {}", c.name, guest_error.message),
-                            },
-                            None => guest_error,
+                                c.name
+                            ),
                         },
-                    ))
+                        Some(Blame::Undeclared(why)) => GuestError {
+                            code: GuestCode::Internal,
+                            message: format!("plugin {}: {why}", c.name),
+                        },
+                        // Not the plugin's fault nor the client's: a 503 to retry.
+                        Some(Blame::DependencyDown(why)) => GuestError {
+                            code: GuestCode::Unavailable,
+                            message: format!("plugin {}: {why}", c.name),
+                        },
+                        // The plugin's own failure: its 500 names it.
+                        None if guest_error.code == GuestCode::Internal => GuestError {
+                            code: GuestCode::Internal,
+                            message: format!("plugin {}: {}", c.name, guest_error.message),
+                        },
+                        None => guest_error,
+                    }))
                 }
                 Err(e) => Err(c.trap(&store, e)),
             }

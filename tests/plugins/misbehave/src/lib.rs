@@ -5,6 +5,9 @@
 //! - `mode = "shape"` gives its model (mlp, input [-1, 4]) a [1, 5] tensor;
 //! - `mode = "config"` reads its whole config typed (`classes`, a list; `scale`, a
 //!   table; `top_k`, a number) and answers it as JSON;
+//! - `mode = "chain"` loads the model named by the `model` config value (a declared
+//!   dependency, mlp-shaped: input [-1, 4]) and runs it on the JSON list of rows in the
+//!   body, answering its output as a JSON list;
 //! - `mode = "loop"` spins forever (until the host's CPU budget stops it);
 //! - `mode = "alloc"` grows memory past any cap;
 //! - `mode = "tensors"` creates host tensors of 32 MiB and keeps them, past any
@@ -48,6 +51,14 @@ impl Handler for Misbehave {
             Some("shape") => {
                 let input = nnserve_sdk::Tensor::f32(&[1, 5], &[1.0; 5]);
                 let out = nnserve_sdk::Model::load()?.infer_one("input", input)?;
+                Ok(Response::json(&out.to_f32()?)?)
+            }
+            Some("chain") => {
+                let rows: Vec<[f32; 4]> = req.json()?;
+                let flat: Vec<f32> = rows.iter().flatten().copied().collect();
+                let input = nnserve_sdk::Tensor::f32(&[rows.len() as u32, 4], &flat);
+                let name = host::config("model").unwrap_or_default();
+                let out = nnserve_sdk::Model::load_named(&name)?.infer_one("input", input)?;
                 Ok(Response::json(&out.to_f32()?)?)
             }
             Some("loop") => {
