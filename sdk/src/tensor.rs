@@ -180,7 +180,9 @@ impl Model {
         Model::load_named("default")
     }
 
-    /// A model by name: this bundle's own model answers to its name and to `default`.
+    /// A model by name: this bundle's own model answers to its name and to `default`,
+    /// and each model the bundle declares in `[handler] dependencies` to its own name
+    /// (a name it did not declare fails the request with a 500 that names the plugin).
     pub fn load_named(name: &str) -> Result<Model, Error> {
         let graph = graph::load_by_name(name).map_err(|e| nn_error("load-by-name", e))?;
         Ok(Model { graph })
