@@ -151,6 +151,15 @@ impl Tensor {
         Ok(Tensor { dtype, shape, data })
     }
 
+    pub fn from_i64(shape: Vec<i64>, values: &[i64]) -> Tensor {
+        let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        Tensor {
+            dtype: DType::Int64,
+            shape,
+            data,
+        }
+    }
+
     pub fn from_f32(shape: Vec<i64>, values: &[f32]) -> Tensor {
         let data = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         Tensor {

@@ -55,14 +55,29 @@ impl Batcher {
         counts.extend(followers.iter().map(|t| t.rows));
         let total: usize = counts.iter().sum();
         let padded = self.policy.padded(total);
+        // With variable-length inputs, each request's own sizes, to cut its outputs to.
+        let mut owns = None;
         let batch = if followers.is_empty() && padded == rows {
             inputs // a batch of one: no copy at all
         } else {
             let mut parts: Vec<&[Tensor]> = vec![&inputs];
             parts.extend(followers.iter().map(|t| &t.inputs[..]));
-            concat_rows(&parts, padded)
+            let resized = self.policy.padding.as_ref().and_then(|p| {
+                let resized = p.pad(&parts)?;
+                owns = Some(parts.iter().map(|r| p.own_sizes(r)).collect::<Vec<_>>());
+                Some(resized)
+            });
+            match resized {
+                Some(resized) => {
+                    let parts: Vec<&[Tensor]> = resized.iter().map(|r| &r[..]).collect();
+                    concat_rows(&parts, padded)
+                }
+                None => concat_rows(&parts, padded),
+            }
         };
-        let mut results = self.run_batch(batch, &counts, padded, forward).into_iter();
+        let mut results = self
+            .run_batch(batch, &counts, padded, owns, forward)
+            .into_iter();
         let own = results.next().expect("the leader's own result");
         for (task, result) in followers.into_iter().zip(results) {
             let _ = task.tx.send(Msg::Done(result));
@@ -131,6 +146,7 @@ impl Batcher {
         batch: Vec<Tensor>,
         counts: &[usize],
         padded: usize,
+        owns: Option<Vec<Vec<Option<i64>>>>,
         forward: &F,
     ) -> Vec<Outputs> {
         {
@@ -163,12 +179,20 @@ impl Batcher {
             return vec![Ok(outputs)];
         }
         let mut start = 0;
+        let cut = self.policy.padding.as_ref().zip(owns.as_ref());
         counts
             .iter()
-            .map(|&rows| {
+            .enumerate()
+            .map(|(i, &rows)| {
                 let out = outputs
                     .iter()
-                    .map(|(n, t)| (n.clone(), slice_rows(t, start, rows)))
+                    .map(|(n, t)| {
+                        let rows = slice_rows(t, start, rows);
+                        match cut {
+                            Some((p, owns)) => (n.clone(), p.cut(n, rows, &owns[i])),
+                            None => (n.clone(), rows),
+                        }
+                    })
                     .collect();
                 start += rows;
                 Ok(out)

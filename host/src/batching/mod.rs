@@ -11,7 +11,7 @@
 //! Rows are copied once into the batch buffer at their offset and once out of the
 //! outputs. Requests with more rows than `max_batch_size` are split and rejoined;
 //! requests whose non-batch dimensions or dtypes differ from the batch being formed wait
-//! for a later batch. This module knows tensors and a forward function, nothing of HTTP,
+//! for a later batch, unless the model pads variable-length inputs (`pad`). This module knows tensors and a forward function, nothing of HTTP,
 //! Wasm or libtorch; it must not reach into `nn`, `plugin` or `backend` (it is handed a
 //! [`Forward`]).
 //!
@@ -20,8 +20,11 @@
 //! (split and join along dim 0).
 
 mod lead;
+mod pad;
 mod queue;
 mod rows;
+
+pub use self::pad::{InputPad, Padding};
 
 use self::queue::State;
 use self::rows::{batch_rows, join_rows, slice_rows};
@@ -64,6 +67,9 @@ pub struct Policy {
     pub allowed_batch_sizes: Vec<usize>,
     pub max_enqueued_batches: usize,
     pub num_batch_threads: usize,
+    /// `pad_variable_length_inputs`: requests that differ only in free dimensions share
+    /// a batch, padded (set by the runner, which knows the signature).
+    pub padding: Option<Padding>,
 }
 
 impl From<&BatchingSpec> for Policy {
@@ -74,6 +80,7 @@ impl From<&BatchingSpec> for Policy {
             allowed_batch_sizes: s.allowed_batch_sizes.iter().map(|&b| b as usize).collect(),
             max_enqueued_batches: s.max_enqueued_batches.max(1) as usize,
             num_batch_threads: s.num_batch_threads.unwrap_or(1).max(1) as usize,
+            padding: None,
         }
     }
 }

@@ -158,7 +158,11 @@ impl Batcher {
                 st.queued_rows -= t.rows;
                 continue;
             }
-            if rows + front.rows > room || !compatible(first, &front.inputs) {
+            let fits = match &self.policy.padding {
+                Some(p) => p.compatible(first, &front.inputs),
+                None => compatible(first, &front.inputs),
+            };
+            if rows + front.rows > room || !fits {
                 break;
             }
             let t = st.queue.pop_front().unwrap();

@@ -10,6 +10,7 @@ fn policy(max: usize, allowed: &[usize], enqueued: usize) -> Policy {
         allowed_batch_sizes: allowed.to_vec(),
         max_enqueued_batches: enqueued,
         num_batch_threads: 1,
+        padding: None,
     }
 }
 
@@ -500,4 +501,151 @@ fn requests_need_a_batch_dimension_that_agrees() {
     let b = Tensor::from_f32(vec![3, 1], &[1.0, 2.0, 3.0]);
     let err = batch_rows(&[a, b]).unwrap_err().to_string();
     assert!(err.contains("2 and 3 rows"), "{err}");
+}
+
+/// Token ids and a mask of `len` tokens each, for `n` rows: ids are `base + t`.
+fn tokens(n: usize, len: usize, base: i64) -> Vec<Tensor> {
+    let ids: Vec<i64> = (0..n)
+        .flat_map(|r| (0..len).map(move |t| base + (r * 100 + t) as i64))
+        .collect();
+    let shape = vec![n as i64, len as i64];
+    vec![
+        Tensor::from_i64(shape.clone(), &ids),
+        Tensor::from_i64(shape, &vec![1i64; n * len]),
+    ]
+}
+
+/// Per token, `2 * id` (shape [B, L]); per row, the sum of the ids its mask covers
+/// (shape [B]): a padded token must change neither. Records each batch's shape.
+struct Encoder {
+    shapes: Mutex<Vec<Vec<i64>>>,
+    delay: Duration,
+}
+
+impl Forward for Arc<Encoder> {
+    fn forward(&self, inputs: Vec<Tensor>) -> Result<Vec<(String, Tensor)>, String> {
+        std::thread::sleep(self.delay);
+        let (ids, mask) = (inputs[0].to_f64_vec(), inputs[1].to_f64_vec());
+        let shape = inputs[0].shape.clone();
+        self.shapes.lock().unwrap().push(shape.clone());
+        let len = shape[1] as usize;
+        let doubled: Vec<f32> = ids.iter().map(|v| (v * 2.0) as f32).collect();
+        let sums: Vec<f32> = ids
+            .chunks(len.max(1))
+            .zip(mask.chunks(len.max(1)))
+            .map(|(i, m)| i.iter().zip(m).map(|(a, b)| a * b).sum::<f64>() as f32)
+            .collect();
+        Ok(vec![
+            ("tokens".into(), Tensor::from_f32(shape.clone(), &doubled)),
+            ("pooled".into(), Tensor::from_f32(vec![shape[0]], &sums)),
+        ])
+    }
+}
+
+fn padded_policy(max: usize) -> Policy {
+    Policy {
+        padding: Some(Padding {
+            inputs: vec![
+                InputPad {
+                    free: vec![false, true],
+                    value: 0.0,
+                },
+                InputPad {
+                    free: vec![false, true],
+                    value: 0.0,
+                },
+            ],
+            outputs: vec![
+                ("tokens".into(), vec![false, true]),
+                ("pooled".into(), vec![false]),
+            ],
+        }),
+        ..policy(max, &[], 64)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_of_different_lengths_share_a_batch_and_get_their_own_answers() {
+    let b = Arc::new(Batcher::new(padded_policy(32), VersionMetrics::default()));
+    let f = Arc::new(Encoder {
+        shapes: Mutex::new(Vec::new()),
+        delay: Duration::from_millis(20),
+    });
+    // Alone, each request's answer is what the forward gives on its unpadded rows.
+    let alone = |n: usize, len: usize, base: i64| {
+        let out = Arc::new(Encoder {
+            shapes: Mutex::new(Vec::new()),
+            delay: Duration::ZERO,
+        })
+        .forward(tokens(n, len, base))
+        .unwrap();
+        out
+    };
+    let mut handles = Vec::new();
+    for i in 0..12usize {
+        let (b, f) = (b.clone(), f.clone());
+        let (n, len, base) = (1 + i % 3, 1 + (i * 7) % 11, 1000 * i as i64);
+        let want = alone(n, len, base);
+        handles.push(tokio::spawn(async move {
+            let out = b.infer(tokens(n, len, base), &f).await.unwrap();
+            for ((name, got), (_, want)) in out.iter().zip(&want) {
+                assert_eq!(got.shape, want.shape, "request {i}: {name}");
+                assert_eq!(got.to_f64_vec(), want.to_f64_vec(), "request {i}: {name}");
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let shapes = f.shapes.lock().unwrap().clone();
+    // The first request ran alone while the other eleven queued; they then shared fewer
+    // batches than requests, padded to their longest.
+    assert!(
+        shapes.len() < 12,
+        "no two requests shared a batch: {shapes:?}"
+    );
+    let rows: i64 = shapes.iter().map(|s| s[0]).sum();
+    assert_eq!(rows, (0..12).map(|i| 1 + i as i64 % 3).sum::<i64>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_padding_or_in_a_fixed_dimension_different_shapes_never_share() {
+    // Declared fixed ([-1, 2] against [-1, 3]): never merged, even with padding on.
+    let padding = Padding {
+        inputs: vec![InputPad {
+            free: vec![false, false],
+            value: 0.0,
+        }],
+        outputs: vec![],
+    };
+    let a = vec![Tensor::from_f32(vec![1, 2], &[1.0, 2.0])];
+    let c = vec![Tensor::from_f32(vec![1, 3], &[1.0, 2.0, 3.0])];
+    assert!(!padding.compatible(&a, &c));
+    assert!(padded_policy(8)
+        .padding
+        .unwrap()
+        .compatible(&tokens(1, 2, 0), &tokens(3, 9, 0)));
+    // And a different dtype never merges.
+    let mut floats = tokens(1, 2, 0);
+    floats[1] = Tensor::from_f32(vec![1, 2], &[1.0, 1.0]);
+    assert!(!padded_policy(8)
+        .padding
+        .unwrap()
+        .compatible(&tokens(1, 2, 0), &floats));
+}
+
+#[test]
+fn resize_pads_with_the_value_and_cuts_back_in_any_dimension() {
+    // [2, 2, 3] -> [2, 3, 4], padded with 9, then cut back.
+    let src: Vec<f32> = (0..12).map(|v| v as f32).collect();
+    let t = Tensor::from_f32(vec![2, 2, 3], &src);
+    let grown = super::pad::resize(&t, &[2, 3, 4], &9f32.to_le_bytes());
+    let g = grown.to_f64_vec();
+    assert_eq!(grown.shape, vec![2, 3, 4]);
+    assert_eq!(&g[0..4], &[0.0, 1.0, 2.0, 9.0]);
+    assert_eq!(&g[4..8], &[3.0, 4.0, 5.0, 9.0]);
+    assert_eq!(&g[8..12], &[9.0; 4]);
+    assert_eq!(&g[12..16], &[6.0, 7.0, 8.0, 9.0]);
+    let back = super::pad::resize(&grown, &[2, 2, 3], &[]);
+    assert_eq!(back, t);
 }

@@ -108,6 +108,24 @@ impl Manifest {
                         t.name, t.shape
                     ));
                 }
+                // A SavedModel's inputs come from its signature: not checked here.
+                if !m.inputs.is_empty() {
+                    for name in b.pad_values.keys() {
+                        if !m.inputs.iter().any(|t| &t.name == name) {
+                            r.push(format!(
+                                "batching.pad_values names {}, which is not an input of [model] (inputs: {})",
+                                crate::names::shown(name),
+                                m.inputs.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", ")
+                            ));
+                        }
+                    }
+                }
+            }
+            if !b.pad_values.is_empty() && !b.pad_variable_length_inputs {
+                r.push("batching.pad_values is set but pad_variable_length_inputs is not: set pad_variable_length_inputs = true to batch inputs of different lengths".to_string());
+            }
+            if b.pad_values.values().any(|v| !v.is_finite()) {
+                r.push("batching.pad_values must be finite numbers".to_string());
             }
         }
         // The largest batch the server builds (and warms up with, on zeros) must fit in

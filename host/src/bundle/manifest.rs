@@ -195,6 +195,15 @@ pub struct BatchingSpec {
     /// compute-bound model on the CPU; `backend::threading`).
     #[serde(default)]
     pub num_batch_threads: Option<u32>,
+    /// TF Serving's `pad_variable_length_inputs`: requests whose inputs differ only in
+    /// dimensions declared `-1` past the batch (a sentence's tokens) share a batch, each
+    /// padded to the longest with its input's `pad_values` entry (default 0); outputs'
+    /// `-1` dimensions are cut back to each request's own size.
+    #[serde(default)]
+    pub pad_variable_length_inputs: bool,
+    /// The value each input is padded with, by input name (default 0).
+    #[serde(default)]
+    pub pad_values: BTreeMap<String, f64>,
 }
 
 fn default_max_enqueued() -> u32 {

@@ -302,6 +302,7 @@ pub fn load_version(
     let runner = Arc::new(Runner::new(
         model,
         spec.inputs.clone(),
+        &spec.outputs,
         batching,
         metrics(),
         threading,

@@ -39,6 +39,7 @@ fn servable(metrics: &Metrics, model: &str, version: u64, dir: &Path) -> Servabl
     let runner = Arc::new(crate::nn::Runner::new(
         Arc::new(NoModel),
         Vec::new(),
+        &[],
         None,
         metrics.version(model, version),
         Threading {

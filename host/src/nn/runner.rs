@@ -71,25 +71,30 @@ impl Runner {
     pub fn new(
         model: Arc<dyn Model>,
         inputs: Vec<TensorSpec>,
+        outputs: &[TensorSpec],
         batching: Option<&BatchingSpec>,
         metrics: VersionMetrics,
         threading: Threading,
     ) -> Runner {
         let concurrency = threading.concurrency.max(1);
         model.set_threads(threading.intra_op);
+        let batcher = batching.map(|b| {
+            let policy = Policy {
+                num_batch_threads: concurrency,
+                padding: b
+                    .pad_variable_length_inputs
+                    .then(|| padding(&inputs, outputs, &b.pad_values)),
+                ..Policy::from(b)
+            };
+            Batcher::new(policy, metrics.clone())
+        });
         Runner {
             threading,
             model,
             inputs,
             gate: tokio::sync::Semaphore::new(concurrency),
             waiting: std::sync::atomic::AtomicUsize::new(0),
-            batcher: batching.map(|b| {
-                let policy = Policy {
-                    num_batch_threads: concurrency,
-                    ..Policy::from(b)
-                };
-                Batcher::new(policy, metrics.clone())
-            }),
+            batcher,
             avg_forward_ns: AtomicU64::new(0),
             metrics,
         }
@@ -261,5 +266,35 @@ impl Drop for Wait<'_> {
     fn drop(&mut self) {
         self.runner.waiting.fetch_sub(1, Ordering::Relaxed);
         self.runner.metrics.queue_step(false);
+    }
+}
+
+/// Which dimensions of each input may differ between requests of one batch (those
+/// declared `-1` past the batch dimension), the value they are padded with
+/// (`pad_values`, default 0), and the outputs' free dimensions, cut back per request.
+fn padding(
+    inputs: &[TensorSpec],
+    outputs: &[TensorSpec],
+    values: &std::collections::BTreeMap<String, f64>,
+) -> crate::batching::Padding {
+    let free = |shape: &[i64]| -> Vec<bool> {
+        shape
+            .iter()
+            .enumerate()
+            .map(|(d, &s)| d > 0 && s < 0)
+            .collect()
+    };
+    crate::batching::Padding {
+        inputs: inputs
+            .iter()
+            .map(|t| crate::batching::InputPad {
+                free: free(&t.shape),
+                value: values.get(&t.name).copied().unwrap_or(0.0),
+            })
+            .collect(),
+        outputs: outputs
+            .iter()
+            .map(|t| (t.name.clone(), free(&t.shape)))
+            .collect(),
     }
 }

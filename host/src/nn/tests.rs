@@ -53,6 +53,7 @@ async fn most_at_once(batching: Option<&BatchingSpec>, concurrency: usize) -> us
     let r = Arc::new(Runner::new(
         model.clone(),
         vec![spec("x", DType::Fp32, &[-1, 1])],
+        &[],
         batching,
         VersionMetrics::default(),
         Threading {
@@ -85,6 +86,8 @@ async fn concurrency_bounds_the_forwards_at_once_with_and_without_batching() {
         allowed_batch_sizes: vec![],
         max_enqueued_batches: 64,
         num_batch_threads: None,
+        pad_variable_length_inputs: false,
+        pad_values: Default::default(),
     };
     assert_eq!(most_at_once(Some(&batching), 1).await, 1);
     assert_eq!(most_at_once(Some(&batching), 2).await, 2);
@@ -116,6 +119,7 @@ async fn without_batching_the_wait_for_a_forward_is_bounded_and_counted() {
     let r = Arc::new(Runner::new(
         model.clone(),
         vec![spec("x", DType::Fp32, &[-1, 1])],
+        &[],
         None,
         VersionMetrics::default(),
         Threading {
@@ -176,6 +180,7 @@ fn arrange_orders_by_signature_and_names_problems() {
             spec("a", DType::Fp32, &[-1, 2]),
             spec("b", DType::Int64, &[-1]),
         ],
+        &[],
         None,
         VersionMetrics::default(),
         Threading {
