@@ -45,10 +45,11 @@
 
 #[allow(missing_docs)] // generated; the WIT's own comments are its docs
 pub mod bindings {
-    //! The generated bindings of the `nnserve:plugin/handler` world. Plugin code should
-    //! not need these; they are public for the export macro and for advanced uses.
+    //! The generated bindings of the `nnserve:plugin/handler-with-init` world (the
+    //! `handler` world and its `init` export). Plugin code should not need these; they
+    //! are public for the export macro and for advanced uses.
     wit_bindgen::generate!({
-        world: "handler",
+        world: "handler-with-init",
         path: "wit",
         generate_all,
         pub_export_macro: true,
@@ -70,6 +71,44 @@ pub trait Handler {
     /// Serves one request. Return an [`Error`] to answer with its status and
     /// `{"error": message}`; a panic becomes a 500 that names the plugin.
     fn handle(request: Request) -> Result<Response, Error>;
+
+    /// One-time setup, run once when the version loads: whatever it leaves in memory
+    /// (typically a `static` [`std::sync::OnceLock`] it fills) is there at the start of
+    /// every request, which then skips that work. The server snapshots the instance
+    /// after `init` (Wizer) and starts each request's fresh instance from it, so requests
+    /// stay isolated from each other.
+    ///
+    /// It may read [`config`] and [`host::asset`]s and log; it has no model. An error or
+    /// a panic fails the version's load with its message. Write `handle` so that it also
+    /// works when `init` has not run (`OnceLock::get_or_init`): `nnserve bundle run`
+    /// and the SDK's own tests call `handle` alone.
+    ///
+    /// ```no_run
+    /// use std::sync::OnceLock;
+    /// # use nnserve_sdk::{Error, Handler, Request, Response, host};
+    /// static WORDS: OnceLock<Vec<String>> = OnceLock::new();
+    ///
+    /// fn words() -> Result<&'static Vec<String>, Error> {
+    ///     if let Some(w) = WORDS.get() {
+    ///         return Ok(w);
+    ///     }
+    ///     let text = String::from_utf8_lossy(&host::asset("assets/words.txt")?).into_owned();
+    ///     Ok(WORDS.get_or_init(|| text.lines().map(str::to_string).collect()))
+    /// }
+    ///
+    /// struct Plugin;
+    /// impl Handler for Plugin {
+    ///     fn init() -> Result<(), Error> {
+    ///         words().map(|_| ())
+    ///     }
+    ///     fn handle(req: Request) -> Result<Response, Error> {
+    ///         Response::json(&words()?.len())
+    ///     }
+    /// }
+    /// ```
+    fn init() -> Result<(), Error> {
+        Ok(())
+    }
 }
 
 /// Exports a [`Handler`] implementation as the plugin's `handle` function.
@@ -89,6 +128,13 @@ macro_rules! export_handler {
                 > {
                     $crate::__install_panic_hook();
                     <$t as $crate::Handler>::handle(request)
+                }
+
+                fn init() {
+                    $crate::__install_panic_hook();
+                    if let ::core::result::Result::Err(e) = <$t as $crate::Handler>::init() {
+                        ::core::panic!("init failed: {}", e.message);
+                    }
                 }
             }
             $crate::bindings::__export_handler_world!(__NnserveHandlerExport);

@@ -158,6 +158,40 @@ def test_a_dependency_that_is_malformed_or_the_bundle_itself_is_refused(tmp_path
         assert out.returncode != 0 and why in out.stderr + out.stdout, (name, out.stdout, out.stderr)
 
 
+def init_bundle(repo, name, init, config='mode = "init"'):
+    d = plugin_bundle(repo, name, "misbehave.wasm", config)
+    if init:
+        toml = os.path.join(d, "bundle.toml")
+        text = open(toml).read().replace('path = "plugins/handler.wasm"\n',
+                                         'path = "plugins/handler.wasm"\ninit = true\n')
+        open(toml, "w").write(text)
+
+
+def test_init_runs_once_at_load_and_every_request_starts_from_its_state(tmp_path):
+    """With `init = true` each request's fresh instance starts from the snapshot taken
+    after init: init's work is there (init_calls 1), and what a request changes is not
+    (requests_seen stays 1). Without it, init never runs. A failing init fails the load
+    with its message, and the other versions serve on."""
+    repo = str(tmp_path / "repo")
+    init_bundle(repo, "once", True)
+    init_bundle(repo, "never", False)
+    init_bundle(repo, "failing", True, 'mode = "init", init_fails = true')
+    s = start_server(repo, str(tmp_path), "--readiness", "any")
+    try:
+        once = [requests.post(f"{s.url}/v1/models/once:infer", data=b"x", timeout=30).json() for _ in range(3)]
+        never = requests.post(f"{s.url}/v1/models/never:infer", data=b"x", timeout=30).json()
+        failing = requests.get(f"{s.url}/v1/models/failing", timeout=30).json()
+        log = s.log()
+    finally:
+        stop_server(s)
+    assert once == [{"init_calls": 1, "requests_seen": 1}] * 3, once
+    assert never == {"init_calls": 0, "requests_seen": 1}, never
+    status = failing["model_version_status"][0]
+    assert status["state"] == "END" and "init failed" in status["status"]["error_message"], status
+    assert "misbehave's init fails on purpose" in status["status"]["error_message"], status
+    assert log.count("misbehave init ran") == 1, log[-3000:]
+
+
 def test_bundle_run_answers_one_request_without_a_server(tmp_path):
     d = plugin_bundle(str(tmp_path / "repo"), "printer", "misbehave.wasm", 'mode = "print"')
     out = subprocess.run([NNSERVE, "bundle", "run", d, "--body", "hello"], capture_output=True, text=True, timeout=120)

@@ -157,6 +157,9 @@ impl Manifest {
             }
             self.check_dependencies(h, &mut r);
         }
+        if self.router.as_ref().is_some_and(|p| p.init) {
+            r.push("router.init: router instances are reused between calls already; init belongs to a [handler]".to_string());
+        }
         if self
             .router
             .as_ref()

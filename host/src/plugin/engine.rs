@@ -151,6 +151,14 @@ impl PluginRuntime {
         let _ = self.lookup.set(lookup);
     }
 
+    pub(super) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(super) fn linker(&self) -> &Linker<PluginState> {
+        &self.linker
+    }
+
     /// All plugin memory together, as charged now.
     pub fn memory(&self) -> &Arc<MemoryPool> {
         &self.memory
@@ -255,7 +263,9 @@ impl PluginRuntime {
             );
         }
         let path = bundle.file(&spec.path);
-        let component = Component::from_file(&self.engine, &path).map_err(|e| {
+        let wasm = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("plugin {} cannot be read: {e}", spec.path))?;
+        let component = Component::new(&self.engine, &wasm).map_err(|e| {
             anyhow::anyhow!(
                 "plugin {} is not a valid WebAssembly component: {e:#} (build it with `cargo build --target wasm32-wasip2`)",
                 spec.path
@@ -293,6 +303,7 @@ impl PluginRuntime {
             memory: self.memory.clone(),
             ticker: self.ticker.clone(),
             name: name.clone(),
+            init: spec.init,
             limits: spec.limits,
             host: Arc::new(HostInfo {
                 plugin: name,
@@ -300,6 +311,13 @@ impl PluginRuntime {
                 config_json: spec.config_json(),
                 assets: read_assets(&bundle.dir)?,
             }),
+        };
+        // A handler's one-time setup (`init`), snapshotted: what every request starts from.
+        let component = match world {
+            "handler" => self
+                .preinit(&wasm, component, &common)
+                .map_err(|e| anyhow::anyhow!("plugin {}: {e:#}", spec.path))?,
+            _ => component,
         };
         Ok((component, common))
     }

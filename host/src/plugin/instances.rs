@@ -67,8 +67,11 @@ impl std::fmt::Display for PluginError {
 }
 
 /// What a compiled plugin of either world carries.
+#[derive(Clone)]
 pub(super) struct Common {
     pub(super) name: String,
+    /// `[handler] init = true`: run `init` once at load and serve from its snapshot.
+    pub(super) init: bool,
     pub(super) limits: PluginLimits,
     pub(super) host: Arc<HostInfo>,
     pub(super) ticker: Arc<Ticker>,
@@ -77,7 +80,7 @@ pub(super) struct Common {
 
 impl Common {
     /// A fresh store with the plugin's memory cap and CPU budget.
-    fn store(&self, engine: &Engine, nn: NnCtx) -> Store<PluginState> {
+    pub(super) fn store(&self, engine: &Engine, nn: NnCtx) -> Store<PluginState> {
         let cpu_budget = Duration::from_millis(self.limits.cpu_ms);
         let output = super::output::Output::wanted().then(super::output::Output::default);
         let state = PluginState {
@@ -143,7 +146,11 @@ impl Common {
         store.set_epoch_deadline(ticks(budget).min(YIELD_TICKS));
     }
 
-    fn instantiate_error(&self, store: &Store<PluginState>, e: wasmtime::Error) -> PluginError {
+    pub(super) fn instantiate_error(
+        &self,
+        store: &Store<PluginState>,
+        e: wasmtime::Error,
+    ) -> PluginError {
         if e.downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
             .is_some()
         {
@@ -155,7 +162,7 @@ impl Common {
         }
     }
 
-    fn trap(&self, store: &Store<PluginState>, e: wasmtime::Error) -> PluginError {
+    pub(super) fn trap(&self, store: &Store<PluginState>, e: wasmtime::Error) -> PluginError {
         if store.data().cpu_exhausted {
             return PluginError::CpuBudget {
                 plugin: self.name.clone(),

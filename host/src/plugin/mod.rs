@@ -35,6 +35,7 @@ mod host;
 mod instances;
 mod limits;
 mod output;
+mod preinit;
 
 pub use self::calls::{
     Decision, GuestCode, GuestError, HttpRequest, HttpResponse, RouteRequest, RouteVariant,

@@ -8,6 +8,9 @@
 //! - `mode = "chain"` loads the model named by the `model` config value (a declared
 //!   dependency, mlp-shaped: input [-1, 4]) and runs it on the JSON list of rows in the
 //!   body, answering its output as a JSON list;
+//! - `mode = "init"` answers how often its `init` ran in this instance's memory and how
+//!   many requests this instance's memory has seen (`{"init_calls": n, "requests_seen":
+//!   m}`); with `init_fails = true` its `init` fails (a load error);
 //! - `mode = "loop"` spins forever (until the host's CPU budget stops it);
 //! - `mode = "alloc"` grows memory past any cap;
 //! - `mode = "tensors"` creates host tensors of 32 MiB and keeps them, past any
@@ -23,7 +26,19 @@ use nnserve_sdk::{export_handler, host, Error, Handler, Request, Response};
 
 struct Misbehave;
 
+static INIT_CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+static REQUESTS_SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 impl Handler for Misbehave {
+    fn init() -> Result<(), Error> {
+        if host::config("init_fails").as_deref() == Some("true") {
+            return Err(Error::internal("misbehave's init fails on purpose"));
+        }
+        host::log(host::LogLevel::Info, "misbehave init ran");
+        INIT_CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
     fn handle(req: Request) -> Result<Response, Error> {
         match host::config("mode").as_deref() {
             Some("trap") => core::arch::wasm32::unreachable(),
@@ -60,6 +75,14 @@ impl Handler for Misbehave {
                 let name = host::config("model").unwrap_or_default();
                 let out = nnserve_sdk::Model::load_named(&name)?.infer_one("input", input)?;
                 Ok(Response::json(&out.to_f32()?)?)
+            }
+            Some("init") => {
+                use std::sync::atomic::Ordering::SeqCst;
+                let seen = REQUESTS_SEEN.fetch_add(1, SeqCst) + 1;
+                Response::json(&serde_json::json!({
+                    "init_calls": INIT_CALLS.load(SeqCst),
+                    "requests_seen": seen,
+                }))
             }
             Some("loop") => {
                 let mut x: u64 = 0;
