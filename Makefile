@@ -33,7 +33,7 @@ MINILM      := $(REPO)/minilm/1/model/model.pt
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
                $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
 
-.PHONY: help setup run test test-unit test-e2e build plugins models clean dist image
+.PHONY: help setup run test test-unit test-e2e build plugins models clean dist image fuzz
 
 help:
 	@echo "make run [LISTEN=host:port] [GRPC_LISTEN=host:port]  set up and serve $(REPO) (HTTP $(LISTEN), gRPC $(GRPC_LISTEN))"
@@ -41,6 +41,7 @@ help:
 	@echo "make setup                   only set up (venv, wasm target, plugins, models, release build)"
 	@echo "make dist                    set up and build dist/nnserve-VERSION-linux-x86_64.tar.gz (relocatable, CPU)"
 	@echo "make image                   make dist, then the CPU container image nnserve:VERSION (podman, FROM scratch)"
+	@echo "make fuzz [FUZZ_SECONDS=60]  every fuzz target (fuzz/) for that long each, libFuzzer + ASan (docs/fuzzing.md)"
 
 setup: $(STAMPS)/wasm-target $(STAMPS)/venv $(STAMPS)/test-tools plugins models build
 
@@ -112,7 +113,7 @@ PHASE = @start=$$(date +%s); trap 'echo "== $(1) took $$(( $$(date +%s) - start 
 test:
 	$(call PHASE,setup) $(MAKE) --no-print-directory setup
 	$(call PHASE,unit tests) echo "== Unit tests (same release profile as the server: no second build of the deps)"; \
-		NNSERVE_REQUIRE_MOTO=1 cargo test --release -p nnserve -p image-classifier -p imagenet-classifier -p nnserve-sdk -p nnserve-router-sdk
+		NNSERVE_REQUIRE_MOTO=1 cargo test --release -p nnserve -p nnserve-core -p image-classifier -p imagenet-classifier -p nnserve-sdk -p nnserve-router-sdk
 	$(call PHASE,end-to-end tests) echo "== End-to-end tests over HTTP"; $(PY) -m pytest -q tests/e2e
 	$(call PHASE,release tarball) echo "== The release tarball, built and served from an empty directory"; \
 		$(MAKE) --no-print-directory image && $(PY) -m pytest -q -s tests/dist
@@ -137,6 +138,27 @@ image: dist
 	podman build --pull=never -q -f dist/image/Containerfile -t nnserve:$(NNSERVE_VERSION) dist/image
 	@podman image ls nnserve:$(NNSERVE_VERSION) --format '== image {{.Repository}}:{{.Tag}} {{.Size}}'
 
+
+# Fuzzing (docs/fuzzing.md): every target of fuzz/ for FUZZ_SECONDS each under libFuzzer
+# with AddressSanitizer, on the stable toolchain (RUSTC_BOOTSTRAP=1 lets it take the
+# -Z flags cargo-fuzz passes). The seeds (fuzz/corpus/<target>/, committed) are read;
+# new finds land in fuzz/work/corpus/<target>/, crashes in fuzz/artifacts/<target>/. Not part of `make test`, which replays the corpora instead.
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := archive manifest tensor_json binary url_target tfserving_predict
+fuzz: $(STAMPS)/cargo-fuzz
+	@for t in $(FUZZ_TARGETS); do \
+		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+		mkdir -p fuzz/work/corpus/$$t; \
+		RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $$t fuzz/work/corpus/$$t fuzz/corpus/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS) \
+			-rss_limit_mb=2048 -malloc_limit_mb=512 -print_final_stats=1 2>&1 \
+			| grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|#[0-9]+ +DONE)|SUMMARY|ERROR|panicked" || exit 1; \
+	done
+
+$(STAMPS)/cargo-fuzz:
+	@mkdir -p $(STAMPS)
+	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@touch $@
 
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(EMBEDDER_WASM) $(REPO)/*/*/model $(REPO)/minilm/*/assets

@@ -18,12 +18,15 @@
 //! # }
 //! ```
 
+// The parsers and plain types, in a light crate of their own (`core/`, nnserve-core) so
+// that fuzz targets build them without wasmtime, libtorch or TensorFlow; re-exported under
+// their old paths.
+pub use nnserve_core::{archive, bundle, names, tensor};
+
 pub mod alloc;
 pub mod api;
-pub mod archive;
 pub mod backend;
 pub mod batching;
-pub mod bundle;
 pub mod bundle_run;
 pub mod bundle_tool;
 pub mod cli;
@@ -34,7 +37,6 @@ pub mod grpc;
 pub mod lifecycle;
 pub mod logging;
 pub mod metrics;
-pub mod names;
 pub mod nn;
 pub mod plugin;
 pub mod repository;
@@ -43,7 +45,6 @@ pub mod scaffold;
 mod scaffold_names;
 pub mod server;
 pub mod single_model;
-pub mod tensor;
 pub mod wit;
 
 #[cfg(test)]

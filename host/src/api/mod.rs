@@ -10,7 +10,7 @@
 
 mod admin;
 pub(crate) mod body_call;
-mod codec;
+use nnserve_core::codec;
 mod errors;
 mod inference;
 mod probe;

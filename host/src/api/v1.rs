@@ -2,10 +2,9 @@
 //! endpoint `:infer`. TF Serving puts the verb after a colon in the last segment, which
 //! a router cannot match, so the path is parsed here.
 
-use super::codec::{self, tensor_from_json, write_json};
+use super::codec;
 use super::{infer_within, ApiError, AppState, Verb};
 use crate::lifecycle::ModelVersion;
-use crate::tensor::Tensor;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
@@ -13,59 +12,15 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
 
-/// A parsed `/v1/models/{rest}` path.
-#[derive(Debug, PartialEq)]
-struct Target {
-    model: String,
-    version: Option<u64>,
-    label: Option<String>,
-    /// `metadata` as a trailing segment.
-    metadata: bool,
-    /// The verb after `:` (`predict`, `infer`, ...).
-    verb: Option<String>,
-}
+use nnserve_core::target::{RouteError, Target};
+use nnserve_core::tfserving::{rows_of, write_outputs, write_predictions};
 
+/// The `/v1/models/{rest}` path parsed (nnserve-core's `target`), its error an API error.
 fn parse_target(rest: &str) -> Result<Target, ApiError> {
-    let (path, verb) = match rest.rsplit_once(':') {
-        Some((p, v)) if !v.contains('/') => (p, Some(v.to_string())),
-        _ => (rest, None),
-    };
-    let segs: Vec<&str> = path.split('/').collect();
-    let bad = || {
-        ApiError::NotFound(format!(
-            "no route for /v1/models/{}; expected /v1/models/{{name}}[/versions/{{n}}|/labels/{{label}}][:predict|:infer|/metadata]",
-            crate::names::shown(rest)
-        ))
-    };
-    let mut t = Target {
-        model: super::model_name(segs[0])?.to_string(),
-        version: None,
-        label: None,
-        metadata: false,
-        verb,
-    };
-    let mut i = 1;
-    match segs.get(i) {
-        Some(&"versions") => {
-            t.version = Some(super::version_param(segs.get(i + 1).ok_or_else(bad)?)?);
-            i += 2;
-        }
-        Some(&"labels") => {
-            let label = segs.get(i + 1).ok_or_else(bad)?;
-            crate::names::check_name("label", label).map_err(ApiError::BadRequest)?;
-            t.label = Some(label.to_string());
-            i += 2;
-        }
-        _ => {}
-    }
-    if segs.get(i) == Some(&"metadata") {
-        t.metadata = true;
-        i += 1;
-    }
-    if i != segs.len() || (t.metadata && t.verb.is_some()) {
-        return Err(bad());
-    }
-    Ok(t)
+    nnserve_core::target::parse_target(rest).map_err(|e| match e {
+        RouteError::BadRequest(m) => ApiError::BadRequest(m),
+        RouteError::NotFound(m) => ApiError::NotFound(m),
+    })
 }
 
 fn resolve(state: &AppState, t: &Target) -> Result<Arc<ModelVersion>, ApiError> {
@@ -468,28 +423,8 @@ pub(super) async fn predict(
 ) -> Result<Response, ApiError> {
     let spec = servable.model_spec();
     let parsing = state.json_gate.enter(body.len()).await;
-    let req: Value = serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("malformed JSON body: {e}")))?;
-    let Value::Object(mut req) = req else {
-        return Err(ApiError::BadRequest(
-            "the body must be a JSON object with \"instances\" or \"inputs\"".into(),
-        ));
-    };
-    let (inputs, row_format) = match (req.remove("instances"), req.remove("inputs")) {
-        (Some(instances), None) => (rows_to_tensors(spec, instances)?, true),
-        (None, Some(inputs)) => (columns_to_tensors(spec, inputs)?, false),
-        (Some(_), Some(_)) => {
-            return Err(ApiError::BadRequest(
-                "send either \"instances\" (rows) or \"inputs\" (columns), not both".into(),
-            ))
-        }
-        (None, None) => {
-            return Err(ApiError::BadRequest(
-                "the body has neither \"instances\" (rows) nor \"inputs\" (columns)".into(),
-            ))
-        }
-    };
-    drop(req);
+    let (inputs, row_format) =
+        nnserve_core::tfserving::decode_predict(spec, body).map_err(ApiError::BadRequest)?;
     drop(parsing); // the JSON values are gone; the tensors are compact
     let outputs = infer_within(state, headers, servable.runner(), inputs).await?;
     super::check_answer_size(
@@ -500,7 +435,7 @@ pub(super) async fn predict(
     )?;
     let mut out = Vec::with_capacity(256);
     if row_format {
-        write_predictions(&mut out, &outputs)?;
+        write_predictions(&mut out, &outputs).map_err(ApiError::Internal)?;
     } else {
         write_outputs(&mut out, &outputs);
     }
@@ -509,165 +444,6 @@ pub(super) async fn predict(
         out,
     )
         .into_response())
-}
-
-/// `instances`: a list of rows; each row is the value of the only input, or an object
-/// of named inputs. Rows are stacked along a new dim 0.
-fn rows_to_tensors(
-    spec: &crate::bundle::ModelSpec,
-    instances: Value,
-) -> Result<Vec<(String, Tensor)>, ApiError> {
-    let Value::Array(rows) = instances else {
-        return Err(ApiError::BadRequest(
-            "\"instances\" must be a list of rows".into(),
-        ));
-    };
-    if rows.is_empty() {
-        return Err(ApiError::BadRequest("\"instances\" is empty".into()));
-    }
-    let mut result = Vec::new();
-    if !rows[0].is_object() {
-        let input = only_input(spec)?;
-        let t = tensor_from_json(&input.name, &Value::Array(rows), input.dtype)
-            .map_err(ApiError::BadRequest)?;
-        result.push((input.name.clone(), t));
-        return Ok(result);
-    }
-    for input in &spec.inputs {
-        let column: Vec<Value> = rows
-            .iter()
-            .map(|r| {
-                r.get(&input.name).cloned().ok_or_else(|| {
-                    ApiError::BadRequest(format!("an instance lacks input '{}'", input.name))
-                })
-            })
-            .collect::<Result<_, _>>()?;
-        let t = tensor_from_json(&input.name, &Value::Array(column), input.dtype)
-            .map_err(ApiError::BadRequest)?;
-        result.push((input.name.clone(), t));
-    }
-    if let Some(Value::Object(first)) = rows.first() {
-        if let Some(unknown) = first
-            .keys()
-            .find(|k| !spec.inputs.iter().any(|i| &i.name == *k))
-        {
-            return Err(ApiError::BadRequest(format!(
-                "unknown input '{}'; the model's inputs are {:?}",
-                crate::names::bounded(unknown),
-                spec.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
-            )));
-        }
-    }
-    Ok(result)
-}
-
-/// `inputs`: the value of the only input, or an object of named inputs.
-fn columns_to_tensors(
-    spec: &crate::bundle::ModelSpec,
-    inputs: Value,
-) -> Result<Vec<(String, Tensor)>, ApiError> {
-    match inputs {
-        Value::Object(map) => map
-            .into_iter()
-            .map(|(name, v)| {
-                let dtype = spec
-                    .inputs
-                    .iter()
-                    .find(|i| i.name == name)
-                    .map(|i| i.dtype)
-                    .ok_or_else(|| {
-                        ApiError::BadRequest(format!(
-                            "unknown input '{}'; the model's inputs are {:?}",
-                            crate::names::bounded(&name),
-                            spec.inputs.iter().map(|i| &i.name).collect::<Vec<_>>()
-                        ))
-                    })?;
-                let t = tensor_from_json(&name, &v, dtype).map_err(ApiError::BadRequest)?;
-                Ok((name, t))
-            })
-            .collect(),
-        other => {
-            let input = only_input(spec)?;
-            let t =
-                tensor_from_json(&input.name, &other, input.dtype).map_err(ApiError::BadRequest)?;
-            Ok(vec![(input.name.clone(), t)])
-        }
-    }
-}
-
-fn only_input(spec: &crate::bundle::ModelSpec) -> Result<&crate::bundle::TensorSpec, ApiError> {
-    match spec.inputs.as_slice() {
-        [one] => Ok(one),
-        many => Err(ApiError::BadRequest(format!(
-            "the model has {} inputs {:?}: give each row (or \"inputs\") as an object of named values",
-            many.len(),
-            many.iter().map(|i| &i.name).collect::<Vec<_>>()
-        ))),
-    }
-}
-
-/// Rows of an output (dim 0), for the names a row-format answer repeats per row.
-fn rows_of(t: &Tensor) -> u64 {
-    t.shape.first().map_or(1, |&r| r.max(1) as u64)
-}
-
-/// `{"predictions": [...]}`: a row per instance, the bare value when the model has one
-/// output, else an object of named outputs.
-fn write_predictions(out: &mut Vec<u8>, outputs: &[(String, Tensor)]) -> Result<(), ApiError> {
-    let rows = outputs
-        .first()
-        .and_then(|(_, t)| t.shape.first().copied())
-        .unwrap_or(0) as usize;
-    if outputs
-        .iter()
-        .any(|(_, t)| t.shape.first().copied() != Some(rows as i64))
-    {
-        return Err(ApiError::Internal(
-            "the model's outputs do not share a batch dimension, so they cannot be returned as rows; use \"inputs\" (columns)".into(),
-        ));
-    }
-    out.extend_from_slice(b"{\"predictions\":[");
-    for r in 0..rows {
-        if r > 0 {
-            out.push(b',');
-        }
-        if let [(_, t)] = outputs {
-            write_json(out, t, Some(r));
-        } else {
-            out.push(b'{');
-            for (i, (name, t)) in outputs.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
-                out.push(b':');
-                write_json(out, t, Some(r));
-            }
-            out.push(b'}');
-        }
-    }
-    out.extend_from_slice(b"]}");
-    Ok(())
-}
-
-/// `{"outputs": value}` for one output, `{"outputs": {name: value}}` for several.
-fn write_outputs(out: &mut Vec<u8>, outputs: &[(String, Tensor)]) {
-    out.extend_from_slice(b"{\"outputs\":");
-    if let [(_, t)] = outputs {
-        write_json(out, t, None);
-    } else {
-        out.push(b'{');
-        for (i, (name, t)) in outputs.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(serde_json::to_string(name).unwrap().as_bytes());
-            out.push(b':');
-            write_json(out, t, None);
-        }
-        out.push(b'}');
-    }
-    out.push(b'}');
 }
 
 #[cfg(test)]
@@ -714,22 +490,5 @@ mod tests {
             parse_target("mlp/bogus"),
             Err(ApiError::NotFound(_))
         ));
-    }
-
-    #[test]
-    fn predictions_are_rows() {
-        let t = Tensor::from_f32(vec![2, 2], &[1.0, 2.0, 3.0, 4.0]);
-        let mut out = Vec::new();
-        write_predictions(&mut out, &[("y".into(), t.clone())]).unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"predictions":[[1.0,2.0],[3.0,4.0]]}"#
-        );
-        let mut out = Vec::new();
-        write_predictions(&mut out, &[("a".into(), t.clone()), ("b".into(), t)]).unwrap();
-        assert_eq!(
-            String::from_utf8(out).unwrap(),
-            r#"{"predictions":[{"a":[1.0,2.0],"b":[1.0,2.0]},{"a":[3.0,4.0],"b":[3.0,4.0]}]}"#
-        );
     }
 }

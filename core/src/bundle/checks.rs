@@ -290,7 +290,7 @@ impl Manifest {
             }
         }
         if let Some(h) = &e.routing_key_header {
-            if axum::http::HeaderName::from_bytes(h.as_bytes()).is_err() {
+            if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
                 r.push(format!(
                     "endpoint.routing_key_header {h:?} is not a header name"
                 ));
@@ -306,7 +306,8 @@ impl Manifest {
         }
     }
 
-    fn paths(&self) -> Vec<(&'static str, &str)> {
+    /// Every path the manifest names, with its field (`model.path`, ...).
+    pub fn paths(&self) -> Vec<(&'static str, &str)> {
         let mut v = Vec::new();
         if let Some(rt) = &self.router {
             v.push(("router.path", rt.path.as_str()));

@@ -1,0 +1,3 @@
+//! The `binary` target: its body and invariants are `nnserve_core::fuzzing::binary`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nnserve_core::fuzzing::binary(data));

@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Writes the seed corpora under fuzz/corpus/<target>/ (small, committed): valid inputs
+of each parser and the hostile shapes the hardening found by hand. Run it again after
+changing a seed; the fuzzer adds its own finds beside these (`make fuzz` keeps them in
+fuzz/corpus/, and those worth keeping are committed). Deterministic: fixed times, modes
+and gzip mtime."""
+import gzip
+import io
+import json
+import os
+import struct
+import tarfile
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+CORPUS = os.path.join(ROOT, "corpus")
+EXAMPLES = os.path.join(ROOT, "..", "examples", "repository")
+
+
+def put(target, name, data):
+    d = os.path.join(CORPUS, target)
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, name), "wb") as f:
+        f.write(data)
+
+
+def targz(entries):
+    """entries: (name, kind, payload) with kind file/dir/symlink/hardlink."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, kind, payload in entries:
+            info = tarfile.TarInfo(name)
+            info.mtime = 0
+            if kind == "file":
+                info.size = len(payload)
+                tar.addfile(info, io.BytesIO(payload))
+                continue
+            info.type = {"dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE}[kind]
+            info.linkname = payload or ""
+            tar.addfile(info)
+    return gzip.compress(raw.getvalue(), mtime=0)
+
+
+MANIFEST = b"""[bundle]
+name = "tiny"
+version = 1
+
+[model]
+backend = "torchscript"
+path = "model/model.pt"
+inputs = [{ name = "x", dtype = "fp32", shape = [-1, 4] }]
+outputs = [{ name = "y", dtype = "fp32", shape = [-1, 3] }]
+"""
+
+
+def archives():
+    put("archive", "bundle.tar.gz", targz([("bundle.toml", "file", MANIFEST), ("model", "dir", None),
+                                            ("model/model.pt", "file", b"PK\x03\x04 weights")]))
+    put("archive", "wrapped.tar.gz", targz([("tiny-1", "dir", None), ("tiny-1/bundle.toml", "file", MANIFEST)]))
+    put("archive", "symlink-inside.tar.gz", targz([("bundle.toml", "file", MANIFEST),
+                                                    ("assets/a.txt", "file", b"a"),
+                                                    ("assets/b.txt", "symlink", "a.txt")]))
+    put("archive", "symlink-out.tar.gz", targz([("bundle.toml", "file", MANIFEST), ("esc", "symlink", "../../etc"),
+                                                 ("esc/passwd", "file", b"x")]))
+    put("archive", "dotdot.tar.gz", targz([("../evil", "file", b"x"), ("bundle.toml", "file", MANIFEST)]))
+    put("archive", "hardlink.tar.gz", targz([("bundle.toml", "file", MANIFEST), ("h", "hardlink", "/etc/passwd")]))
+    put("archive", "zeros.tar.gz", gzip.compress(bytes(64 << 10), mtime=0))
+    put("archive", "not-gzip", b"PK\x03\x04 a zip, not a tar.gz")
+
+
+def manifests():
+    for name in ("mlp", "digits", "mlp-ab", "minilm"):
+        with open(os.path.join(EXAMPLES, name, "1", "bundle.toml"), "rb") as f:
+            put("manifest", f"{name}.toml", f.read())
+    put("manifest", "tiny.toml", MANIFEST)
+    put("manifest", "deps.toml", b'[bundle]\nname = "front"\nversion = 2\n[handler]\npath = "p.wasm"\n'
+                                 b'dependencies = ["mlp", "enc@stable", "x@3"]\ninit = true\nconfig = { a = [1, 2], b = { c = "d" } }\n')
+    put("manifest", "unknown-field.toml", b'[bundle]\nname = "x"\nversion = 1\nflavour = "odd"\n')
+    put("manifest", "escape.toml", b'[bundle]\nname = "x"\nversion = 1\n[handler]\npath = "../../etc/passwd"\n')
+    put("manifest", "huge-shape.toml", MANIFEST.replace(b"[-1, 4]", b"[-1, 4000000000000]"))
+
+
+def tensors():
+    dtypes = ["bool", "uint8", "int8", "int16", "int32", "int64", "fp16", "bf16", "fp32", "fp64"]
+    pick = {d: bytes([i]) for i, d in enumerate(dtypes)}
+    put("tensor_json", "fp32-rows", pick["fp32"] + b"[[1.0, 2.5, -3.0, 4e-7], [0, 1, 2, 3]]")
+    put("tensor_json", "int64", pick["int64"] + json.dumps([[101, 2023, 102], [9007199254740993, -1, 0]]).encode())
+    put("tensor_json", "bool", pick["bool"] + b"[true, false, true]")
+    put("tensor_json", "uint8-out-of-range", pick["uint8"] + b"[0, 255, 256, -1]")
+    put("tensor_json", "fp16", pick["fp16"] + b"[65504, 6e-8, 1e5]")
+    put("tensor_json", "bf16", pick["bf16"] + b"[[3.4e38, 1.0]]")
+    put("tensor_json", "fp64", pick["fp64"] + b"[1.7976931348623157e308, 5e-324, 0.1]")
+    put("tensor_json", "ragged", pick["fp32"] + b"[[1, 2], [3]]")
+    put("tensor_json", "scalar", pick["int32"] + b"7")
+    put("tensor_json", "empty", pick["fp32"] + b"[[], []]")
+    put("tensor_json", "deep", pick["int8"] + b"[" * 200 + b"1" + b"]" * 200)
+    put("tensor_json", "strings", pick["fp32"] + b'["1.0", null, {"a": 1}]')
+
+
+def binaries():
+    head = json.dumps({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                                   "parameters": {"binary_data_size": 16}}]}).encode()
+    tail = struct.pack("<4f", 1, 2, 3, 4)
+    put("binary", "one-input", struct.pack("<HH", len(head), 16) + head + tail)
+    put("binary", "header-past-end", struct.pack("<HH", 60000, 4) + head)
+    put("binary", "size-past-end", struct.pack("<HH", len(head), 60000) + head + tail)
+    put("binary", "zero-size", struct.pack("<HH", 0, 0) + b"abc")
+
+
+def url_targets():
+    for i, path in enumerate(["mlp:predict", "mlp/versions/3:infer", "mlp/labels/stable:predict",
+                              "mlp/versions/2/metadata", "ResNet50", "../versions/7", "mlp/labels/..",
+                              "mlp/versions/18446744073709551615", "a\\b:predict", "mlp/bogus",
+                              "mlp/metadata:predict", "x" * 300 + ":predict", "mlp/labels/a b"]):
+        put("url_target", f"{i:02}", path.encode())
+
+
+def predicts():
+    one, two, image = b"\x00", b"\x01", b"\x02"
+    put("tfserving_predict", "rows", one + b'{"instances": [[1.0, 2.0, 3.0, 4.0], [5, 6, 7, 8]]}')
+    put("tfserving_predict", "columns", one + b'{"inputs": [[1.0, 2.0, 3.0, 4.0]]}')
+    put("tfserving_predict", "named-rows", two + b'{"instances": [{"ids": [101, 7, 102], "mask": [true, true, true]}]}')
+    put("tfserving_predict", "named-columns", two + b'{"inputs": {"ids": [[101, 102]], "mask": [[true, false]]}}')
+    put("tfserving_predict", "unknown-input", two + b'{"instances": [{"ids": [1], "mask": [true], "extra": 1}]}')
+    put("tfserving_predict", "both", one + b'{"instances": [[1, 2, 3, 4]], "inputs": [[1, 2, 3, 4]]}')
+    put("tfserving_predict", "image", image + json.dumps({"instances": [[[[1, 2, 3], [4, 5, 6]], [[-1, -2, -3], [127, -128, 0]]]]}).encode())
+    put("tfserving_predict", "ragged-rows", two + b'{"instances": [{"ids": [1, 2], "mask": [true]}, {"ids": [1], "mask": [true]}]}')
+    put("tfserving_predict", "not-an-object", one + b'[[1, 2, 3, 4]]')
+
+
+if __name__ == "__main__":
+    predicts()
+    url_targets()
+    archives()
+    manifests()
+    tensors()
+    binaries()
+    total = sum(len(fs) for _, _, fs in os.walk(CORPUS))
+    print(f"{total} seeds under {CORPUS}")
