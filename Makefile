@@ -144,9 +144,9 @@ image: dist
 # -Z flags cargo-fuzz passes). The seeds (fuzz/corpus/<target>/, committed) are read;
 # new finds land in fuzz/work/corpus/<target>/, crashes in fuzz/artifacts/<target>/. Not part of `make test`, which replays the corpora instead.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := archive manifest tensor_json binary url_target tfserving_predict
+FUZZ_TARGETS := archive manifest tensor_json binary url_target tfserving_predict v2_infer
 fuzz: $(STAMPS)/cargo-fuzz
-	@for t in $(FUZZ_TARGETS); do \
+	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
 		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
 		mkdir -p fuzz/work/corpus/$$t; \
 		RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir fuzz $$t fuzz/work/corpus/$$t fuzz/corpus/$$t -- \

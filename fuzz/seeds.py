@@ -127,7 +127,27 @@ def predicts():
     put("tfserving_predict", "not-an-object", one + b'[[1, 2, 3, 4]]')
 
 
+def v2_requests():
+    def body(head, tail=b""):
+        h = json.dumps(head).encode()
+        return struct.pack("<H", len(h) if tail or head.get("_binary") else 0) + h + tail
+    row = {"name": "input", "shape": [1, 4], "datatype": "FP32", "data": [1, 2, 3, 4]}
+    put("v2_infer", "json", body({"id": "1", "inputs": [row]}))
+    put("v2_infer", "two-inputs", body({"inputs": [{"name": "ids", "shape": [1, 3], "datatype": "INT64", "data": [[101, 7, 102]]},
+                                                   {"name": "mask", "shape": [1, 3], "datatype": "BOOL", "data": [True, True, False]}],
+                                        "outputs": [{"name": "y", "parameters": {"binary_data": True}}]}))
+    put("v2_infer", "binary", body({"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP32",
+                                                "parameters": {"binary_data_size": 16}}]}, struct.pack("<4f", 1, 2, 3, 4)))
+    put("v2_infer", "leftover", body({"inputs": [{"name": "input", "shape": [1, 1], "datatype": "FP32",
+                                                  "parameters": {"binary_data_size": 4}}]}, bytes(12)))
+    put("v2_infer", "twice", body({"inputs": [row, row]}))
+    put("v2_infer", "wrong-count", body({"inputs": [dict(row, shape=[2, 4])]}))
+    put("v2_infer", "huge-shape", body({"inputs": [dict(row, shape=[4294967296, 4294967296, 4])]}))
+    put("v2_infer", "bytes", body({"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}))
+
+
 if __name__ == "__main__":
+    v2_requests()
     predicts()
     url_targets()
     archives()

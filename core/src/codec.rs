@@ -135,9 +135,11 @@ pub fn json_bound(t: &Tensor) -> u64 {
         arrays = arrays.saturating_add(outer);
         outer = outer.saturating_mul(d.max(0) as u64);
     }
+    // At least one pair of brackets: the flat form of a scalar (shape []) is `[x]`
+    // (found by the tensor_json fuzz target: a bound of 6 for `[false]`).
     (t.numel() as u64)
         .saturating_mul(width + 1)
-        .saturating_add(arrays.saturating_mul(2))
+        .saturating_add(arrays.max(1).saturating_mul(2))
 }
 
 /// Writes a flat JSON array of all elements (KServe v2's `data`).
@@ -297,6 +299,8 @@ mod tests {
             )
             .unwrap(),
             Tensor::new(DType::Bool, vec![2], vec![0, 0]).unwrap(),
+            // A scalar: written flat as `[false]` (the fuzzer found the bound one short).
+            Tensor::new(DType::Bool, vec![], vec![0]).unwrap(),
         ];
         for t in &cases {
             let (mut nested, mut flat) = (Vec::new(), Vec::new());

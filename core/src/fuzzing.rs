@@ -16,6 +16,9 @@
 //! - `tfserving_predict`: a predict body accepted against a signature gives one tensor
 //!   per named input, of the input's dtype, holding exactly its shape's bytes (rows
 //!   stacked on dim 0); written back as the answer, it is JSON with one prediction per row;
+//! - `v2_infer`: a KServe v2 request accepted (its JSON head and binary tail) gives one
+//!   tensor per input, each name once, with the declared shape and exactly its bytes, and
+//!   uses the tail up;
 //! - `url_target`: an accepted `/v1/models/...` path has a valid model name, version and
 //!   label, and its canonical spelling parses back to the same target; an error message
 //!   stays bounded whatever the path's length.
@@ -254,6 +257,54 @@ pub fn tfserving_predict(data: &[u8]) {
     }
 }
 
+/// A KServe v2 inference request over HTTP: the first two bytes give the JSON head's
+/// length (`Inference-Header-Content-Length`; 0 for a JSON-only body), the rest is the body.
+pub fn v2_infer(data: &[u8]) {
+    if data.len() < 2 {
+        return;
+    }
+    let header_len = u16::from_le_bytes([data[0], data[1]]) as usize;
+    let body = &data[2..];
+    let (head, tail) = if header_len == 0 {
+        (body, &[][..])
+    } else {
+        match codec::split_binary(body, header_len) {
+            Ok(parts) => parts,
+            Err(_) => return,
+        }
+    };
+    let Ok(req) = crate::v2::parse_request(head) else {
+        return;
+    };
+    let Ok(inputs) = crate::v2::decode_inputs(&req, tail) else {
+        return;
+    };
+    assert_eq!(inputs.len(), req.inputs.len());
+    let mut seen = std::collections::HashSet::new();
+    for ((name, t), declared) in inputs.iter().zip(&req.inputs) {
+        assert!(seen.insert(name.clone()), "{name} twice");
+        assert_eq!(name, &declared.name);
+        assert_eq!(t.shape, declared.shape, "{name}");
+        let want =
+            crate::tensor::checked_bytes(&t.shape, t.dtype).expect("an accepted shape has a size");
+        assert_eq!(t.data.len(), want, "{name} {:?}", t.shape);
+    }
+    let binary: u64 = req
+        .inputs
+        .iter()
+        .filter_map(|i| {
+            i.parameters
+                .get("binary_data_size")
+                .and_then(|v| v.as_u64())
+        })
+        .sum();
+    assert_eq!(
+        binary,
+        tail.len() as u64,
+        "the tail was not used up exactly"
+    );
+}
+
 /// The path after `/v1/models/` of a TF Serving REST request.
 pub fn url_target(data: &[u8]) {
     let Ok(rest) = std::str::from_utf8(data) else {
@@ -295,6 +346,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("binary", binary),
     ("url_target", url_target),
     ("tfserving_predict", tfserving_predict),
+    ("v2_infer", v2_infer),
 ];
 
 /// Where the corpora are, from this crate's directory.

@@ -7,6 +7,7 @@
 //! - `codec`: tensors to and from JSON and Triton's binary extension;
 //! - `target`: TF Serving's REST paths (`/v1/models/{name}/versions/{n}:predict`);
 //! - `tfserving`: TF Serving's predict body (`instances`, `inputs`) and its answer;
+//! - `v2`: KServe v2's inference request over HTTP (JSON and Triton's binary tail);
 //! - `names`: the naming rule, and how untrusted text is shown back.
 //!
 //! It depends on no engine (wasmtime, libtorch, TensorFlow, tokio), so fuzz targets
@@ -22,3 +23,4 @@ pub mod names;
 pub mod target;
 pub mod tensor;
 pub mod tfserving;
+pub mod v2;

@@ -5,10 +5,11 @@
 use super::codec::{self, write_flat_json};
 use super::{infer_within, ApiError, AppState};
 use crate::lifecycle::ModelVersion;
-use crate::tensor::{checked_numel, DType, Tensor};
+use crate::tensor::{DType, Tensor};
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use nnserve_core::v2::{self, InferRequest};
 use serde::Deserialize;
 use serde_json::{json, Map, Value};
 
@@ -139,35 +140,6 @@ pub async fn model_ready(
     model_ready_impl(&state, model, version)
 }
 
-#[derive(Deserialize)]
-struct InferRequest {
-    #[serde(default)]
-    id: Option<Value>,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    inputs: Vec<InputTensor>,
-    #[serde(default)]
-    outputs: Vec<RequestedOutput>,
-}
-
-#[derive(Deserialize)]
-struct InputTensor {
-    name: String,
-    shape: Vec<i64>,
-    datatype: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-    #[serde(default)]
-    data: Option<Value>,
-}
-
-#[derive(Deserialize)]
-struct RequestedOutput {
-    name: String,
-    #[serde(default)]
-    parameters: Map<String, Value>,
-}
-
 pub async fn infer(
     State(state): State<AppState>,
     Path(p): Path<ModelPath>,
@@ -210,7 +182,7 @@ pub(super) async fn infer_resolved(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Response, ApiError> {
-    let (json_part, mut tail) = match headers.get(HEADER_LENGTH) {
+    let (json_part, tail) = match headers.get(HEADER_LENGTH) {
         Some(v) => {
             let n: usize = v
                 .to_str()
@@ -224,34 +196,17 @@ pub(super) async fn infer_resolved(
         None => (body, &[][..]),
     };
     let parsing = state.json_gate.enter(json_part.len()).await;
-    let mut req: InferRequest = serde_json::from_slice(json_part)
-        .map_err(|e| ApiError::BadRequest(format!("malformed inference request: {e}")))?;
+    let mut req = v2::parse_request(json_part).map_err(ApiError::BadRequest)?;
     let datatypes = req.inputs.iter().map(|i| i.datatype.as_str());
     if super::body_call::is_body_call(s, datatypes) {
         drop(parsing);
         return body_call(state, s, headers, &req, tail).await;
     }
 
-    let mut inputs: Vec<(String, Tensor)> = Vec::with_capacity(req.inputs.len());
-    let mut names = std::collections::HashSet::with_capacity(req.inputs.len());
-    for input in &req.inputs {
-        if !names.insert(input.name.as_str()) {
-            return Err(ApiError::BadRequest(format!(
-                "input {} appears twice in the request",
-                crate::names::shown(&input.name)
-            )));
-        }
-        inputs.push((input.name.clone(), decode_input(input, &mut tail)?));
-    }
+    let inputs = v2::decode_inputs(&req, tail).map_err(ApiError::BadRequest)?;
     // The JSON values of the inputs are gone once decoded; the tensors are compact.
     req.inputs = Vec::new();
     drop(parsing);
-    if !tail.is_empty() {
-        return Err(ApiError::BadRequest(format!(
-            "{} bytes of binary data are left over after the inputs' binary_data_size",
-            tail.len()
-        )));
-    }
 
     // Requested outputs: each once (a name asked for 10,000 times made a 370 MB answer
     // of a 244 KB request), and only the model's (checked before the forward).
@@ -519,72 +474,14 @@ fn flatten_strings(v: &Value, out: &mut Vec<String>) -> Result<(), &'static str>
     Ok(())
 }
 
-/// A v2 input's datatype and element count, checked (over HTTP and gRPC alike).
-/// Everything of the request quoted back is bounded (names::shown).
+/// A v2 input's datatype and element count, checked (nnserve-core's `v2`), its error a
+/// 400; over gRPC too.
 pub(crate) fn input_head(
     name: &str,
     datatype: &str,
     shape: &[i64],
 ) -> Result<(DType, usize), ApiError> {
-    let name = crate::names::bounded(name);
-    let shown = crate::names::shown_list(shape);
-    let dtype = DType::from_v2_name(datatype).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{name}' has datatype {}, which nnserve does not support (use one of {})",
-            crate::names::shown(datatype),
-            DType::ALL.map(|d| d.v2_name()).join(", ")
-        ))
-    })?;
-    if shape.iter().any(|&d| d < 0) {
-        return Err(ApiError::BadRequest(format!(
-            "input '{name}' has a negative size in shape {shown}"
-        )));
-    }
-    let n = checked_numel(shape).ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{name}' has shape {shown}, whose element count does not fit in memory"
-        ))
-    })?;
-    Ok((dtype, n))
-}
-
-fn decode_input(input: &InputTensor, tail: &mut &[u8]) -> Result<Tensor, ApiError> {
-    let name = &crate::names::bounded(&input.name);
-    let shape = crate::names::shown_list(&input.shape);
-    let (dtype, want) = input_head(&input.name, &input.datatype, &input.shape)?;
-    if let Some(size) = input.parameters.get("binary_data_size") {
-        let size = size.as_u64().ok_or_else(|| {
-            ApiError::BadRequest(format!(
-                "input '{name}': binary_data_size must be a non-negative integer, not {}",
-                crate::names::bounded(&size.to_string())
-            ))
-        })? as usize;
-        if input.data.is_some() {
-            return Err(ApiError::BadRequest(format!(
-                "input '{name}' has both \"data\" and a binary_data_size parameter; send one"
-            )));
-        }
-        let bytes = codec::take_binary(tail, size, name).map_err(ApiError::BadRequest)?;
-        return Tensor::new(dtype, input.shape.clone(), bytes.to_vec())
-            .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")));
-    }
-    let data = input.data.as_ref().ok_or_else(|| {
-        ApiError::BadRequest(format!(
-            "input '{name}' has neither \"data\" nor a binary_data_size parameter"
-        ))
-    })?;
-    let flat = codec::tensor_from_json(name, data, dtype).map_err(ApiError::BadRequest)?;
-    if flat.numel() != want {
-        return Err(ApiError::BadRequest(format!(
-            "input '{name}' has {} values but its shape {shape} needs {want}",
-            flat.numel()
-        )));
-    }
-    Ok(Tensor {
-        dtype,
-        shape: input.shape.clone(),
-        data: flat.data,
-    })
+    v2::input_head(name, datatype, shape).map_err(ApiError::BadRequest)
 }
 
 /// Triton's repository extension: `POST /v2/repository/index`, every model version

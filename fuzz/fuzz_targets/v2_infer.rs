@@ -1,0 +1,3 @@
+//! The `v2_infer` target: its body and invariants are `nnserve_core::fuzzing::v2_infer`.
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| nnserve_core::fuzzing::v2_infer(data));
