@@ -33,7 +33,7 @@ MINILM      := $(REPO)/minilm/1/model/model.pt
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
                $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
 
-.PHONY: help setup run test test-unit test-e2e build plugins models clean dist image fuzz
+.PHONY: help setup run test test-unit test-e2e build plugins models clean dist image fuzz soak
 
 help:
 	@echo "make run [LISTEN=host:port] [GRPC_LISTEN=host:port]  set up and serve $(REPO) (HTTP $(LISTEN), gRPC $(GRPC_LISTEN))"
@@ -42,6 +42,7 @@ help:
 	@echo "make dist                    set up and build dist/nnserve-VERSION-linux-x86_64.tar.gz (relocatable, CPU)"
 	@echo "make image                   make dist, then the CPU container image nnserve:VERSION (podman, FROM scratch)"
 	@echo "make fuzz [FUZZ_SECONDS=60]  every fuzz target (fuzz/) for that long each, libFuzzer + ASan (docs/fuzzing.md)"
+	@echo "make soak [SOAK_SECONDS=180] a soak: all protocols, hostile input, hot swaps, SIGTERM (bench/soak.py)"
 
 setup: $(STAMPS)/wasm-target $(STAMPS)/venv $(STAMPS)/test-tools plugins models build
 
@@ -159,6 +160,13 @@ $(STAMPS)/cargo-fuzz:
 	@mkdir -p $(STAMPS)
 	command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
 	@touch $@
+
+# The soak (bench/soak.py): every protocol, hostile input and plugins, hot swaps, label
+# flips, an upload race and a SIGTERM, for SOAK_SECONDS; it prints its table and checks
+# and fails when one does. Not part of `make test`.
+SOAK_SECONDS ?= 180
+soak: setup
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(EMBEDDER_WASM) $(REPO)/*/*/model $(REPO)/minilm/*/assets

@@ -188,6 +188,28 @@ def test_an_idle_keep_alive_connection_is_closed_and_one_in_use_is_not(strict):
             time.sleep(0.5)
 
 
+def test_an_answer_given_before_the_body_was_read_closes_the_connection_and_says_so(strict):
+    """A 413 on a Content-Length over max_request_bytes is answered before the body is
+    read, so the connection cannot be reused: the answer says `connection: close` and the
+    server closes it, rather than let the client send its next request into a closing
+    socket (bench/soak.py lost requests that way). An answer after the whole body was
+    read (a 400 for bad JSON) keeps the connection."""
+    host, port = strict.address
+    with socket.create_connection((host, port)) as sock:
+        sock.settimeout(5)
+        sock.sendall(b"POST /v1/models/mlp:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100000000\r\n\r\n{\"instances\":")
+        head = sock.recv(65536).split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 413") and b"\r\nconnection: close" in head, head
+        closed_within(sock, 5)
+    with socket.create_connection((host, port)) as sock:
+        sock.settimeout(5)
+        for _ in range(2):
+            sock.sendall(b"POST /v1/models/mlp:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n{bad}")
+            head = sock.recv(65536).split(b"\r\n\r\n")[0].lower()
+            assert head.startswith(b"http/1.1 400") and b"connection: close" not in head, head
+
+
 def test_a_connection_reused_after_a_long_idle_gets_the_whole_header_timeout(strict):
     # Idle longer than the header timeout (1 s), under the keep-alive one (1.5 s); then a
     # head in two parts: its clock starts at its first byte, not at the last answer.

@@ -268,13 +268,24 @@ where
             })
         });
         async move {
-            let resp = if admitted {
+            let mut resp = if admitted {
                 tower_service::Service::call(&mut app.clone(), req)
                     .await
                     .unwrap_or_else(|never| match never {})
             } else {
                 closing_answer()
             };
+            if !conn.body_done.load(Ordering::Acquire) {
+                // Answered before the body was read whole (a 413 on its Content-Length,
+                // a 401, a 404 for an unknown model): hyper closes the connection rather
+                // than read the rest, so the answer says so. Without it a client reused
+                // the connection and sent its next request into the closing socket
+                // (bench/soak.py: 8 requests of 54,000 lost that way).
+                resp.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+            }
             Ok::<_, std::convert::Infallible>(resp.map(|inner| AnswerBody {
                 inner,
                 conn,
