@@ -114,6 +114,61 @@ impl Padding {
     }
 }
 
+/// Padding may make a batch at most this many times the bytes its requests hold (past
+/// [`PAD_FLOOR`]): one long request must not pull many short ones up to its length, or a
+/// client sending one 64 MiB sequence would make the batch 32 times that.
+pub const MAX_PAD_FACTOR: u64 = 4;
+/// Padded batches up to this size are always allowed (short sequences pad cheaply).
+pub const PAD_FLOOR: u64 = 1 << 20;
+
+/// What padding the batch being formed costs, to stop adding requests before it costs
+/// more than [`MAX_PAD_FACTOR`] times their own bytes.
+pub(super) struct PadBudget {
+    rows: u64,
+    /// Per input: the largest size in each dimension so far.
+    largest: Vec<Vec<i64>>,
+    /// The requests' own bytes so far.
+    own: u64,
+}
+
+impl PadBudget {
+    /// The budget of a batch that holds `first` (the leader's inputs).
+    pub(super) fn new(first: &[Tensor]) -> PadBudget {
+        PadBudget {
+            rows: first.first().map_or(0, |t| t.shape[0].max(0) as u64),
+            largest: first.iter().map(|t| t.shape.clone()).collect(),
+            own: first.iter().map(|t| t.data.len() as u64).sum(),
+        }
+    }
+
+    /// Whether `next` may join: the padded batch then stays within the factor (or the
+    /// floor). When it may, the budget counts it.
+    pub(super) fn admits(&mut self, next: &[Tensor]) -> bool {
+        let rows = self.rows + next.first().map_or(0, |t| t.shape[0].max(0) as u64);
+        let own = self.own + next.iter().map(|t| t.data.len() as u64).sum::<u64>();
+        let largest: Vec<Vec<i64>> = self
+            .largest
+            .iter()
+            .zip(next)
+            .map(|(l, t)| l.iter().zip(&t.shape).map(|(a, b)| *a.max(b)).collect())
+            .collect();
+        let padded: u64 = largest
+            .iter()
+            .zip(next)
+            .map(|(l, t)| {
+                let per_row = crate::tensor::checked_numel(&l[1..]).unwrap_or(usize::MAX) as u64;
+                rows.saturating_mul(per_row)
+                    .saturating_mul(t.dtype.size() as u64)
+            })
+            .fold(0u64, u64::saturating_add);
+        if padded > own.saturating_mul(MAX_PAD_FACTOR).max(PAD_FLOOR) {
+            return false;
+        }
+        (self.rows, self.own, self.largest) = (rows, own, largest);
+        true
+    }
+}
+
 /// One element of `dtype` with the value `v`, little-endian.
 fn element(dtype: DType, v: f64) -> Vec<u8> {
     match dtype {

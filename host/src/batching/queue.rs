@@ -152,6 +152,11 @@ impl Batcher {
         let mut st = self.state.lock().unwrap();
         let mut batch: Vec<Task> = Vec::new();
         let mut rows = 0;
+        let mut budget = self
+            .policy
+            .padding
+            .as_ref()
+            .map(|_| super::pad::PadBudget::new(first));
         while let Some(front) = st.queue.front() {
             if front.tx.is_closed() {
                 let t = st.queue.pop_front().unwrap();
@@ -163,6 +168,11 @@ impl Batcher {
                 None => compatible(first, &front.inputs),
             };
             if rows + front.rows > room || !fits {
+                break;
+            }
+            if budget.as_mut().is_some_and(|b| !b.admits(&front.inputs)) {
+                // Padding it in would cost more than MAX_PAD_FACTOR: it leads a batch
+                // of its own later.
                 break;
             }
             let t = st.queue.pop_front().unwrap();

@@ -649,3 +649,23 @@ fn resize_pads_with_the_value_and_cuts_back_in_any_dimension() {
     let back = super::pad::resize(&grown, &[2, 2, 3], &[]);
     assert_eq!(back, t);
 }
+
+#[test]
+fn one_long_sequence_does_not_pad_many_short_ones_up_to_its_length() {
+    use super::pad::{PadBudget, PAD_FLOOR};
+    // A leader of 10,000 tokens (160 KB of ids and mask): short requests join only while
+    // the padded batch stays within 4x the bytes held, or the 1 MiB floor.
+    let mut budget = PadBudget::new(&tokens(1, 10_000, 0));
+    let joined = (0..32)
+        .take_while(|_| budget.admits(&tokens(1, 1, 0)))
+        .count();
+    let per_row = 10_000 * 8 * 2;
+    assert_eq!(
+        joined,
+        (PAD_FLOOR as usize / per_row) - 1,
+        "{joined} joined"
+    );
+    // Requests of one length never pad: any number joins.
+    let mut budget = PadBudget::new(&tokens(1, 10_000, 0));
+    assert!((0..31).all(|_| budget.admits(&tokens(1, 10_000, 0))));
+}
