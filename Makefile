@@ -33,7 +33,7 @@ MINILM      := $(REPO)/minilm/1/model/model.pt
 MODELS      := $(REPO)/mlp/1/model/model.pt $(REPO)/mlp-a/1/model/model.pt \
                $(REPO)/mlp-b/1/model/model.pt $(REPO)/digits/1/model/model.pt
 
-.PHONY: help setup run test test-unit test-e2e build plugins models clean dist image fuzz soak
+.PHONY: help setup run test test-unit test-e2e build plugins models clean dist image fuzz soak openapi
 
 help:
 	@echo "make run [LISTEN=host:port] [GRPC_LISTEN=host:port]  set up and serve $(REPO) (HTTP $(LISTEN), gRPC $(GRPC_LISTEN))"
@@ -43,6 +43,7 @@ help:
 	@echo "make image                   make dist, then the CPU container image nnserve:VERSION (podman, FROM scratch)"
 	@echo "make fuzz [FUZZ_SECONDS=60]  every fuzz target (fuzz/) for that long each, libFuzzer + ASan (docs/fuzzing.md)"
 	@echo "make soak [SOAK_SECONDS=180] a soak: all protocols, hostile input, hot swaps, SIGTERM (bench/soak.py)"
+	@echo "make openapi                 write docs/openapi.json, the HTTP API's OpenAPI 3.1 document (also GET /openapi.json)"
 
 setup: $(STAMPS)/wasm-target $(STAMPS)/venv $(STAMPS)/test-tools plugins models build
 
@@ -145,7 +146,7 @@ image: dist
 # -Z flags cargo-fuzz passes). The seeds (fuzz/corpus/<target>/, committed) are read;
 # new finds land in fuzz/work/corpus/<target>/, crashes in fuzz/artifacts/<target>/. Not part of `make test`, which replays the corpora instead.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := archive manifest tensor_json binary url_target tfserving_predict v2_infer
+FUZZ_TARGETS := archive manifest tensor_json binary url_target tfserving_predict v2_infer grpc_infer tfserving_grpc
 fuzz: $(STAMPS)/cargo-fuzz
 	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
 		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
@@ -167,6 +168,12 @@ $(STAMPS)/cargo-fuzz:
 SOAK_SECONDS ?= 180
 soak: setup
 	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)
+
+# The OpenAPI document, generated from the handlers (host/src/api/openapi.rs). The
+# server serves the same at /openapi.json; tests/e2e/test_openapi.py fails when the
+# committed file is stale and runs schemathesis against a live server.
+openapi: build
+	$(NNSERVE) openapi > docs/openapi.json
 
 clean:
 	rm -rf $(STAMPS) $(DIGITS_WASM) $(EMBEDDER_WASM) $(REPO)/*/*/model $(REPO)/minilm/*/assets

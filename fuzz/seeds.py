@@ -3,7 +3,8 @@
 of each parser and the hostile shapes the hardening found by hand. Run it again after
 changing a seed; the fuzzer adds its own finds beside these (`make fuzz` keeps them in
 fuzz/corpus/, and those worth keeping are committed). Deterministic: fixed times, modes
-and gzip mtime."""
+and gzip mtime. The gRPC seeds need the venv's protobuf modules: `.venv/bin/python
+fuzz/seeds.py`."""
 import gzip
 import io
 import json
@@ -146,7 +147,56 @@ def v2_requests():
     put("v2_infer", "bytes", body({"inputs": [{"name": "request", "shape": [1], "datatype": "BYTES", "data": ["hello"]}]}))
 
 
+def grpc_requests():
+    """KServe's ModelInferRequest and TF Serving's PredictRequest, as their clients'
+    own protobuf modules write them (tritonclient, tensorflow-serving-api: the venv's,
+    so run this with .venv/bin/python)."""
+    import numpy as np
+    from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+    from tensorflow_serving.apis import predict_pb2
+    from tritonclient.grpc import service_pb2 as kserve
+
+    def infer(inputs, raw=()):
+        r = kserve.ModelInferRequest(model_name="mlp", id="1")
+        for name, dtype, shape, contents in inputs:
+            i = r.inputs.add(name=name, datatype=dtype, shape=shape)
+            if contents is not None:
+                i.contents.CopyFrom(kserve.InferTensorContents(**contents))
+        r.raw_input_contents.extend(raw)
+        return r.SerializeToString()
+    put("grpc_infer", "typed-fp32", infer([("input", "FP32", [1, 4], {"fp32_contents": [1, 2, 3, 4]})]))
+    put("grpc_infer", "raw-fp32", infer([("input", "FP32", [1, 4], None)], [np.arange(4, dtype="<f4").tobytes()]))
+    put("grpc_infer", "two-inputs", infer([("ids", "INT64", [1, 3], {"int64_contents": [101, 7, 102]}),
+                                           ("mask", "BOOL", [1, 3], {"bool_contents": [True, True, False]})]))
+    put("grpc_infer", "int8-out-of-range", infer([("x", "INT8", [2], {"int_contents": [1, 300]})]))
+    put("grpc_infer", "raw-fp16", infer([("x", "FP16", [2], None)], [bytes(4)]))
+    put("grpc_infer", "raw-count-mismatch", infer([("a", "FP32", [1], None), ("b", "FP32", [1], None)], [bytes(4)]))
+    put("grpc_infer", "twice", infer([("x", "FP32", [1], {"fp32_contents": [1]})] * 2))
+    put("grpc_infer", "huge-shape", infer([("x", "FP32", [4294967296, 4294967296, 4], None)], [bytes(4)]))
+    put("grpc_infer", "bytes", infer([("request", "BYTES", [1], {"bytes_contents": [b"hello"]})]))
+
+    def predict(inputs):
+        r = predict_pb2.PredictRequest()
+        r.model_spec.name = "mlp"
+        for name, dtype, shape, fields in inputs:
+            r.inputs[name].CopyFrom(tensor_pb2.TensorProto(
+                dtype=dtype, tensor_shape=tensor_shape_pb2.TensorShapeProto(
+                    dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=d) for d in shape]), **fields))
+        return r.SerializeToString()
+    put("tfserving_grpc", "float-list", predict([("input", types_pb2.DT_FLOAT, [1, 4], {"float_val": [1, 2, 3, 4]})]))
+    put("tfserving_grpc", "content", predict([("input", types_pb2.DT_FLOAT, [1, 4],
+                                                {"tensor_content": np.arange(4, dtype="<f4").tobytes()})]))
+    put("tfserving_grpc", "fill", predict([("x", types_pb2.DT_INT32, [3, 3], {"int_val": [7]})]))
+    put("tfserving_grpc", "fill-too-big", predict([("x", types_pb2.DT_DOUBLE, [1 << 20, 1 << 20], {"double_val": [1]})]))
+    put("tfserving_grpc", "half", predict([("x", types_pb2.DT_HALF, [2], {"half_val": [15360, 0]})]))
+    put("tfserving_grpc", "string", predict([("x", types_pb2.DT_STRING, [1], {"string_val": [b"hi"]})]))
+    put("tfserving_grpc", "negative-dim", predict([("x", types_pb2.DT_FLOAT, [-1, 4], {"float_val": [1]})]))
+    put("tfserving_grpc", "two-inputs", predict([("ids", types_pb2.DT_INT64, [1, 2], {"int64_val": [1, 2]}),
+                                                 ("mask", types_pb2.DT_BOOL, [1, 2], {"bool_val": [True, False]})]))
+
+
 if __name__ == "__main__":
+    grpc_requests()
     v2_requests()
     predicts()
     url_targets()

@@ -72,8 +72,9 @@ fn tensorflow_dir() {
 
 /// Compiles the gRPC protocols under `proto/` (KServe v2 as Triton serves it, TensorFlow
 /// Serving's services; proto/README.md) with protox, so that no `protoc` binary is
-/// needed, into the messages and the server traits; bytes fields are `bytes::Bytes`, so
-/// a request's raw tensors are sliced, never copied. The encoded descriptor set goes
+/// needed, into the server traits over nnserve-core's messages (its build.rs compiles
+/// the same files; bytes fields are `bytes::Bytes` there, so a request's raw tensors are
+/// sliced, never copied). The encoded descriptor set goes
 /// beside them for server reflection and the tests.
 fn protos() {
     use prost::Message;
@@ -87,8 +88,13 @@ fn protos() {
     let fds = protox::compile(files.map(|f| dir.join(f)), [&dir]).unwrap_or_else(|e| panic!("{e}"));
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR").unwrap());
     std::fs::write(out.join("descriptors.bin"), fds.encode_to_vec()).unwrap();
+    // The messages are nnserve-core's (core/build.rs, the same protos and options), so
+    // that its decoders and their fuzz targets build without tonic: here only the
+    // services are written, over them.
     tonic_prost_build::configure()
         .build_client(false)
+        .extern_path(".inference", "::nnserve_core::grpc::inference")
+        .extern_path(".tensorflow", "::nnserve_core::grpc::tensorflow")
         .bytes(".")
         .compile_fds(fds)
         .unwrap_or_else(|e| panic!("compiling proto/: {e}"));

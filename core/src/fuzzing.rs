@@ -19,6 +19,13 @@
 //! - `v2_infer`: a KServe v2 request accepted (its JSON head and binary tail) gives one
 //!   tensor per input, each name once, with the declared shape and exactly its bytes, and
 //!   uses the tail up;
+//! - `grpc_infer`: a KServe `ModelInferRequest` (protobuf) accepted gives one tensor
+//!   per input, with the declared name and shape and exactly its bytes, at most 8 bytes
+//!   of tensor per byte of message; sent again as `raw_input_contents` it decodes to the
+//!   same tensors; an error message stays bounded;
+//! - `tfserving_grpc`: each `TensorProto` of a TF Serving `PredictRequest` accepted holds
+//!   exactly its shape's bytes, no more than the limit or 8 bytes per byte of message,
+//!   and written back as TF Serving answers it, reads back to the same tensor;
 //! - `url_target`: an accepted `/v1/models/...` path has a valid model name, version and
 //!   label, and its canonical spelling parses back to the same target; an error message
 //!   stays bounded whatever the path's length.
@@ -338,6 +345,93 @@ pub fn url_target(data: &[u8]) {
     }
 }
 
+/// How long an error message may be, whatever the input: untrusted text in it is bounded.
+const MAX_MESSAGE: usize = 2048;
+
+/// A KServe v2 `ModelInferRequest` off the wire (the gRPC message's bytes).
+pub fn grpc_infer(data: &[u8]) {
+    use crate::grpc::inference::ModelInferRequest;
+    use prost::Message;
+    let Ok(req) = ModelInferRequest::decode(data) else {
+        return;
+    };
+    let inputs = match crate::grpc::decode_infer_inputs(&req) {
+        Ok(inputs) => inputs,
+        Err(e) => {
+            assert!(e.len() <= MAX_MESSAGE, "an error of {} bytes", e.len());
+            return;
+        }
+    };
+    assert_eq!(inputs.len(), req.inputs.len());
+    let mut total = 0;
+    for ((name, t), declared) in inputs.iter().zip(&req.inputs) {
+        assert_eq!(name, &declared.name);
+        assert_eq!(t.shape, declared.shape, "{name}");
+        let want =
+            crate::tensor::checked_bytes(&t.shape, t.dtype).expect("an accepted shape has a size");
+        assert_eq!(t.data.len(), want, "{name} {:?}", t.shape);
+        total += t.data.len();
+    }
+    assert!(
+        total <= data.len() * 8,
+        "{total} bytes of tensors from a message of {}",
+        data.len()
+    );
+    // The same tensors as raw contents, through the wire again.
+    let mut raw = req.clone();
+    raw.raw_input_contents = inputs
+        .iter()
+        .map(|(_, t)| bytes::Bytes::from(t.data.clone()))
+        .collect();
+    for i in &mut raw.inputs {
+        i.contents = None;
+    }
+    let raw = ModelInferRequest::decode(raw.encode_to_vec().as_slice()).expect("our encoding");
+    if inputs.is_empty() {
+        return;
+    }
+    let again = crate::grpc::decode_infer_inputs(&raw).expect("raw contents of accepted tensors");
+    assert_eq!(again, inputs);
+}
+
+/// The largest tensor a TF Serving typed list may fill here (the server's is its
+/// max_request_bytes).
+const FILL_LIMIT: usize = 1 << 20;
+
+/// A TF Serving `PredictRequest` off the wire (the gRPC message's bytes).
+pub fn tfserving_grpc(data: &[u8]) {
+    use crate::grpc::tensorflow::serving::PredictRequest;
+    use prost::Message;
+    let Ok(req) = PredictRequest::decode(data) else {
+        return;
+    };
+    for (name, p) in &req.inputs {
+        let t = match crate::grpc::tensor_from_proto(name, p, FILL_LIMIT) {
+            Ok(t) => t,
+            Err(e) => {
+                assert!(e.len() <= MAX_MESSAGE, "an error of {} bytes", e.len());
+                continue;
+            }
+        };
+        let want =
+            crate::tensor::checked_bytes(&t.shape, t.dtype).expect("an accepted shape has a size");
+        assert_eq!(t.data.len(), want, "{:?}", t.shape);
+        assert!(
+            t.data.len() <= FILL_LIMIT.max(data.len() * 8),
+            "{} bytes from a message of {}",
+            t.data.len(),
+            data.len()
+        );
+        let answer = crate::grpc::tensor_to_proto(t.clone());
+        let answer =
+            crate::grpc::tensorflow::TensorProto::decode(answer.encode_to_vec().as_slice())
+                .expect("our encoding");
+        let back = crate::grpc::tensor_from_proto(name, &answer, FILL_LIMIT)
+            .expect("an answer reads back");
+        assert_eq!(back, t);
+    }
+}
+
 /// Every target by name, for the corpus replay (`core/tests/corpus.rs`).
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("archive", archive),
@@ -347,6 +441,8 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("url_target", url_target),
     ("tfserving_predict", tfserving_predict),
     ("v2_infer", v2_infer),
+    ("grpc_infer", grpc_infer),
+    ("tfserving_grpc", tfserving_grpc),
 ];
 
 /// Where the corpora are, from this crate's directory.

@@ -8,6 +8,8 @@
 //! - `target`: TF Serving's REST paths (`/v1/models/{name}/versions/{n}:predict`);
 //! - `tfserving`: TF Serving's predict body (`instances`, `inputs`) and its answer;
 //! - `v2`: KServe v2's inference request over HTTP (JSON and Triton's binary tail);
+//! - `grpc`: the gRPC messages (prost) and the tensors of KServe's `ModelInfer` and TF
+//!   Serving's `TensorProto`;
 //! - `names`: the naming rule, and how untrusted text is shown back.
 //!
 //! It depends on no engine (wasmtime, libtorch, TensorFlow, tokio), so fuzz targets
@@ -19,6 +21,7 @@ pub mod bundle;
 pub mod codec;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod grpc;
 pub mod names;
 pub mod target;
 pub mod tensor;

@@ -11,10 +11,16 @@ use serde_json::{Map, Value};
 
 /// `POST /v2/models/{m}/infer`'s JSON.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = V2InferRequest))]
 pub struct InferRequest {
+    /// Echoed in the answer.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>))]
     pub id: Option<Value>,
+    /// `binary_data_output: true` asks for every output in binary (Triton's extension).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub parameters: Map<String, Value>,
     pub inputs: Vec<InputTensor>,
     #[serde(default)]
@@ -23,21 +29,32 @@ pub struct InferRequest {
 
 /// One entry of `inputs`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = V2InputTensor))]
 pub struct InputTensor {
     pub name: String,
     pub shape: Vec<i64>,
+    /// `BOOL`, `UINT8`...`UINT64`, `INT8`...`INT64`, `FP16`, `BF16`, `FP32`, `FP64`, `BYTES`.
     pub datatype: String,
+    /// `binary_data_size`: the tensor's bytes follow the JSON head (Triton's extension).
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub parameters: Map<String, Value>,
+    /// The elements, flat or nested in row-major order.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Vec<Value>>))]
     pub data: Option<Value>,
 }
 
 /// One entry of `outputs`.
 #[derive(Debug, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[cfg_attr(feature = "openapi", schema(as = V2RequestedOutput))]
 pub struct RequestedOutput {
     pub name: String,
+    /// `binary_data: true` asks for this output in binary.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Object))]
     pub parameters: Map<String, Value>,
 }
 

@@ -62,6 +62,10 @@ pub enum Command {
         )]
         log: String,
     },
+
+    /// Print the OpenAPI 3.1 document of the HTTP API (JSON), as the server serves it at
+    /// GET /openapi.json; docs/openapi.json is this output (`make openapi`).
+    Openapi,
 }
 
 #[derive(Subcommand, Debug)]

@@ -136,6 +136,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             nnserve::dev::run(&dir, listen)?;
             exit_now()
         }
+        Command::Openapi => {
+            println!("{}", nnserve::api::openapi::document_json());
+            Ok(())
+        }
         Command::Bundle(BundleCommand::Inspect { path }) => {
             print!("{}", nnserve::bundle_tool::inspect(&path)?);
             Ok(())

@@ -13,6 +13,7 @@ pub(crate) mod body_call;
 use nnserve_core::codec;
 mod errors;
 mod inference;
+pub mod openapi;
 mod probe;
 pub(crate) mod request_id;
 mod state;
@@ -31,7 +32,7 @@ pub(crate) use inference::{
     check_answer_size, header_pairs, resolve_model, serve, serve_inference, Run, Verb,
 };
 pub(crate) use v1::plugin_infer;
-pub(crate) use v2::{available_versions, input_head, model_platform, repository_entries};
+pub(crate) use v2::{available_versions, model_platform, repository_entries};
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Request};
@@ -57,11 +58,13 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         models.put(v1::put_model).delete(v1::delete_model)
     } else {
         models
-    };
+    }
+    .fallback(v1::other_method);
     let router = Router::new()
         .route("/v1/models", get(v1::list_models))
         .route("/v1/models/{*rest}", models)
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::document))
         .route("/v2", get(v2::server_metadata))
         .route("/v2/health/live", get(v2::live))
         .route("/v2/health/ready", get(v2::ready));
@@ -113,6 +116,8 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "server",
+    responses((status = 200, description = "Prometheus / OpenMetrics text (docs/http-api.md, Metrics)", content_type = "application/openmetrics-text", body = String)))]
 async fn metrics(axum::extract::State(state): axum::extract::State<AppState>) -> Response {
     (
         [(

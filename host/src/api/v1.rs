@@ -23,25 +23,90 @@ fn parse_target(rest: &str) -> Result<Target, ApiError> {
     })
 }
 
+/// The methods a `/v1/models/{rest}` resource takes, as `Allow` lists them: one
+/// catch-all route serves them all, so a method its path does not take is answered here
+/// (405 with the right `Allow`), not by the router, which would list every method of
+/// the catch-all. `None` for a path that is no resource (the handler's 400 or 404).
+fn allowed(rest: &str, managed: bool) -> Option<&'static str> {
+    if rest
+        .strip_suffix("/versions")
+        .is_some_and(|m| !m.contains('/'))
+    {
+        return Some("POST");
+    }
+    let t = nnserve_core::target::parse_target(rest).ok()?;
+    Some(match (&t.verb, t.metadata, t.version, &t.label) {
+        (Some(_), ..) => "POST",
+        (None, false, Some(_), None) if managed => "GET, HEAD, DELETE",
+        (None, false, None, Some(_)) if managed => "GET, HEAD, PUT",
+        _ => "GET, HEAD",
+    })
+}
+
+/// `Err(405)` when `rest` is a resource that does not take `method`.
+fn check_method(state: &AppState, rest: &str, method: &Method) -> Result<(), Response> {
+    let managed = state.management != crate::config::Management::Off;
+    let Some(allow) = allowed(rest, managed) else {
+        return Ok(());
+    };
+    let name = if method == Method::HEAD {
+        "GET"
+    } else {
+        method.as_str()
+    };
+    if allow.split(", ").any(|m| m == name) {
+        return Ok(());
+    }
+    let error = super::openapi::ErrorBody {
+        error: format!(
+            "{method} /v1/models/{} is not served: this resource takes {allow} (docs/http-api.md)",
+            crate::names::bounded(rest)
+        ),
+    };
+    Err((
+        StatusCode::METHOD_NOT_ALLOWED,
+        [(axum::http::header::ALLOW, allow)],
+        axum::Json(error),
+    )
+        .into_response())
+}
+
+/// Methods the catch-all has no handler for (OPTIONS, PATCH; PUT and DELETE under
+/// `management = off`): 405 with the resource's own `Allow`, or 404 for no resource.
+pub async fn other_method(
+    State(state): State<AppState>,
+    Path(rest): Path<String>,
+    method: Method,
+) -> Result<Response, ApiError> {
+    check_method(&state, &rest, &method).err().ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no route for {method} /v1/models/{}; see docs/http-api.md for the routes",
+            crate::names::bounded(&rest)
+        ))
+    })
+}
+
 fn resolve(state: &AppState, t: &Target) -> Result<Arc<ModelVersion>, ApiError> {
     super::resolve_model(state, &t.model, t.version, t.label.as_deref())
 }
 
 /// `GET /v1/models/{m}[/versions/{v}]` (status) and `.../metadata`.
+#[utoipa::path(get, path = "/v1/models/{model}", tag = "tfserving",
+    responses(
+        (status = 200, description = "The state of each version (TF Serving's GetModelStatus)", body = super::openapi::ModelStatus),
+        (status = 404, description = "No such model, version or label"),
+    ))]
 pub async fn get_model(
     State(state): State<AppState>,
     Path(rest): Path<String>,
+    method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    if let Err(wrong) = check_method(&state, &rest, &method) {
+        return Ok(wrong);
+    }
     let admin = super::is_admin(&state, &headers);
     let t = parse_target(&rest)?;
-    if let Some(verb) = &t.verb {
-        return Err(ApiError::NotFound(format!(
-            "GET /v1/models/{}: the :{} verb needs POST",
-            crate::names::bounded(&rest),
-            crate::names::bounded(verb)
-        )));
-    }
     if t.metadata {
         let s = resolve(&state, &t)?;
         return Ok(axum::Json(tf_metadata(&s)).into_response());
@@ -79,7 +144,13 @@ pub async fn get_model(
     Ok(axum::Json(json!({ "model_version_status": list })).into_response())
 }
 
-fn tf_metadata(s: &ModelVersion) -> Value {
+#[utoipa::path(get, path = "/v1/models/{model}/metadata", tag = "tfserving",
+    responses(
+        (status = 200, description = "The signature (TF Serving's GetModelMetadata)", body = super::openapi::TfModelMetadata),
+        (status = 404, description = "No such model, version or label"),
+        (status = 503, description = "The version is not available (loading or failed)"),
+    ))]
+pub(super) fn tf_metadata(s: &ModelVersion) -> Value {
     let spec = s.model_spec();
     let sig = |list: &[crate::bundle::TensorSpec]| -> Value {
         let mut m = Map::new();
@@ -114,6 +185,9 @@ pub async fn post_model(
     headers: HeaderMap,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
+    if let Err(wrong) = check_method(&state, &rest, &method) {
+        return Ok(wrong);
+    }
     if let Some(model) = rest.strip_suffix("/versions").filter(|m| !m.contains('/')) {
         return upload(&state, super::model_name(model)?, &headers, body).await;
     }
@@ -153,6 +227,8 @@ pub async fn post_model(
 }
 
 /// `GET /v1/models`: every model, its versions with state, error and digest, and labels.
+#[utoipa::path(get, path = "/v1/models", tag = "management",
+    responses((status = 200, description = "Every model with its versions, states, digests and labels; the admin sees full errors", body = super::openapi::ModelList)))]
 pub async fn list_models(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let admin = super::is_admin(&state, &headers);
     let source = &state.manager.source;
@@ -218,12 +294,23 @@ struct LabelBody {
 }
 
 /// `PUT /v1/models/{m}/labels/{l}` with `{"version": N}`.
+#[utoipa::path(put, path = "/v1/models/{model}/labels/{label}", tag = "management",
+    security(("admin_token" = [])),
+    request_body = super::openapi::LabelRequest,
+    responses(
+        (status = 200, description = "The label points at the version", body = super::openapi::LabelSet),
+        (status = 404, description = "No such model or version"),
+        (status = 409, description = "The version is not available (set `force` to point at it anyway)"),
+    ))]
 pub async fn put_model(
     State(state): State<AppState>,
     Path(rest): Path<String>,
     _admin: super::Admin,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    if let Err(wrong) = check_method(&state, &rest, &Method::PUT) {
+        return Ok(wrong);
+    }
     let t = parse_target(&rest)?;
     let (Some(label), None) = (&t.label, &t.verb) else {
         return Err(ApiError::NotFound(format!(
@@ -244,11 +331,21 @@ pub async fn put_model(
 }
 
 /// `DELETE /v1/models/{m}/versions/{v}`.
+#[utoipa::path(delete, path = "/v1/models/{model}/versions/{version}", tag = "management",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "The version is out of service and deleted from the repository", body = super::openapi::Deleted),
+        (status = 404, description = "No such model or version"),
+        (status = 409, description = "A label points at the version: move it first"),
+    ))]
 pub async fn delete_model(
     State(state): State<AppState>,
     Path(rest): Path<String>,
     _admin: super::Admin,
 ) -> Result<Response, ApiError> {
+    if let Err(wrong) = check_method(&state, &rest, &Method::DELETE) {
+        return Ok(wrong);
+    }
     let t = parse_target(&rest)?;
     let (Some(version), None, None, false) = (t.version, &t.label, &t.verb, t.metadata) else {
         return Err(ApiError::NotFound(format!(
@@ -290,7 +387,17 @@ pub(super) async fn warm_predict(
 }
 
 /// `POST /v1/models/{m}/versions`: a bundle archive as the body.
-async fn upload(
+#[utoipa::path(post, path = "/v1/models/{model}/versions", tag = "management",
+    security(("admin_token" = [])),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "A bundle as a .tar.gz (docs/bundle.md), whatever the Content-Type; `nnserve bundle pack` makes one"),
+    responses(
+        (status = 201, description = "Stored as a new version", body = crate::lifecycle::Stored),
+        (status = 200, description = "The same content was stored already (an idempotent re-upload)", body = crate::lifecycle::Stored),
+        (status = 400, description = "Not a valid bundle: every reason"),
+        (status = 409, description = "The version exists with other content, or the repository is full"),
+        (status = 503, description = "The repository cannot store now (the object store is unreachable)"),
+    ))]
+pub(super) async fn upload(
     state: &AppState,
     model: &str,
     headers: &HeaderMap,
@@ -317,6 +424,20 @@ async fn upload(
     Ok((status, axum::Json(&stored)).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/models/{model}:infer", tag = "plugins",
+    params(("x-nnserve-timeout-ms" = Option<u64>, Header, description = "Lowers this request's deadline, in milliseconds (docs/http-api.md, Deadlines)")),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "Any body: the handler plugin reads it"),
+    responses(
+        (status = 200, description = "The plugin's answer, in the content type it chose", content_type = "application/octet-stream", body = Vec<u8>),
+        (status = 400, description = "The model has no handler plugin, or the plugin refused the body"),
+        (status = 404, description = "No such model, version or label"),
+        (status = 415, description = "The plugin does not take this content type"),
+        (status = 429, description = "The model's queue or the plugin's instances are full; retry after `Retry-After`"),
+        (status = 503, description = "No version of the model is available, or the plugin ran out of memory or instances"),
+        (status = 504, description = "The plugin's CPU budget or the request's deadline ran out"),
+        (status = 500, description = "The plugin trapped or panicked, or answered against HTTP's rules (the message names it)"),
+        (status = "default", description = "The plugin's own answer (docs/plugins.md)"),
+    ))]
 pub(crate) async fn plugin_infer(
     state: &AppState,
     servable: &ModelVersion,
@@ -415,6 +536,18 @@ fn plugin_response(
     Ok(resp)
 }
 
+#[utoipa::path(post, path = "/v1/models/{model}:predict", tag = "tfserving",
+    params(("x-nnserve-timeout-ms" = Option<u64>, Header, description = "Lowers this request's deadline, in milliseconds (docs/http-api.md, Deadlines)")),
+    request_body = super::openapi::PredictRequest,
+    responses(
+        (status = 200, description = "`predictions` (for `instances`) or `outputs` (for `inputs`)", body = super::openapi::PredictResponse),
+        (status = 400, description = "The body or its tensors do not fit the model's signature"),
+        (status = 404, description = "No such model, version or label"),
+        (status = 429, description = "The model's queue is full; retry after `Retry-After`"),
+        (status = 503, description = "No version of the model is available (loading, unloaded or failed), or the server is draining"),
+        (status = 504, description = "The request's deadline ran out"),
+        (status = 500, description = "The model's forward failed, or its handler plugin trapped (the message says which)"),
+    ))]
 pub(super) async fn predict(
     state: &AppState,
     servable: &ModelVersion,

@@ -5,7 +5,7 @@
 use super::codec::{self, write_flat_json};
 use super::{infer_within, ApiError, AppState};
 use crate::lifecycle::ModelVersion;
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -15,6 +15,8 @@ use serde_json::{json, Map, Value};
 
 const HEADER_LENGTH: &str = "inference-header-content-length";
 
+#[utoipa::path(get, path = "/v2", tag = "server",
+    responses((status = 200, description = "The server's name, version and protocol extensions", body = super::openapi::ServerMetadata)))]
 pub async fn server_metadata() -> Response {
     axum::Json(json!({
         "name": "nnserve",
@@ -24,6 +26,8 @@ pub async fn server_metadata() -> Response {
     .into_response()
 }
 
+#[utoipa::path(get, path = "/v2/health/live", tag = "server",
+    responses((status = 200, description = "The process serves HTTP", body = super::openapi::Live)))]
 pub async fn live() -> Response {
     axum::Json(json!({ "live": true })).into_response()
 }
@@ -31,6 +35,11 @@ pub async fn live() -> Response {
 /// Live from the moment the listener opens, before any model has loaded.
 /// Ready by the rule of `api::probe`: 200 when ready, 503 while loading, when the rule
 /// does not hold, and while draining (load balancers then stop sending).
+#[utoipa::path(get, path = "/v2/health/ready", tag = "server",
+    responses(
+        (status = 200, description = "Ready: the start-up versions have loaded", body = super::openapi::Ready),
+        (status = 503, description = "Loading, or draining after SIGTERM", body = super::openapi::Ready),
+    ))]
 pub async fn ready(State(state): State<AppState>) -> Response {
     if state.probe.is_ready(&state.registry) {
         return axum::Json(json!({ "ready": true })).into_response();
@@ -108,6 +117,12 @@ impl ModelPath {
     }
 }
 
+#[utoipa::path(get, path = "/v2/models/{model}", tag = "kserve-v2",
+    responses(
+        (status = 200, description = "The model's signature and available versions", body = super::openapi::V2ModelMetadata),
+        (status = 404, description = "No such model or version"),
+        (status = 503, description = "The version is not available (loading or failed)"),
+    ))]
 pub async fn model_metadata(
     State(state): State<AppState>,
     Path(p): Path<ModelPath>,
@@ -132,6 +147,12 @@ fn model_ready_impl(
     }
 }
 
+#[utoipa::path(get, path = "/v2/models/{model}/ready", tag = "kserve-v2",
+    responses(
+        (status = 200, description = "Ready", body = super::openapi::ModelReady),
+        (status = 400, description = "Known but not available, or a name that breaks the rule", body = super::openapi::ModelNotReady),
+        (status = 404, description = "No such model or version"),
+    ))]
 pub async fn model_ready(
     State(state): State<AppState>,
     Path(p): Path<ModelPath>,
@@ -140,6 +161,27 @@ pub async fn model_ready(
     model_ready_impl(&state, model, version)
 }
 
+#[utoipa::path(post, path = "/v2/models/{model}/infer", tag = "kserve-v2",
+    params(
+        ("x-nnserve-timeout-ms" = Option<u64>, Header, description = "Lowers this request's deadline, in milliseconds (docs/http-api.md, Deadlines)"),
+        ("inference-header-content-length" = Option<u64>, Header, description = "With binary tensors: the length of the JSON head before them (Triton's binary extension)"),
+    ),
+    request_body(description = "The JSON request, or its JSON head followed by binary tensors", content(
+        (nnserve_core::v2::InferRequest = "application/json"),
+        (Vec<u8> = "application/octet-stream"),
+    )),
+    responses(
+        (status = 200, description = "The outputs; binary outputs follow the JSON head (`inference-header-content-length`)", content(
+            (super::openapi::V2InferResponse = "application/json"),
+            (Vec<u8> = "application/octet-stream"),
+        )),
+        (status = 400, description = "The body or its tensors do not fit the model's signature"),
+        (status = 404, description = "No such model, version or label"),
+        (status = 429, description = "The model's queue is full; retry after `Retry-After`"),
+        (status = 503, description = "No version of the model is available (loading, unloaded or failed), or the server is draining"),
+        (status = 504, description = "The request's deadline ran out"),
+        (status = 500, description = "The model's forward failed, or its handler plugin trapped (the message says which)"),
+    ))]
 pub async fn infer(
     State(state): State<AppState>,
     Path(p): Path<ModelPath>,
@@ -474,18 +516,11 @@ fn flatten_strings(v: &Value, out: &mut Vec<String>) -> Result<(), &'static str>
     Ok(())
 }
 
-/// A v2 input's datatype and element count, checked (nnserve-core's `v2`), its error a
-/// 400; over gRPC too.
-pub(crate) fn input_head(
-    name: &str,
-    datatype: &str,
-    shape: &[i64],
-) -> Result<(DType, usize), ApiError> {
-    v2::input_head(name, datatype, shape).map_err(ApiError::BadRequest)
-}
-
 /// Triton's repository extension: `POST /v2/repository/index`, every model version
 /// with `READY` or `UNAVAILABLE` (and why).
+#[utoipa::path(post, path = "/v2/repository/index", tag = "management",
+    security(("admin_token" = [])),
+    responses((status = 200, description = "Every model version, READY or UNAVAILABLE and why", body = Vec<super::openapi::RepositoryIndexEntry>)))]
 pub async fn repository_index(
     State(state): State<AppState>,
     admin: super::Admin,
@@ -540,6 +575,13 @@ pub(crate) fn repository_entries(
 }
 
 /// `POST /v2/repository/models/{m}/load`.
+#[utoipa::path(post, path = "/v2/repository/models/{model}/load", tag = "management",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Loaded what the model's version policy wants", body = super::openapi::Empty),
+        (status = 400, description = "Nothing loaded: the reasons"),
+        (status = 404, description = "The repository has no such model"),
+    ))]
 pub async fn repository_load(
     State(state): State<AppState>,
     Path(model): Path<String>,
@@ -551,6 +593,12 @@ pub async fn repository_load(
 }
 
 /// `POST /v2/repository/models/{m}/unload`.
+#[utoipa::path(post, path = "/v2/repository/models/{model}/unload", tag = "management",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every loaded version is out of service; requests in flight finish", body = super::openapi::Empty),
+        (status = 404, description = "No such model"),
+    ))]
 pub async fn repository_unload(
     State(state): State<AppState>,
     Path(model): Path<String>,

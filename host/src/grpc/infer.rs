@@ -2,9 +2,8 @@
 //! host tensors, the model's outputs back as `raw_output_contents` (what Triton answers
 //! and its clients read), and a handler plugin's bundle called through one BYTES input.
 
-use super::pb::model_infer_request::InferInputTensor;
 use super::pb::model_infer_response::InferOutputTensor;
-use super::pb::{InferParameter, InferTensorContents, ModelInferRequest, ModelInferResponse};
+use super::pb::{InferParameter, ModelInferRequest, ModelInferResponse};
 use crate::api::body_call::{
     bytes_element, call_handler as call_handler_with, one_element, split_bytes_elements,
     BODY_OUTPUT, BYTES,
@@ -12,7 +11,7 @@ use crate::api::body_call::{
 use crate::api::{ApiError, AppState};
 use crate::lifecycle::ModelVersion;
 use crate::names::{bounded, shown};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::Tensor;
 use axum::http::HeaderMap;
 use bytes::Bytes;
 use std::sync::Arc;
@@ -117,116 +116,11 @@ async fn infer_tensors(
     Ok(answer)
 }
 
-/// The request's inputs as host tensors: either all in `raw_input_contents` (in the
-/// order of `inputs`) or all as typed `contents`.
+/// The request's inputs as host tensors (nnserve-core's `grpc`, where they are fuzzed):
+/// either all in `raw_input_contents` (in the order of `inputs`) or all as typed
+/// `contents`.
 pub fn decode_inputs(req: &ModelInferRequest) -> Result<Vec<(String, Tensor)>, ApiError> {
-    let raw = !req.raw_input_contents.is_empty();
-    if raw && req.raw_input_contents.len() != req.inputs.len() {
-        return Err(ApiError::BadRequest(format!(
-            "the request has {} inputs but {} raw_input_contents; send one raw entry per input, in order",
-            req.inputs.len(),
-            req.raw_input_contents.len()
-        )));
-    }
-    let mut out: Vec<(String, Tensor)> = Vec::with_capacity(req.inputs.len());
-    for (i, input) in req.inputs.iter().enumerate() {
-        if out.iter().any(|(n, _)| *n == input.name) {
-            return Err(ApiError::BadRequest(format!(
-                "input {} appears twice in the request",
-                shown(&input.name)
-            )));
-        }
-        let t = if raw {
-            if input.contents.is_some() {
-                return Err(ApiError::BadRequest(format!(
-                    "input {} has contents although the request uses raw_input_contents; send one form",
-                    shown(&input.name)
-                )));
-            }
-            decode_raw(input, &req.raw_input_contents[i])?
-        } else {
-            decode_typed(input)?
-        };
-        out.push((input.name.clone(), t));
-    }
-    Ok(out)
-}
-
-/// The input's datatype and element count, checked.
-fn dtype_and_numel(input: &InferInputTensor) -> Result<(DType, usize), ApiError> {
-    let name = bounded(&input.name);
-    if input.datatype == BYTES {
-        return Err(ApiError::BadRequest(format!(
-            "input '{name}' is BYTES, which this model does not take: BYTES goes to a model with a \
-             handler plugin, as its only input (docs/grpc.md)"
-        )));
-    }
-    crate::api::input_head(&input.name, &input.datatype, &input.shape)
-}
-
-fn decode_raw(input: &InferInputTensor, raw: &Bytes) -> Result<Tensor, ApiError> {
-    let (dtype, n) = dtype_and_numel(input)?;
-    let want = n.checked_mul(dtype.size()).unwrap_or(usize::MAX);
-    if raw.len() != want {
-        return Err(ApiError::BadRequest(format!(
-            "input '{}' of shape {} and datatype {} needs {want} raw bytes, not {}",
-            bounded(&input.name),
-            crate::names::shown_list(&input.shape),
-            dtype.v2_name(),
-            raw.len()
-        )));
-    }
-    Tensor::new(dtype, input.shape.clone(), raw.to_vec())
-        .map_err(|e| ApiError::BadRequest(format!("input '{}': {e}", bounded(&input.name))))
-}
-
-fn decode_typed(input: &InferInputTensor) -> Result<Tensor, ApiError> {
-    let (dtype, n) = dtype_and_numel(input)?;
-    let name = bounded(&input.name);
-    let empty = InferTensorContents::default();
-    let c = input.contents.as_ref().unwrap_or(&empty);
-    let wrong_count = |got: usize, list: &str| {
-        ApiError::BadRequest(format!(
-            "input '{name}' has {got} values in {list} but its shape {} needs {n}",
-            crate::names::shown_list(&input.shape)
-        ))
-    };
-    let out_of_range = |list: &str| {
-        ApiError::BadRequest(format!(
-            "input '{name}': a value in {list} is out of the range of {}",
-            dtype.v2_name()
-        ))
-    };
-    macro_rules! take {
-        ($list:ident, $name:literal, |$v:ident| $conv:expr) => {{
-            if c.$list.len() != n {
-                return Err(wrong_count(c.$list.len(), $name));
-            }
-            let mut data = Vec::with_capacity(n * dtype.size());
-            for &$v in &c.$list {
-                data.extend_from_slice(&($conv).ok_or_else(|| out_of_range($name))?.to_le_bytes());
-            }
-            data
-        }};
-    }
-    let data = match dtype {
-        DType::Bool => take!(bool_contents, "bool_contents", |v| Some(v as u8)),
-        DType::Uint8 => take!(uint_contents, "uint_contents", |v| u8::try_from(v).ok()),
-        DType::Int8 => take!(int_contents, "int_contents", |v| i8::try_from(v).ok()),
-        DType::Int16 => take!(int_contents, "int_contents", |v| i16::try_from(v).ok()),
-        DType::Int32 => take!(int_contents, "int_contents", |v| Some(v)),
-        DType::Int64 => take!(int64_contents, "int64_contents", |v| Some(v)),
-        DType::Fp32 => take!(fp32_contents, "fp32_contents", |v| Some(v)),
-        DType::Fp64 => take!(fp64_contents, "fp64_contents", |v| Some(v)),
-        DType::Fp16 | DType::Bf16 => {
-            return Err(ApiError::BadRequest(format!(
-                "input '{name}' is {}, which travels only in raw_input_contents (the protocol has no typed list for it)",
-                dtype.v2_name()
-            )))
-        }
-    };
-    Tensor::new(dtype, input.shape.clone(), data)
-        .map_err(|e| ApiError::BadRequest(format!("input '{name}': {e}")))
+    nnserve_core::grpc::decode_infer_inputs(req).map_err(ApiError::BadRequest)
 }
 
 fn string_param(
@@ -293,6 +187,8 @@ async fn call_handler(
 
 #[cfg(test)]
 mod tests {
+    use super::super::pb::model_infer_request::InferInputTensor;
+    use super::super::pb::InferTensorContents;
     use super::*;
 
     fn input(dtype: &str, shape: Vec<i64>, contents: InferTensorContents) -> ModelInferRequest {

@@ -27,9 +27,11 @@ use std::sync::Arc;
 use std::time::Duration;
 use tonic::{Request, Response, Status};
 
-/// The messages and the server trait generated from `proto/inference.proto` (build.rs).
+/// The messages of `proto/inference.proto` (nnserve-core's) and the server trait
+/// generated over them (build.rs).
 #[allow(clippy::all, missing_docs)]
 pub mod pb {
+    pub use nnserve_core::grpc::inference::*;
     tonic::include_proto!("inference");
 }
 

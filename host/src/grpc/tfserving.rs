@@ -9,26 +9,25 @@
 
 use crate::api::{ApiError, AppState};
 use crate::lifecycle::{ModelVersion, ResolveError};
-use crate::names::{bounded, shown};
-use crate::tensor::{checked_numel, DType, Tensor};
+use crate::names::shown;
+use crate::tensor::Tensor;
 use axum::http::HeaderMap;
-use bytes::Bytes;
+use nnserve_core::grpc::{data_type, shape_proto, tensor_to_proto};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tfpb::tensorflow::serving;
-use tfpb::tensorflow::{DataType, TensorProto, TensorShapeProto};
+use tfpb::tensorflow::{DataType, TensorProto};
 use tonic::{Request, Response, Status};
 
-/// The messages and server traits generated from proto/tensorflow* (build.rs).
+/// The messages of proto/tensorflow* (nnserve-core's) and the server traits generated
+/// over them (build.rs).
 #[allow(clippy::all, missing_docs)]
 pub mod tfpb {
     pub mod tensorflow {
-        tonic::include_proto!("tensorflow");
-        pub mod error {
-            tonic::include_proto!("tensorflow.error");
-        }
+        pub use nnserve_core::grpc::tensorflow::*;
         pub mod serving {
+            pub use nnserve_core::grpc::tensorflow::serving::*;
             tonic::include_proto!("tensorflow.serving");
         }
     }
@@ -106,156 +105,15 @@ fn signature_check(spec: &serving::ModelSpec, s: &ModelVersion) -> Result<(), Ap
     )))
 }
 
-fn dtype_of(d: i32) -> Result<DType, String> {
-    Ok(match DataType::try_from(d) {
-        Ok(DataType::DtFloat) => DType::Fp32,
-        Ok(DataType::DtDouble) => DType::Fp64,
-        Ok(DataType::DtInt32) => DType::Int32,
-        Ok(DataType::DtUint8) => DType::Uint8,
-        Ok(DataType::DtInt16) => DType::Int16,
-        Ok(DataType::DtInt8) => DType::Int8,
-        Ok(DataType::DtInt64) => DType::Int64,
-        Ok(DataType::DtBool) => DType::Bool,
-        Ok(DataType::DtHalf) => DType::Fp16,
-        Ok(DataType::DtBfloat16) => DType::Bf16,
-        Ok(other) => return Err(format!("{}", other.as_str_name())),
-        Err(_) => return Err(format!("dtype {d}")),
-    })
-}
-
-fn data_type(d: DType) -> DataType {
-    match d {
-        DType::Fp32 => DataType::DtFloat,
-        DType::Fp64 => DataType::DtDouble,
-        DType::Int32 => DataType::DtInt32,
-        DType::Uint8 => DataType::DtUint8,
-        DType::Int16 => DataType::DtInt16,
-        DType::Int8 => DataType::DtInt8,
-        DType::Int64 => DataType::DtInt64,
-        DType::Bool => DataType::DtBool,
-        DType::Fp16 => DataType::DtHalf,
-        DType::Bf16 => DataType::DtBfloat16,
-    }
-}
-
-fn shape_of(name: &str, shape: Option<&TensorShapeProto>) -> Result<Vec<i64>, ApiError> {
-    let shape = shape.ok_or_else(|| {
-        ApiError::BadRequest(format!("input '{}' has no tensor_shape", bounded(name)))
-    })?;
-    if shape.unknown_rank {
-        return Err(ApiError::BadRequest(format!(
-            "input '{}' has an unknown rank; send its shape",
-            bounded(name)
-        )));
-    }
-    let dims: Vec<i64> = shape.dim.iter().map(|d| d.size).collect();
-    if dims.iter().any(|&d| d < 0) {
-        return Err(ApiError::BadRequest(format!(
-            "input '{}' has a negative size in shape {}",
-            bounded(name),
-            crate::names::shown_list(&dims)
-        )));
-    }
-    Ok(dims)
-}
-
-/// A request's TensorProto as a host tensor: `tensor_content` (little-endian,
-/// row-major), or the typed list of its dtype, where one value fills the whole shape (as
-/// TensorFlow reads it). A filled tensor may not take more than `max_bytes` (the
-/// server's max_request_bytes): one value and a huge shape must not allocate terabytes.
+/// A request's TensorProto as a host tensor (nnserve-core's `grpc`, where it is
+/// fuzzed): `tensor_content`, or the typed list of its dtype, one value filling the
+/// shape; a filled tensor takes at most `max_bytes`.
 pub fn tensor_from_proto(
     name: &str,
     p: &TensorProto,
     max_bytes: usize,
 ) -> Result<Tensor, ApiError> {
-    let bad = |m: String| ApiError::BadRequest(format!("input '{}': {m}", bounded(name)));
-    let dtype = dtype_of(p.dtype).map_err(|d| {
-        bad(format!(
-            "{d} is not a dtype nnserve serves (DT_FLOAT, DT_DOUBLE, DT_INT8/16/32/64, DT_UINT8, DT_BOOL, DT_HALF, DT_BFLOAT16; DT_STRING goes to a model with a handler plugin)"
-        ))
-    })?;
-    let shape = shape_of(name, p.tensor_shape.as_ref())?;
-    let n = checked_numel(&shape)
-        .ok_or_else(|| bad("its element count does not fit in memory".into()))?;
-    if !p.tensor_content.is_empty() {
-        let want = n.checked_mul(dtype.size()).unwrap_or(usize::MAX);
-        if p.tensor_content.len() != want {
-            return Err(bad(format!(
-                "shape {} of {} needs {want} bytes of tensor_content, not {}",
-                crate::names::shown_list(&shape),
-                dtype.tf_name(),
-                p.tensor_content.len()
-            )));
-        }
-        return Tensor::new(dtype, shape, p.tensor_content.to_vec()).map_err(bad);
-    }
-    let bytes = n.saturating_mul(dtype.size());
-    if bytes > max_bytes {
-        return Err(bad(format!(
-            "shape {} of {} takes {bytes} bytes, over the server's max_request_bytes of {max_bytes}",
-            crate::names::shown_list(&shape),
-            dtype.tf_name()
-        )));
-    }
-    macro_rules! take {
-        ($list:expr, $what:literal, |$v:ident| $conv:expr) => {{
-            let list = &$list;
-            if !(list.len() == n || (list.len() == 1 && n > 1)) {
-                return Err(bad(format!(
-                    "{} values in {} for shape {}, which needs {n} (or one, to fill it)",
-                    list.len(),
-                    $what,
-                    crate::names::shown_list(&shape)
-                )));
-            }
-            let mut data = Vec::with_capacity(n * dtype.size());
-            for i in 0..n {
-                let $v = list[if list.len() == 1 { 0 } else { i }];
-                let value =
-                    ($conv).ok_or_else(|| bad(format!("a value in {} is out of range", $what)))?;
-                data.extend_from_slice(&value.to_le_bytes());
-            }
-            data
-        }};
-    }
-    let data = match dtype {
-        DType::Fp32 => take!(p.float_val, "float_val", |v| Some(v)),
-        DType::Fp64 => take!(p.double_val, "double_val", |v| Some(v)),
-        DType::Int32 => take!(p.int_val, "int_val", |v| Some(v)),
-        DType::Int16 => take!(p.int_val, "int_val", |v| i16::try_from(v).ok()),
-        DType::Int8 => take!(p.int_val, "int_val", |v| i8::try_from(v).ok()),
-        DType::Uint8 => take!(p.int_val, "int_val", |v| u8::try_from(v).ok()),
-        DType::Int64 => take!(p.int64_val, "int64_val", |v| Some(v)),
-        DType::Bool => take!(p.bool_val, "bool_val", |v| Some(v as u8)),
-        DType::Fp16 | DType::Bf16 => {
-            take!(p.half_val, "half_val", |v| u16::try_from(v as u32 & 0xffff)
-                .ok())
-        }
-    };
-    Tensor::new(dtype, shape, data).map_err(bad)
-}
-
-/// A host tensor as TF Serving answers it: `tensor_content`.
-pub fn tensor_to_proto(t: Tensor) -> TensorProto {
-    TensorProto {
-        dtype: data_type(t.dtype) as i32,
-        tensor_shape: Some(shape_proto(&t.shape)),
-        tensor_content: Bytes::from(t.data),
-        ..Default::default()
-    }
-}
-
-fn shape_proto(shape: &[i64]) -> TensorShapeProto {
-    TensorShapeProto {
-        dim: shape
-            .iter()
-            .map(|&size| tfpb::tensorflow::tensor_shape_proto::Dim {
-                size,
-                name: String::new(),
-            })
-            .collect(),
-        unknown_rank: false,
-    }
+    nnserve_core::grpc::tensor_from_proto(name, p, max_bytes).map_err(ApiError::BadRequest)
 }
 
 /// The answer's model_spec: the version that served, under the default signature.
@@ -574,6 +432,7 @@ impl serving::model_service_server::ModelService for TfServing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     fn proto(dtype: DataType, shape: &[i64]) -> TensorProto {
         TensorProto {

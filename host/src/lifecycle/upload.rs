@@ -111,7 +111,7 @@ pub enum UploadError {
 }
 
 /// A stored version.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Stored {
     pub name: String,
     pub version: u64,
@@ -122,9 +122,11 @@ pub struct Stored {
     /// The version's state once the upload is done: AVAILABLE, or END when the model's
     /// version policy does not serve it (an older version under `latest N`).
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>, required = false)]
     pub state: Option<&'static str>,
     /// Why a stored version does not serve, and what to do.
     #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(required = false)]
     pub note: Option<String>,
 }
 
