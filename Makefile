@@ -146,7 +146,7 @@ image: dist
 # -Z flags cargo-fuzz passes). The seeds (fuzz/corpus/<target>/, committed) are read;
 # new finds land in fuzz/work/corpus/<target>/, crashes in fuzz/artifacts/<target>/. Not part of `make test`, which replays the corpora instead.
 FUZZ_SECONDS ?= 60
-FUZZ_TARGETS := archive manifest tensor_json binary url_target tfserving_predict v2_infer grpc_infer tfserving_grpc
+FUZZ_TARGETS := archive manifest tensor_json binary url_target tfserving_predict v2_infer grpc_infer tfserving_grpc plugin_io
 fuzz: $(STAMPS)/cargo-fuzz
 	@set -o pipefail; for t in $(FUZZ_TARGETS); do \
 		echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \

@@ -195,7 +195,25 @@ def grpc_requests():
                                                  ("mask", types_pb2.DT_BOOL, [1, 2], {"bool_val": [True, False]})]))
 
 
+def plugin_answers():
+    """A handler plugin's answer head (status, then `\\x1e`-separated records: a header
+    `name\\x1fvalue`, or the content type), which is also read as a BYTES tensor."""
+    def head(status, *records):
+        return struct.pack("<H", status) + "\x1e".join(records).encode()
+    put("plugin_io", "ok", head(200, "x-a\x1f1", "text/plain"))
+    put("plugin_io", "framing", head(200, "content-length\x1f5", "Transfer-Encoding\x1fchunked", "proxy-x\x1fy",
+                                     "x-ok\x1fyes"))
+    put("plugin_io", "status-101", head(101))
+    put("plugin_io", "status-0", head(0, "application/json"))
+    put("plugin_io", "bad-name", head(200, "bad name\x1fv"))
+    put("plugin_io", "newline-value", head(200, "x\x1fa\nb"))
+    put("plugin_io", "content-type-twice", head(200, "content-type\x1fa/b", "c/d"))
+    put("plugin_io", "bytes-elements", struct.pack("<I", 3) + b"abc" + struct.pack("<I", 0))
+    put("plugin_io", "bytes-cut", struct.pack("<I", 9) + b"abc")
+
+
 if __name__ == "__main__":
+    plugin_answers()
     grpc_requests()
     v2_requests()
     predicts()

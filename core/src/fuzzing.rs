@@ -26,6 +26,9 @@
 //! - `tfserving_grpc`: each `TensorProto` of a TF Serving `PredictRequest` accepted holds
 //!   exactly its shape's bytes, no more than the limit or 8 bytes per byte of message,
 //!   and written back as TF Serving answers it, reads back to the same tensor;
+//! - `plugin_io`: a handler plugin's answer made fit for HTTP has a status in 200-599,
+//!   keeps every header the plugin set except the host's own, and carries its content
+//!   type; a BYTES tensor split into elements is exactly their framing put back together;
 //! - `url_target`: an accepted `/v1/models/...` path has a valid model name, version and
 //!   label, and its canonical spelling parses back to the same target; an error message
 //!   stays bounded whatever the path's length.
@@ -432,6 +435,61 @@ pub fn tfserving_grpc(data: &[u8]) {
     }
 }
 
+/// A handler plugin's answer head, and the same bytes as a BYTES tensor. The head: a
+/// status (2 bytes, little-endian), then records separated by `\x1e`, each a header
+/// `name\x1fvalue`, or the content type when it has no `\x1f`.
+pub fn plugin_io(data: &[u8]) {
+    use crate::plugin_io::{answer_head, bytes_element, host_owned, split_bytes_elements};
+    match split_bytes_elements(data) {
+        Ok(elements) => {
+            let again: Vec<u8> = elements.iter().flat_map(|e| bytes_element(e)).collect();
+            assert_eq!(
+                again, data,
+                "the elements are not the framing put back together"
+            );
+        }
+        Err(e) => assert!(e.len() <= MAX_MESSAGE, "an error of {} bytes", e.len()),
+    }
+    if data.len() < 2 {
+        return;
+    }
+    let status = u16::from_le_bytes([data[0], data[1]]);
+    let text = String::from_utf8_lossy(&data[2..]);
+    let mut headers = Vec::new();
+    let mut content_type = None;
+    for record in text.split('\u{1e}') {
+        match record.split_once('\u{1f}') {
+            Some((k, v)) => headers.push((k.to_string(), v.to_string())),
+            None => content_type = Some(record.to_string()),
+        }
+    }
+    let (st, map) = match answer_head(status, &headers, content_type.as_deref()) {
+        Ok(head) => head,
+        Err(e) => {
+            assert!(e.len() <= MAX_MESSAGE, "an error of {} bytes", e.len());
+            return;
+        }
+    };
+    assert!((200..=599).contains(&st.as_u16()), "status {st}");
+    for name in map.keys() {
+        assert!(!host_owned(name), "the host's own header {name} kept");
+    }
+    if let Some(ct) = &content_type {
+        let got: Vec<_> = map.get_all(http::header::CONTENT_TYPE).iter().collect();
+        assert_eq!(got, [ct.as_str()], "the content type");
+    }
+    for (k, v) in &headers {
+        let name = http::HeaderName::try_from(k.as_str()).expect("accepted names parse");
+        if host_owned(&name) || (content_type.is_some() && name == http::header::CONTENT_TYPE) {
+            continue;
+        }
+        assert!(
+            map.get_all(&name).iter().any(|x| x == v.as_str()),
+            "header {name} lost"
+        );
+    }
+}
+
 /// Every target by name, for the corpus replay (`core/tests/corpus.rs`).
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("archive", archive),
@@ -443,6 +501,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("v2_infer", v2_infer),
     ("grpc_infer", grpc_infer),
     ("tfserving_grpc", tfserving_grpc),
+    ("plugin_io", plugin_io),
 ];
 
 /// Where the corpora are, from this crate's directory.

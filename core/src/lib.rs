@@ -10,6 +10,8 @@
 //! - `v2`: KServe v2's inference request over HTTP (JSON and Triton's binary tail);
 //! - `grpc`: the gRPC messages (prost) and the tensors of KServe's `ModelInfer` and TF
 //!   Serving's `TensorProto`;
+//! - `plugin_io`: a handler plugin's answer made fit for HTTP, and the BYTES framing
+//!   that carries bodies to plugins over KServe v2;
 //! - `names`: the naming rule, and how untrusted text is shown back.
 //!
 //! It depends on no engine (wasmtime, libtorch, TensorFlow, tokio), so fuzz targets
@@ -23,6 +25,7 @@ pub mod codec;
 pub mod fuzzing;
 pub mod grpc;
 pub mod names;
+pub mod plugin_io;
 pub mod target;
 pub mod tensor;
 pub mod tfserving;

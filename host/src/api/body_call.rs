@@ -84,35 +84,7 @@ pub async fn call_handler(
     Ok(BodyAnswer { body, content_type })
 }
 
-/// The elements of a BYTES tensor in the raw form: each a u32 little-endian length and
-/// that many bytes.
-pub fn split_bytes_elements(raw: &[u8]) -> Result<Vec<&[u8]>, String> {
-    let mut out = Vec::new();
-    let mut rest = raw;
-    while !rest.is_empty() {
-        let (len, tail) = rest
-            .split_first_chunk::<4>()
-            .ok_or("a BYTES element's 4-byte length prefix is cut short")?;
-        let len = u32::from_le_bytes(*len) as usize;
-        if tail.len() < len {
-            return Err(format!(
-                "a BYTES element declares {len} bytes but only {} follow",
-                tail.len()
-            ));
-        }
-        out.push(&tail[..len]);
-        rest = &tail[len..];
-    }
-    Ok(out)
-}
-
-/// One element as a raw BYTES tensor.
-pub fn bytes_element(data: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(4 + data.len());
-    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(data);
-    out
-}
+pub use nnserve_core::plugin_io::{bytes_element, split_bytes_elements};
 
 /// The one element a handler plugin takes, or why the input is not one.
 pub fn one_element<T>(input: &str, elements: Vec<T>) -> Result<T, ApiError> {
@@ -132,15 +104,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bytes_elements_round_trip_and_refuse_cut_data() {
-        let mut raw = bytes_element(b"abc");
-        raw.extend(bytes_element(b""));
-        assert_eq!(
-            split_bytes_elements(&raw).unwrap(),
-            vec![&b"abc"[..], &b""[..]]
-        );
-        assert!(split_bytes_elements(&raw[..5]).is_err());
-        assert!(split_bytes_elements(&[1, 0]).is_err());
+    fn a_plugin_takes_one_element() {
         assert!(one_element("x", vec![1, 2]).is_err());
         assert_eq!(one_element("x", vec![7]).unwrap(), 7);
     }

@@ -7,7 +7,7 @@ use super::{infer_within, ApiError, AppState, Verb};
 use crate::lifecycle::ModelVersion;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 use std::sync::Arc;
@@ -467,69 +467,28 @@ pub(crate) async fn plugin_infer(
     plugin_response(state, plugin.name(), r)
 }
 
-/// Headers that frame the HTTP message or concern one hop: the host owns them. A plugin
-/// that set `content-length: 5` on a 100-byte body corrupted the next answer on a
-/// keep-alive connection; these are dropped from a plugin's answer.
-const HOST_OWNED_HEADERS: &[&str] = &[
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "upgrade",
-    "keep-alive",
-    "te",
-    "trailer",
-    "host",
-    "date",
-];
-
-/// A plugin's answer as an HTTP response: a status in 200-599 (1xx would leave the
-/// connection in another protocol's state), valid header names and values, and no
-/// header the host owns ([`HOST_OWNED_HEADERS`], `proxy-*`). A plugin that breaks these
-/// rules gets a 500 that names it and the rule.
+/// A plugin's answer as an HTTP response (nnserve-core's `plugin_io`, where it is
+/// fuzzed): a status in 200-599, valid header names and values, and no header the host
+/// owns (`HOST_OWNED_HEADERS`, `proxy-*`: dropped). A plugin that breaks these rules, or
+/// answers more than max_response_bytes, gets a 500 that names it and the rule.
 fn plugin_response(
     state: &AppState,
     plugin: &str,
     r: crate::plugin::HttpResponse,
 ) -> Result<Response, ApiError> {
-    let refuse = |what: String| {
-        ApiError::Internal(format!(
-            "plugin {plugin} answered with {what}; plugins answer statuses 200-599 with valid header names and values (docs/plugins.md)"
-        ))
-    };
-    let status = if r.status == 0 { 200 } else { r.status };
-    let status = StatusCode::from_u16(status)
-        .ok()
-        .filter(|s| (200..=599).contains(&s.as_u16()))
-        .ok_or_else(|| refuse(format!("status {status}")))?;
+    let (status, headers) =
+        nnserve_core::plugin_io::answer_head(r.status, &r.headers, r.content_type.as_deref())
+            .map_err(|what| {
+                ApiError::Internal(format!(
+                    "plugin {plugin} answered with {what}; plugins answer statuses 200-599 with valid header names and values (docs/plugins.md)"
+                ))
+            })?;
     if r.body.len() > state.max_response_bytes {
         return Err(ApiError::Internal(format!(
             "plugin {plugin} answered with {} bytes, over the server's max_response_bytes of {}",
             r.body.len(),
             state.max_response_bytes
         )));
-    }
-    let mut headers = HeaderMap::with_capacity(r.headers.len() + 1);
-    for (k, v) in r.headers {
-        let name = HeaderName::try_from(k.as_str())
-            .map_err(|_| refuse(format!("the header name {}", crate::names::shown(&k))))?;
-        let value = HeaderValue::try_from(v.as_str()).map_err(|_| {
-            refuse(format!(
-                "header {name}: the value {}",
-                crate::names::shown(&v)
-            ))
-        })?;
-        let owned =
-            HOST_OWNED_HEADERS.contains(&name.as_str()) || name.as_str().starts_with("proxy-");
-        if owned {
-            tracing::debug!(plugin, header = %name, "dropped a header the host owns");
-            continue;
-        }
-        headers.append(name, value);
-    }
-    if let Some(ct) = r.content_type {
-        let value = HeaderValue::try_from(ct.as_str())
-            .map_err(|_| refuse(format!("the content type {}", crate::names::shown(&ct))))?;
-        headers.insert(axum::http::header::CONTENT_TYPE, value);
     }
     let mut resp = (status, r.body).into_response();
     resp.headers_mut().extend(headers);
