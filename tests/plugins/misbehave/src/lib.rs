@@ -19,6 +19,8 @@
 //!   (`content-length: 5` on a longer body, `transfer-encoding`, `connection`, `upgrade`);
 //! - `mode = "status"` answers with the status in the `status` config value (e.g. 101);
 //! - `mode = "logflood"` writes 10,000 log lines with newlines inside, then echoes;
+//! - `mode = "huge"` answers `size_mib` MiB (default 16), past the server's answer limit
+//!   when that is set lower;
 //! - any other mode answers 200 with the request body echoed, so a test can show the
 //!   plugin itself works when it behaves.
 use nnserve_sdk::bindings::wasi::nn::tensor::{Tensor as WasiTensor, TensorType};
@@ -118,6 +120,13 @@ impl Handler for Misbehave {
             Some("status") => {
                 let status = host::config_or("status", 101u16)?;
                 Ok(Response::bytes("text/plain", b"odd".to_vec()).with_status(status))
+            }
+            Some("huge") => {
+                let mib = host::config_or("size_mib", 16usize)?;
+                Ok(Response::bytes(
+                    "application/octet-stream",
+                    vec![b'x'; mib << 20],
+                ))
             }
             Some("logflood") => {
                 for i in 0..10_000 {
