@@ -115,6 +115,28 @@ def test_binary_tensor_framing_errors(server, http):
     still_serving(server, http)
 
 
+def test_a_tf_serving_path_answers_a_method_it_does_not_take_with_its_own_allow(server, http):
+    """One catch-all route serves /v1/models/...: a 405 lists the methods of that path,
+    not every method of the catch-all, and never reads the body first."""
+    base = f"{server.url}/v1/models/mlp"
+    for method, path, allow in [("OPTIONS", "/metadata", "GET, HEAD"),
+                                ("PUT", "/metadata", "GET, HEAD"),
+                                ("GET", ":predict", "POST"),
+                                ("DELETE", ":infer", "POST"),
+                                ("PATCH", "", "GET, HEAD"),
+                                ("GET", "/versions", "POST"),
+                                # The session's server manages openly (loopback, no token).
+                                ("POST", "/versions/1", "GET, HEAD, DELETE"),
+                                ("DELETE", "/labels/stable", "GET, HEAD, PUT")]:
+        r = http.request(method, base + path, data=b"{not json")
+        check(r, 405, f"this resource takes {allow}")
+        assert r.headers["allow"] == allow, (method, path, r.headers)
+    # A path that is no resource stays a 404 (or a 400 for a bad name), whatever the method.
+    check(http.request("OPTIONS", f"{server.url}/v1/models/mlp/nothing/here"), 404)
+    check(http.request("PATCH", f"{server.url}/v1/models/..:predict"), 400, "not valid")
+    still_serving(server, http)
+
+
 def test_http_level_errors_are_json_and_say_what_to_do(server, http):
     import socket
     # A deadline header that is not a number is refused, not ignored.

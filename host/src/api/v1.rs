@@ -72,18 +72,22 @@ fn check_method(state: &AppState, rest: &str, method: &Method) -> Result<(), Res
 }
 
 /// Methods the catch-all has no handler for (OPTIONS, PATCH; PUT and DELETE under
-/// `management = off`): 405 with the resource's own `Allow`, or 404 for no resource.
+/// `management = off`): 405 with the resource's own `Allow`; for no resource, 400 when
+/// a name in it breaks the rule, else 404.
 pub async fn other_method(
     State(state): State<AppState>,
     Path(rest): Path<String>,
     method: Method,
 ) -> Result<Response, ApiError> {
-    check_method(&state, &rest, &method).err().ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "no route for {method} /v1/models/{}; see docs/http-api.md for the routes",
-            crate::names::bounded(&rest)
-        ))
-    })
+    if let Err(wrong) = check_method(&state, &rest, &method) {
+        return Ok(wrong);
+    }
+    // No resource: why not (a name that breaks the rule is a 400), else a 404.
+    parse_target(&rest)?;
+    Err(ApiError::NotFound(format!(
+        "no route for {method} /v1/models/{}; see docs/http-api.md for the routes",
+        crate::names::bounded(&rest)
+    )))
 }
 
 fn resolve(state: &AppState, t: &Target) -> Result<Arc<ModelVersion>, ApiError> {
