@@ -81,6 +81,10 @@ pub struct ServerConfig {
     /// Plugin instances that may run at once, over all plugins; beyond it requests get
     /// 503 with Retry-After.
     pub plugin_instance_slots: u32,
+    /// Freed plugin memory slots kept warm (their low 4 MiB resident, ready for the
+    /// plugin that used them) at most; past it the least recently used warm slot is
+    /// reused. Bounds what pool slots keep resident between requests.
+    pub plugin_warm_slots: u32,
     /// The largest memory cap a bundle's plugin may ask for, MiB (its linear memory, and
     /// the host memory its tensors take).
     pub plugin_max_memory_mib: u64,
@@ -170,6 +174,7 @@ impl Default for ServerConfig {
             torch_intra_op_threads: None,
             torch_inter_op_threads: 1,
             plugin_instance_slots: 256,
+            plugin_warm_slots: 32,
             plugin_max_memory_mib: 512,
             plugin_max_cpu_ms: 60_000,
             plugin_memory_total_mib: 0,
@@ -432,6 +437,28 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("lisen"), "{err}");
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        // The fields of `ServerConfig`, as this file declares them.
+        let src = include_str!("config.rs");
+        let body = src
+            .split("pub struct ServerConfig {")
+            .nth(1)
+            .and_then(|rest| rest.split("\n}\n").next())
+            .unwrap();
+        let keys: Vec<&str> = body
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub ")?.split(':').next())
+            .collect();
+        assert!(keys.len() > 20 && keys.contains(&"plugin_warm_slots"), "{keys:?}");
+        let doc = include_str!("../../docs/configuration.md");
+        let missing: Vec<_> = keys
+            .iter()
+            .filter(|k| !doc.contains(&format!("`{k}`")))
+            .collect();
+        assert!(missing.is_empty(), "not in docs/configuration.md: {missing:?}");
     }
 
     #[test]

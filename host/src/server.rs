@@ -97,11 +97,15 @@ pub fn assemble(
     crate::backend::init_threads(config.intra_op_threads(), config.torch_inter_op_threads);
     let runtime = Arc::new(PluginRuntime::new(RuntimeConfig {
         instance_slots: config.plugin_instance_slots,
+        warm_slots: config.plugin_warm_slots,
         max_memory_mib: config.plugin_max_memory_mib,
         max_cpu_ms: config.plugin_max_cpu_ms,
         total_memory_bytes: config.plugin_memory_total_bytes(),
     })?);
     let metrics = Arc::new(crate::metrics::Metrics::new());
+    if let Some(pool) = runtime.pool_metrics() {
+        metrics.register_collector(Box::new(crate::metrics::PluginPoolCollector(pool)));
+    }
     let budget = lifecycle::DeviceBudget::new(&config.device_memory_mib);
     let registry = Arc::new(Registry::new(metrics.clone(), budget));
     // Handlers find the models they declare as dependencies here; weak, since the

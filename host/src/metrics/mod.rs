@@ -6,7 +6,10 @@
 //! the number of versions in each state. Other modules get small handles
 //! ([`VersionMetrics`]) and never see the registry.
 
+mod plugin_pool;
 mod process;
+
+pub use plugin_pool::PluginPoolCollector;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -344,6 +347,12 @@ impl Metrics {
             );
         }
         m
+    }
+
+    /// Metrics read at each scrape from elsewhere (e.g. [`PluginPoolCollector`]), under
+    /// the `nnserve_` prefix.
+    pub fn register_collector(&self, collector: Box<dyn prometheus_client::collector::Collector>) {
+        self.registry.lock().unwrap().register_collector(collector);
     }
 
     /// The object-store repository's health: `repository_sync_errors_total` (failed

@@ -40,6 +40,8 @@ pub(super) const GRANTED: &[&str] = &[
 pub struct RuntimeConfig {
     /// Plugin instances that may run at once, over all plugins; more get a 503.
     pub instance_slots: u32,
+    /// Freed memory slots kept warm at most (wasmtime's `max_unused_warm_slots`).
+    pub warm_slots: u32,
     /// The largest memory cap a bundle may ask for, MiB (linear and host memory each).
     pub max_memory_mib: u64,
     /// The largest CPU budget per request a bundle may ask for, ms.
@@ -52,6 +54,7 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         RuntimeConfig {
             instance_slots: 256,
+            warm_slots: 32,
             max_memory_mib: 512,
             max_cpu_ms: 60_000,
             total_memory_bytes: 4 << 30,
@@ -101,7 +104,12 @@ impl PluginRuntime {
         // (docs/design.md).
         pool.linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(64 << 10)
-            .pagemap_scan(wasmtime::Enabled::Auto);
+            .pagemap_scan(wasmtime::Enabled::Auto)
+            // Past this many warm slots, a plugin without a warm slot of its own takes
+            // the least recently used one rather than a slot never used. wasmtime's
+            // default (100) let resident memory creep up to 100 x 4 MiB as plugins
+            // and their versions came and went (bench/README.md, session 15).
+            .max_unused_warm_slots(config.warm_slots);
         let mut c = Config::new();
         c.wasm_component_model(true)
             .epoch_interruption(true)
@@ -149,6 +157,11 @@ impl PluginRuntime {
     /// later calls are ignored.
     pub fn set_lookup(&self, lookup: std::sync::Weak<dyn ModelLookup>) {
         let _ = self.lookup.set(lookup);
+    }
+
+    /// The instance pool's gauges (slots in use, warm, kept resident).
+    pub fn pool_metrics(&self) -> Option<wasmtime::PoolingAllocatorMetrics> {
+        self.engine.pooling_allocator_metrics()
     }
 
     pub(super) fn engine(&self) -> &Engine {
