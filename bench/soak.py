@@ -5,19 +5,23 @@ and an upload race, then a calm phase and a SIGTERM with requests in flight. It 
 what was sent and answered, RSS over time, and the checks; it exits 1 if one fails.
 
   .venv/bin/python bench/soak.py [--seconds 180] [--storms 2] [--swap-every 10] [--clients 6]
+                                 [--settle-max 300] [--hostile KIND,...]
   make soak [SOAK_SECONDS=180]
       (needs `make setup`: the release build, the plugins and the example models)
 
-Phases: valid traffic and swaps throughout; storms (all of the above; two by default,
-`--storms`) spread from 10 % of the time on, each followed by a calm as long, so that
-memory settles; then SIGTERM while the clients keep sending. Checks:
+Phases: valid traffic and swaps throughout. First a settle, before the clock: valid
+traffic until RSS grows less than 1 % in a minute (at most `--settle-max`; the
+allocator's thread heaps take a minute or two to fill). Then storms (all of the above;
+two by default, `--storms`; `--hostile` picks kinds) spread from 10 % of the time on,
+each followed by a calm as long, so that memory settles; then SIGTERM while the clients
+keep sending. Checks:
 - no request lost: every request sent before the SIGTERM was answered (a refused
   connection after it is not a loss; a connection dropped mid-request is);
 - every request in flight at the SIGTERM was answered (the server drains);
 - 0 5xx outside the hostile plugins' own answers, and none for a valid request during
   a hot swap or a label flip;
-- RSS after the last storm's calm is within 10 % of RSS before the first storm (after a
-  warm-up at the storms' concurrency) and of RSS after the first storm's calm:
+- RSS after the last storm's calm is within 10 % of RSS before the first storm (after the
+  settle, and a warm-up at the storms' concurrency) and of RSS after the first storm's calm:
   hostility leaves nothing behind. The warm-up sends every kind from the storms' threads,
   so that the Wasm pool slots they use (each keeps its low 4 MiB resident once used, by
   design: docs/design.md) are in the baseline.
@@ -50,6 +54,9 @@ TOKEN = "soak-token"
 DRAIN_SECONDS = 2
 MAX_REQUEST = 4 << 20
 MAX_RESPONSE = 8 << 20
+# The settle ends when RSS grew less than this factor over this many seconds.
+SETTLE_GROWTH = 1.01
+SETTLE_WINDOW = 60
 # Threads sending the hostile kinds during a storm.
 HOSTILE_THREADS = 2
 ROW = [[1.0, 2.0, 3.0, 4.0]]
@@ -64,6 +71,10 @@ HOSTILE = [
     # 16 MiB answered, over the server's max_response_bytes here (MAX_RESPONSE).
     ("h-huge", "huge", "memory_mib = 64, cpu_ms = 5000"),
 ]
+
+
+# What a storm sends, by kind (`--hostile` picks some).
+STORM_KINDS = [name for name, _, _ in HOSTILE] + ["huge-echo", "malformed", "wrong-shape", "unknown", "oversized"]
 
 
 class Tally:
@@ -160,7 +171,15 @@ def main():
     ap.add_argument("--clients", type=int, default=6, help="valid-traffic threads")
     ap.add_argument("--storms", type=int, default=2,
                     help="storms, each followed by as long a calm (more show whether memory keeps growing)")
+    ap.add_argument("--settle-max", type=float, default=300,
+                    help="longest settle before the clock starts, s (RSS under steady traffic grows for a "
+                         "minute or two first; see the phases above)")
+    ap.add_argument("--hostile", default="all",
+                    help="comma-separated kinds the storms send (default all): " + ", ".join(STORM_KINDS))
     args = ap.parse_args()
+    kinds = STORM_KINDS if args.hostile == "all" else args.hostile.split(",")
+    if unknown := set(kinds) - set(STORM_KINDS):
+        ap.error(f"--hostile: no kind {', '.join(sorted(unknown))}; the kinds are {', '.join(STORM_KINDS)}")
     # Storms, each followed by calm: the first one's one-time growth (plugin instance
     # slots first used keep 4 MiB resident each, by design: docs/design.md) is the
     # baseline; the later ones must not add to it.
@@ -172,7 +191,7 @@ def main():
     baseline_at = calm_ends[0]
 
     def storming():
-        return any(a <= elapsed() < b for a, b in storms)
+        return settled.is_set() and any(a <= elapsed() < b for a, b in storms)
     tmp = tempfile.mkdtemp(prefix="nnserve-soak-")
     repo = os.path.join(tmp, "repo")
     for m in ("mlp", "digits"):
@@ -186,13 +205,14 @@ def main():
 
     proc, url, grpc = start(repo, tmp)
     tally = Tally()
-    t0 = time.monotonic()
+    t0 = [time.monotonic()]  # reset when RSS has settled: the clock of the phases
+    settled = threading.Event()
     stop = threading.Event()
     sigterm_at = [None]
     rss = []
 
     def elapsed():
-        return time.monotonic() - t0
+        return time.monotonic() - t0[0]
 
     def call(kind, fn, expect_5xx=False):
         """One request: its answer counted, or its failure classified."""
@@ -268,14 +288,23 @@ def main():
                 call("tfs-grpc", lambda: (stub.Predict(req, timeout=30), Answer)[1])
 
     def storm_round(s):
-        """One request of every hostile kind."""
-        for name, _, _ in HOSTILE:
-            call(name, lambda: s.post(f"{url}/v1/models/{name}:infer", data=b"x", timeout=30), expect_5xx=True)
-        call("huge-echo", lambda: s.post(f"{url}/v1/models/echo:infer", data=bytes(3 << 20), timeout=30))
-        call("malformed", lambda: s.post(f"{url}/v1/models/mlp:predict", data=b"{not json", timeout=30))
-        call("wrong-shape", lambda: s.post(f"{url}/v1/models/mlp:predict", json={"instances": [[1, 2]]}, timeout=30))
-        call("unknown", lambda: s.post(f"{url}/v1/models/nope:predict", json={"instances": ROW}, timeout=30))
-        call("oversized", lambda: s.post(f"{url}/v1/models/mlp:predict", data=b"[" * (MAX_REQUEST + 1), timeout=30))
+        """One request of every hostile kind chosen."""
+        sends = {name: (lambda name=name: call(name, lambda: s.post(
+            f"{url}/v1/models/{name}:infer", data=b"x", timeout=30), expect_5xx=True)) for name, _, _ in HOSTILE}
+        sends.update({
+            "huge-echo": lambda: call("huge-echo", lambda: s.post(
+                f"{url}/v1/models/echo:infer", data=bytes(3 << 20), timeout=30)),
+            "malformed": lambda: call("malformed", lambda: s.post(
+                f"{url}/v1/models/mlp:predict", data=b"{not json", timeout=30)),
+            "wrong-shape": lambda: call("wrong-shape", lambda: s.post(
+                f"{url}/v1/models/mlp:predict", json={"instances": [[1, 2]]}, timeout=30)),
+            "unknown": lambda: call("unknown", lambda: s.post(
+                f"{url}/v1/models/nope:predict", json={"instances": ROW}, timeout=30)),
+            "oversized": lambda: call("oversized", lambda: s.post(
+                f"{url}/v1/models/mlp:predict", data=b"[" * (MAX_REQUEST + 1), timeout=30)),
+        })
+        for kind in kinds:
+            sends[kind]()
 
     def hostile():
         with requests.Session() as s:
@@ -340,24 +369,54 @@ def main():
                + [threading.Thread(target=control), threading.Thread(target=sample)])
     for t in threads:
         t.start()
+    # The settle: valid traffic and swaps until RSS grows less than 1 % in a minute.
+    # The allocator's thread heaps fill for a minute or two under steady traffic (+30 MiB
+    # here, flat after: bench/README.md, session 15); that is the start the storms are
+    # measured against, not growth they caused.
+    print(f"== settling: valid traffic until RSS grows under {SETTLE_GROWTH - 1:.0%} in "
+          f"{SETTLE_WINDOW} s (at most {args.settle_max:.0f} s)", flush=True)
+    while elapsed() < args.settle_max:
+        time.sleep(1)
+        now = [k for t, k in rss if t >= elapsed() - 1.5]
+        then = [k for t, k in rss if abs(t - (elapsed() - SETTLE_WINDOW)) < 1.5]
+        if now and then and now[-1] <= then[0] * SETTLE_GROWTH:
+            break
+    settle = (elapsed(), rss[0][1] if rss else 0, rss[-1][1] if rss else 0)
+    print(f"   {'settled' if elapsed() < args.settle_max else 'NOT settled'} after {settle[0]:.0f} s: "
+          f"RSS {settle[1] / 1024:.0f} -> {settle[2] / 1024:.0f} MiB", flush=True)
+    rss.clear()
+    t0[0] = time.monotonic()
+    settled.set()
     print(f"== soak of {url} and grpc://{grpc} for {args.seconds:.0f} s: storms at "
           + ", ".join(f"{a:.0f}-{b:.0f} s" for a, b in storms)
           + f", calm between and after; a swap every {args.swap_every:.0f} s", flush=True)
     start_rss = warm_rss = None
     after_calm = []
+    warm_pool = []  # what the plugin pool's warm slots keep resident, at the same points
+
+    def pool_mib():
+        try:
+            text = requests.get(f"{url}/metrics", timeout=10).text
+        except requests.RequestException:
+            return float("nan")
+        m = re.search(r"^nnserve_plugin_warm_memory_resident_bytes (\S+)", text, re.M)
+        return float(m.group(1)) / 2**20 if m else float("nan")
     while elapsed() < args.seconds:
         time.sleep(1)
         if start_rss is None and elapsed() >= storms[0][0] and rss:
             start_rss = rss[-1][1]  # after the warm-up, before the first storm
+            warm_pool.append(pool_mib())
         if warm_rss is None and elapsed() >= baseline_at and rss:
             warm_rss = rss[-1][1]  # after the first storm and its calm
         if len(after_calm) < len(calm_ends) - 1 and elapsed() >= calm_ends[len(after_calm)] and rss:
             after_calm.append(rss[-1][1])
+            warm_pool.append(pool_mib())
         if int(elapsed()) % 30 == 0:
             print(f"   {elapsed():5.0f} s  sent {tally.sent:>8}  rss {rss[-1][1] / 1024 if rss else 0:7.1f} MiB",
                   flush=True)
     end_rss = rss[-1][1] if rss else None
     after_calm.append(end_rss or 0)
+    warm_pool.append(pool_mib())
     # SIGTERM with the clients still sending: in-flight requests must be answered.
     sigterm_at[0] = elapsed()
     proc.send_signal(signal.SIGTERM)
@@ -375,13 +434,15 @@ def main():
         for (kind, err), n in sorted(tally.failed.items(), key=str):
             print(f"{kind:<14}{err:>16}{n:>8}")
     print("== RSS (MiB) every 15 s: " + ", ".join(f"{t:.0f}s {k / 1024:.0f}" for t, k in rss[::15]))
+    print("== of which warm plugin slots (MiB), before the first storm and after each calm: "
+          + ", ".join(f"{m:.0f}" for m in warm_pool))
     checks = [
         ("no request lost", not tally.lost, tally.lost[:3]),
         ("server exited 0 after SIGTERM", code == 0, code),
         ("no unexpected 5xx or upload/label answer", not tally.unexpected, tally.unexpected[:5]),
         ("RSS after the storms within 10 % of RSS before them, and of RSS after the first",
          None not in (start_rss, warm_rss, end_rss) and end_rss <= start_rss * 1.10 and end_rss <= warm_rss * 1.10,
-         f"{(start_rss or 0) / 1024:.0f} MiB before the first storm; after each storm's calm: "
+         f"{(start_rss or 0) / 1024:.0f} MiB before the first storm (settled); after each storm's calm: "
          + ", ".join(f"{k / 1024:.0f}" for k in after_calm)),
     ]
     ok = True
