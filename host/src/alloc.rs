@@ -19,13 +19,34 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// The purge delay the server and `nnserve-bench` run with, in ms.
 pub const PURGE_DELAY_MS: i64 = 10_000;
 
+/// `mi_option_allow_thp` (v3's `include/mimalloc.h`; a test checks its default of 1).
+const MI_OPTION_ALLOW_THP: libmimalloc_sys::mi_option_t = 43;
+
 /// Sets mimalloc's purge delay to [`PURGE_DELAY_MS`], unless the environment sets it
 /// (mimalloc has read it already: `MIMALLOC_PURGE_DELAY`, in any case, or its old name
 /// `MIMALLOC_RESET_DELAY`; -1 never purges, 0 at once).
+///
+/// And turns transparent huge pages off for the process, as `MIMALLOC_ALLOW_THP=0` does
+/// (unless the environment sets that): mimalloc asks for them on its arenas, and a 2 MiB
+/// page with one live block left in it stays resident whole. With them, storms of large
+/// transient bodies left the soak's RSS 8-14 % above its start for good, and a MiniLM
+/// server held 200 MiB of its 715 in huge pages; without them the soak's RSS after four
+/// storms stays within 5 % of its level before them, the server starts about 70 MiB
+/// smaller, and the forward did not lose (docs/configuration.md; bench/README.md,
+/// session 15). `MIMALLOC_ALLOW_THP=1` gives them back.
 pub fn tune() {
-    if !set_in_environment() {
+    if !set_in_environment(&["MIMALLOC_PURGE_DELAY", "MIMALLOC_RESET_DELAY"]) {
         // SAFETY: mimalloc's options are plain integers, read on each purge decision.
         unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, PURGE_DELAY_MS as _) }
+    }
+    if !set_in_environment(&["MIMALLOC_ALLOW_THP"]) {
+        // SAFETY: as above; mimalloc reads it before each madvise(MADV_HUGEPAGE) of new
+        // OS memory. PR_SET_THP_DISABLE changes only this process's later faults (it is
+        // what mimalloc does itself when the environment says 0).
+        unsafe {
+            libmimalloc_sys::mi_option_set(MI_OPTION_ALLOW_THP, 0);
+            libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
+        }
     }
 }
 
@@ -61,13 +82,11 @@ pub fn collect_after_delay() {
     });
 }
 
-/// Whether the environment sets the purge delay, as mimalloc reads it.
-fn set_in_environment() -> bool {
+/// Whether the environment sets one of these mimalloc options (it reads names in any case).
+fn set_in_environment(names: &[&str]) -> bool {
     std::env::vars_os().any(|(k, _)| {
-        k.to_str().is_some_and(|k| {
-            k.eq_ignore_ascii_case("MIMALLOC_PURGE_DELAY")
-                || k.eq_ignore_ascii_case("MIMALLOC_RESET_DELAY")
-        })
+        k.to_str()
+            .is_some_and(|k| names.iter().any(|n| k.eq_ignore_ascii_case(n)))
     })
 }
 
@@ -76,18 +95,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_purge_delay_option_is_the_one_tuned() {
-        if set_in_environment() {
+    fn the_options_tuned_are_the_purge_delay_and_huge_pages() {
+        if set_in_environment(&[
+            "MIMALLOC_PURGE_DELAY",
+            "MIMALLOC_RESET_DELAY",
+            "MIMALLOC_ALLOW_THP",
+        ]) {
             return;
         }
-        // SAFETY: reading an option.
-        let get = || unsafe { libmimalloc_sys::mi_option_get(MI_OPTION_PURGE_DELAY) };
+        // SAFETY: reading options.
+        let get = |o| unsafe { libmimalloc_sys::mi_option_get(o) };
         assert_eq!(
-            get(),
+            get(MI_OPTION_PURGE_DELAY),
             1000,
             "mimalloc's option {MI_OPTION_PURGE_DELAY} is not the purge delay (1000 ms by default)"
         );
+        assert_eq!(
+            get(MI_OPTION_ALLOW_THP),
+            1,
+            "mimalloc's option {MI_OPTION_ALLOW_THP} is not allow_thp (1 by default)"
+        );
         tune();
-        assert_eq!(get() as i64, PURGE_DELAY_MS);
+        assert_eq!(get(MI_OPTION_PURGE_DELAY) as i64, PURGE_DELAY_MS);
+        assert_eq!(get(MI_OPTION_ALLOW_THP), 0);
+        // SAFETY: reads this process's flag.
+        assert_eq!(
+            unsafe { libc::prctl(libc::PR_GET_THP_DISABLE, 0, 0, 0, 0) },
+            1
+        );
     }
 }
