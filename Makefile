@@ -114,8 +114,8 @@ PHASE = @start=$$(date +%s); trap 'echo "== $(1) took $$(( $$(date +%s) - start 
 
 test:
 	$(call PHASE,setup) $(MAKE) --no-print-directory setup
-	$(call PHASE,unit tests) echo "== Unit tests (same release profile as the server: no second build of the deps)"; \
-		NNSERVE_REQUIRE_MOTO=1 cargo test --release -p nnserve -p nnserve-core -p image-classifier -p imagenet-classifier -p nnserve-sdk -p nnserve-router-sdk
+	$(call PHASE,unit tests) echo "== Unit tests (same release profile as the server: no second build of the deps; nnserve-bench is built so that it keeps building)"; \
+		NNSERVE_REQUIRE_MOTO=1 cargo test --release -p nnserve -p nnserve-core -p image-classifier -p imagenet-classifier -p nnserve-sdk -p nnserve-router-sdk -p nnserve-bench
 	$(call PHASE,end-to-end tests) echo "== End-to-end tests over HTTP"; $(PY) -m pytest -q tests/e2e
 	$(call PHASE,release tarball) echo "== The release tarball, built and served from an empty directory"; \
 		$(MAKE) --no-print-directory image && $(PY) -m pytest -q -s tests/dist

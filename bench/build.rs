@@ -1,2 +1,6 @@
-// The same rpath fix as the server's (see host/build.rs).
-include!("../host/build.rs");
+// The same rpath fix as the server's (host/build_link.rs); the bench has no gRPC code.
+include!("../host/build_link.rs");
+
+fn main() {
+    link();
+}
