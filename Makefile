@@ -163,8 +163,9 @@ $(STAMPS)/cargo-fuzz:
 	@touch $@
 
 # The soak (bench/soak.py): every protocol, hostile input and plugins, hot swaps, label
-# flips, an upload race and a SIGTERM, for SOAK_SECONDS; it prints its table and checks
-# and fails when one does. Not part of `make test`.
+# flips, an upload race and a SIGTERM, for SOAK_SECONDS after two settles and a warm-up
+# storm (6-10 minutes in all at the default); it prints its table and checks and fails
+# when one does. Not part of `make test`.
 SOAK_SECONDS ?= 180
 soak: setup
 	$(PY) bench/soak.py --seconds $(SOAK_SECONDS)

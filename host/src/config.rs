@@ -452,13 +452,19 @@ mod tests {
             .lines()
             .filter_map(|l| l.trim().strip_prefix("pub ")?.split(':').next())
             .collect();
-        assert!(keys.len() > 20 && keys.contains(&"plugin_warm_slots"), "{keys:?}");
+        assert!(
+            keys.len() > 20 && keys.contains(&"plugin_warm_slots"),
+            "{keys:?}"
+        );
         let doc = include_str!("../../docs/configuration.md");
         let missing: Vec<_> = keys
             .iter()
             .filter(|k| !doc.contains(&format!("`{k}`")))
             .collect();
-        assert!(missing.is_empty(), "not in docs/configuration.md: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "not in docs/configuration.md: {missing:?}"
+        );
     }
 
     #[test]
